@@ -1,0 +1,1 @@
+//! The GPU Streaming worker: the inference engine a GPU owner runs (built in the worker issue).
