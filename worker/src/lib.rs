@@ -1,1 +1,7 @@
-//! The GPU Streaming worker: the inference engine a GPU owner runs (built in the worker issue).
+//! The GPU Streaming worker: the inference engine a GPU owner runs. It loads GGUF
+//! models, runs them with continuous batching, and serves the OpenAI API.
+
+pub mod gguf;
+pub mod model;
+pub mod quant;
+pub mod tokenizer;
