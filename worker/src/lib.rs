@@ -1,7 +1,11 @@
 //! The GPU Streaming worker: the inference engine a GPU owner runs. It loads GGUF
 //! models, runs them with continuous batching, and serves the OpenAI API.
 
+pub mod chat;
+pub mod engine;
+pub mod fetch;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+pub mod sampling;
 pub mod tokenizer;

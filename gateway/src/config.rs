@@ -1,0 +1,250 @@
+//! Configuration: defaults → TOML file → environment (`GATEWAY_<KEY>`, plus the
+//! documented aliases `GPU_STREAMING_PORT`, `GATEWAY_DATABASE_URL`, `GATEWAY_ADMIN_KEY`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Toml { path: PathBuf, source: toml::de::Error },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// A secret that never shows up in logs or `Debug` output.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Registration {
+    /// Anyone may register a provider; it is active at once.
+    Open,
+    /// New providers wait in `pending` until an admin approves them.
+    AdminApproved,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to bind; the port comes from `port`.
+    pub host: String,
+    pub port: u16,
+    /// `sqlite://FILE` (embedded, default) or `postgres://…` for many replicas.
+    pub database_url: String,
+    /// Key for `/api/admin/*` and the console. Without one the admin API refuses everything.
+    pub admin_key: Option<Secret>,
+    /// Secret for the pseudonymous user ids sent to providers; generated and stored
+    /// in the database when not set, so it survives restarts.
+    pub user_id_secret: Option<Secret>,
+    pub registration: Registration,
+    pub max_body_bytes: usize,
+    /// How long open streams may run on after SIGTERM before the process exits.
+    pub shutdown_grace_secs: u64,
+    pub provider_connect_timeout_ms: u64,
+    /// Time a provider has to deliver its first token before we fail over.
+    pub first_token_timeout_secs: u64,
+    /// Time between two chunks after the first token before the stream is failed.
+    pub idle_chunk_timeout_secs: u64,
+    /// Providers tried per request before giving up (failover before the first token).
+    pub max_attempts: u32,
+    /// A provider without a heartbeat for this long is treated as off line.
+    pub provider_stale_after_secs: u64,
+    /// How often each replica reloads providers from the database.
+    pub provider_refresh_secs: u64,
+    pub key_cache_ttl_secs: u64,
+    pub usage_batch_max: usize,
+    pub usage_flush_ms: u64,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".to_owned(),
+            port: 3002,
+            database_url: "sqlite://gpu-streaming.db".to_owned(),
+            admin_key: None,
+            user_id_secret: None,
+            registration: Registration::Open,
+            max_body_bytes: 4 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            provider_connect_timeout_ms: 2_000,
+            first_token_timeout_secs: 120,
+            idle_chunk_timeout_secs: 120,
+            max_attempts: 3,
+            provider_stale_after_secs: 90,
+            provider_refresh_secs: 5,
+            key_cache_ttl_secs: 60,
+            usage_batch_max: 512,
+            usage_flush_ms: 50,
+            tls_cert: None,
+            tls_key: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Env names that the docs promise besides the generic `GATEWAY_<KEY>` form.
+const ALIASES: &[(&str, &str)] = &[("GPU_STREAMING_PORT", "port")];
+
+impl Config {
+    /// Loads defaults, then the file (when given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
+            key: "<defaults>".into(),
+            message: e.to_string(),
+        })?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            let file_table: toml::Table = text
+                .parse()
+                .map_err(|source| ConfigError::Toml { path: path.to_owned(), source })?;
+            for (key, value) in file_table {
+                table.insert(key, value);
+            }
+        }
+        for (name, value) in env {
+            let key = if let Some((_, key)) = ALIASES.iter().find(|(alias, _)| alias == name) {
+                (*key).to_owned()
+            } else if let Some(rest) = name.strip_prefix("GATEWAY_") {
+                rest.to_ascii_lowercase()
+            } else {
+                continue;
+            };
+            if !Self::is_key(&key) {
+                // Unknown GATEWAY_* variables belong to other tools (tests, scripts).
+                continue;
+            }
+            table.insert(key, env_value(value));
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid { key: e.path().to_string(), message: e.inner().to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn is_key(key: &str) -> bool {
+        const KEYS: &[&str] = &[
+            "host", "port", "database_url", "admin_key", "user_id_secret", "registration",
+            "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
+            "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
+            "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
+            "usage_batch_max", "usage_flush_ms", "tls_cert", "tls_key", "log_format",
+        ];
+        KEYS.contains(&key)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
+        };
+        if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres")) {
+            return invalid("database_url", "must start with sqlite: or postgres://");
+        }
+        if self.max_attempts == 0 {
+            return invalid("max_attempts", "must be at least 1");
+        }
+        if self.usage_batch_max == 0 {
+            return invalid("usage_batch_max", "must be at least 1");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls_cert", "tls_cert and tls_key must be given together");
+        }
+        if let Some(key) = &self.admin_key {
+            if key.expose().len() < 16 {
+                return invalid("admin_key", "must be at least 16 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Environment values are TOML scalars when they parse as one (`3002`, `true`), strings otherwise.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = raw.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "port = 4000\nmax_attempts = 2\n").unwrap();
+        let config = Config::load_from(
+            Some(&path),
+            &env(&[("GPU_STREAMING_PORT", "5000"), ("GATEWAY_DATABASE_URL", "postgres://x/y")]),
+        )
+        .unwrap();
+        assert_eq!(config.port, 5000);
+        assert_eq!(config.max_attempts, 2);
+        assert_eq!(config.database_url, "postgres://x/y");
+        assert_eq!(Config::load_from(None, &[]).unwrap().port, 3002);
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "prot = 4000\n").unwrap();
+        let err = Config::load_from(Some(&path), &[]).unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+        let err = Config::load_from(None, &env(&[("GATEWAY_MAX_ATTEMPTS", "many")])).unwrap_err();
+        assert!(err.to_string().contains("max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("sk-very-secret");
+        assert!(!format!("{s:?}").contains("very"));
+    }
+}

@@ -1,0 +1,159 @@
+//! `gateway demo`: the gateway on an embedded SQLite file, a demo user key, and a real
+//! model behind it: either a local worker it spawns (default model) or any
+//! OpenAI-compatible server given with `--upstream`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use openapi::platform::{Capabilities, Pricing, RegisterProviderRequest};
+
+use crate::config::Config;
+use crate::keys::{NewKey, Tier};
+use crate::providers::ProviderStatus;
+use crate::server::{self, Running};
+
+pub struct DemoOptions {
+    /// An OpenAI-compatible server to register as the provider instead of a local worker.
+    pub upstream: Option<String>,
+    /// The `worker` binary; defaults to the one next to this executable.
+    pub worker_bin: Option<PathBuf>,
+    /// A model file for the worker; defaults to the fetched default model.
+    pub model: Option<PathBuf>,
+    pub worker_port: u16,
+}
+
+const QUALITIES: [&str; 4] = ["low", "standard", "high", "ultra"];
+
+pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
+    let port = config.port;
+    let base = format!("http://127.0.0.1:{port}");
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{port}", config.host))?;
+    let running = Running::start(config).await?;
+    let state = running.state.clone();
+    let key = state
+        .keys
+        .create(NewKey { name: "demo".into(), tier: Tier::Free, user_id: None, requests_per_minute: None, tokens_per_minute: None })
+        .await?;
+    let mut worker_child = None;
+    let model_id = match &options.upstream {
+        Some(upstream) => register_upstream(&state, upstream).await?,
+        None => {
+            let (child, model_id) = spawn_worker(&options, &base).await?;
+            worker_child = Some(child);
+            model_id
+        }
+    };
+    let out = format!(
+        "\nGPU Streaming demo is up at {base}\n  model:    {model_id}\n  user key: {key}\n\nTry it:\n  curl {base}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"stream\":true}}'\n\nOpenAI SDKs: base_url={base}/v1 api_key={key}\nCtrl-C stops it.\n",
+        key = key.key
+    );
+    eprintln!("{out}");
+    let result = server::serve(running, listener, server::shutdown_signal()).await;
+    if let Some(mut child) = worker_child {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    result
+}
+
+/// Registers an OpenAI-compatible server as a provider and heartbeats on its behalf
+/// while its `/v1/models` answers (the demo plays the provider's agent).
+async fn register_upstream(state: &crate::AppState, upstream: &str) -> anyhow::Result<String> {
+    let upstream = upstream.trim_end_matches('/').trim_end_matches("/v1").to_owned();
+    let models: serde_json::Value = state
+        .http
+        .get(format!("{upstream}/v1/models"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {upstream}/v1/models"))?
+        .json()
+        .await
+        .context("the upstream's /v1/models is not JSON")?;
+    let ids: Vec<String> = models["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["id"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let Some(first) = ids.first().cloned() else { bail!("{upstream}/v1/models lists no models") };
+    let created = state
+        .registry
+        .register(
+            RegisterProviderRequest {
+                name: Some(format!("upstream {upstream}")),
+                gpu_info: serde_json::json!({ "model": "unknown (external OpenAI-compatible server)" }),
+                capabilities: Capabilities {
+                    models: ids.clone(),
+                    max_concurrent_streams: 64,
+                    supported_qualities: QUALITIES.iter().map(|q| (*q).to_owned()).collect(),
+                    features: None,
+                },
+                pricing: Pricing { per_token: 0.000_002, per_hour: 0.5, minimum_payout: 5.0 },
+                base_url: upstream.clone(),
+            },
+            ProviderStatus::Active,
+        )
+        .await?;
+    for model in &ids {
+        for q in QUALITIES {
+            state.registry.start_stream(&created.provider_id, model, q).await?;
+        }
+    }
+    let (state, id) = (state.clone(), created.provider_id);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let ok = state.http.get(format!("{upstream}/v1/models")).send().await.is_ok_and(|r| r.status().is_success());
+            if ok {
+                let _ = state.registry.record_heartbeat(&id, 0, 0).await;
+            }
+        }
+    });
+    Ok(first)
+}
+
+/// Starts `worker serve` with the default model; the worker registers itself.
+async fn spawn_worker(options: &DemoOptions, gateway: &str) -> anyhow::Result<(tokio::process::Child, String)> {
+    let worker = match &options.worker_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("worker"),
+    };
+    if !worker.exists() {
+        bail!("no worker binary at {} (build it with `cargo build --release -p worker`) and no --upstream given", worker.display());
+    }
+    let model = match &options.model {
+        Some(m) => m.clone(),
+        None => {
+            let out = tokio::process::Command::new(&worker).arg("fetch-model").stderr(Stdio::inherit()).output().await?;
+            if !out.status.success() {
+                bail!("`worker fetch-model` failed");
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            PathBuf::from(text.lines().last().unwrap_or("").trim())
+        }
+    };
+    let public = format!("http://127.0.0.1:{}", options.worker_port);
+    let child = tokio::process::Command::new(&worker)
+        .arg("serve")
+        .arg("--model")
+        .arg(&model)
+        .args(["--port", &options.worker_port.to_string(), "--gateway", gateway, "--public-url", &public])
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the worker")?;
+    // Wait until the worker's model shows up as live.
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = client.get(format!("{public}/v1/models")).send().await {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                if let Some(id) = v["data"][0]["id"].as_str() {
+                    return Ok((child, id.to_owned()));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("the worker did not come up within 5 minutes")
+}

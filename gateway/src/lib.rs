@@ -1,0 +1,251 @@
+//! GPU Streaming's gateway: an OpenAI-compatible HTTP server in front of a marketplace
+//! of providers. `app()` builds the router so tests drive it in-process; `server` runs it.
+
+pub mod aggregate;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod extract;
+pub mod keys;
+pub mod openai_api;
+pub mod platform_api;
+pub mod providers;
+pub mod quality;
+pub mod relay;
+pub mod routing;
+pub mod server;
+pub mod simple_api;
+pub mod store;
+pub mod usage;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::{Config, Secret};
+use crate::error::ApiError;
+use crate::keys::Keys;
+use crate::providers::{constant_time_eq, Registry};
+use crate::store::Store;
+use crate::usage::UsageSink;
+
+/// Everything a handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub store: Store,
+    pub keys: Keys,
+    pub registry: Arc<Registry>,
+    pub usage: UsageSink,
+    pub http: reqwest::Client,
+    pub user_id_secret: Secret,
+    /// Streams being relayed right now (this replica).
+    pub active_streams: Arc<AtomicU64>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(inner: Inner) -> Self {
+        Self(Arc::new(inner))
+    }
+
+    /// The pseudonymous user id providers see: an HMAC of the account id.
+    pub fn pseudonym(&self, user_id: &str) -> String {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.user_id_secret.expose().as_bytes()) else {
+            return "anonymous".to_owned();
+        };
+        mac.update(user_id.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        format!("u_{}", hex::encode(&digest[..16]))
+    }
+
+    pub fn is_admin(&self, headers: &HeaderMap) -> bool {
+        match (&self.config.admin_key, bearer(headers)) {
+            (Some(admin), Some(given)) => constant_time_eq(admin.expose().as_bytes(), given.as_bytes()),
+            _ => false,
+        }
+    }
+
+    pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.provider_connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()
+    }
+}
+
+/// The request id of the current request (from `x-request-id` or generated).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim())
+}
+
+/// Builds the router with every route and the middleware stack.
+pub fn app(state: AppState) -> Router {
+    let user_routes = Router::new()
+        .route("/v1/chat/completions", post(openai_api::chat_completions))
+        .route("/v1/completions", post(openai_api::completions))
+        .route("/v1/models", get(openai_api::list_models))
+        .route("/v1/models/{*id}", get(openai_api::get_model))
+        .route("/api/llm/inference", post(simple_api::inference))
+        .route("/api/llm/models", get(simple_api::models))
+        .route("/api/llm/status", get(simple_api::status))
+        .route("/api/llm/ws", get(simple_api::websocket))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_user_key));
+    let admin_routes = Router::new()
+        .route("/api/admin/keys", post(platform_api::admin_create_key).get(platform_api::admin_list_keys))
+        .route("/api/admin/keys/{id}/revoke", post(platform_api::admin_revoke_key))
+        .route("/api/admin/keys/{id}", axum::routing::delete(platform_api::admin_revoke_key))
+        .route("/api/admin/providers", get(platform_api::admin_providers))
+        .route("/api/admin/providers/{id}/approve", post(platform_api::admin_provider_approve))
+        .route("/api/admin/providers/{id}/suspend", post(platform_api::admin_provider_suspend))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
+    let open_routes = Router::new()
+        .route("/health", get(health))
+        .route("/api/gpu/register", post(platform_api::register))
+        .route("/api/gpu/stream/start", post(platform_api::stream_start))
+        .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
+        .route("/api/gpu/heartbeat", post(platform_api::heartbeat));
+    let max_body = state.config.max_body_bytes;
+    // Layers run top to bottom on the request (the last `.layer` is the outermost).
+    Router::new()
+        .merge(user_routes)
+        .merge(admin_routes)
+        .merge(open_routes)
+        .fallback(not_found)
+        .with_state(state)
+        // Bounds every body before it is buffered; over the limit is a 413.
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        // Turns framework rejections (413, 405, bad paths) into OpenAI-shaped errors.
+        .layer(middleware::from_fn(openai_error_shape))
+        // Keys and provider bodies never reach logs; the span carries the request id.
+        .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
+        // Outermost: every response, errors included, carries `x-request-id`.
+        .layer(middleware::from_fn(request_id))
+}
+
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::now_v7().simple()));
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path());
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+async fn openai_error_shape(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let message = String::from_utf8_lossy(&text).trim().to_owned();
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: 0 },
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+        StatusCode::NOT_FOUND => ApiError::NotFound(if message.is_empty() { "not found".into() } else { message }),
+        s if s.is_client_error() => ApiError::InvalidRequest {
+            message: if message.is_empty() { s.to_string() } else { message },
+            param: None,
+            code: None,
+        },
+        _ => ApiError::Internal(message),
+    };
+    let mut body = error.body();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        body.error.message = "The request body is too large.".to_owned();
+    }
+    let mut out = (status, Json(body)).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+async fn not_found(request: Request<Body>) -> ApiError {
+    ApiError::NotFound(format!("Unknown path: {} {}", request.method(), request.uri().path()))
+}
+
+async fn require_user_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let query_key = request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("api_key=")))
+        .map(str::to_owned);
+    let presented = bearer(request.headers()).map(str::to_owned).or(query_key);
+    let Some(secret) = presented else { return ApiError::InvalidApiKey.into_response() };
+    match state.keys.authenticate(&secret).await {
+        Ok(Some(key)) => {
+            request.extensions_mut().insert(key);
+            next.run(request).await
+        }
+        Ok(None) => ApiError::InvalidApiKey.into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn require_admin_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.config.admin_key.is_none() {
+        return ApiError::PermissionDenied("the admin API is disabled: set GATEWAY_ADMIN_KEY".into()).into_response();
+    }
+    if !state.is_admin(request.headers()) {
+        return ApiError::InvalidApiKey.into_response();
+    }
+    next.run(request).await
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let db_ok = sqlx::query("SELECT 1").execute(&state.store.pool).await.is_ok();
+    let body = serde_json::json!({
+        "status": if db_ok { "ok" } else { "degraded" },
+        "database": if db_ok { "ok" } else { "unreachable" },
+        "activeStreams": state.active_streams.load(std::sync::atomic::Ordering::Relaxed),
+        "providers": state.registry.snapshot().len(),
+    });
+    let status = if db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}

@@ -1,0 +1,130 @@
+//! `gateway`: serve (default), demo, keys.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gateway::config::{Config, LogFormat};
+use gateway::keys::{Keys, NewKey, Tier};
+use gateway::server::{self, Running};
+use gateway::store::Store;
+
+#[derive(Parser)]
+#[command(name = "gateway", about = "GPU Streaming: an OpenAI-compatible gateway over a GPU marketplace")]
+struct Cli {
+    /// TOML config file; every key can also be set by env (`GATEWAY_<KEY>`).
+    #[arg(long, global = true, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve {
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+    },
+    /// Gateway + a model on an embedded database, with a demo key and a curl line.
+    Demo {
+        /// Register this OpenAI-compatible server instead of spawning a local worker.
+        #[arg(long)]
+        upstream: Option<String>,
+        #[arg(long)]
+        worker_bin: Option<PathBuf>,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 3003)]
+        worker_port: u16,
+    },
+    /// Manage user API keys on the configured database.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "free")]
+        tier: String,
+        #[arg(long)]
+        user_id: Option<String>,
+    },
+    Revoke {
+        id: String,
+    },
+    List,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+#[allow(clippy::print_stdout)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref())?;
+    init_tracing(config.log_format);
+    match cli.command.unwrap_or(Command::Serve { tls_cert: None, tls_key: None }) {
+        Command::Serve { tls_cert, tls_key } => {
+            if tls_cert.is_some() || tls_key.is_some() {
+                config.tls_cert = tls_cert;
+                config.tls_key = tls_key;
+                config.validate()?;
+            }
+            let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+                .await
+                .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+            tracing::info!(addr = %listener.local_addr()?, db = %server::redact_url(&config.database_url), "gateway listening");
+            let running = Running::start(config).await?;
+            server::serve(running, listener, server::shutdown_signal()).await
+        }
+        Command::Demo { upstream, worker_bin, model, worker_port } => {
+            if std::env::var_os("GATEWAY_DATABASE_URL").is_none() && cli.config.is_none() {
+                config.database_url = "sqlite://gpu-streaming-demo.db".to_owned();
+            }
+            if std::env::var_os("GATEWAY_HOST").is_none() && cli.config.is_none() {
+                config.host = "127.0.0.1".to_owned();
+            }
+            gateway::demo::run(config, gateway::demo::DemoOptions { upstream, worker_bin, model, worker_port }).await
+        }
+        Command::Keys { command } => {
+            let store = Store::connect(&config.database_url).await?;
+            let keys = Keys::new(store, std::time::Duration::from_secs(1));
+            match command {
+                KeysCommand::Create { name, tier, user_id } => {
+                    let tier = Tier::parse(&tier).context("--tier must be free or premium")?;
+                    let created = keys
+                        .create(NewKey { name, tier, user_id, requests_per_minute: None, tokens_per_minute: None })
+                        .await?;
+                    println!("{}", serde_json::to_string_pretty(&created)?);
+                    eprintln!("The key is shown only once; store it now.");
+                }
+                KeysCommand::Revoke { id } => {
+                    keys.revoke(&id).await?;
+                    println!("revoked {id}");
+                }
+                KeysCommand::List => {
+                    for k in keys.list().await? {
+                        println!("{}\t{}\t{}\t{}\t{}", k.id, k.prefix, k.tier, k.name, if k.revoked_at.is_some() { "revoked" } else { "active" });
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The platform API: providers (`/api/gpu/*`) and the admin API (`/api/admin/*`).
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use bytes::Bytes;
+use openapi::platform::{CreateKeyRequest, Heartbeat, ProviderInfo, RegisterProviderRequest, StreamControl};
+
+use crate::config::Registration;
+use crate::error::ApiError;
+use crate::keys::{KeyError, NewKey, Tier};
+use crate::providers::{ProviderError, ProviderStatus};
+use crate::store::now_ms;
+use crate::{bearer, extract, AppState};
+
+impl From<ProviderError> for ApiError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Invalid { message, param } => ApiError::param(message, param),
+            ProviderError::Unknown(id) => ApiError::NotFound(format!("provider {id} does not exist")),
+            ProviderError::WrongKey(_) => ApiError::InvalidApiKey,
+            ProviderError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::UnknownUser(id) => ApiError::param(format!("user {id} does not exist"), "userId"),
+            KeyError::UnknownKey(id) => ApiError::NotFound(format!("key {id} does not exist")),
+            KeyError::Db(e) => e.into(),
+        }
+    }
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let request: RegisterProviderRequest = extract::parse(&headers, &body)?;
+    let status = match state.config.registration {
+        Registration::Open => ProviderStatus::Active,
+        // An admin may register providers that are active at once.
+        Registration::AdminApproved if state.is_admin(&headers) => ProviderStatus::Active,
+        Registration::AdminApproved => ProviderStatus::Pending,
+    };
+    let created = state.registry.register(request, status).await?;
+    tracing::info!(provider = %created.provider_id, status = %created.status, "provider registered");
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Reads a provider-keyed body and checks the key belongs to the provider it names.
+async fn provider_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    provider_id: impl Fn(&T) -> &str,
+) -> Result<T, ApiError> {
+    let key = bearer(headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?;
+    let request: T = extract::parse(headers, body)?;
+    state.registry.authenticate(provider_id(&request), key).await.map_err(|e| match e {
+        ProviderError::Unknown(_) => ApiError::InvalidApiKey,
+        other => other.into(),
+    })?;
+    Ok(request)
+}
+
+pub async fn stream_start(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let c: StreamControl = provider_body(&state, &headers, &body, |c: &StreamControl| &c.provider_id).await?;
+    state.registry.start_stream(&c.provider_id, &c.model, &c.quality).await?;
+    let status = state.registry.get(&c.provider_id).map(|p| p.status.as_str()).unwrap_or("pending");
+    Ok(Json(serde_json::json!({ "providerId": c.provider_id, "model": c.model, "quality": c.quality, "streaming": true, "status": status })))
+}
+
+pub async fn stream_stop(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let c: StreamControl = provider_body(&state, &headers, &body, |c: &StreamControl| &c.provider_id).await?;
+    state.registry.stop_stream(&c.provider_id, &c.model, &c.quality).await?;
+    Ok(Json(serde_json::json!({ "providerId": c.provider_id, "model": c.model, "quality": c.quality, "streaming": false })))
+}
+
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let h: Heartbeat = provider_body(&state, &headers, &body, |h: &Heartbeat| &h.provider_id).await?;
+    state.registry.record_heartbeat(&h.provider_id, h.active_streams, h.queue_length).await?;
+    Ok(Json(serde_json::json!({ "providerId": h.provider_id, "ok": true })))
+}
+
+pub async fn admin_providers(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let now = now_ms();
+    let mut providers: Vec<ProviderInfo> =
+        state.registry.snapshot().values().map(|p| p.info(now, stale_ms)).collect();
+    providers.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    Json(serde_json::json!({ "object": "list", "data": providers }))
+}
+
+pub async fn admin_provider_approve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.registry.set_status(&id, ProviderStatus::Active).await?;
+    Ok(Json(serde_json::json!({ "id": id, "status": "active" })))
+}
+
+pub async fn admin_provider_suspend(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.registry.set_status(&id, ProviderStatus::Suspended).await?;
+    Ok(Json(serde_json::json!({ "id": id, "status": "suspended" })))
+}
+
+pub async fn admin_create_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let request: CreateKeyRequest = extract::parse(&headers, &body)?;
+    if request.name.trim().is_empty() {
+        return Err(ApiError::param("`name` must not be empty", "name"));
+    }
+    let tier = Tier::parse(&request.tier)
+        .ok_or_else(|| ApiError::param(format!("unknown tier `{}`; expected free or premium", request.tier), "tier"))?;
+    let created = state
+        .keys
+        .create(NewKey {
+            name: request.name,
+            tier,
+            user_id: request.user_id,
+            requests_per_minute: request.requests_per_minute,
+            tokens_per_minute: request.tokens_per_minute,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub async fn admin_list_keys(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = state.keys.list().await?;
+    Ok(Json(serde_json::json!({ "object": "list", "data": keys })))
+}
+
+pub async fn admin_revoke_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.keys.revoke(&id).await?;
+    Ok(Json(serde_json::json!({ "id": id, "revoked": true })))
+}

@@ -1,0 +1,345 @@
+//! Providers: registration, streams on/off line, heartbeats, and the in-memory registry
+//! that routing reads on every request.
+//!
+//! The database is the source of truth; each replica keeps a snapshot it updates at once
+//! for its own writes and reloads every `provider_refresh_secs` for the others'. In-flight
+//! counters are per replica and survive reloads.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use openapi::platform::{Capabilities, Pricing, ProviderInfo, RegisterProviderRequest, StreamControlInfo};
+use parking_lot::RwLock;
+use sqlx::Row;
+
+use crate::keys::{generate_secret, hash_key};
+use crate::store::{new_id, now_ms, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderStatus {
+    Pending,
+    Active,
+    Suspended,
+}
+
+impl ProviderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "active" => Self::Active,
+            "suspended" => Self::Suspended,
+            _ => Self::Pending,
+        }
+    }
+}
+
+/// Counters that belong to this replica and outlive registry reloads.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub in_flight: AtomicU32,
+    pub last_heartbeat_ms: AtomicI64,
+}
+
+/// One provider as routing sees it.
+#[derive(Debug)]
+pub struct Provider {
+    pub id: String,
+    pub name: String,
+    pub base_url: String,
+    pub status: ProviderStatus,
+    pub capabilities: Capabilities,
+    pub pricing: Pricing,
+    pub gpu_info: serde_json::Value,
+    /// `(model, quality)` pairs on line.
+    pub streams: HashSet<(String, String)>,
+    pub features: Option<HashSet<String>>,
+    pub created_at: i64,
+    pub load: Arc<Load>,
+}
+
+impl Provider {
+    pub fn is_live(&self, now: i64, stale_after_ms: i64) -> bool {
+        self.status == ProviderStatus::Active
+            && !self.streams.is_empty()
+            && now - self.load.last_heartbeat_ms.load(Ordering::Relaxed) <= stale_after_ms
+    }
+
+    pub fn supports(&self, feature: &str) -> bool {
+        self.features.as_ref().is_none_or(|f| f.contains(feature))
+    }
+
+    pub fn serves(&self, model: &str, quality: &str) -> bool {
+        self.streams.iter().any(|(m, q)| m == model && q == quality)
+    }
+
+    pub fn info(&self, now: i64, stale_after_ms: i64) -> ProviderInfo {
+        let mut streams: Vec<StreamControlInfo> = self
+            .streams
+            .iter()
+            .map(|(model, quality)| StreamControlInfo { model: model.clone(), quality: quality.clone() })
+            .collect();
+        streams.sort_by(|a, b| (&a.model, &a.quality).cmp(&(&b.model, &b.quality)));
+        let heartbeat = self.load.last_heartbeat_ms.load(Ordering::Relaxed);
+        ProviderInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            base_url: self.base_url.clone(),
+            status: self.status.as_str().to_owned(),
+            gpu_info: self.gpu_info.clone(),
+            capabilities: self.capabilities.clone(),
+            pricing: self.pricing,
+            streams,
+            online: self.is_live(now, stale_after_ms),
+            active_requests: self.load.in_flight.load(Ordering::Relaxed),
+            last_heartbeat_at: (heartbeat > 0).then_some(heartbeat),
+            created_at: self.created_at,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{message}")]
+    Invalid { message: String, param: &'static str },
+    #[error("provider {0} does not exist")]
+    Unknown(String),
+    #[error("the provider key does not belong to provider {0}")]
+    WrongKey(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+pub struct Registry {
+    store: Store,
+    providers: RwLock<Arc<HashMap<String, Arc<Provider>>>>,
+}
+
+const MICROS_PER_USD: f64 = 1_000_000.0;
+
+/// USD (as the seed sends it) to integer micro-USD, rejecting what cannot be money.
+fn usd_to_micros(usd: f64, scale: f64, param: &'static str) -> Result<i64, ProviderError> {
+    if !usd.is_finite() || usd < 0.0 || usd * scale > 1e15 {
+        return Err(ProviderError::Invalid { message: format!("{param} must be a non-negative amount in USD"), param });
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    Ok((usd * scale).round() as i64)
+}
+
+impl Registry {
+    pub async fn load(store: Store) -> Result<Self, sqlx::Error> {
+        let registry = Self { store, providers: RwLock::new(Arc::new(HashMap::new())) };
+        registry.reload().await?;
+        Ok(registry)
+    }
+
+    pub fn snapshot(&self) -> Arc<HashMap<String, Arc<Provider>>> {
+        self.providers.read().clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Provider>> {
+        self.providers.read().get(id).cloned()
+    }
+
+    /// Reloads every provider from the database, keeping this replica's counters.
+    pub async fn reload(&self) -> Result<(), sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, name, base_url, status, gpu_info, capabilities, price_per_mtok_micros, \
+             price_per_hour_micros, minimum_payout_micros, created_at, last_heartbeat_at FROM providers",
+        )
+        .fetch_all(&self.store.pool)
+        .await?;
+        let stream_rows = sqlx::query("SELECT provider_id, model, quality FROM provider_streams")
+            .fetch_all(&self.store.pool)
+            .await?;
+        let mut streams: HashMap<String, HashSet<(String, String)>> = HashMap::new();
+        for row in &stream_rows {
+            streams
+                .entry(row.try_get("provider_id")?)
+                .or_default()
+                .insert((row.try_get("model")?, row.try_get("quality")?));
+        }
+        let old = self.snapshot();
+        let mut next = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let capabilities: Capabilities = decode_json(row.try_get("capabilities")?)?;
+            let load = old.get(&id).map(|p| p.load.clone()).unwrap_or_default();
+            let heartbeat: Option<i64> = row.try_get("last_heartbeat_at")?;
+            load.last_heartbeat_ms.fetch_max(heartbeat.unwrap_or(0), Ordering::Relaxed);
+            let provider = Provider {
+                name: row.try_get("name")?,
+                base_url: row.try_get("base_url")?,
+                status: ProviderStatus::parse(&row.try_get::<String, _>("status")?),
+                features: capabilities.features.as_ref().map(|f| f.iter().cloned().collect()),
+                capabilities,
+                pricing: Pricing {
+                    per_token: row.try_get::<i64, _>("price_per_mtok_micros")? as f64 / 1e12,
+                    per_hour: row.try_get::<i64, _>("price_per_hour_micros")? as f64 / MICROS_PER_USD,
+                    minimum_payout: row.try_get::<i64, _>("minimum_payout_micros")? as f64 / MICROS_PER_USD,
+                },
+                gpu_info: decode_json(row.try_get("gpu_info")?)?,
+                streams: streams.remove(&id).unwrap_or_default(),
+                created_at: row.try_get("created_at")?,
+                load,
+                id: id.clone(),
+            };
+            next.insert(id, Arc::new(provider));
+        }
+        *self.providers.write() = Arc::new(next);
+        Ok(())
+    }
+
+    pub async fn register(
+        &self,
+        request: RegisterProviderRequest,
+        status: ProviderStatus,
+    ) -> Result<openapi::platform::RegisterProviderResponse, ProviderError> {
+        let invalid = |message: &str, param: &'static str| ProviderError::Invalid { message: message.to_owned(), param };
+        let base_url = request.base_url.trim_end_matches('/').to_owned();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(invalid("baseUrl must be an http:// or https:// URL", "baseUrl"));
+        }
+        let caps = &request.capabilities;
+        if caps.models.is_empty() || caps.models.iter().any(|m| m.trim().is_empty()) {
+            return Err(invalid("capabilities.models must list at least one model id", "capabilities.models"));
+        }
+        if caps.max_concurrent_streams == 0 {
+            return Err(invalid("capabilities.maxConcurrentStreams must be at least 1", "capabilities.maxConcurrentStreams"));
+        }
+        // Prices: per token is stored per million tokens so sub-micro-USD prices keep precision.
+        let per_mtok = usd_to_micros(request.pricing.per_token, 1e12, "pricing.perToken")?;
+        let per_hour = usd_to_micros(request.pricing.per_hour, MICROS_PER_USD, "pricing.perHour")?;
+        let min_payout = usd_to_micros(request.pricing.minimum_payout, MICROS_PER_USD, "pricing.minimumPayout")?;
+        let id = new_id("prov");
+        let key = generate_secret("pk-");
+        let name = request.name.clone().unwrap_or_else(|| format!("provider-{}", &id[id.len() - 6..]));
+        let caps_json = serde_json::to_string(&request.capabilities).map_err(|e| invalid(&e.to_string(), "capabilities"))?;
+        sqlx::query(
+            "INSERT INTO providers (id, name, key_hash, base_url, status, gpu_info, capabilities, \
+             price_per_mtok_micros, price_per_hour_micros, minimum_payout_micros, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&id)
+        .bind(&name)
+        .bind(hash_key(&key))
+        .bind(&base_url)
+        .bind(status.as_str())
+        .bind(request.gpu_info.to_string())
+        .bind(caps_json)
+        .bind(per_mtok)
+        .bind(per_hour)
+        .bind(min_payout)
+        .bind(now_ms())
+        .execute(&self.store.pool)
+        .await?;
+        self.reload().await?;
+        Ok(openapi::platform::RegisterProviderResponse {
+            provider_id: id,
+            provider_key: key,
+            status: status.as_str().to_owned(),
+        })
+    }
+
+    /// Checks that `secret` is the key of `provider_id`.
+    pub async fn authenticate(&self, provider_id: &str, secret: &str) -> Result<(), ProviderError> {
+        let hash: Option<String> = sqlx::query_scalar("SELECT key_hash FROM providers WHERE id = $1")
+            .bind(provider_id)
+            .fetch_optional(&self.store.pool)
+            .await?;
+        let hash = hash.ok_or_else(|| ProviderError::Unknown(provider_id.to_owned()))?;
+        if !constant_time_eq(hash.as_bytes(), hash_key(secret).as_bytes()) {
+            return Err(ProviderError::WrongKey(provider_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    pub async fn start_stream(&self, provider_id: &str, model: &str, quality: &str) -> Result<(), ProviderError> {
+        let provider = self.get(provider_id).ok_or_else(|| ProviderError::Unknown(provider_id.to_owned()))?;
+        if !provider.capabilities.models.iter().any(|m| m == model) {
+            return Err(ProviderError::Invalid {
+                message: format!("model `{model}` is not in this provider's capabilities.models"),
+                param: "model",
+            });
+        }
+        if !provider.capabilities.supported_qualities.iter().any(|q| q == quality) {
+            return Err(ProviderError::Invalid {
+                message: format!("quality `{quality}` is not in this provider's capabilities.supportedQualities"),
+                param: "quality",
+            });
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO provider_streams (provider_id, model, quality, started_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (provider_id, model, quality) DO NOTHING",
+        )
+        .bind(provider_id)
+        .bind(model)
+        .bind(quality)
+        .bind(now)
+        .execute(&self.store.pool)
+        .await?;
+        // Going on line counts as a heartbeat.
+        self.record_heartbeat(provider_id, 0, 0).await?;
+        self.reload().await?;
+        Ok(())
+    }
+
+    pub async fn stop_stream(&self, provider_id: &str, model: &str, quality: &str) -> Result<(), ProviderError> {
+        sqlx::query("DELETE FROM provider_streams WHERE provider_id = $1 AND model = $2 AND quality = $3")
+            .bind(provider_id)
+            .bind(model)
+            .bind(quality)
+            .execute(&self.store.pool)
+            .await?;
+        self.reload().await?;
+        Ok(())
+    }
+
+    pub async fn record_heartbeat(&self, provider_id: &str, active: u32, queue: u32) -> Result<(), ProviderError> {
+        let now = now_ms();
+        let updated = sqlx::query(
+            "UPDATE providers SET last_heartbeat_at = $1, reported_active_streams = $2, reported_queue_length = $3 WHERE id = $4",
+        )
+        .bind(now)
+        .bind(i64::from(active))
+        .bind(i64::from(queue))
+        .bind(provider_id)
+        .execute(&self.store.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(ProviderError::Unknown(provider_id.to_owned()));
+        }
+        if let Some(p) = self.get(provider_id) {
+            p.load.last_heartbeat_ms.fetch_max(now, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub async fn set_status(&self, provider_id: &str, status: ProviderStatus) -> Result<(), ProviderError> {
+        let updated = sqlx::query("UPDATE providers SET status = $1 WHERE id = $2")
+            .bind(status.as_str())
+            .bind(provider_id)
+            .execute(&self.store.pool)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(ProviderError::Unknown(provider_id.to_owned()));
+        }
+        self.reload().await?;
+        Ok(())
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(text: String) -> Result<T, sqlx::Error> {
+    serde_json::from_str(&text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,165 @@
+//! Running the gateway: state and background tasks, plain HTTP or HTTPS/WSS (rustls),
+//! and a graceful shutdown that lets open streams finish (bounded) and flushes usage.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::RngCore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Secret};
+use crate::keys::Keys;
+use crate::providers::Registry;
+use crate::store::Store;
+use crate::{app, usage, AppState, Inner};
+
+/// The state plus the background work that must be stopped in order.
+pub struct Running {
+    pub state: AppState,
+    stop: CancellationToken,
+    writer: usage::UsageWriter,
+}
+
+impl Running {
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let store = Store::connect(&config.database_url)
+            .await
+            .with_context(|| format!("cannot open the database at {}", redact_url(&config.database_url)))?;
+        Self::start_with_store(config, store).await
+    }
+
+    pub async fn start_with_store(config: Config, store: Store) -> anyhow::Result<Self> {
+        let user_id_secret = match &config.user_id_secret {
+            Some(s) => s.clone(),
+            None => {
+                let mut bytes = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut bytes);
+                Secret::new(store.setting_or_insert("user_id_secret", &hex::encode(bytes)).await?)
+            }
+        };
+        let registry = Arc::new(Registry::load(store.clone()).await?);
+        let stop = CancellationToken::new();
+        let (sink, writer) = usage::spawn(
+            store.clone(),
+            config.usage_batch_max,
+            Duration::from_millis(config.usage_flush_ms),
+            stop.clone(),
+        );
+        let refresh = Duration::from_secs(config.provider_refresh_secs.max(1));
+        let reg = registry.clone();
+        let stop_refresh = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = reg.reload().await {
+                            tracing::warn!(error = %e, "provider reload failed");
+                        }
+                    }
+                    () = stop_refresh.cancelled() => break,
+                }
+            }
+        });
+        let state = AppState::new(Inner {
+            keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
+            http: AppState::http_client(&config)?,
+            config,
+            store,
+            registry,
+            usage: sink,
+            user_id_secret,
+            active_streams: Arc::new(AtomicU64::new(0)),
+        });
+        Ok(Self { state, stop, writer })
+    }
+
+    /// Stops background work and writes every pending usage record.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        drop(self.state);
+        if let Err(e) = self.writer.handle.await {
+            tracing::error!(error = %e, "usage writer ended badly");
+        }
+    }
+}
+
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains open streams for at most
+/// `shutdown_grace_secs` and flushes usage records.
+pub async fn serve(
+    running: Running,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = running.state.config.clone();
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let router = app(running.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let signalled = CancellationToken::new();
+    let signalled_tx = signalled.clone();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; open streams may finish");
+        signalled_tx.cancel();
+    };
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .context("cannot load the TLS certificate or key")?;
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                h.graceful_shutdown(Some(grace));
+            });
+            let std_listener = listener.into_std()?;
+            axum_server::from_tcp_rustls(std_listener, tls).handle(handle).serve(router).await?;
+        }
+        _ => {
+            let server = axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future();
+            tokio::select! {
+                r = server => r?,
+                () = async { signalled.cancelled().await; tokio::time::sleep(grace).await } => {
+                    tracing::warn!(grace_secs = grace.as_secs(), "streams still open after the grace period; closing them");
+                }
+            }
+        }
+    }
+    running.finish().await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

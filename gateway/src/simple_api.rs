@@ -1,0 +1,198 @@
+//! The seed's simple API, thin over chat: `POST /api/llm/inference`,
+//! `GET /api/llm/models`, `GET /api/llm/status`, and a WebSocket (`/api/llm/ws`) for
+//! event-style clients with the events `connected`, `stream:token`, `stream:end`, `error`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use openapi::async_openai::types::chat::CreateChatCompletionRequest;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::{Extension, Json};
+use bytes::Bytes;
+use openapi::openai::RequestExtensions;
+use openapi::platform::{InferenceRequest, InferenceResponse};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::keys::AuthedKey;
+use crate::openai_api::{collect, models_for_status, prepare_chat};
+use crate::relay::{self, Event};
+use crate::store::{new_id, now_ms};
+use crate::{extract, AppState, RequestId};
+
+fn to_chat(request: &InferenceRequest) -> Result<(CreateChatCompletionRequest, RequestExtensions), ApiError> {
+    if request.prompt.is_empty() {
+        return Err(ApiError::param("`prompt` must not be empty", "prompt"));
+    }
+    let mut body = json!({
+        "model": request.model,
+        "messages": [{ "role": "user", "content": request.prompt }],
+    });
+    if let Some(n) = request.options.max_tokens {
+        body["max_tokens"] = json!(n);
+    }
+    if let Some(t) = request.options.temperature {
+        body["temperature"] = json!(t);
+    }
+    let chat: CreateChatCompletionRequest =
+        serde_json::from_value(body).map_err(|e| ApiError::invalid(format!("invalid inference request: {e}"), None))?;
+    let ext = RequestExtensions {
+        quality: request.options.quality.clone(),
+        ad_preferences: request.options.ad_preferences.clone(),
+    };
+    Ok((chat, ext))
+}
+
+pub async fn inference(
+    State(state): State<AppState>,
+    Extension(key): Extension<Arc<AuthedKey>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<InferenceResponse>, ApiError> {
+    let started = Instant::now();
+    let request: InferenceRequest = extract::parse(&headers, &body)?;
+    let (mut chat, ext) = to_chat(&request)?;
+    let (dispatch, _, _) = prepare_chat(&state, &key, &request_id, &headers, &mut chat, ext, started)?;
+    let (model, quality) = (dispatch.model.clone(), dispatch.quality.clone());
+    let relay = relay::open(&state, dispatch).await?;
+    let (agg, usage) = collect(relay).await?;
+    let completion = agg.chat(&request_id, &model, usage);
+    let first = completion.choices.into_iter().next();
+    Ok(Json(InferenceResponse {
+        result: first.as_ref().and_then(|c| c.message.content.clone()).unwrap_or_default(),
+        finish_reason: first.and_then(|c| c.finish_reason),
+        model,
+        quality,
+        usage,
+        request_id,
+    }))
+}
+
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    let snapshot = state.registry.snapshot();
+    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let now = now_ms();
+    let models: Vec<Value> = models_for_status(&state)
+        .into_iter()
+        .map(|m| {
+            let live: Vec<_> = snapshot.values().filter(|p| p.is_live(now, stale_ms)).collect();
+            let providers = live.iter().filter(|p| p.streams.iter().any(|(id, _)| *id == m.id)).count();
+            let mut qualities: Vec<String> = live
+                .iter()
+                .flat_map(|p| p.streams.iter().filter(|(id, _)| *id == m.id).map(|(_, q)| q.clone()))
+                .collect();
+            qualities.sort();
+            qualities.dedup();
+            json!({ "id": m.id, "providers": providers, "qualities": qualities })
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+pub async fn status(State(state): State<AppState>) -> Json<Value> {
+    let snapshot = state.registry.snapshot();
+    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let now = now_ms();
+    let online = snapshot.values().filter(|p| p.is_live(now, stale_ms)).count();
+    Json(json!({
+        "providersOnline": online,
+        "providersRegistered": snapshot.len(),
+        "activeStreams": state.active_streams.load(Ordering::Relaxed),
+        // Requests wait for a provider only inside the relay today; there is no queue yet.
+        "queue": 0,
+        "models": models_for_status(&state).into_iter().map(|m| m.id).collect::<Vec<_>>(),
+    }))
+}
+
+pub async fn websocket(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    Extension(key): Extension<Arc<AuthedKey>>,
+    headers: HeaderMap,
+) -> Response {
+    ws.on_upgrade(move |socket| run_socket(socket, state, key, headers))
+}
+
+fn event(name: &str, data: Value) -> Message {
+    Message::Text(json!({ "event": name, "data": data }).to_string().into())
+}
+
+async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>, headers: HeaderMap) {
+    let models: Vec<String> = models_for_status(&state).into_iter().map(|m| m.id).collect();
+    if socket.send(event("connected", json!({ "models": models }))).await.is_err() {
+        return;
+    }
+    while let Some(Ok(message)) = socket.recv().await {
+        let text = match message {
+            Message::Text(t) => t.to_string(),
+            Message::Close(_) => return,
+            _ => continue,
+        };
+        let request_id = new_id("req");
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let id = value.get("id").cloned().unwrap_or(Value::Null);
+        // Accept either the request itself or `{"event": "inference", "data": {...}}`.
+        let payload = value.get("data").cloned().unwrap_or(value);
+        let result = match serde_json::from_value::<InferenceRequest>(payload) {
+            Ok(request) => stream_one(&mut socket, &state, &key, &headers, &request_id, &id, request).await,
+            Err(e) => Err(ApiError::invalid(format!("invalid inference message: {e}"), None)),
+        };
+        if let Err(error) = result {
+            let body = serde_json::to_value(error.body()).unwrap_or(Value::Null);
+            let mut data = json!({ "id": id, "requestId": request_id });
+            data["error"] = body["error"].clone();
+            if socket.send(event("error", data)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn stream_one(
+    socket: &mut WebSocket,
+    state: &AppState,
+    key: &Arc<AuthedKey>,
+    headers: &HeaderMap,
+    request_id: &str,
+    id: &Value,
+    request: InferenceRequest,
+) -> Result<(), ApiError> {
+    let (mut chat, ext) = to_chat(&request)?;
+    let (dispatch, _, _) = prepare_chat(state, key, request_id, headers, &mut chat, ext, Instant::now())?;
+    let mut relay = relay::open(state, dispatch).await?;
+    let mut result = String::new();
+    let mut finish_reason = None;
+    loop {
+        match relay.next().await {
+            Event::Chunk { chunk, .. } => {
+                for choice in chunk.choices {
+                    if let Some(text) = choice.delta.and_then(|d| d.content).filter(|t| !t.is_empty()) {
+                        result.push_str(&text);
+                        let data = json!({ "id": id, "requestId": request_id, "token": text });
+                        if socket.send(event("stream:token", data)).await.is_err() {
+                            // Dropping the relay cancels the provider request and records usage.
+                            return Ok(());
+                        }
+                    }
+                    if choice.finish_reason.is_some() {
+                        finish_reason = choice.finish_reason;
+                    }
+                }
+            }
+            Event::Done => {
+                let data = json!({
+                    "id": id, "requestId": request_id, "result": result,
+                    "finishReason": finish_reason, "usage": relay.usage(),
+                });
+                let _ = socket.send(event("stream:end", data)).await;
+                return Ok(());
+            }
+            Event::Failed(message) => return Err(ApiError::ProviderFailed(message)),
+        }
+    }
+}

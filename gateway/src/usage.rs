@@ -1,0 +1,164 @@
+//! Usage records: one row per request, written by a background task in batches (one
+//! multi-row INSERT per batch) so the hot path only pushes onto a channel. On shutdown
+//! the writer drains the channel before the process exits, so none are lost.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub key_id: Option<String>,
+    pub user_id: Option<String>,
+    pub endpoint: &'static str,
+    pub model: String,
+    pub provider_id: Option<String>,
+    pub quality: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub ttft_ms: Option<u64>,
+    pub latency_ms: u64,
+    pub status: UsageStatus,
+    pub error_code: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageStatus {
+    /// The response was delivered in full.
+    Ok,
+    /// The client went away before the end.
+    ClientDisconnected,
+    /// The provider failed after the first token.
+    ProviderFailed,
+    /// Refused or failed before any token (no provider, provider error, bad request upstream).
+    Failed,
+}
+
+impl UsageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ClientDisconnected => "client_disconnected",
+            Self::ProviderFailed => "provider_failed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct UsageSink {
+    tx: mpsc::UnboundedSender<UsageRecord>,
+}
+
+impl UsageSink {
+    /// Never blocks and never drops: the channel is unbounded and drained in batches.
+    pub fn record(&self, record: UsageRecord) {
+        if self.tx.send(record).is_err() {
+            tracing::error!("usage writer is gone; a usage record was lost");
+        }
+    }
+}
+
+pub struct UsageWriter {
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+const COLUMNS: usize = 14;
+
+pub fn spawn(store: Store, batch_max: usize, flush_every: Duration, stop: CancellationToken) -> (UsageSink, UsageWriter) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<UsageRecord>();
+    let handle = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(batch_max);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, batch_max) => {
+                    if n == 0 { break; }
+                    // Let a burst accumulate a little so one INSERT carries many rows.
+                    if batch.len() < batch_max {
+                        tokio::time::sleep(flush_every).await;
+                        while batch.len() < batch_max {
+                            match rx.try_recv() { Ok(r) => batch.push(r), Err(_) => break }
+                        }
+                    }
+                    write_batch(&store, &mut batch).await;
+                }
+                () = stop.cancelled() => {
+                    rx.close();
+                    while let Some(r) = rx.recv().await {
+                        batch.push(r);
+                        if batch.len() >= batch_max { write_batch(&store, &mut batch).await; }
+                    }
+                    write_batch(&store, &mut batch).await;
+                    break;
+                }
+            }
+        }
+    });
+    (UsageSink { tx }, UsageWriter { handle })
+}
+
+async fn write_batch(store: &Store, batch: &mut Vec<UsageRecord>) {
+    if batch.is_empty() {
+        return;
+    }
+    for attempt in 0..5u32 {
+        match insert(store, batch).await {
+            Ok(()) => {
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, rows = batch.len(), "usage batch insert failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+    }
+    tracing::error!(rows = batch.len(), "usage batch could not be written");
+    batch.clear();
+}
+
+async fn insert(store: &Store, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
+    let mut sql = String::from(
+        "INSERT INTO usage_records (request_id, key_id, user_id, endpoint, model, provider_id, quality, \
+         prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error_code, created_at) VALUES ",
+    );
+    for i in 0..batch.len() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..COLUMNS {
+            if c > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("${}", i * COLUMNS + c + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (request_id) DO NOTHING");
+    let mut query = sqlx::query(&sql);
+    for r in batch {
+        query = query
+            .bind(r.request_id.clone())
+            .bind(r.key_id.clone())
+            .bind(r.user_id.clone())
+            .bind(r.endpoint)
+            .bind(r.model.clone())
+            .bind(r.provider_id.clone())
+            .bind(r.quality.clone())
+            .bind(i64::from(r.prompt_tokens))
+            .bind(i64::from(r.completion_tokens))
+            .bind(r.ttft_ms.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
+            .bind(i64::try_from(r.latency_ms).unwrap_or(i64::MAX))
+            .bind(r.status.as_str())
+            .bind(r.error_code.clone())
+            .bind(r.created_at);
+    }
+    query.execute(&store.pool).await?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! OpenAI request types (re-exported from async-openai) and our extensions to them.
+
+use serde::{Deserialize, Serialize};
+
+pub use async_openai::types::chat::{
+    ChatCompletionRequestMessage, CreateChatCompletionRequest, StopConfiguration,
+};
+pub use async_openai::types::completions::CreateCompletionRequest;
+pub use async_openai::types::models::{ListModelResponse, Model};
+
+/// Fields we accept on top of OpenAI's request body. They are read from the same JSON
+/// object as the OpenAI request and never forwarded to providers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RequestExtensions {
+    /// Quality tier: `low`, `standard`, `high`, `ultra` or a custom level.
+    #[serde(default)]
+    pub quality: Option<String>,
+    #[serde(default)]
+    pub ad_preferences: Option<AdPreferences>,
+}
+
+/// A user's ad preferences for one request (free tier).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AdPreferences {
+    #[serde(default)]
+    pub categories: Vec<String>,
+    #[serde(default)]
+    pub blocked_categories: Vec<String>,
+    #[serde(default)]
+    pub opt_out: bool,
+}

@@ -1,0 +1,185 @@
+//! The platform API: provider registration and streams, keys, the seed's simple API.
+//! Field names follow the seed's camelCase.
+
+use serde::{Deserialize, Serialize};
+
+use crate::openai::AdPreferences;
+use crate::stream::Usage;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterProviderRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub gpu_info: serde_json::Value,
+    pub capabilities: Capabilities,
+    pub pricing: Pricing,
+    /// Where the provider's OpenAI-compatible server listens.
+    pub base_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    pub models: Vec<String>,
+    pub max_concurrent_streams: u32,
+    #[serde(default = "default_qualities")]
+    pub supported_qualities: Vec<String>,
+    /// Optional request features the provider honours (`tools`, `logprobs`,
+    /// `response_format`, `n`, `logit_bias`, `seed`, `penalties`, `stop`, `vision`).
+    /// Absent means "everything", as for a generic OpenAI-compatible server.
+    #[serde(default)]
+    pub features: Option<Vec<String>>,
+}
+
+fn default_qualities() -> Vec<String> {
+    ["low", "standard", "high", "ultra"].iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Prices in USD as the seed sends them; the gateway stores integer micro-USD.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pricing {
+    pub per_token: f64,
+    #[serde(default)]
+    pub per_hour: f64,
+    #[serde(default)]
+    pub minimum_payout: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterProviderResponse {
+    pub provider_id: String,
+    /// Shown once; the gateway stores only its hash.
+    pub provider_key: String,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamControl {
+    pub provider_id: String,
+    pub model: String,
+    #[serde(default = "default_quality")]
+    pub quality: String,
+}
+
+fn default_quality() -> String {
+    "standard".to_owned()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Heartbeat {
+    pub provider_id: String,
+    #[serde(default)]
+    pub active_streams: u32,
+    #[serde(default)]
+    pub queue_length: u32,
+    #[serde(default)]
+    pub free_memory_mb: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateKeyRequest {
+    pub name: String,
+    #[serde(default = "default_tier")]
+    pub tier: String,
+    /// Attach the key to an existing user; a new user is created otherwise.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+}
+
+fn default_tier() -> String {
+    "free".to_owned()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedKey {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub tier: String,
+    /// The secret, shown once.
+    pub key: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyInfo {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub tier: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderInfo {
+    pub id: String,
+    pub name: String,
+    pub base_url: String,
+    pub status: String,
+    pub gpu_info: serde_json::Value,
+    pub capabilities: Capabilities,
+    pub pricing: Pricing,
+    /// `model:quality` streams that are on line.
+    pub streams: Vec<StreamControlInfo>,
+    pub online: bool,
+    pub active_requests: u32,
+    pub last_heartbeat_at: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamControlInfo {
+    pub model: String,
+    pub quality: String,
+}
+
+/// The seed's `POST /api/llm/inference` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceRequest {
+    pub prompt: String,
+    pub model: String,
+    #[serde(default)]
+    pub options: InferenceOptions,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceOptions {
+    #[serde(default)]
+    pub quality: Option<String>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub ad_preferences: Option<AdPreferences>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceResponse {
+    pub result: String,
+    pub model: String,
+    pub quality: String,
+    pub finish_reason: Option<String>,
+    pub usage: Usage,
+    pub request_id: String,
+}

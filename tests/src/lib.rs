@@ -1,0 +1,1 @@
+//! Test support: a counted mock OpenAI-compatible provider.

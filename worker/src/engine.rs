@@ -1,0 +1,362 @@
+//! The scheduler: continuous batching over one model.
+//!
+//! Requests wait in a priority queue (higher `priority` first, then arrival order) and
+//! join the running batch at step boundaries while the sequence limit and the KV-cache
+//! budget allow. Each step runs one forward pass over every running sequence: one
+//! token for those decoding, a chunk of prompt for those prefilling, so a long prompt
+//! never stalls the others for more than a chunk. A request whose receiver is gone
+//! (client disconnected) is dropped at the next step.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::model::{BatchItem, KvCache, LoadedModel};
+use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
+use crate::tokenizer::Utf8Stream;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together at most.
+    pub max_seqs: usize,
+    /// Bytes of KV cache that admitted sequences may reserve together.
+    pub kv_budget_bytes: usize,
+    /// Tokens per step spent on prompt processing (chunked prefill).
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_seqs: 32, kv_budget_bytes: 4 << 30, prefill_chunk: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Newly generated text (never a partial UTF-8 character, never stop text).
+    Text(String),
+    Done { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+}
+
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub priority: i32,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub active: AtomicUsize,
+    pub queued: AtomicUsize,
+    pub kv_reserved_bytes: AtomicUsize,
+    pub requests_total: AtomicU64,
+    pub prompt_tokens_total: AtomicU64,
+    pub completion_tokens_total: AtomicU64,
+    pub cancelled_total: AtomicU64,
+    pub steps_total: AtomicU64,
+}
+
+struct Queued {
+    priority: i32,
+    id: u64,
+    req: GenRequest,
+    events: UnboundedSender<Event>,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.priority.cmp(&o.priority).then(o.id.cmp(&self.id))
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    heap: BinaryHeap<Queued>,
+    next_id: u64,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+    stats: Stats,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    pub model: Arc<LoadedModel>,
+    pub config: EngineConfig,
+}
+
+struct Seq {
+    prompt: Vec<u32>,
+    prefilled: usize,
+    next: [u32; 1],
+    generated: usize,
+    max_tokens: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    utf8: Utf8Stream,
+    stop: StopMatcher,
+    events: UnboundedSender<Event>,
+    reserved: usize,
+}
+
+impl Engine {
+    pub fn start(model: Arc<LoadedModel>, config: EngineConfig) -> Engine {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            stats: Stats::default(),
+        });
+        let engine = Engine { shared, model, config };
+        let runner = engine.clone();
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || runner.run())
+            .map(drop)
+            .unwrap_or_else(|e| tracing::error!("cannot start engine thread: {e}"));
+        engine
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Tokens a request may use in total (prompt plus completion).
+    pub fn context_length(&self) -> usize {
+        self.model.model.config.context_length
+    }
+
+    /// Queues a request; events arrive on the returned receiver. Dropping the receiver
+    /// cancels the request.
+    pub fn submit(&self, req: GenRequest) -> UnboundedReceiver<Event> {
+        let (tx, rx) = unbounded_channel();
+        let Ok(mut q) = self.shared.queue.lock() else { return rx };
+        let id = q.next_id;
+        q.next_id += 1;
+        q.heap.push(Queued { priority: req.priority, id, req, events: tx });
+        self.shared.stats.queued.store(q.heap.len(), Relaxed);
+        self.shared.stats.requests_total.fetch_add(1, Relaxed);
+        drop(q);
+        self.shared.wake.notify_one();
+        rx
+    }
+
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Relaxed);
+        self.shared.wake.notify_all();
+    }
+
+    fn reserve_bytes(&self, req: &GenRequest) -> usize {
+        let ctx = self.context_length();
+        (req.prompt.len() + req.params.max_tokens).min(ctx) * self.model.model.config.kv_bytes_per_token()
+    }
+
+    fn run(&self) {
+        let stats = &self.shared.stats;
+        let mut active: Vec<Seq> = Vec::new();
+        let mut reserved = 0usize;
+        loop {
+            {
+                let Ok(mut q) = self.shared.queue.lock() else { return };
+                while active.is_empty() && q.heap.is_empty() {
+                    if self.shared.shutdown.load(Relaxed) {
+                        return;
+                    }
+                    q = match self.shared.wake.wait(q) {
+                        Ok(q) => q,
+                        Err(_) => return,
+                    };
+                }
+                while active.len() < self.config.max_seqs {
+                    let Some(top) = q.heap.peek() else { break };
+                    let need = self.reserve_bytes(&top.req);
+                    // An oversized request still runs when nothing else does.
+                    if reserved + need > self.config.kv_budget_bytes && !active.is_empty() {
+                        break;
+                    }
+                    let Some(item) = q.heap.pop() else { break };
+                    if item.events.is_closed() {
+                        stats.cancelled_total.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    reserved += need;
+                    stats.prompt_tokens_total.fetch_add(item.req.prompt.len() as u64, Relaxed);
+                    active.push(Seq {
+                        max_tokens: item.req.params.max_tokens,
+                        stop: StopMatcher::new(item.req.params.stop.clone()),
+                        sampler: Sampler::new(item.req.params),
+                        prompt: item.req.prompt,
+                        prefilled: 0,
+                        next: [0],
+                        generated: 0,
+                        cache: self.model.model.new_cache(),
+                        utf8: Utf8Stream::default(),
+                        events: item.events,
+                        reserved: need,
+                    });
+                }
+                stats.queued.store(q.heap.len(), Relaxed);
+            }
+            active.retain(|s| {
+                let gone = s.events.is_closed();
+                if gone {
+                    stats.cancelled_total.fetch_add(1, Relaxed);
+                    reserved -= s.reserved;
+                }
+                !gone
+            });
+            stats.active.store(active.len(), Relaxed);
+            stats.kv_reserved_bytes.store(reserved, Relaxed);
+            if active.is_empty() {
+                continue;
+            }
+            self.step(&mut active);
+            stats.steps_total.fetch_add(1, Relaxed);
+            active.retain(|s| {
+                let done = s.events.is_closed();
+                if done {
+                    reserved -= s.reserved;
+                }
+                !done
+            });
+            stats.active.store(active.len(), Relaxed);
+            stats.kv_reserved_bytes.store(reserved, Relaxed);
+        }
+    }
+
+    /// One forward pass over all running sequences, then sampling. Finished
+    /// sequences close their channel (so the caller's `retain` drops them).
+    fn step(&self, active: &mut [Seq]) {
+        let decoding = active.iter().filter(|s| s.prefilled >= s.prompt.len()).count();
+        let mut budget = self.config.prefill_chunk.saturating_sub(decoding).max(if decoding == 0 { 1 } else { 0 });
+        let mut items = Vec::with_capacity(active.len());
+        let mut owners = Vec::with_capacity(active.len());
+        for (i, s) in active.iter_mut().enumerate() {
+            if s.prefilled < s.prompt.len() {
+                if budget == 0 {
+                    continue;
+                }
+                let end = (s.prefilled + budget).min(s.prompt.len());
+                budget -= end - s.prefilled;
+                let done = end == s.prompt.len();
+                items.push(BatchItem { cache: &mut s.cache, tokens: &s.prompt[s.prefilled..end], want_logits: done });
+                s.prefilled = end;
+                if done {
+                    owners.push(i);
+                }
+            } else {
+                items.push(BatchItem { cache: &mut s.cache, tokens: &s.next, want_logits: true });
+                owners.push(i);
+            }
+        }
+        let logits = self.model.model.forward(&mut items);
+        drop(items);
+        let ctx = self.context_length();
+        let tok = &self.model.tokenizer;
+        for (i, mut l) in owners.into_iter().zip(logits) {
+            let s = &mut active[i];
+            let t = s.sampler.sample(&mut l);
+            s.generated += 1;
+            self.shared.stats.completion_tokens_total.fetch_add(1, Relaxed);
+            if tok.is_eos(t) {
+                self.finish(s, FinishReason::Stop, String::new());
+                continue;
+            }
+            let text = s.utf8.push(tok.token_output_bytes(t));
+            match s.stop.push(&text) {
+                StopOutcome::Stopped(out) => {
+                    if !out.is_empty() {
+                        let _ = s.events.send(Event::Text(out));
+                    }
+                    self.finish(s, FinishReason::Stop, String::new());
+                    continue;
+                }
+                StopOutcome::Continue(out) => {
+                    if !out.is_empty() {
+                        let _ = s.events.send(Event::Text(out));
+                    }
+                }
+            }
+            if s.generated >= s.max_tokens || s.cache.len + 1 >= ctx {
+                let tail = s.utf8.finish();
+                self.finish(s, FinishReason::Length, tail);
+                continue;
+            }
+            s.next = [t];
+        }
+    }
+
+    fn finish(&self, s: &mut Seq, reason: FinishReason, tail: String) {
+        let mut reason = reason;
+        let mut text = String::new();
+        match s.stop.push(&tail) {
+            StopOutcome::Stopped(out) => {
+                text.push_str(&out);
+                reason = FinishReason::Stop;
+            }
+            StopOutcome::Continue(out) => {
+                text.push_str(&out);
+                text.push_str(&s.stop.finish());
+            }
+        }
+        if !text.is_empty() {
+            let _ = s.events.send(Event::Text(text));
+        }
+        let _ = s.events.send(Event::Done {
+            reason,
+            prompt_tokens: s.prompt.len(),
+            completion_tokens: s.generated,
+        });
+        // Closing marks the sequence finished for the scheduler.
+        s.events = unbounded_channel().0;
+    }
+}
+
+/// Runs a request to completion, blocking (for the CLI and tests).
+pub fn generate_blocking(engine: &Engine, req: GenRequest, mut on_text: impl FnMut(&str)) -> (String, Event) {
+    let mut rx = engine.submit(req);
+    let mut text = String::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Text(t) => {
+                on_text(&t);
+                text.push_str(&t);
+            }
+            done @ Event::Done { .. } => return (text, done),
+        }
+    }
+    (text, Event::Done { reason: FinishReason::Stop, prompt_tokens: 0, completion_tokens: 0 })
+}
