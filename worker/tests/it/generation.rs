@@ -1,0 +1,81 @@
+use worker::chat::{ChatMessage, ChatTemplate};
+use worker::engine::{generate_blocking, Engine, EngineConfig, Event, FinishReason, GenRequest};
+use worker::sampling::SamplingParams;
+
+use crate::model;
+
+fn chat_prompt(user: &str) -> Vec<u32> {
+    let m = model();
+    let tpl = ChatTemplate::new(m.chat_template.as_deref().unwrap_or_default(), "", "");
+    let text = match tpl.and_then(|t| t.render(&[ChatMessage { role: "user".into(), content: user.into() }])) {
+        Ok(t) => t,
+        Err(e) => panic!("chat template: {e}"),
+    };
+    m.tokenizer.encode(&text)
+}
+
+#[test]
+fn chat_template_inserts_the_default_system_prompt() {
+    let m = model();
+    let tpl = ChatTemplate::new(m.chat_template.as_deref().unwrap_or_default(), "", "").unwrap();
+    let text = tpl.render(&[ChatMessage { role: "user".into(), content: "Hi".into() }]).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn greedy_golden_answer() {
+    let engine = Engine::start(model(), EngineConfig::default());
+    let req = GenRequest {
+        prompt: chat_prompt("What is the capital of France?"),
+        params: SamplingParams { max_tokens: 40, ..Default::default() },
+        priority: 0,
+    };
+    let (text, done) = generate_blocking(&engine, req, |_| {});
+    assert_eq!(text, "The capital of France is Paris.");
+    assert!(matches!(done, Event::Done { reason: FinishReason::Stop, .. }), "{done:?}");
+}
+
+#[test]
+fn max_tokens_gives_length_and_stop_text_is_not_emitted() {
+    let engine = Engine::start(model(), EngineConfig::default());
+    let prompt = chat_prompt("What is the capital of France?");
+    let req = GenRequest { prompt: prompt.clone(), params: SamplingParams { max_tokens: 3, ..Default::default() }, priority: 0 };
+    let (text, done) = generate_blocking(&engine, req, |_| {});
+    assert_eq!(text, "The capital of");
+    assert!(matches!(done, Event::Done { reason: FinishReason::Length, completion_tokens: 3, .. }), "{done:?}");
+    // "ance" spans the token boundary inside " France".
+    let params = SamplingParams { stop: vec!["ance".into()], ..Default::default() };
+    let (text, done) = generate_blocking(&engine, GenRequest { prompt, params, priority: 0 }, |_| {});
+    assert_eq!(text, "The capital of Fr");
+    assert!(matches!(done, Event::Done { reason: FinishReason::Stop, .. }));
+}
+
+#[test]
+fn seeded_sampling_is_identical_alone_and_in_a_batch() {
+    let engine = Engine::start(model(), EngineConfig::default());
+    let seeded = |seed| GenRequest {
+        prompt: chat_prompt("Write a short poem about the sea."),
+        params: SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(seed), max_tokens: 24, ..Default::default() },
+        priority: 0,
+    };
+    let (alone, _) = generate_blocking(&engine, seeded(42), |_| {});
+    // The same request among 8 concurrent different ones.
+    let others: Vec<_> = (0..7)
+        .map(|i| {
+            engine.submit(GenRequest {
+                prompt: chat_prompt(&format!("Tell me fact number {i} about cats.")),
+                params: SamplingParams { temperature: 1.0, seed: Some(i), max_tokens: 30, ..Default::default() },
+                priority: 0,
+            })
+        })
+        .collect();
+    let (batched, _) = generate_blocking(&engine, seeded(42), |_| {});
+    drop(others);
+    assert_eq!(alone, batched);
+    let (other_seed, _) = generate_blocking(&engine, seeded(43), |_| {});
+    assert_ne!(alone, other_seed);
+}

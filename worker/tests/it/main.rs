@@ -1,0 +1,32 @@
+//! Worker integration tests, compiled as one binary. Tests that need the default
+//! model fail (never skip) when it is missing, naming the command that fetches it.
+
+mod generation;
+mod tokenizer;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use worker::model::LoadedModel;
+
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("WORKER_TEST_MODEL").map_or_else(worker::fetch::default_model_path, PathBuf::from);
+    assert!(
+        path.exists(),
+        "the default model is missing at {}: run `{}` first",
+        path.display(),
+        worker::fetch::FETCH_COMMAND
+    );
+    path
+}
+
+/// The default model, loaded once per test binary.
+pub fn model() -> Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| match LoadedModel::load(&model_path(), false) {
+            Ok(m) => Arc::new(m),
+            Err(e) => panic!("cannot load the default model: {e}"),
+        })
+        .clone()
+}
