@@ -11,6 +11,8 @@ use worker::chat::{ChatMessage, ChatTemplate};
 use worker::engine::{generate_blocking, Engine, EngineConfig, Event, GenRequest};
 use worker::fetch;
 use worker::model::LoadedModel;
+use worker::registration::GatewayConfig;
+use worker::serve::ServeConfig;
 use worker::sampling::SamplingParams;
 
 #[derive(Parser)]
@@ -48,6 +50,69 @@ enum Cmd {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Serve the OpenAI API, optionally joined to a gateway as a provider.
+    Serve {
+        /// GGUF file; defaults to the fetched default model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        #[arg(long, default_value_t = 8081)]
+        port: u16,
+        /// Model id clients use (default: from the file name or `general.name`).
+        #[arg(long)]
+        model_id: Option<String>,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Gateway to join (register, go on line, heartbeat).
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, env = "WORKER_PROVIDER_KEY")]
+        provider_key: Option<String>,
+        #[arg(long)]
+        provider_id: Option<String>,
+        /// URL the gateway uses to reach this worker (default http://127.0.0.1:PORT).
+        #[arg(long)]
+        public_url: Option<String>,
+        /// Provider name shown at the gateway (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 0.000002)]
+        price_per_token: f64,
+        #[arg(long, default_value_t = 0.5)]
+        price_per_hour: f64,
+        #[arg(long, default_value_t = 5.0)]
+        minimum_payout: f64,
+        /// Qualities served, comma-separated; one gateway stream each.
+        #[arg(long, default_value = "low,standard,high,ultra", value_delimiter = ',')]
+        qualities: Vec<String>,
+        /// Where the provider credentials are kept.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct EngineArgs {
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32)]
+    max_seqs: usize,
+    /// KV-cache memory budget in MiB.
+    #[arg(long, default_value_t = 4096)]
+    kv_budget_mb: usize,
+    /// Prompt tokens processed per step (chunked prefill).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+}
+
+impl EngineArgs {
+    fn config(&self) -> EngineConfig {
+        EngineConfig {
+            max_seqs: self.max_seqs.max(1),
+            kv_budget_bytes: self.kv_budget_mb << 20,
+            prefill_chunk: self.prefill_chunk.max(1),
+        }
+    }
 }
 
 fn model_path(p: Option<PathBuf>) -> PathBuf {
@@ -99,6 +164,43 @@ fn main() -> anyhow::Result<()> {
             if let Event::Done { reason, prompt_tokens, completion_tokens } = done {
                 tracing::info!(finish_reason = reason.as_str(), prompt_tokens, completion_tokens, "done");
             }
+        }
+        Cmd::Serve {
+            model,
+            host,
+            port,
+            model_id,
+            engine,
+            gateway,
+            provider_key,
+            provider_id,
+            public_url,
+            name,
+            price_per_token,
+            price_per_hour,
+            minimum_payout,
+            qualities,
+            key_file,
+        } => {
+            let m = load(&model_path(model))?;
+            let model_id = model_id.unwrap_or_else(|| m.default_model_id());
+            let engine = Engine::start(m, engine.config());
+            let gateway = gateway.map(|url| GatewayConfig {
+                url,
+                provider_key,
+                provider_id,
+                public_url: public_url.unwrap_or_else(|| format!("http://127.0.0.1:{port}")),
+                name: name.unwrap_or_else(|| {
+                    std::fs::read_to_string("/etc/hostname").map_or_else(|_| "worker".into(), |h| h.trim().to_string())
+                }),
+                per_token_usd: price_per_token,
+                per_hour_usd: price_per_hour,
+                minimum_payout_usd: minimum_payout,
+                qualities,
+                key_file: key_file.unwrap_or_else(worker::registration::default_key_file),
+            });
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(worker::serve::run(engine, model_id, ServeConfig { host, port, gateway }))?;
         }
     }
     Ok(())

@@ -1,0 +1,190 @@
+//! Joining a gateway: register (once; the provider key is kept in a local file),
+//! go on line per quality, heartbeat every 10 s, and go off line on shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::engine::Engine;
+use crate::host::GpuInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    #[error("gateway request to {url} failed: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("gateway answered {status} to {url}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("cannot use key file {path}: {detail}")]
+    KeyFile { path: String, detail: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub url: String,
+    /// Optional key presented at registration (for admin-approved sign-ups), or,
+    /// together with `provider_id`, credentials that skip registration.
+    pub provider_key: Option<String>,
+    pub provider_id: Option<String>,
+    pub public_url: String,
+    pub name: String,
+    pub per_token_usd: f64,
+    pub per_hour_usd: f64,
+    pub minimum_payout_usd: f64,
+    pub qualities: Vec<String>,
+    pub key_file: PathBuf,
+}
+
+/// What the gateway gave us at registration; stored in the key file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Credentials {
+    pub gateway: String,
+    pub provider_id: String,
+    pub provider_key: String,
+}
+
+/// Default key file: `~/.config/gpu-streaming/worker-provider.json`.
+pub fn default_key_file() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".config").join("gpu-streaming").join("worker-provider.json")
+}
+
+fn load_credentials(path: &Path, gateway: &str) -> Option<Credentials> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let c: Credentials = serde_json::from_str(&text).ok()?;
+    (c.gateway == gateway).then_some(c)
+}
+
+fn save_credentials(path: &Path, c: &Credentials) -> Result<(), RegistrationError> {
+    let err = |e: std::io::Error| RegistrationError::KeyFile { path: path.display().to_string(), detail: e.to_string() };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let text = serde_json::to_string_pretty(c).map_err(|e| RegistrationError::KeyFile {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(path, text).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(())
+}
+
+pub struct GatewayClient {
+    http: reqwest::Client,
+    cfg: GatewayConfig,
+    pub creds: Credentials,
+    model_id: String,
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: String,
+    key: Option<&str>,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, RegistrationError> {
+    let mut req = http.post(&url).json(&body).timeout(Duration::from_secs(10));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.map_err(|source| RegistrationError::Http { url: url.clone(), source })?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(RegistrationError::Status { url, status: status.as_u16(), body: text.chars().take(500).collect() });
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+impl GatewayClient {
+    /// Registers with the gateway unless the key file (or flags) already hold
+    /// credentials for it.
+    pub async fn join(cfg: GatewayConfig, engine: &Engine, model_id: &str, gpu: &GpuInfo) -> Result<GatewayClient, RegistrationError> {
+        let http = reqwest::Client::new();
+        let base = cfg.url.trim_end_matches('/').to_string();
+        let creds = if let (Some(id), Some(key)) = (&cfg.provider_id, &cfg.provider_key) {
+            Credentials { gateway: base.clone(), provider_id: id.clone(), provider_key: key.clone() }
+        } else if let Some(c) = load_credentials(&cfg.key_file, &base) {
+            tracing::info!(provider_id = %c.provider_id, "using saved provider credentials");
+            c
+        } else {
+            let body = json!({
+                "name": cfg.name,
+                "gpuInfo": gpu,
+                "capabilities": {
+                    "models": [model_id],
+                    "maxConcurrentStreams": engine.config.max_seqs,
+                    "supportedQualities": cfg.qualities,
+                    "features": crate::server::FEATURES,
+                },
+                "pricing": {
+                    "perToken": cfg.per_token_usd,
+                    "perHour": cfg.per_hour_usd,
+                    "minimumPayout": cfg.minimum_payout_usd,
+                },
+                "baseUrl": cfg.public_url,
+            });
+            let v = post(&http, format!("{base}/api/gpu/register"), cfg.provider_key.as_deref(), body).await?;
+            let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+            let (Some(provider_id), Some(provider_key)) = (field("providerId"), field("providerKey")) else {
+                return Err(RegistrationError::Status {
+                    url: format!("{base}/api/gpu/register"),
+                    status: 201,
+                    body: "response lacks providerId/providerKey".into(),
+                });
+            };
+            let c = Credentials { gateway: base.clone(), provider_id, provider_key };
+            save_credentials(&cfg.key_file, &c)?;
+            tracing::info!(provider_id = %c.provider_id, key_file = %cfg.key_file.display(), "registered with the gateway");
+            c
+        };
+        Ok(GatewayClient { http, cfg, creds, model_id: model_id.to_string() })
+    }
+
+    async fn stream_call(&self, what: &str) -> Result<(), RegistrationError> {
+        for q in &self.cfg.qualities {
+            let body = json!({"providerId": self.creds.provider_id, "model": self.model_id, "quality": q});
+            post(&self.http, format!("{}/api/gpu/stream/{what}", self.creds.gateway), Some(&self.creds.provider_key), body)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn start_streams(&self) -> Result<(), RegistrationError> {
+        self.stream_call("start").await
+    }
+
+    pub async fn stop_streams(&self) -> Result<(), RegistrationError> {
+        self.stream_call("stop").await
+    }
+
+    pub async fn heartbeat(&self, engine: &Engine) -> Result<(), RegistrationError> {
+        let s = engine.stats();
+        let body = json!({
+            "providerId": self.creds.provider_id,
+            "activeStreams": s.active.load(Relaxed),
+            "queueLength": s.queued.load(Relaxed),
+            "freeMemoryMb": crate::host::free_memory_mb(),
+        });
+        post(&self.http, format!("{}/api/gpu/heartbeat", self.creds.gateway), Some(&self.creds.provider_key), body)
+            .await
+            .map(drop)
+    }
+
+    /// Heartbeats every 10 s until the task is dropped.
+    pub async fn heartbeat_loop(&self, engine: Engine) {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.heartbeat(&engine).await {
+                tracing::warn!("heartbeat failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! The worker's OpenAI-compatible HTTP API.
+//!
+//! `/v1/chat/completions` and `/v1/completions` (streaming with SSE, or one JSON
+//! body), `/v1/models`, `/health` (load, for the gateway's routing) and `/metrics`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::engine::{Engine, Event, FinishReason, GenRequest};
+use crate::sampling::SamplingParams;
+
+/// The optional OpenAI request parameters this worker honours (announced to the gateway).
+pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop"];
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub model_id: String,
+    pub template: Option<Arc<ChatTemplate>>,
+    /// Set on SIGTERM: new requests are refused while open streams finish.
+    pub draining: Arc<AtomicBool>,
+    pub created: u64,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, model_id: String) -> AppState {
+        let m = &engine.model;
+        let tok = &m.tokenizer;
+        let template = m.chat_template.as_deref().and_then(|src| {
+            let bos = tok.bos.map(|b| tok.token_str(b).to_string()).unwrap_or_default();
+            let eos = tok.token_str(tok.eos).to_string();
+            match ChatTemplate::new(src, &bos, &eos) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::warn!("chat template unusable, /v1/chat/completions disabled: {e}");
+                    None
+                }
+            }
+        });
+        AppState { engine, model_id, template, draining: Arc::new(AtomicBool::new(false)), created: now() }
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Errors at the HTTP edge, shaped like OpenAI's.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<&'static str>, code: Option<&'static str> },
+    #[error("This model's maximum context length is {limit} tokens. However, your request has {requested} prompt tokens.")]
+    ContextTooLong { limit: usize, requested: usize },
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("The worker is shutting down and takes no new requests.")]
+    Draining,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>, param: &'static str) -> ApiError {
+        ApiError::InvalidRequest { message: message.into(), param: Some(param), code: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, ty, param, code) = match &self {
+            ApiError::InvalidRequest { param, code, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", *param, *code)
+            }
+            ApiError::ContextTooLong { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", Some("messages"), Some("context_length_exceeded"))
+            }
+            ApiError::ModelNotFound(_) => {
+                (StatusCode::NOT_FOUND, "invalid_request_error", Some("model"), Some("model_not_found"))
+            }
+            ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("worker_draining")),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+        };
+        match &self {
+            ApiError::Internal(_) => tracing::error!("{self}"),
+            _ => tracing::debug!("{self}"),
+        }
+        let body = json!({"error": {"message": self.to_string(), "type": ty, "param": param, "code": code}});
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Parses a JSON body, turning any problem into an OpenAI-shaped 400.
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest {
+        message: format!("Invalid request body: {e}"),
+        param: None,
+        code: None,
+    })
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Parameters shared by chat and legacy completions.
+#[derive(Debug, Deserialize, Default)]
+struct CommonParams {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u64>,
+    seed: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logit_bias: Option<HashMap<String, f32>>,
+    stop: Option<Value>,
+    n: Option<u64>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    tools: Option<Vec<Value>>,
+    response_format: Option<Value>,
+    priority: Option<i32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    messages: Vec<MessageIn>,
+    #[serde(flatten)]
+    common: CommonParams,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageIn {
+    role: String,
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionBody {
+    prompt: Value,
+    #[serde(flatten)]
+    common: CommonParams,
+}
+
+fn content_text(v: &Value) -> Result<String, ApiError> {
+    match v {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => out.push_str(p.get("text").and_then(Value::as_str).unwrap_or_default()),
+                    Some(other) => {
+                        return Err(ApiError::bad(format!("Content part type `{other}` is not supported"), "messages"))
+                    }
+                    None => return Err(ApiError::bad("Content part without a type", "messages")),
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(ApiError::bad("Message content must be a string or an array of parts", "messages")),
+    }
+}
+
+impl AppState {
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        let Some(m) = model else { return Ok(()) };
+        // A `:quality` suffix (the gateway's tier notation) names the same model.
+        let base = m.split(':').next().unwrap_or(m);
+        if base.is_empty() || base == self.model_id {
+            Ok(())
+        } else {
+            Err(ApiError::ModelNotFound(m.to_string()))
+        }
+    }
+
+    fn request(&self, prompt: Vec<u32>, p: &CommonParams, prompt_param: &'static str) -> Result<GenRequest, ApiError> {
+        if self.draining.load(Relaxed) {
+            return Err(ApiError::Draining);
+        }
+        if p.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad("Only n=1 is supported by this worker", "n"));
+        }
+        if p.logprobs.as_ref().is_some_and(|v| v.as_bool() == Some(true) || v.is_number()) || p.top_logprobs.is_some() {
+            return Err(ApiError::bad("logprobs are not supported by this worker", "logprobs"));
+        }
+        if p.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::bad("tools are not supported by this worker", "tools"));
+        }
+        if let Some(rf) = &p.response_format {
+            if rf.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
+                return Err(ApiError::bad("response_format is not supported by this worker", "response_format"));
+            }
+        }
+        let limit = self.engine.context_length();
+        if prompt.len() >= limit {
+            let _ = prompt_param;
+            return Err(ApiError::ContextTooLong { limit, requested: prompt.len() });
+        }
+        let room = limit - prompt.len();
+        let max_tokens = p.max_completion_tokens.or(p.max_tokens).map_or(room, |m| (m as usize).min(room));
+        if max_tokens == 0 {
+            return Err(ApiError::bad("max_tokens must be at least 1", "max_tokens"));
+        }
+        let temperature = p.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad("temperature must be between 0 and 2", "temperature"));
+        }
+        let top_p = p.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad("top_p must be in (0, 1]", "top_p"));
+        }
+        for (name, v) in [("presence_penalty", p.presence_penalty), ("frequency_penalty", p.frequency_penalty)] {
+            if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return Err(ApiError::bad(format!("{name} must be between -2 and 2"), if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" }));
+            }
+        }
+        let vocab = self.engine.model.tokenizer.vocab_size();
+        let mut logit_bias = HashMap::new();
+        for (k, v) in p.logit_bias.iter().flatten() {
+            let id: u32 = k.parse().ok().filter(|&i: &u32| (i as usize) < vocab).ok_or_else(|| {
+                ApiError::bad(format!("logit_bias key `{k}` is not a token id of this model"), "logit_bias")
+            })?;
+            logit_bias.insert(id, v.clamp(-100.0, 100.0));
+        }
+        let stop = match &p.stop {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) if a.len() <= 4 => {
+                a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                    ApiError::bad("stop must be a string or an array of up to 4 strings", "stop")
+                })?
+            }
+            Some(_) => return Err(ApiError::bad("stop must be a string or an array of up to 4 strings", "stop")),
+        };
+        Ok(GenRequest {
+            prompt,
+            params: SamplingParams {
+                temperature,
+                top_p,
+                top_k: p.top_k.unwrap_or(0) as usize,
+                seed: p.seed.map(|s| s as u64),
+                presence_penalty: p.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+                logit_bias,
+                max_tokens,
+                stop,
+            },
+            priority: p.priority.unwrap_or(0),
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+async fn chat_completions(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let body: ChatBody = parse(&body)?;
+    st.check_model(body.common.model.as_deref())?;
+    let template = st.template.clone().ok_or_else(|| ApiError::bad("This model has no chat template", "messages"))?;
+    if body.messages.is_empty() {
+        return Err(ApiError::bad("messages must not be empty", "messages"));
+    }
+    let mut msgs = Vec::with_capacity(body.messages.len());
+    for m in &body.messages {
+        let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
+        msgs.push(ChatMessage { role, content: content_text(&m.content)? });
+    }
+    let text = template.render(&msgs).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+    let prompt = st.engine.model.tokenizer.encode(&text);
+    let req = st.request(prompt, &body.common, "messages")?;
+    respond(&st, req, &body.common, Kind::Chat).await
+}
+
+async fn completions(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let body: CompletionBody = parse(&body)?;
+    st.check_model(body.common.model.as_deref())?;
+    let text = match &body.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        _ => return Err(ApiError::bad("prompt must be a string (batches are not supported)", "prompt")),
+    };
+    let prompt = st.engine.model.tokenizer.encode(&text);
+    let req = st.request(prompt, &body.common, "prompt")?;
+    respond(&st, req, &body.common, Kind::Text).await
+}
+
+async fn respond(st: &AppState, req: GenRequest, p: &CommonParams, kind: Kind) -> Result<Response, ApiError> {
+    let rx = st.engine.submit(req);
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        Kind::Text => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+    };
+    let meta = Meta { id, created: now(), model: st.model_id.clone(), kind };
+    if p.stream {
+        let include_usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(Sse::new(sse_stream(rx, meta, include_usage)).into_response());
+    }
+    let mut rx = rx;
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { reason, prompt_tokens, completion_tokens } => {
+                let usage = usage(prompt_tokens, completion_tokens);
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                        "logprobs": null, "finish_reason": reason.as_str()}),
+                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()}),
+                };
+                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                return Ok(Json(json!({"id": meta.id, "object": object, "created": meta.created,
+                    "model": meta.model, "choices": [choice], "usage": usage}))
+                .into_response());
+            }
+        }
+    }
+    Err(ApiError::Internal("the engine stopped before finishing the request".into()))
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    fn chunk(&self, choices: Value, usage: Option<Value>, include_usage: bool) -> SseEvent {
+        let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices});
+        if include_usage {
+            v["usage"] = usage.unwrap_or(Value::Null);
+        }
+        SseEvent::default().data(v.to_string())
+    }
+    fn delta(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        match self.kind {
+            Kind::Chat => {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+            }
+            Kind::Text => json!([{"index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish}]),
+        }
+    }
+}
+
+struct StreamState {
+    rx: UnboundedReceiver<Event>,
+    meta: Meta,
+    include_usage: bool,
+    pending: VecDeque<SseEvent>,
+    done: bool,
+}
+
+/// SSE events for one request. Dropping the stream (client gone) drops the receiver,
+/// which cancels the request in the engine at its next step.
+fn sse_stream(
+    rx: UnboundedReceiver<Event>,
+    meta: Meta,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+    let mut pending = VecDeque::new();
+    if meta.kind == Kind::Chat {
+        pending.push_back(meta.chunk(meta.delta(Some(""), true, None), None, include_usage));
+    }
+    let st = StreamState { rx, meta, include_usage, pending, done: false };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(e) = st.pending.pop_front() {
+                return Some((Ok(e), st));
+            }
+            if st.done {
+                return None;
+            }
+            let (m, iu) = (&st.meta, st.include_usage);
+            match st.rx.recv().await {
+                Some(Event::Text(t)) => st.pending.push_back(m.chunk(m.delta(Some(&t), false, None), None, iu)),
+                Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
+                    let last = match m.kind {
+                        Kind::Chat => m.delta(None, false, Some(reason)),
+                        Kind::Text => m.delta(Some(""), false, Some(reason)),
+                    };
+                    st.pending.push_back(m.chunk(last, None, iu));
+                    if iu {
+                        st.pending.push_back(m.chunk(json!([]), Some(usage(prompt_tokens, completion_tokens)), true));
+                    }
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.done = true;
+                }
+                None => {
+                    let err = json!({"error": {"message": "the engine stopped before finishing the request",
+                        "type": "server_error", "param": null, "code": null}});
+                    st.pending.push_back(SseEvent::default().data(err.to_string()));
+                    st.done = true;
+                }
+            }
+        }
+    })
+}
+
+fn model_card(st: &AppState) -> Value {
+    let c = &st.engine.model.model.config;
+    json!({"id": st.model_id, "object": "model", "created": st.created, "owned_by": "gpu-streaming",
+        "context_length": c.context_length})
+}
+
+async fn list_models(State(st): State<AppState>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&st)]}))
+}
+
+async fn get_model(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    st.check_model(Some(&id))?;
+    Ok(Json(model_card(&st)))
+}
+
+async fn health(State(st): State<AppState>) -> Json<Value> {
+    let s = st.engine.stats();
+    let cfg = &st.engine.config;
+    Json(json!({
+        "status": if st.draining.load(Relaxed) { "draining" } else { "ok" },
+        "model": st.model_id,
+        "activeStreams": s.active.load(Relaxed),
+        "queueLength": s.queued.load(Relaxed),
+        "maxConcurrentStreams": cfg.max_seqs,
+        "memory": {
+            "rssMb": crate::host::rss_mb(),
+            "freeMemoryMb": crate::host::free_memory_mb(),
+            "kvReservedMb": s.kv_reserved_bytes.load(Relaxed) >> 20,
+            "kvBudgetMb": cfg.kv_budget_bytes >> 20,
+            "weightsMb": st.engine.model.model.weight_bytes >> 20,
+        },
+    }))
+}
+
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    let s = st.engine.stats();
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    put("worker_requests_total", "counter", "Generation requests accepted.", s.requests_total.load(Relaxed));
+    put("worker_prompt_tokens_total", "counter", "Prompt tokens processed.", s.prompt_tokens_total.load(Relaxed));
+    put("worker_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total.load(Relaxed));
+    put("worker_cancelled_total", "counter", "Requests cancelled by the client.", s.cancelled_total.load(Relaxed));
+    put("worker_engine_steps_total", "counter", "Batched forward passes.", s.steps_total.load(Relaxed));
+    put("worker_active_streams", "gauge", "Sequences in the running batch.", s.active.load(Relaxed) as u64);
+    put("worker_queue_length", "gauge", "Requests waiting to join the batch.", s.queued.load(Relaxed) as u64);
+    put("worker_kv_reserved_bytes", "gauge", "KV-cache bytes reserved.", s.kv_reserved_bytes.load(Relaxed) as u64);
+    put("worker_resident_memory_bytes", "gauge", "Resident memory.", crate::host::rss_mb() << 20);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
