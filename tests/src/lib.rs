@@ -1,1 +1,227 @@
-//! Test support: a counted mock OpenAI-compatible provider.
+//! Test support shared by the suites and the benchmark: a counted mock OpenAI-compatible
+//! provider (a test double; it never ships in a product binary).
+//!
+//! The mock streams a fixed reply one word per chunk, honours `max_tokens`, reports
+//! usage, and misbehaves on request: a `[fail-before]` user message gets a 500, a
+//! `[fail-mid]` message dies after two tokens, `[idle]` sends one token and then holds
+//! the stream open, `[slow]` waits 50 ms between tokens.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+/// The reply every request gets, one word per chunk.
+pub const REPLY: [&str; 6] = ["The", " capital", " of", " France", " is", " Paris."];
+
+#[derive(Clone, Default)]
+pub struct MockConfig {
+    /// Model ids served.
+    pub models: Vec<String>,
+    /// Every request fails with this status before streaming.
+    pub fail_status: Option<u16>,
+    /// Extra delay before the first chunk.
+    pub first_chunk_delay: Duration,
+    /// Leave out the usage chunk (as some servers do).
+    pub omit_usage: bool,
+}
+
+#[derive(Clone)]
+pub struct MockProvider {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    pub bodies: Arc<Mutex<Vec<Value>>>,
+    /// Streams that are open right now.
+    pub open_streams: Arc<AtomicUsize>,
+    pub cancelled: Arc<AtomicUsize>,
+}
+
+impl MockProvider {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn request_count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+    pub fn last_body(&self) -> Option<Value> {
+        self.bodies.lock().last().cloned()
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    config: MockConfig,
+    provider: MockProvider,
+}
+
+pub async fn spawn_mock(config: MockConfig) -> anyhow::Result<MockProvider> {
+    spawn_mock_on("127.0.0.1:0", config).await
+}
+
+pub async fn spawn_mock_on(addr: &str, mut config: MockConfig) -> anyhow::Result<MockProvider> {
+    if config.models.is_empty() {
+        config.models.push("mock-model".to_owned());
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let provider = MockProvider {
+        addr: listener.local_addr()?,
+        requests: Arc::default(),
+        bodies: Arc::default(),
+        open_streams: Arc::default(),
+        cancelled: Arc::default(),
+    };
+    let shared = Shared { config, provider: provider.clone() };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .with_state(shared);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(provider)
+}
+
+async fn models(State(s): State<Shared>) -> Json<Value> {
+    let data: Vec<Value> =
+        s.config.models.iter().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock"})).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn chat(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+    respond(s, body, true).await
+}
+
+async fn completions(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+    respond(s, body, false).await
+}
+
+fn last_user_text(body: &Value) -> String {
+    if let Some(p) = body["prompt"].as_str() {
+        return p.to_owned();
+    }
+    body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .map(|m| match &m["content"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default()
+}
+
+/// Decrements the open-stream gauge and counts streams the client abandoned.
+struct StreamGuard {
+    provider: MockProvider,
+    finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.provider.open_streams.fetch_sub(1, Ordering::SeqCst);
+        if !self.finished {
+            self.provider.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn respond(s: Shared, body: Value, chat: bool) -> Response {
+    s.provider.requests.fetch_add(1, Ordering::SeqCst);
+    s.provider.bodies.lock().push(body.clone());
+    let text = last_user_text(&body);
+    if let Some(code) = s.config.fail_status {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, Json(json!({"error": {"message": "mock failure", "type": "server_error", "param": null, "code": null}})))
+            .into_response();
+    }
+    if text.contains("[fail-before]") {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
+    }
+    if text.contains("[reject]") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"message": "mock rejects this", "type": "invalid_request_error", "param": "messages", "code": null}})),
+        )
+            .into_response();
+    }
+    let model = body["model"].as_str().unwrap_or("mock-model").to_owned();
+    let max_tokens = body["max_tokens"].as_u64().map_or(REPLY.len(), |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let n_tokens = REPLY.len().min(max_tokens);
+    let finish = if n_tokens < REPLY.len() { "length" } else { "stop" };
+    let prompt_tokens = text.split_whitespace().count().max(1);
+    let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !s.config.omit_usage;
+    let fail_mid = text.contains("[fail-mid]");
+    let idle = text.contains("[idle]");
+    let slow = text.contains("[slow]");
+    let delay = s.config.first_chunk_delay;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    s.provider.open_streams.fetch_add(1, Ordering::SeqCst);
+    let provider = s.provider.clone();
+    tokio::spawn(async move {
+        let mut guard = StreamGuard { provider, finished: false };
+        let id = "mock-1";
+        let chunk = |delta: Value, finish: Value| -> Bytes {
+            let choice = if chat {
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            } else {
+                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": finish, "logprobs": null})
+            };
+            let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+            let v = json!({"id": id, "object": object, "created": 1_700_000_000, "model": model, "choices": [choice]});
+            Bytes::from(format!("data: {v}\n\n"))
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if chat && tx.send(Ok(chunk(json!({"role": "assistant", "content": ""}), Value::Null))).await.is_err() {
+            return;
+        }
+        for (i, word) in REPLY.iter().take(n_tokens).enumerate() {
+            if fail_mid && i == 2 {
+                // Let the tokens so far reach the client before the connection dies.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = tx.send(Err(std::io::Error::other("mock died"))).await;
+                return;
+            }
+            if tx.send(Ok(chunk(json!({"content": word}), Value::Null))).await.is_err() {
+                return;
+            }
+            if idle {
+                // Hold the stream open until the client goes away.
+                tx.closed().await;
+                return;
+            }
+            if slow {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if tx.send(Ok(chunk(json!({}), json!(finish)))).await.is_err() {
+            return;
+        }
+        if include_usage {
+            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens, "total_tokens": prompt_tokens + n_tokens});
+            let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [], "usage": usage});
+            if tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await.is_err() {
+                return;
+            }
+        }
+        if tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await.is_ok() {
+            guard.finished = true;
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
