@@ -130,6 +130,7 @@ struct Seq {
     stop: StopMatcher,
     events: UnboundedSender<Event>,
     reserved: usize,
+    finished: bool,
 }
 
 impl Engine {
@@ -226,6 +227,7 @@ impl Engine {
                         utf8: Utf8Stream::default(),
                         events: item.events,
                         reserved: need,
+                        finished: false,
                     });
                 }
                 stats.queued.store(q.heap.len(), Relaxed);
@@ -246,11 +248,14 @@ impl Engine {
             self.step(&mut active);
             stats.steps_total.fetch_add(1, Relaxed);
             active.retain(|s| {
-                let done = s.events.is_closed();
-                if done {
+                let gone = s.finished || s.events.is_closed();
+                if gone {
                     reserved -= s.reserved;
+                    if !s.finished {
+                        stats.cancelled_total.fetch_add(1, Relaxed);
+                    }
                 }
-                !done
+                !gone
             });
             stats.active.store(active.len(), Relaxed);
             stats.kv_reserved_bytes.store(reserved, Relaxed);
@@ -340,8 +345,7 @@ impl Engine {
             prompt_tokens: s.prompt.len(),
             completion_tokens: s.generated,
         });
-        // Closing marks the sequence finished for the scheduler.
-        s.events = unbounded_channel().0;
+        s.finished = true;
     }
 }
 

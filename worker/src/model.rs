@@ -237,7 +237,7 @@ impl Model {
             None
         };
         bar.finish_and_clear();
-        let half = if c.rope_neox { c.head_dim / 2 } else { c.head_dim / 2 };
+        let half = c.head_dim / 2;
         let mut inv_freq: Vec<f32> =
             (0..half).map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / c.head_dim as f32)).collect();
         // llama3-style scaling ships precomputed per-frequency divisors.

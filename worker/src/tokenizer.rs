@@ -139,7 +139,7 @@ impl Tokenizer {
             .filter(|(i, t)| is_special[*i] && !t.is_empty())
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         let patterns: Vec<&str> = match pre {
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => vec![LLAMA3_PATTERN],
             "qwen2" | "deepseek-r1-qwen" => vec![QWEN2_PATTERN],

@@ -79,3 +79,27 @@ fn seeded_sampling_is_identical_alone_and_in_a_batch() {
     let (other_seed, _) = generate_blocking(&engine, seeded(43), |_| {});
     assert_ne!(alone, other_seed);
 }
+
+#[test]
+fn higher_priority_requests_are_served_first() {
+    let engine = Engine::start(model(), EngineConfig { max_seqs: 1, ..Default::default() });
+    let req = |priority, max_tokens| GenRequest {
+        prompt: chat_prompt("Count to twenty."),
+        params: SamplingParams { max_tokens, ..Default::default() },
+        priority,
+    };
+    let _running = engine.submit(req(0, 30));
+    let mut low = engine.submit(req(0, 5));
+    let mut high = engine.submit(req(10, 5));
+    // The low-priority request only starts after the high-priority one has finished.
+    while let Some(ev) = low.blocking_recv() {
+        if matches!(ev, Event::Done { .. }) {
+            break;
+        }
+    }
+    let mut high_done = false;
+    while let Ok(ev) = high.try_recv() {
+        high_done |= matches!(ev, Event::Done { .. });
+    }
+    assert!(high_done, "the priority-10 request had not finished when the priority-0 one did");
+}

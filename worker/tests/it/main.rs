@@ -1,7 +1,12 @@
 //! Worker integration tests, compiled as one binary. Tests that need the default
 //! model fail (never skip) when it is missing, naming the command that fetches it.
+// Helpers outside `#[test]` functions count as non-test code for clippy; this whole
+// crate is tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod gateway;
 mod generation;
+mod server;
 mod tokenizer;
 
 use std::path::PathBuf;

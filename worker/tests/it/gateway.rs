@@ -1,0 +1,113 @@
+//! The real `worker serve` binary joined to a mock gateway: registration, streams on
+//! and off line, heartbeats, and a SIGTERM during a stream that lets it finish.
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::model_path;
+
+type Calls = Arc<Mutex<Vec<(String, Option<String>, Value)>>>;
+
+async fn record(State(calls): State<Calls>, uri: Uri, headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    calls.lock().unwrap().push((uri.path().to_string(), auth, body));
+    if uri.path() == "/api/gpu/register" {
+        return (StatusCode::CREATED, Json(json!({"providerId": "prov-1", "providerKey": "pk-test"})));
+    }
+    (StatusCode::OK, Json(json!({"ok": true})))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registers_streams_and_drains_on_sigterm() {
+    let calls: Calls = Arc::default();
+    let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_url = format!("http://{}", gw.local_addr().unwrap());
+    let router = Router::new().fallback(post(record)).with_state(calls.clone());
+    tokio::spawn(async move { axum::serve(gw, router).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("provider.json");
+    let port = free_port();
+    let public = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--gateway", &gw_url])
+        .args(["--public-url", &public, "--qualities", "standard,ultra", "--name", "test-worker"])
+        .arg("--model")
+        .arg(model_path())
+        .arg("--key-file")
+        .arg(&key_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if http.get(format!("{public}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "worker did not come up");
+    // Registration happens before the stream calls; give them a moment.
+    for _ in 0..50 {
+        if calls.lock().unwrap().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    {
+        let calls = calls.lock().unwrap();
+        let (path, _, reg) = &calls[0];
+        assert_eq!(path, "/api/gpu/register");
+        assert_eq!(reg["name"], "test-worker");
+        assert_eq!(reg["baseUrl"], public);
+        assert_eq!(reg["gpuInfo"]["backend"], "cpu");
+        assert!(reg["gpuInfo"]["memoryMb"].as_u64().unwrap() > 0);
+        assert_eq!(reg["capabilities"]["models"], json!(["smollm2-135m-instruct"]));
+        assert_eq!(reg["capabilities"]["maxConcurrentStreams"], 32);
+        assert!(reg["capabilities"]["features"].as_array().unwrap().contains(&json!("seed")));
+        assert!(reg["pricing"]["perToken"].as_f64().unwrap() > 0.0);
+        let starts: Vec<_> = calls.iter().filter(|c| c.0 == "/api/gpu/stream/start").collect();
+        assert_eq!(starts.len(), 2);
+        assert_eq!(starts[0].1.as_deref(), Some("Bearer pk-test"));
+        assert_eq!(starts[0].2, json!({"providerId": "prov-1", "model": "smollm2-135m-instruct", "quality": "standard"}));
+    }
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    assert_eq!(saved["providerKey"], "pk-test");
+
+    // A stream as the gateway sends it; SIGTERM arrives after its first token.
+    let body = json!({"model": "smollm2-135m-instruct", "stream": true, "stream_options": {"include_usage": true},
+        "user": "anon-1", "priority": 1, "max_tokens": 40, "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell me a story about a fox."}]});
+    let resp = http.post(format!("{public}/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert!(resp.status().is_success());
+    let mut stream = resp.bytes_stream();
+    let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "stream did not finish: {text}");
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert!(text.contains("\"completion_tokens\":40"), "{text}");
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "worker exited with {status}");
+    let calls = calls.lock().unwrap();
+    let stops: Vec<_> = calls.iter().filter(|c| c.0 == "/api/gpu/stream/stop").collect();
+    assert_eq!(stops.len(), 2, "stream/stop not called for each quality");
+}
