@@ -119,6 +119,9 @@ pub enum ProviderError {
 pub struct Registry {
     store: Store,
     providers: RwLock<Arc<HashMap<String, Arc<Provider>>>>,
+    /// Serializes reloads so a slow reload that read the database earlier can never
+    /// replace the snapshot of one that read it later.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 const MICROS_PER_USD: f64 = 1_000_000.0;
@@ -134,7 +137,7 @@ fn usd_to_micros(usd: f64, scale: f64, param: &'static str) -> Result<i64, Provi
 
 impl Registry {
     pub async fn load(store: Store) -> Result<Self, sqlx::Error> {
-        let registry = Self { store, providers: RwLock::new(Arc::new(HashMap::new())) };
+        let registry = Self { store, providers: RwLock::new(Arc::new(HashMap::new())), reloading: tokio::sync::Mutex::new(()) };
         registry.reload().await?;
         Ok(registry)
     }
@@ -149,6 +152,7 @@ impl Registry {
 
     /// Reloads every provider from the database, keeping this replica's counters.
     pub async fn reload(&self) -> Result<(), sqlx::Error> {
+        let _serial = self.reloading.lock().await;
         let rows = sqlx::query(
             "SELECT id, name, base_url, status, gpu_info, capabilities, price_per_mtok_micros, \
              price_per_hour_micros, minimum_payout_micros, created_at, last_heartbeat_at FROM providers",
@@ -261,6 +265,10 @@ impl Registry {
     }
 
     pub async fn start_stream(&self, provider_id: &str, model: &str, quality: &str) -> Result<(), ProviderError> {
+        // Another replica may have registered it moments ago.
+        if self.get(provider_id).is_none() {
+            self.reload().await?;
+        }
         let provider = self.get(provider_id).ok_or_else(|| ProviderError::Unknown(provider_id.to_owned()))?;
         if !provider.capabilities.models.iter().any(|m| m == model) {
             return Err(ProviderError::Invalid {
