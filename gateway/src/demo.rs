@@ -38,6 +38,8 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
         .keys
         .create(NewKey { name: "demo".into(), tier: Tier::Free, user_id: None, requests_per_minute: None, tokens_per_minute: None })
         .await?;
+    // Serve first: a spawned worker registers itself over HTTP.
+    let server = tokio::spawn(server::serve(running, listener, server::shutdown_signal()));
     let mut worker_child = None;
     let model_id = match &options.upstream {
         Some(upstream) => register_upstream(&state, upstream).await?,
@@ -47,12 +49,19 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
             model_id
         }
     };
+    // Wait until the model is routable through the gateway.
+    for _ in 0..100 {
+        if state.registry.snapshot().values().any(|p| p.streams.iter().any(|(m, _)| *m == model_id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let out = format!(
         "\nGPU Streaming demo is up at {base}\n  model:    {model_id}\n  user key: {key}\n\nTry it:\n  curl {base}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"stream\":true}}'\n\nOpenAI SDKs: base_url={base}/v1 api_key={key}\nCtrl-C stops it.\n",
         key = key.key
     );
     eprintln!("{out}");
-    let result = server::serve(running, listener, server::shutdown_signal()).await;
+    let result = server.await?;
     if let Some(mut child) = worker_child {
         let _ = child.start_kill();
         let _ = child.wait().await;
