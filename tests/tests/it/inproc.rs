@@ -713,3 +713,31 @@ async fn inproc_usage_recorded_per_request_in_batches() {
     assert_eq!(rows.len(), 40);
     assert!(rows.iter().all(|r| r.0 == "ok" && r.2 >= 1 && r.3 == 6 && r.1.starts_with("prov_")));
 }
+
+#[tokio::test]
+async fn inproc_https_with_rustls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut config = test_config(fresh_database(&dir).await);
+    config.tls_cert = Some(cert_path);
+    config.tls_key = Some(key_path);
+    let store = Store::connect(&config.database_url).await.unwrap();
+    let running = Running::start_with_store(config, store).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(server::serve(running, listener, async move {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let r = client.get(format!("https://localhost:{port}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-request-id").is_some());
+    let plain = reqwest::get(format!("http://localhost:{port}/health")).await;
+    assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true), "plain HTTP is not served on the TLS port");
+    tx.send(()).unwrap();
+    done.await.unwrap().unwrap();
+}
