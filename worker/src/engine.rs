@@ -296,7 +296,7 @@ impl Engine {
             let t = s.sampler.sample(&mut l);
             s.generated += 1;
             self.shared.stats.completion_tokens_total.fetch_add(1, Relaxed);
-            if tok.is_eos(t) {
+            if tok.is_eos(t) && !s.sampler.params().ignore_eos {
                 self.finish(s, FinishReason::Stop, String::new());
                 continue;
             }

@@ -1,6 +1,7 @@
 //! The GPU Streaming worker: the inference engine a GPU owner runs. It loads GGUF
 //! models, runs them with continuous batching, and serves the OpenAI API.
 
+pub mod bench;
 pub mod chat;
 pub mod engine;
 pub mod fetch;

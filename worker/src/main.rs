@@ -11,6 +11,7 @@ use worker::chat::{ChatMessage, ChatTemplate};
 use worker::engine::{generate_blocking, Engine, EngineConfig, Event, GenRequest};
 use worker::fetch;
 use worker::model::LoadedModel;
+use worker::quant::Precision;
 use worker::registration::GatewayConfig;
 use worker::serve::ServeConfig;
 use worker::sampling::SamplingParams;
@@ -50,6 +51,23 @@ enum Cmd {
         top_k: usize,
         #[arg(long)]
         seed: Option<u64>,
+        /// Exact f32 math on dequantized weights (slower).
+        #[arg(long)]
+        exact: bool,
+    },
+    /// Measure prompt and decode throughput, TTFT and memory; prints a Markdown table.
+    Bench {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+        /// Concurrent stream counts to measure.
+        #[arg(long, default_value = "1,4,16,32", value_delimiter = ',')]
+        streams: Vec<usize>,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Serve the OpenAI API, optionally joined to a gateway as a provider.
     Serve {
@@ -95,6 +113,10 @@ enum Cmd {
 
 #[derive(clap::Args, Clone)]
 struct EngineArgs {
+    /// Exact f32 math on dequantized weights everywhere (slower); by default decode
+    /// uses the fused quantized kernels, which differ only in f32 rounding.
+    #[arg(long)]
+    exact: bool,
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 32)]
     max_seqs: usize,
@@ -113,6 +135,12 @@ impl EngineArgs {
             kv_budget_bytes: self.kv_budget_mb << 20,
             prefill_chunk: self.prefill_chunk.max(1),
         }
+    }
+}
+
+fn apply_precision(m: &mut Arc<LoadedModel>, exact: bool) {
+    if let Some(m) = Arc::get_mut(m) {
+        m.model.precision = if exact { Precision::Exact } else { Precision::Fast };
     }
 }
 
@@ -141,8 +169,9 @@ fn main() -> anyhow::Result<()> {
             let path = fetch::fetch_default_model(&dir)?;
             println!("{}", path.display());
         }
-        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed } => {
-            let m = load(&model_path(model))?;
+        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, exact } => {
+            let mut m = load(&model_path(model))?;
+            apply_precision(&mut m, exact);
             let text = if chat {
                 let tpl = m.chat_template.as_deref().context("the model has no chat template")?;
                 let tpl = ChatTemplate::new(tpl, "", "")?;
@@ -166,6 +195,15 @@ fn main() -> anyhow::Result<()> {
                 tracing::info!(finish_reason = reason.as_str(), prompt_tokens, completion_tokens, "done");
             }
         }
+        Cmd::Bench { model, prompt_tokens, decode_tokens, streams, engine } => {
+            let mut m = load(&model_path(model))?;
+            apply_precision(&mut m, engine.exact);
+            let mut cfg = engine.config();
+            cfg.max_seqs = cfg.max_seqs.max(streams.iter().copied().max().unwrap_or(1));
+            let engine = Engine::start(m, cfg);
+            let report = worker::bench::run(&engine, &worker::bench::BenchConfig { prompt_tokens, decode_tokens, concurrency: streams });
+            println!("{report}");
+        }
         Cmd::Serve {
             model,
             host,
@@ -183,7 +221,8 @@ fn main() -> anyhow::Result<()> {
             qualities,
             key_file,
         } => {
-            let m = load(&model_path(model))?;
+            let mut m = load(&model_path(model))?;
+            apply_precision(&mut m, engine.exact);
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
             let engine = Engine::start(m, engine.config());
             let gateway = gateway.map(|url| GatewayConfig {

@@ -11,7 +11,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use crate::gguf::{Gguf, GgufError, TensorInfo};
-use crate::quant::{dot, GgmlType, QMatrix};
+use crate::quant::{dot, GgmlType, Precision, QMatrix};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,8 @@ pub struct Model {
     /// cos/sin per (position, frequency), computed lazily up to the longest position seen.
     inv_freq: Vec<f32>,
     pub weight_bytes: usize,
+    /// `Exact` by default; servers switch to `Fast` for decode speed.
+    pub precision: Precision,
 }
 
 /// A loaded model with its tokenizer and chat template.
@@ -136,7 +138,7 @@ fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize) -> Result<QMatrix, Mod
     if t.dims.len() != 2 || t.dims[0] != cols || t.dims[1] != rows {
         return Err(ModelError::Shape { name: name.to_string(), expected: vec![cols, rows], found: t.dims.clone() });
     }
-    Ok(QMatrix { ty: t.ty, rows, cols, data: g.tensor_data(t).to_vec() })
+    Ok(QMatrix::new(t.ty, rows, cols, g.tensor_data(t).to_vec()))
 }
 
 fn vector(g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
@@ -258,7 +260,7 @@ impl Model {
                     [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.data.len()).sum::<usize>()
                 })
                 .sum::<usize>();
-        Ok(Model { config, embed, layers, norm, output, inv_freq, weight_bytes })
+        Ok(Model { config, embed, layers, norm, output, inv_freq, weight_bytes, precision: Precision::Exact })
     }
 
     pub fn output_type(&self) -> GgmlType {
@@ -321,9 +323,9 @@ impl Model {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            layer.wq.matmul(&h, n, &mut q);
-            layer.wk.matmul(&h, n, &mut k);
-            layer.wv.matmul(&h, n, &mut v);
+            layer.wq.matmul_with(&h, n, &mut q, self.precision);
+            layer.wk.matmul_with(&h, n, &mut k, self.precision);
+            layer.wv.matmul_with(&h, n, &mut v, self.precision);
             add_bias(&mut q, layer.bq.as_deref());
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
@@ -366,17 +368,17 @@ impl Model {
                     }
                 }
             });
-            layer.wo.matmul(&att, n, &mut o);
+            layer.wo.matmul_with(&att, n, &mut o, self.precision);
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            layer.w_gate.matmul(&h, n, &mut g);
-            layer.w_up.matmul(&h, n, &mut u);
+            layer.w_gate.matmul_with(&h, n, &mut g, self.precision);
+            layer.w_up.matmul_with(&h, n, &mut u, self.precision);
             for (a, b) in g.iter_mut().zip(&u) {
                 *a = *a / (1.0 + (-*a).exp()) * b;
             }
-            layer.w_down.matmul(&g, n, &mut o);
+            layer.w_down.matmul_with(&g, n, &mut o, self.precision);
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
@@ -405,7 +407,7 @@ impl Model {
         rms_norm(&xs, &self.norm, c.rms_eps, &mut hs);
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; m * c.vocab_size];
-        head.matmul(&hs, m, &mut logits);
+        head.matmul_with(&hs, m, &mut logits, self.precision);
         logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect()
     }
 }

@@ -19,6 +19,8 @@ pub struct SamplingParams {
     pub logit_bias: HashMap<u32, f32>,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// Keep generating past the end-of-sequence token (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +35,7 @@ impl Default for SamplingParams {
             logit_bias: HashMap::new(),
             max_tokens: 256,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

@@ -283,6 +283,7 @@ impl AppState {
                 logit_bias,
                 max_tokens,
                 stop,
+                ignore_eos: false,
             },
             priority: p.priority.unwrap_or(0),
         })

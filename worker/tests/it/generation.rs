@@ -103,3 +103,30 @@ fn higher_priority_requests_are_served_first() {
     }
     assert!(high_done, "the priority-10 request had not finished when the priority-0 one did");
 }
+
+/// The fused kernels differ from exact f32-on-dequantized-weights only in rounding:
+/// every logit within 2e-3 (logits here span about ±30), and the same greedy answer.
+#[test]
+fn fast_kernels_match_exact_logits_within_tolerance() {
+    let exact = model();
+    let mut fast = worker::model::LoadedModel::load(&crate::model_path(), false).unwrap();
+    fast.model.precision = worker::quant::Precision::Fast;
+    let prompt = chat_prompt("What is the capital of France?");
+    let logits = |m: &worker::model::Model| {
+        let mut cache = m.new_cache();
+        // Prefill, then one decode step: both kernel shapes are exercised.
+        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true }];
+        let a = m.forward(&mut items).remove(0);
+        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true }];
+        let b = m.forward(&mut items).remove(0);
+        [a, b]
+    };
+    for (e, f) in logits(&exact.model).iter().zip(logits(&fast.model).iter()) {
+        let max_diff = e.iter().zip(f).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 2e-3, "max |exact - fast| = {max_diff}");
+        assert_eq!(worker::sampling::argmax(e), worker::sampling::argmax(f));
+    }
+    let engine = Engine::start(std::sync::Arc::new(fast), EngineConfig::default());
+    let req = GenRequest { prompt, params: SamplingParams { max_tokens: 40, ..Default::default() }, priority: 0 };
+    assert_eq!(generate_blocking(&engine, req, |_| {}).0, "The capital of France is Paris.");
+}

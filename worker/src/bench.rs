@@ -1,0 +1,156 @@
+//! `worker bench`: throughput and latency of the engine in-process (no HTTP), so the
+//! numbers are the engine's own.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::engine::{Engine, Event, GenRequest};
+use crate::sampling::SamplingParams;
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub concurrency: Vec<usize>,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig { prompt_tokens: 512, decode_tokens: 128, concurrency: vec![1, 4, 16, 32] }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub streams: usize,
+    /// Generated tokens per second over all streams, first token to last.
+    pub aggregate_tps: f64,
+    /// Decode tokens per second of one stream (mean over streams).
+    pub per_stream_tps: f64,
+    pub ttft_mean: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub prompt_tokens: usize,
+    pub prompt_tps: f64,
+    pub prompt_ttft: Duration,
+    pub short_ttft: Duration,
+    pub rows: Vec<Row>,
+    pub peak_rss_mb: u64,
+    pub threads: usize,
+    pub device: String,
+}
+
+struct StreamResult {
+    ttft: Duration,
+    first: Instant,
+    last: Instant,
+    tokens: usize,
+}
+
+fn run_streams(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Vec<StreamResult> {
+    let start = Instant::now();
+    let rxs: Vec<_> = prompts
+        .into_iter()
+        .map(|prompt| {
+            engine.submit(GenRequest {
+                prompt,
+                params: SamplingParams { max_tokens, ignore_eos: true, ..Default::default() },
+                priority: 0,
+            })
+        })
+        .collect();
+    let handles: Vec<_> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            std::thread::spawn(move || {
+                let mut first = None;
+                let mut last = Instant::now();
+                let mut tokens = 0;
+                while let Some(ev) = rx.blocking_recv() {
+                    let now = Instant::now();
+                    match ev {
+                        Event::Text(_) => {
+                            first.get_or_insert(now);
+                            last = now;
+                        }
+                        Event::Done { completion_tokens, .. } => {
+                            tokens = completion_tokens;
+                            first.get_or_insert(now);
+                            last = now;
+                            break;
+                        }
+                    }
+                }
+                let first = first.unwrap_or(last);
+                StreamResult { ttft: first - start, first, last, tokens }
+            })
+        })
+        .collect();
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
+}
+
+pub fn run(engine: &Engine, cfg: &BenchConfig) -> BenchReport {
+    let tok = &engine.model.tokenizer;
+    let text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ".repeat(64);
+    let mut long: Vec<u32> = tok.encode(&text);
+    long.truncate(cfg.prompt_tokens);
+    // Warm up caches and the thread pool.
+    run_streams(engine, vec![tok.encode("Hello")], 4);
+    let r = run_streams(engine, vec![long], 1);
+    let prompt_ttft = r.first().map_or(Duration::ZERO, |r| r.ttft);
+    let prompt_tps = cfg.prompt_tokens as f64 / prompt_ttft.as_secs_f64().max(1e-9);
+    let mut rows = Vec::new();
+    let mut short_ttft = Duration::ZERO;
+    for &n in &cfg.concurrency {
+        let prompts = (0..n).map(|i| tok.encode(&format!("Story number {i}: Once upon a time, in a land far away,"))).collect();
+        let results = run_streams(engine, prompts, cfg.decode_tokens);
+        let first = results.iter().map(|r| r.first).min();
+        let last = results.iter().map(|r| r.last).max();
+        let total: usize = results.iter().map(|r| r.tokens.saturating_sub(1)).sum();
+        let span = match (first, last) {
+            (Some(f), Some(l)) => (l - f).as_secs_f64().max(1e-9),
+            _ => 1.0,
+        };
+        let per_stream = results
+            .iter()
+            .map(|r| r.tokens.saturating_sub(1) as f64 / (r.last - r.first).as_secs_f64().max(1e-9))
+            .sum::<f64>()
+            / results.len().max(1) as f64;
+        let ttft_mean = results.iter().map(|r| r.ttft).sum::<Duration>() / results.len().max(1) as u32;
+        if n == 1 {
+            short_ttft = ttft_mean;
+        }
+        rows.push(Row { streams: n, aggregate_tps: total as f64 / span, per_stream_tps: per_stream, ttft_mean });
+    }
+    BenchReport {
+        prompt_tokens: cfg.prompt_tokens,
+        prompt_tps,
+        prompt_ttft,
+        short_ttft,
+        rows,
+        peak_rss_mb: crate::host::peak_rss_mb(),
+        threads: rayon::current_num_threads(),
+        device: crate::host::detect().model,
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "device: {} · {} compute threads", self.device, self.threads)?;
+        writeln!(f)?;
+        writeln!(f, "| metric | value |")?;
+        writeln!(f, "|---|---|")?;
+        writeln!(f, "| prompt processing ({}-token prompt) | {:.0} tok/s (TTFT {:.0} ms) |", self.prompt_tokens, self.prompt_tps, self.prompt_ttft.as_secs_f64() * 1e3)?;
+        writeln!(f, "| TTFT, short prompt, 1 stream | {:.0} ms |", self.short_ttft.as_secs_f64() * 1e3)?;
+        writeln!(f, "| peak RSS | {} MiB |", self.peak_rss_mb)?;
+        writeln!(f)?;
+        writeln!(f, "| streams | aggregate decode tok/s | per-stream tok/s | mean TTFT |")?;
+        writeln!(f, "|---|---|---|---|")?;
+        for r in &self.rows {
+            writeln!(f, "| {} | {:.0} | {:.1} | {:.0} ms |", r.streams, r.aggregate_tps, r.per_stream_tps, r.ttft_mean.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
+}
