@@ -82,7 +82,12 @@ pub struct Config {
     pub provider_refresh_secs: u64,
     pub key_cache_ttl_secs: u64,
     pub usage_batch_max: usize,
+    /// Extra wait before committing a batch (0: commit as soon as the last one is done).
     pub usage_flush_ms: u64,
+    /// Platform fee on provider earnings, in basis points (1000 = 10%).
+    pub platform_fee_bp: u32,
+    /// Open holds older than this are voided (their request died with a process).
+    pub hold_ttl_secs: u64,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -107,7 +112,9 @@ impl Default for Config {
             provider_refresh_secs: 5,
             key_cache_ttl_secs: 60,
             usage_batch_max: 512,
-            usage_flush_ms: 50,
+            usage_flush_ms: 0,
+            platform_fee_bp: 1_000,
+            hold_ttl_secs: 3_600,
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
@@ -166,7 +173,7 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "tls_cert", "tls_key", "log_format",
+            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "tls_cert", "tls_key", "log_format",
         ];
         KEYS.contains(&key)
     }
@@ -183,6 +190,9 @@ impl Config {
         }
         if self.usage_batch_max == 0 {
             return invalid("usage_batch_max", "must be at least 1");
+        }
+        if self.platform_fee_bp > 10_000 {
+            return invalid("platform_fee_bp", "must be at most 10000 (100%)");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("tls_cert", "tls_cert and tls_key must be given together");

@@ -23,6 +23,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("You exceeded your current quota: this request may cost up to ${:.6} but ${:.6} is available. Add credit and try again.", *needed as f64 / 1e6, *available as f64 / 1e6)]
+    InsufficientQuota { needed: i64, available: i64 },
     #[error("No provider is available for model `{model}` right now; try again shortly.")]
     NoProvider { model: String },
     /// The provider rejected the request itself (4xx): the client's request is at fault.
@@ -54,6 +56,7 @@ impl ApiError {
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::InsufficientQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoProvider { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderRejected { status, .. } => *status,
             Self::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
@@ -75,6 +78,7 @@ impl ApiError {
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found".into()), Some("model".into())),
             Self::NotFound(_) => ("invalid_request_error", Some("not_found".into()), None),
             Self::Conflict(_) => ("invalid_request_error", Some("conflict".into()), None),
+            Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota".into()), None),
             Self::NoProvider { .. } => ("server_error", Some("no_provider_available".into()), None),
             Self::ProviderRejected { param, code, .. } => ("invalid_request_error", code.clone(), param.clone()),
             Self::ProviderFailed(_) => ("server_error", Some("provider_error".into()), None),
@@ -105,6 +109,10 @@ impl IntoResponse for ApiError {
         self.log();
         let status = self.status();
         let mut response = (status, axum::Json(self.body())).into_response();
+        if matches!(self, Self::InsufficientQuota { .. }) {
+            // Retrying cannot help until someone adds credit; the SDKs honour this header.
+            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if matches!(self, Self::NoProvider { .. }) {
             response.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
         }

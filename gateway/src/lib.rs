@@ -7,6 +7,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod keys;
+pub mod ledger;
 pub mod openai_api;
 pub mod platform_api;
 pub mod providers;
@@ -49,6 +50,7 @@ pub struct Inner {
     pub keys: Keys,
     pub registry: Arc<Registry>,
     pub usage: UsageSink,
+    pub ledger: ledger::Ledger,
     pub http: reqwest::Client,
     pub user_id_secret: Secret,
     /// Streams being relayed right now (this replica).
@@ -121,6 +123,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/keys/{id}/revoke", post(platform_api::admin_revoke_key))
         .route("/api/admin/keys/{id}", axum::routing::delete(platform_api::admin_revoke_key))
         .route("/api/admin/providers", get(platform_api::admin_providers))
+        .route("/api/admin/users/{id}/credit", post(platform_api::admin_credit_user))
+        .route("/api/admin/users/{id}/balance", get(platform_api::admin_user_balance))
         .route("/api/admin/providers/{id}/approve", post(platform_api::admin_provider_approve))
         .route("/api/admin/providers/{id}/suspend", post(platform_api::admin_provider_suspend))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
@@ -129,7 +133,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/gpu/register", post(platform_api::register))
         .route("/api/gpu/stream/start", post(platform_api::stream_start))
         .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
-        .route("/api/gpu/heartbeat", post(platform_api::heartbeat));
+        .route("/api/gpu/heartbeat", post(platform_api::heartbeat))
+        .route("/api/payment/balance/{provider_id}", get(platform_api::provider_balance));
     let max_body = state.config.max_body_bytes;
     // Layers run top to bottom on the request (the last `.layer` is the outermost).
     Router::new()

@@ -40,11 +40,22 @@ enum Command {
         #[arg(long, default_value_t = 3003)]
         worker_port: u16,
     },
+    /// The billing ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Manage user API keys on the configured database.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Verify every ledger invariant on the configured database; exit 1 on a violation.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +112,20 @@ async fn main() -> anyhow::Result<()> {
                 config.host = "127.0.0.1".to_owned();
             }
             gateway::demo::run(config, gateway::demo::DemoOptions { upstream, worker_bin, model, worker_port }).await
+        }
+        Command::Ledger { command: LedgerCommand::Check } => {
+            let store = Store::connect(&config.database_url).await?;
+            let report = gateway::ledger::Ledger::new(store).check().await?;
+            println!("ledger check: {} entries, {} accounts, usage total {} µUSD", report.entries, report.accounts, report.usage_total);
+            if report.violations.is_empty() {
+                println!("OK: every entry sums to zero, cached balances and holds match, no user or provider below zero, usage records match the ledger");
+                Ok(())
+            } else {
+                for v in &report.violations {
+                    println!("VIOLATION: {v}");
+                }
+                std::process::exit(1);
+            }
         }
         Command::Keys { command } => {
             let store = Store::connect(&config.database_url).await?;

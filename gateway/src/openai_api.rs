@@ -21,7 +21,7 @@ use bytes::Bytes;
 use openapi::openai::{ListModelResponse, Model, RequestExtensions};
 use serde::Serialize;
 
-use crate::aggregate::{unix_now, Aggregator};
+use crate::aggregate::Aggregator;
 use crate::error::ApiError;
 use crate::keys::AuthedKey;
 use crate::quality::{self, QualityLevel};
@@ -169,17 +169,14 @@ pub fn prepare_chat(
     } else if request.tool_choice.is_some() {
         return Err(ApiError::param("`tool_choice` is only allowed when `tools` are given", "tool_choice"));
     }
-    for (i, message) in request.messages.iter().enumerate() {
+    for message in &request.messages {
         if let ChatCompletionRequestMessage::User(user) = message {
             if let ChatCompletionRequestUserMessageContent::Array(parts) = &user.content {
                 let text_only = parts.iter().all(|p| {
                     matches!(p, openapi::async_openai::types::chat::ChatCompletionRequestUserMessageContentPart::Text(_))
                 });
-                if !text_only {
-                    if !features.contains(&"vision") {
-                        features.push("vision");
-                    }
-                    let _ = i;
+                if !text_only && !features.contains(&"vision") {
+                    features.push("vision");
                 }
             }
         }
@@ -213,7 +210,7 @@ pub fn prepare_chat(
     request.store = None;
     let body = serde_json::to_vec(&Upstream { request: &*request, priority: level.priority })
         .map_err(|e| ApiError::Internal(format!("encode upstream request: {e}")))?;
-    let prompt_estimate = estimate_tokens(body.len());
+    let choices = u32::from(request.n.unwrap_or(1).max(1));
     Ok((
         Dispatch {
             endpoint: Endpoint::Chat,
@@ -221,18 +218,16 @@ pub fn prepare_chat(
             key: key.clone(),
             model,
             quality: level.name,
+            body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
+            max_completion_tokens: max_tokens.saturating_mul(choices),
+            cost_multiplier_bp: level.cost_multiplier_bp,
             body: Bytes::from(body),
             features,
-            prompt_estimate,
             started,
         },
         stream,
         include_usage,
     ))
-}
-
-fn estimate_tokens(bytes: usize) -> u32 {
-    u32::try_from(bytes / 4).unwrap_or(u32::MAX)
 }
 
 pub async fn completions(
@@ -314,7 +309,9 @@ pub async fn completions(
         key,
         model: model.clone(),
         quality: level.name.clone(),
-        prompt_estimate: estimate_tokens(body.len()),
+        body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
+        max_completion_tokens: max_tokens.saturating_mul(u32::from(request.n.unwrap_or(1).max(1))),
+        cost_multiplier_bp: level.cost_multiplier_bp,
         body: Bytes::from(body),
         features,
         started,
@@ -418,9 +415,4 @@ pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) ->
 
 pub fn models_for_status(state: &AppState) -> Vec<Model> {
     live_models(state)
-}
-
-#[allow(dead_code)]
-fn _unix_now() -> u64 {
-    unix_now()
 }

@@ -160,3 +160,92 @@ pub async fn admin_revoke_key(
     state.keys.revoke(&id).await?;
     Ok(Json(serde_json::json!({ "id": id, "revoked": true })))
 }
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreditRequest {
+    /// USD, as the seed's API speaks; stored as micro-USD.
+    #[serde(default)]
+    amount: Option<f64>,
+    #[serde(default)]
+    amount_micros: Option<i64>,
+    #[serde(default)]
+    memo: Option<String>,
+}
+
+fn usd_amount(amount: Option<f64>, micros: Option<i64>) -> Result<i64, ApiError> {
+    let micros = match (amount, micros) {
+        (_, Some(m)) => m,
+        (Some(usd), None) if usd.is_finite() && usd.abs() < 1e9 => (usd * 1e6).round() as i64,
+        (Some(_), None) => return Err(ApiError::param("`amount` must be a USD amount", "amount")),
+        (None, None) => return Err(ApiError::param("`amount` (USD) or `amountMicros` is required", "amount")),
+    };
+    if micros <= 0 {
+        return Err(ApiError::param("the amount must be positive", "amount"));
+    }
+    Ok(micros)
+}
+
+fn balance_json(account: &str, b: crate::ledger::Balance) -> serde_json::Value {
+    serde_json::json!({
+        "account": account,
+        "balance": b.posted as f64 / 1e6,
+        "held": b.held as f64 / 1e6,
+        "available": b.available as f64 / 1e6,
+        "balanceMicros": b.posted,
+        "heldMicros": b.held,
+        "availableMicros": b.available,
+    })
+}
+
+/// `POST /api/admin/users/{id}/credit`: grants prepaid credit to a user.
+pub async fn admin_credit_user(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request: CreditRequest = extract::parse(&headers, &body)?;
+    let micros = usd_amount(request.amount, request.amount_micros)?;
+    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
+        .bind(&user_id)
+        .fetch_optional(&state.store.pool)
+        .await?;
+    if exists.is_none() {
+        return Err(ApiError::NotFound(format!("user {user_id} does not exist")));
+    }
+    let account = crate::ledger::user_account(&user_id);
+    let memo = request.memo.unwrap_or_else(|| "admin credit".to_owned());
+    let balance = state.ledger.credit(&account, micros, "credit", &memo).await.map_err(|e| match e {
+        crate::ledger::LedgerError::NonPositive => ApiError::param("the amount must be positive", "amount"),
+        crate::ledger::LedgerError::Db(e) => e.into(),
+    })?;
+    Ok(Json(balance_json(&account, balance)))
+}
+
+pub async fn admin_user_balance(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let account = crate::ledger::user_account(&user_id);
+    Ok(Json(balance_json(&account, state.ledger.balance(&account).await?)))
+}
+
+/// `GET /api/payment/balance/{providerId}` with the provider's key (or the admin key).
+pub async fn provider_balance(
+    State(state): State<AppState>,
+    Path(provider_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.is_admin(&headers) {
+        let key = bearer(&headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?;
+        state.registry.authenticate(&provider_id, key).await.map_err(|e| match e {
+            ProviderError::Unknown(_) | ProviderError::WrongKey(_) => ApiError::InvalidApiKey,
+            other => other.into(),
+        })?;
+    }
+    let account = crate::ledger::provider_account(&provider_id);
+    let mut v = balance_json(&account, state.ledger.balance(&account).await?);
+    v["providerId"] = serde_json::json!(provider_id);
+    Ok(Json(v))
+}

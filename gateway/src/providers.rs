@@ -56,6 +56,8 @@ pub struct Provider {
     pub status: ProviderStatus,
     pub capabilities: Capabilities,
     pub pricing: Pricing,
+    /// Price in micro-USD per million tokens (the exact stored value).
+    pub price_per_mtok: i64,
     pub gpu_info: serde_json::Value,
     /// `(model, quality)` pairs on line.
     pub streams: HashSet<(String, String)>,
@@ -188,6 +190,7 @@ impl Registry {
                     per_hour: row.try_get::<i64, _>("price_per_hour_micros")? as f64 / MICROS_PER_USD,
                     minimum_payout: row.try_get::<i64, _>("minimum_payout_micros")? as f64 / MICROS_PER_USD,
                 },
+                price_per_mtok: row.try_get("price_per_mtok_micros")?,
                 gpu_info: decode_json(row.try_get("gpu_info")?)?,
                 streams: streams.remove(&id).unwrap_or_default(),
                 created_at: row.try_get("created_at")?,

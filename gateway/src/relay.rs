@@ -19,7 +19,9 @@ use crate::keys::AuthedKey;
 use crate::providers::Provider;
 use crate::routing;
 use crate::store::now_ms;
-use crate::usage::{UsageRecord, UsageSink, UsageStatus};
+use crate::keys::Tier;
+use crate::ledger::{self, Billing, Hold, Micros, Payer, Settlement};
+use crate::usage::{Completion, UsageRecord, UsageSink, UsageStatus};
 use crate::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +56,12 @@ pub struct Dispatch {
     pub body: Bytes,
     /// Optional features the request uses; only providers that honour them qualify.
     pub features: Vec<&'static str>,
-    /// Rough prompt size, for the usage record when the provider reports none.
-    pub prompt_estimate: u32,
+    /// Size of the provider request body; bounds the prompt's token count.
+    pub body_bytes: u32,
+    /// Completion tokens the provider may produce at most (all choices together).
+    pub max_completion_tokens: u32,
+    /// The tier's price multiplier in basis points.
+    pub cost_multiplier_bp: u32,
     pub started: Instant,
 }
 
@@ -130,32 +136,116 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// Accounting for one request; records its usage row when dropped.
+/// Who pays, decided before the provider is called.
+enum Funding {
+    /// A paying user's hold.
+    User(Hold),
+    /// Free tier: the platform's ad revenue pays.
+    AdRevenue,
+    /// Nothing to bill (a free provider).
+    Nothing,
+}
+
+/// Accounting for one request: its usage row and its settlement, sent to the writer
+/// when the request ends or, at the latest, when the relay is dropped.
 struct Tracker {
     sink: UsageSink,
     record: Option<UsageRecord>,
+    funding: Option<Funding>,
     started: Instant,
     reported: Option<Usage>,
     counted_completion: u32,
-    prompt_estimate: u32,
+    body_bytes: u32,
+    cost_multiplier_bp: u32,
+    fee_bp: u32,
+    /// The serving provider and its price, once one delivered a token.
+    provider: Option<(String, i64)>,
+    /// The charge fixed when the request was settled.
+    settled_charge: Option<Micros>,
     status: UsageStatus,
+}
+
+impl Tracker {
+    /// The usage that is billed: the provider's report when it is plausible, else our count.
+    fn billed_usage(&self) -> (Usage, &'static str) {
+        let estimate = self.body_bytes / 3;
+        match self.reported {
+            // A token is at least one byte of text, and a chunk carries at least one token.
+            Some(u) if u.prompt_tokens <= self.body_bytes
+                && u.completion_tokens >= self.counted_completion
+                && u.completion_tokens <= self.counted_completion.saturating_mul(4).saturating_add(16) =>
+            {
+                (Usage { total_tokens: u.prompt_tokens + u.completion_tokens, cost: None, ..u }, "provider")
+            }
+            Some(u) => {
+                tracing::warn!(reported = ?u, counted = self.counted_completion, "implausible usage from provider; billing our own count");
+                let prompt = if u.prompt_tokens <= self.body_bytes { u.prompt_tokens } else { estimate };
+                (Usage { prompt_tokens: prompt, completion_tokens: self.counted_completion, total_tokens: prompt + self.counted_completion, cost: None }, "gateway")
+            }
+            None => (
+                Usage { prompt_tokens: estimate, completion_tokens: self.counted_completion, total_tokens: estimate + self.counted_completion, cost: None },
+                "gateway",
+            ),
+        }
+    }
+
+    /// The charge for what was delivered, capped by the hold.
+    fn charge(&self, usage: &Usage) -> Micros {
+        if let Some(charge) = self.settled_charge {
+            return charge;
+        }
+        let Some((_, per_mtok)) = &self.provider else { return 0 };
+        let charge = ledger::price(u64::from(usage.total_tokens), *per_mtok, self.cost_multiplier_bp);
+        match &self.funding {
+            Some(Funding::User(hold)) => charge.min(hold.amount),
+            Some(Funding::AdRevenue) => charge,
+            Some(Funding::Nothing) | None => 0,
+        }
+    }
+
+    fn completion(&mut self, ack: Option<tokio::sync::oneshot::Sender<bool>>) -> Option<Completion> {
+        let mut record = self.record.take()?;
+        let (usage, source) = self.billed_usage();
+        let charge = self.charge(&usage);
+        self.settled_charge = Some(charge);
+        record.prompt_tokens = usage.prompt_tokens;
+        record.completion_tokens = usage.completion_tokens;
+        record.usage_source = source;
+        record.latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        record.status = self.status;
+        let billing = match (self.funding.take(), &self.provider) {
+            (Some(Funding::User(hold)), Some((provider_id, _))) => {
+                record.payer = Some("user");
+                Some(Billing::Settle(Settlement {
+                    request_id: record.request_id.clone(),
+                    payer: Payer::User(hold),
+                    provider_id: provider_id.clone(),
+                    charge,
+                    fee: ledger::fee(charge, self.fee_bp),
+                }))
+            }
+            (Some(Funding::User(hold)), None) => Some(Billing::Void(hold)),
+            (Some(Funding::AdRevenue), Some((provider_id, _))) => {
+                record.payer = Some("ad_revenue");
+                Some(Billing::Settle(Settlement {
+                    request_id: record.request_id.clone(),
+                    payer: Payer::AdRevenue,
+                    provider_id: provider_id.clone(),
+                    charge,
+                    fee: ledger::fee(charge, self.fee_bp),
+                }))
+            }
+            _ => None,
+        };
+        Some(Completion { record, billing, ack })
+    }
 }
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        let Some(mut record) = self.record.take() else { return };
-        // The provider's usage wins when it sent one; otherwise our own count of
-        // content chunks (one token each for the servers we know) stands in.
-        let usage = self.reported.unwrap_or(Usage {
-            prompt_tokens: self.prompt_estimate,
-            completion_tokens: self.counted_completion,
-            total_tokens: self.prompt_estimate + self.counted_completion,
-        });
-        record.prompt_tokens = usage.prompt_tokens;
-        record.completion_tokens = usage.completion_tokens;
-        record.latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        record.status = self.status;
-        self.sink.record(record);
+        if let Some(c) = self.completion(None) {
+            self.sink.record(c);
+        }
     }
 }
 
@@ -195,12 +285,11 @@ impl Relay {
         &self.slot.0
     }
 
+    /// The billed usage with its cost in USD.
     pub fn usage(&self) -> Usage {
-        self.tracker.reported.unwrap_or(Usage {
-            prompt_tokens: self.tracker.prompt_estimate,
-            completion_tokens: self.tracker.counted_completion,
-            total_tokens: self.tracker.prompt_estimate + self.tracker.counted_completion,
-        })
+        let (mut usage, _) = self.tracker.billed_usage();
+        usage.cost = Some(micros_to_usd(self.tracker.charge(&usage)));
+        usage
     }
 
     pub async fn next(&mut self) -> Event {
@@ -215,13 +304,14 @@ impl Relay {
             },
         };
         match data {
-            Ok(Some(data)) if data.as_ref() == b"[DONE]" => self.finish(UsageStatus::Ok),
+            Ok(Some(data)) if data.as_ref() == b"[DONE]" => self.finish().await,
             Ok(Some(data)) => match serde_json::from_slice::<StreamChunk>(&data) {
                 Ok(chunk) if chunk.error.is_some() => {
                     self.fail(format!("provider reported an error: {}", chunk.error.unwrap_or_default()))
                 }
                 Ok(chunk) => {
                     self.observe(&chunk);
+                    let data = if chunk.usage.is_some() { self.with_cost(data) } else { data };
                     Event::Chunk { data, chunk }
                 }
                 Err(e) => self.fail(format!("provider sent an invalid chunk: {e}")),
@@ -247,17 +337,38 @@ impl Relay {
         }
     }
 
-    fn finish(&mut self, status: UsageStatus) -> Event {
+    /// Adds `usage.cost` (USD) to the provider's usage chunk.
+    fn with_cost(&self, data: Bytes) -> Bytes {
+        let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&data) else { return data };
+        let usage = self.usage();
+        if let Some(u) = value.get_mut("usage").and_then(|u| u.as_object_mut()) {
+            u.insert("cost".to_owned(), serde_json::json!(usage.cost.unwrap_or(0.0)));
+        }
+        serde_json::to_vec(&value).map(Bytes::from).unwrap_or(data)
+    }
+
+    /// The provider finished: settle, and only then report the end.
+    async fn finish(&mut self) -> Event {
         self.finished = true;
-        self.tracker.status = status;
-        Event::Done
+        self.tracker.status = UsageStatus::Ok;
+        let (ack, committed) = tokio::sync::oneshot::channel();
+        let Some(completion) = self.tracker.completion(Some(ack)) else { return Event::Done };
+        self.tracker.sink.record(completion);
+        match committed.await {
+            Ok(true) => Event::Done,
+            _ => Event::Failed("the request could not be settled; it was not billed".to_owned()),
+        }
     }
 
     fn fail(&mut self, message: String) -> Event {
         self.finished = true;
         self.tracker.status = UsageStatus::ProviderFailed;
+        // Delivered tokens are billed; no one waits for this commit.
         if let Some(r) = &mut self.tracker.record {
             r.error_code = Some("provider_error".to_owned());
+        }
+        if let Some(c) = self.tracker.completion(None) {
+            self.tracker.sink.record(c);
         }
         tracing::warn!(provider = %self.slot.0.id, %message, "provider failed mid-stream");
         Event::Failed(message)
@@ -300,7 +411,14 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             feature_param(feature),
         ));
     }
+    let funding = fund(state, &dispatch, &found.eligible).await?;
     let mut tracker = Tracker {
+        funding: Some(funding),
+        body_bytes: dispatch.body_bytes,
+        cost_multiplier_bp: dispatch.cost_multiplier_bp,
+        fee_bp: config.platform_fee_bp,
+        provider: None,
+        settled_charge: None,
         sink: state.usage.clone(),
         record: Some(UsageRecord {
             request_id: dispatch.request_id.clone(),
@@ -317,11 +435,13 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             status: UsageStatus::Failed,
             error_code: None,
             created_at: now_ms(),
+            cost_micros: 0,
+            payer: None,
+            usage_source: "gateway",
         }),
         started: dispatch.started,
         reported: None,
         counted_completion: 0,
-        prompt_estimate: dispatch.prompt_estimate,
         status: UsageStatus::Failed,
     };
     let mut tried: Vec<String> = Vec::new();
@@ -341,6 +461,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                 if let Some(r) = &mut tracker.record {
                     r.provider_id = Some(provider.id.clone());
                 }
+                tracker.provider = Some((provider.id.clone(), provider.price_per_mtok));
                 // Until the relay is consumed to its end, a drop means the client left.
                 tracker.status = UsageStatus::ClientDisconnected;
                 state.active_streams.fetch_add(1, Ordering::Relaxed);
@@ -383,6 +504,32 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         r.error_code = error.body().error.code;
     }
     Err(error)
+}
+
+/// Decides who pays and, for a paying user, holds the most the request can cost
+/// (prompt bound + every completion token, at the priciest eligible provider).
+async fn fund(state: &AppState, dispatch: &Dispatch, eligible: &[Arc<Provider>]) -> Result<Funding, ApiError> {
+    let per_mtok = eligible.iter().map(|p| p.price_per_mtok).max().unwrap_or(0);
+    if per_mtok == 0 {
+        return Ok(Funding::Nothing);
+    }
+    if dispatch.key.tier == Tier::Free {
+        return Ok(Funding::AdRevenue);
+    }
+    let bound = u64::from(dispatch.body_bytes) + u64::from(dispatch.max_completion_tokens);
+    let amount = ledger::price(bound, per_mtok, dispatch.cost_multiplier_bp);
+    let account = ledger::user_account(&dispatch.key.user_id);
+    match state.ledger.hold(&account, amount, &dispatch.request_id).await? {
+        Some(hold) => Ok(Funding::User(hold)),
+        None => {
+            let available = state.ledger.balance(&account).await?.available;
+            Err(ApiError::InsufficientQuota { needed: amount, available })
+        }
+    }
+}
+
+pub fn micros_to_usd(micros: Micros) -> f64 {
+    micros as f64 / 1_000_000.0
 }
 
 /// Sends the request and reads events up to and including the first one that carries

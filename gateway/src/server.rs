@@ -52,6 +52,9 @@ impl Running {
         let refresh = Duration::from_secs(config.provider_refresh_secs.max(1));
         let reg = registry.clone();
         let stop_refresh = stop.clone();
+        let sweeper = crate::ledger::Ledger::new(store.clone());
+        let hold_ttl_ms = i64::try_from(config.hold_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let mut sweeps = 0u64;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(refresh);
             loop {
@@ -59,6 +62,14 @@ impl Running {
                     _ = tick.tick() => {
                         if let Err(e) = reg.reload().await {
                             tracing::warn!(error = %e, "provider reload failed");
+                        }
+                        sweeps += 1;
+                        if sweeps % 12 == 1 {
+                            match sweeper.sweep_stale_holds(hold_ttl_ms).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::warn!(voided = n, "voided stale holds"),
+                                Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
+                            }
                         }
                     }
                     () = stop_refresh.cancelled() => break,
@@ -69,9 +80,10 @@ impl Running {
             keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
             http: AppState::http_client(&config)?,
             config,
-            store,
+            store: store.clone(),
             registry,
             usage: sink,
+            ledger: crate::ledger::Ledger::new(store.clone()),
             user_id_secret,
             active_streams: Arc::new(AtomicU64::new(0)),
         });

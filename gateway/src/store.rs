@@ -9,7 +9,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 /// Migrations in order; each runs once, recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_ledger.sql")),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -78,7 +81,9 @@ impl Store {
                 continue;
             }
             let mut tx = self.pool.begin().await?;
-            for statement in sql.split(';').map(str::trim).filter(|s| !strip_comments(s).is_empty()) {
+            // Comments may contain `;`: drop them before splitting into statements.
+            let sql = strip_comments(sql);
+            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                 tx.execute(statement).await?;
             }
             sqlx::query(

@@ -1,6 +1,8 @@
-//! Usage records: one row per request, written by a background task in batches (one
-//! multi-row INSERT per batch) so the hot path only pushes onto a channel. On shutdown
-//! the writer drains the channel before the process exits, so none are lost.
+//! The request-end writer: one usage row per request plus its ledger settlement (or
+//! hold void), written by a background task in batches: one transaction per batch
+//! (group commit), so the hot path only pushes onto a channel. A request that must be
+//! durable before it answers (`[DONE]`) waits for its batch's commit. On shutdown the
+//! writer drains the channel before the process exits, so none are lost.
 
 use std::time::Duration;
 
@@ -25,6 +27,19 @@ pub struct UsageRecord {
     pub status: UsageStatus,
     pub error_code: Option<String>,
     pub created_at: i64,
+    /// What the request cost its payer, micro-USD.
+    pub cost_micros: i64,
+    /// `user`, `ad_revenue`, or none when nothing was billed.
+    pub payer: Option<&'static str>,
+    /// Whose token count was billed: `provider` or `gateway` (provider's was missing or implausible).
+    pub usage_source: &'static str,
+}
+
+/// One finished request: its usage row, its billing, and who waits for the commit.
+pub struct Completion {
+    pub record: UsageRecord,
+    pub billing: Option<crate::ledger::Billing>,
+    pub ack: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +67,17 @@ impl UsageStatus {
 
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::UnboundedSender<UsageRecord>,
+    tx: mpsc::UnboundedSender<Completion>,
 }
 
 impl UsageSink {
     /// Never blocks and never drops: the channel is unbounded and drained in batches.
-    pub fn record(&self, record: UsageRecord) {
-        if self.tx.send(record).is_err() {
-            tracing::error!("usage writer is gone; a usage record was lost");
+    pub fn record(&self, completion: Completion) {
+        if let Err(e) = self.tx.send(completion) {
+            tracing::error!(request_id = %e.0.record.request_id, "usage writer is gone; a usage record was lost");
+            if let Some(ack) = e.0.ack {
+                let _ = ack.send(false);
+            }
         }
     }
 }
@@ -68,18 +86,20 @@ pub struct UsageWriter {
     pub handle: tokio::task::JoinHandle<()>,
 }
 
-const COLUMNS: usize = 14;
+const COLUMNS: usize = 17;
 
 pub fn spawn(store: Store, batch_max: usize, flush_every: Duration, stop: CancellationToken) -> (UsageSink, UsageWriter) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<UsageRecord>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Completion>();
     let handle = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(batch_max);
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut batch, batch_max) => {
                     if n == 0 { break; }
-                    // Let a burst accumulate a little so one INSERT carries many rows.
-                    if batch.len() < batch_max {
+                    // Group commit needs no timer: what arrives while a batch commits
+                    // forms the next batch. An optional short wait trades latency for
+                    // bigger batches.
+                    if batch.len() < batch_max && !flush_every.is_zero() {
                         tokio::time::sleep(flush_every).await;
                         while batch.len() < batch_max {
                             match rx.try_recv() { Ok(r) => batch.push(r), Err(_) => break }
@@ -102,30 +122,50 @@ pub fn spawn(store: Store, batch_max: usize, flush_every: Duration, stop: Cancel
     (UsageSink { tx }, UsageWriter { handle })
 }
 
-async fn write_batch(store: &Store, batch: &mut Vec<UsageRecord>) {
+async fn write_batch(store: &Store, batch: &mut Vec<Completion>) {
     if batch.is_empty() {
         return;
     }
+    let mut ok = false;
     for attempt in 0..5u32 {
-        match insert(store, batch).await {
+        match commit(store, batch).await {
             Ok(()) => {
-                batch.clear();
-                return;
+                ok = true;
+                break;
             }
             Err(e) => {
-                tracing::warn!(error = %e, attempt, rows = batch.len(), "usage batch insert failed; retrying");
+                tracing::warn!(error = %e, attempt, rows = batch.len(), "usage batch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             }
         }
     }
-    tracing::error!(rows = batch.len(), "usage batch could not be written");
-    batch.clear();
+    if !ok {
+        tracing::error!(rows = batch.len(), "usage batch could not be written");
+    }
+    for c in batch.drain(..) {
+        if let Some(ack) = c.ack {
+            let _ = ack.send(ok);
+        }
+    }
 }
 
-async fn insert(store: &Store, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
+/// One transaction: every settlement of the batch, then every usage row.
+async fn commit(store: &Store, batch: &mut [Completion]) -> Result<(), sqlx::Error> {
+    let mut tx = store.pool.begin().await?;
+    for c in batch.iter_mut() {
+        if let Some(billing) = &c.billing {
+            c.record.cost_micros = crate::ledger::apply(&mut tx, billing).await?;
+        }
+    }
+    let records: Vec<&UsageRecord> = batch.iter().map(|c| &c.record).collect();
+    insert(&mut tx, &records).await?;
+    tx.commit().await
+}
+
+async fn insert(tx: &mut sqlx::Transaction<'_, sqlx::Any>, batch: &[&UsageRecord]) -> Result<(), sqlx::Error> {
     let mut sql = String::from(
         "INSERT INTO usage_records (request_id, key_id, user_id, endpoint, model, provider_id, quality, \
-         prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error_code, created_at) VALUES ",
+         prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error_code, created_at, cost_micros, payer, usage_source) VALUES ",
     );
     for i in 0..batch.len() {
         if i > 0 {
@@ -157,8 +197,11 @@ async fn insert(store: &Store, batch: &[UsageRecord]) -> Result<(), sqlx::Error>
             .bind(i64::try_from(r.latency_ms).unwrap_or(i64::MAX))
             .bind(r.status.as_str())
             .bind(r.error_code.clone())
-            .bind(r.created_at);
+            .bind(r.created_at)
+            .bind(r.cost_micros)
+            .bind(r.payer)
+            .bind(r.usage_source);
     }
-    query.execute(&store.pool).await?;
+    query.execute(&mut **tx).await?;
     Ok(())
 }

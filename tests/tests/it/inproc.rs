@@ -83,18 +83,52 @@ impl Gateway {
         self.http.post(self.url(path)).bearer_auth(ADMIN).json(&body).send().await.unwrap()
     }
 
+    /// A key; premium keys come with $10 of credit so they can pay.
     async fn create_key(&self, tier: &str) -> String {
+        let (key, user) = self.create_unfunded_key(tier).await;
+        if tier == "premium" {
+            self.credit(&user, 10_000_000).await;
+        }
+        key
+    }
+
+    /// `(key, user id)` with no credit.
+    async fn create_unfunded_key(&self, tier: &str) -> (String, String) {
         let r = self.admin_post("/api/admin/keys", json!({"name": "t", "tier": tier})).await;
         assert_eq!(r.status(), 201);
         let v: Value = r.json().await.unwrap();
         let key = v["key"].as_str().unwrap().to_owned();
         assert!(key.starts_with("sk-"));
-        key
+        (key, v["userId"].as_str().unwrap().to_owned())
+    }
+
+    async fn credit(&self, user: &str, micros: i64) -> Value {
+        let r = self.admin_post(&format!("/api/admin/users/{user}/credit"), json!({"amountMicros": micros})).await;
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    async fn balance(&self, account: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>("SELECT posted FROM accounts WHERE id = $1")
+            .bind(account)
+            .fetch_optional(&self.state.store.pool)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    async fn ledger_is_clean(&self) {
+        let report = gateway::ledger::Ledger::new(self.state.store.clone()).check().await.unwrap();
+        assert!(report.violations.is_empty(), "{:?}", report.violations);
     }
 
     /// Registers `mock` for `model` and puts it on line at the given qualities.
     async fn add_provider(&self, mock: &MockProvider, model: &str, features: Option<Vec<&str>>, qualities: &[&str]) -> (String, String) {
-        let mut caps = json!({"models": [model], "maxConcurrentStreams": 64});
+        self.add_provider_with(mock, model, features, qualities, 64).await
+    }
+
+    async fn add_provider_with(&self, mock: &MockProvider, model: &str, features: Option<Vec<&str>>, qualities: &[&str], capacity: u32) -> (String, String) {
+        let mut caps = json!({"models": [model], "maxConcurrentStreams": capacity});
         if let Some(f) = features {
             caps["features"] = json!(f);
         }
@@ -740,4 +774,180 @@ async fn inproc_https_with_rustls() {
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true), "plain HTTP is not served on the TLS port");
     tx.send(()).unwrap();
     done.await.unwrap().unwrap();
+}
+
+/// Mock pricing: $0.000002 per token = 2 µUSD; "hi" is 1 prompt token + 6 completion.
+const HI_COST: i64 = 14;
+
+#[tokio::test]
+async fn inproc_ledger_paying_user_is_charged_exactly_once() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let (provider, _) = gw.add_provider(&mock, "mock-model", None, &["standard", "low", "ultra"]).await;
+    let (key, uid) = gw.create_unfunded_key("premium").await;
+    // No credit: refused before any provider is called.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi")})).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_quota");
+    assert_eq!(v["error"]["type"], "insufficient_quota");
+    assert_eq!(mock.request_count(), 0);
+    let v = gw.credit(&uid, 1_000_000).await;
+    assert_eq!(v["balanceMicros"], 1_000_000);
+    // Non-stream: usage.cost in USD, balance down by exactly that.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi")})).await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["total_tokens"], 7);
+    assert!((v["usage"]["cost"].as_f64().unwrap() - HI_COST as f64 / 1e6).abs() < 1e-12, "{v}");
+    let account = format!("user:{uid}");
+    assert_eq!(gw.balance(&account).await, 1_000_000 - HI_COST, "durable before the response");
+    // Stream: the usage chunk carries the cost too.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "stream": true, "stream_options": {"include_usage": true}})).await;
+    let events = sse_events(&r.text().await.unwrap());
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!((usage["usage"]["cost"].as_f64().unwrap() - HI_COST as f64 / 1e6).abs() < 1e-12);
+    assert_eq!(gw.balance(&account).await, 1_000_000 - 2 * HI_COST, "settled before [DONE]");
+    // Tiers: low is 0.8×, ultra 2.0×.
+    gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "quality": "low"})).await;
+    assert_eq!(gw.balance(&account).await, 1_000_000 - 2 * HI_COST - 12, "0.8 × 14 = 11.2 → 12 (rounded up)");
+    gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "quality": "ultra"})).await;
+    let spent = 2 * HI_COST + 12 + 28;
+    assert_eq!(gw.balance(&account).await, 1_000_000 - spent);
+    // The provider earns the charge less the 10% platform fee (rounded down per request).
+    let fees = 1 + 1 + 1 + 2;
+    assert_eq!(gw.balance(&format!("provider:{provider}")).await, spent - fees);
+    assert_eq!(gw.balance("platform:fees").await, fees);
+    let holds: i64 = sqlx::query_scalar("SELECT held FROM accounts WHERE id = $1").bind(&account).fetch_one(&gw.state.store.pool).await.unwrap();
+    assert_eq!(holds, 0, "every hold was released");
+    // The provider sees its balance with its own key.
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_ledger_free_tier_is_paid_from_ad_revenue() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let (provider, pkey) = gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let key = gw.create_key("free").await;
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&key, json!({"model": "mock-model", "messages": user("hi")})).await.status(), 200);
+    }
+    assert_eq!(gw.balance("platform:ad_revenue").await, -3 * HI_COST);
+    assert_eq!(gw.balance(&format!("provider:{provider}")).await, 3 * (HI_COST - 1));
+    let r = gw.http.get(gw.url(&format!("/api/payment/balance/{provider}"))).bearer_auth(&pkey).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["balanceMicros"], 3 * (HI_COST - 1));
+    let r = gw.http.get(gw.url(&format!("/api/payment/balance/{provider}"))).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a user key cannot read a provider's balance");
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_ledger_concurrent_requests_never_overspend() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider_with(&mock, "mock-model", None, &["standard"], 1_000).await;
+    let body = json!({"model": "mock-model", "messages": user("[idle]"), "max_tokens": 10, "stream": true});
+    // Learn the hold one such request takes (another user, same body size)...
+    let (probe_key, probe_user) = gw.create_unfunded_key("premium").await;
+    gw.credit(&probe_user, 1_000_000).await;
+    let probe = gw.chat(&probe_key, body.clone()).await;
+    assert_eq!(probe.status(), 200);
+    let hold: i64 = sqlx::query_scalar("SELECT amount FROM holds WHERE status = 'held'").fetch_one(&gw.state.store.pool).await.unwrap();
+    drop(probe);
+    // ...then fund exactly 100 of them.
+    let (key, uid) = gw.create_unfunded_key("premium").await;
+    let account = format!("user:{uid}");
+    gw.credit(&uid, 100 * hold).await;
+    let mut handles = Vec::new();
+    for _ in 0..200 {
+        let (http, url, key, body) = (gw.http.clone(), gw.url("/v1/chat/completions"), key.clone(), body.clone());
+        handles.push(tokio::spawn(async move { http.post(url).bearer_auth(key).json(&body).send().await.unwrap() }));
+    }
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for h in handles {
+        let r = h.await.unwrap();
+        match r.status().as_u16() {
+            200 => open.push(r),
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(open.len(), 100, "exactly the funded number run at once");
+    assert_eq!(refused, 100);
+    drop(open);
+    wait_until_no_holds(&gw, &account).await;
+    let after = gw.balance(&account).await;
+    assert!(after >= 0 && after < 100 * hold, "delivered tokens were billed: {after}");
+    gw.ledger_is_clean().await;
+}
+
+async fn wait_until_no_holds(gw: &Gateway, account: &str) {
+    for _ in 0..300 {
+        let held: i64 = sqlx::query_scalar("SELECT held FROM accounts WHERE id = $1").bind(account).fetch_one(&gw.state.store.pool).await.unwrap();
+        if held == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("holds were not released");
+}
+
+#[tokio::test]
+async fn inproc_ledger_cut_streams_bill_delivered_tokens() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let (provider, _) = gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let (key, uid) = gw.create_unfunded_key("premium").await;
+    gw.credit(&uid, 1_000_000).await;
+    let account = format!("user:{uid}");
+    // The client leaves after the first token.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("[idle]"), "stream": true})).await;
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    wait_until_no_holds(&gw, &account).await;
+    // The provider dies after two tokens.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("[fail-mid]"), "stream": true})).await;
+    assert!(r.text().await.unwrap().contains("\"error\""));
+    wait_until_no_holds(&gw, &account).await;
+    let state = gw.state.clone();
+    let rows: Vec<(String, i64, i64, String)> = sqlx::query("SELECT status, completion_tokens, cost_micros, usage_source FROM usage_records ORDER BY created_at")
+        .fetch_all(&state.store.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get("status"), r.get("completion_tokens"), r.get("cost_micros"), r.get("usage_source")))
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), rows[0].1), ("client_disconnected", 1));
+    assert_eq!((rows[1].0.as_str(), rows[1].1), ("provider_failed", 2));
+    assert!(rows.iter().all(|r| r.2 > 0 && r.3 == "gateway"), "billed on our own count: {rows:?}");
+    let charged: i64 = rows.iter().map(|r| r.2).sum();
+    assert_eq!(gw.balance(&account).await, 1_000_000 - charged, "exactly the delivered tokens");
+    assert!(gw.balance(&format!("provider:{provider}")).await > 0);
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_ledger_admin_credit_validation() {
+    let gw = Gateway::start().await;
+    let (_, uid) = gw.create_unfunded_key("premium").await;
+    for (body, status) in [
+        (json!({"amount": -5}), 400),
+        (json!({}), 400),
+        (json!({"amount": "ten"}), 400),
+        (json!({"amount": 12.5}), 200),
+    ] {
+        let r = gw.admin_post(&format!("/api/admin/users/{uid}/credit"), body.clone()).await;
+        assert_eq!(r.status(), status, "{body}");
+    }
+    let r = gw.admin_post("/api/admin/users/user_nope/credit", json!({"amount": 1})).await;
+    assert_eq!(r.status(), 404);
+    let v: Value = gw.http.get(gw.url(&format!("/api/admin/users/{uid}/balance"))).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["balanceMicros"], 12_500_000);
+    assert_eq!(v["balance"], 12.5);
+    gw.ledger_is_clean().await;
 }
