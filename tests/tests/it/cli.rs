@@ -1,0 +1,177 @@
+//! The real `gateway` binary: the `keys` and `ledger check` commands, SIGTERM during a
+//! stream, and `kill -9` under streaming load followed by `ledger check`.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::{spawn_mock, MockConfig};
+use tokio::process::{Child, Command};
+
+use crate::sdk::{free_port, gateway_bin};
+
+const ADMIN: &str = "cli-test-admin-key-0123456789";
+
+fn db_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("gw.db").display())
+}
+
+async fn run(dir: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(gateway_bin().unwrap())
+        .args(args)
+        .env("GATEWAY_DATABASE_URL", db_url(dir))
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+async fn serve(dir: &Path, port: u16) -> Child {
+    let child = Command::new(gateway_bin().unwrap())
+        .arg("serve")
+        .env("GATEWAY_DATABASE_URL", db_url(dir))
+        .env("GATEWAY_ADMIN_KEY", ADMIN)
+        .env("GATEWAY_HOST", "127.0.0.1")
+        .env("GPU_STREAMING_PORT", port.to_string())
+        .env("GATEWAY_SHUTDOWN_GRACE_SECS", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        if http.get(format!("http://127.0.0.1:{port}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("gateway did not start");
+}
+
+/// Registers a mock and returns a funded premium key.
+async fn provision(base: &str, mock_url: &str) -> String {
+    let http = reqwest::Client::new();
+    let reg: Value = http
+        .post(format!("{base}/api/gpu/register"))
+        .json(&json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 256}, "pricing": {"perToken": 0.000002}, "baseUrl": mock_url}))
+        .send().await.unwrap().json().await.unwrap();
+    let r = http
+        .post(format!("{base}/api/gpu/stream/start"))
+        .bearer_auth(reg["providerKey"].as_str().unwrap())
+        .json(&json!({"providerId": reg["providerId"], "model": "mock-model", "quality": "standard"}))
+        .send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let key: Value = http.post(format!("{base}/api/admin/keys")).bearer_auth(ADMIN)
+        .json(&json!({"name": "cli", "tier": "premium"})).send().await.unwrap().json().await.unwrap();
+    let r = http.post(format!("{base}/api/admin/users/{}/credit", key["userId"].as_str().unwrap())).bearer_auth(ADMIN)
+        .json(&json!({"amount": 100})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    key["key"].as_str().unwrap().to_owned()
+}
+
+async fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn cli_keys_create_list_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = run(dir.path(), &["keys", "create", "--name", "alice", "--tier", "premium"]).await;
+    assert_eq!(code, 0, "{out}");
+    let json_end = out.rfind('}').unwrap();
+    let created: Value = serde_json::from_str(&out[..=json_end]).unwrap();
+    assert!(created["key"].as_str().unwrap().starts_with("sk-"));
+    assert_eq!(created["tier"], "premium");
+    let (code, out) = run(dir.path(), &["keys", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("alice") && out.contains("active") && !out.contains(created["key"].as_str().unwrap()));
+    let (code, _) = run(dir.path(), &["keys", "revoke", created["id"].as_str().unwrap()]).await;
+    assert_eq!(code, 0);
+    let (_, out) = run(dir.path(), &["keys", "list"]).await;
+    assert!(out.contains("revoked"));
+    let (code, out) = run(dir.path(), &["keys", "create", "--name", "bob", "--tier", "gold"]).await;
+    assert_ne!(code, 0);
+    assert!(out.contains("free or premium"), "{out}");
+}
+
+#[tokio::test]
+async fn cli_sigterm_lets_open_streams_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let port = free_port().unwrap();
+    let child = serve(dir.path(), port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let key = provision(&base, &mock.url()).await;
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": "[slow]"}], "stream": true}))
+        .send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    sigterm(&child).await;
+    let body = response.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "the stream finished after SIGTERM: {body}");
+    let mut child = child;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "clean exit: {status}");
+    let (code, out) = run(dir.path(), &["ledger", "check"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK"), "{out}");
+}
+
+#[tokio::test]
+async fn cli_kill_9_under_load_then_ledger_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let port = free_port().unwrap();
+    let mut child = serve(dir.path(), port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let key = provision(&base, &mock.url()).await;
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            // Stagger so the kill lands while streams are at every stage.
+            tokio::time::sleep(Duration::from_millis(10 * (i % 20))).await;
+            let text = if i % 3 == 0 { "[slow]" } else { "hi" };
+            let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
+                .json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": text}], "stream": true}))
+                .send().await.ok()?;
+            let id = r.headers().get("x-request-id")?.to_str().ok()?.to_owned();
+            let body = r.text().await.unwrap_or_default();
+            body.ends_with("data: [DONE]\n\n").then_some(id)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let mut done = Vec::new();
+    for t in tasks {
+        if let Some(id) = t.await.unwrap() {
+            done.push(id);
+        }
+    }
+    let (code, out) = run(dir.path(), &["ledger", "check"]).await;
+    assert_eq!(code, 0, "ledger check after kill -9: {out}");
+    // Every stream that got [DONE] has its settled entry.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db_url(dir.path())).await.unwrap();
+    for id in &done {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries WHERE request_id = $1 AND kind = 'usage'")
+            .bind(id).fetch_one(&pool).await.unwrap();
+        assert_eq!(n, 1, "request {id} got [DONE] but has {n} settled entries");
+    }
+    // The check must also catch tampering.
+    sqlx::query("UPDATE accounts SET posted = posted + 1 WHERE id = 'platform:fees'").execute(&pool).await.unwrap();
+    pool.close().await;
+    let (code, out) = run(dir.path(), &["ledger", "check"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("VIOLATION"), "{out}");
+    eprintln!("{} of 60 streams completed before the kill", done.len());
+}

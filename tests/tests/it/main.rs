@@ -1,0 +1,6 @@
+//! The tests crate's one integration binary: in-process suites through `gateway::app()`
+//! and end-to-end suites over real processes and SDKs.
+
+mod cli;
+mod inproc;
+mod sdk;
