@@ -72,8 +72,14 @@ pub async fn spawn_mock_on(addr: &str, mut config: MockConfig) -> anyhow::Result
         config.models.push("mock-model".to_owned());
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local_addr = listener.local_addr()?;
+    // Real servers turn Nagle off for SSE; without it a chunk written right after another
+    // waits for the client's delayed ACK (~40 ms), which would swamp what the benchmark measures.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let provider = MockProvider {
-        addr: listener.local_addr()?,
+        addr: local_addr,
         requests: Arc::default(),
         bodies: Arc::default(),
         open_streams: Arc::default(),

@@ -291,7 +291,7 @@ async fn one_chat(client: &Client, target: Target, body: &Value) -> Option<u64> 
     }
     let bytes = response.bytes().await.ok()?;
     let elapsed = start.elapsed();
-    (!bytes.is_empty()).then(|| elapsed.as_micros() as u64)
+    (!bytes.is_empty()).then_some(elapsed.as_micros() as u64)
 }
 
 /// Open-loop load: request `i` starts at `t0 + i / rate` whether or not earlier ones
@@ -663,10 +663,10 @@ async fn bench(options: Options) -> anyhow::Result<String> {
 
     eprintln!("{streams} idle streams through the gateway");
     let idle = idle_streams(&client, streams, gateway_pid, mock_pid).await?;
-    out.push_str(&format!(
+    out.push_str(
         "\n### Open idle streams (`[idle]`: one token, then held open)\n\n\
-         | streams open | gateway `activeStreams` | gateway RSS MB | gateway fds | mock provider RSS MB (for scale) |\n|---:|---:|---:|---:|---:|\n"
-    ));
+         | streams open | gateway `activeStreams` | gateway RSS MB | gateway fds | mock provider RSS MB (for scale) |\n|---:|---:|---:|---:|---:|\n",
+    );
     for (i, (n, rss, mock_rss)) in idle.rss_points.iter().enumerate() {
         let last = i + 1 == idle.rss_points.len();
         out.push_str(&format!(

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs every test: starts the services the suites need, installs the SDK test tools,
+# builds the binaries the end-to-end tests start, then runs the workspace's tests on
+# SQLite and the in-process gateway suite again on PostgreSQL.
+#
+# Usage: scripts/test.sh        (from anywhere; CI calls it through .ci/run)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+# --- services ------------------------------------------------------------------------
+
+step "PostgreSQL"
+if ! pg_isready -q -h 127.0.0.1; then
+  # The suites connect as `postgres` without a password over TCP to 127.0.0.1.
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+  for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 && break; sleep 0.2; done
+  pg_isready -h 127.0.0.1
+fi
+# The Postgres suite's database; creating it again is harmless.
+psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
+  || psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" >/dev/null
+
+step "Redis"
+if ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -h 127.0.0.1 ping
+fi
+
+# --- SDK test tools --------------------------------------------------------------------
+
+step "Python venv for the OpenAI Python SDK tests"
+REQS=tests/sdk/python/requirements.txt
+STAMP=.venv/.requirements.sha256
+want="$(sha256sum "$REQS" | cut -d' ' -f1)"
+if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
+  python3 -m venv .venv
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$REQS"
+  echo "$want" > "$STAMP"
+fi
+
+step "Node packages for the OpenAI Node SDK tests"
+LOCK=tests/sdk/node/package-lock.json
+NSTAMP=tests/sdk/node/node_modules/.lock.sha256
+nwant="$(sha256sum "$LOCK" | cut -d' ' -f1)"
+if [ ! -d tests/sdk/node/node_modules ] || [ "$(cat "$NSTAMP" 2>/dev/null || true)" != "$nwant" ]; then
+  (cd tests/sdk/node && npm ci --no-audit --no-fund)
+  echo "$nwant" > "$NSTAMP"
+fi
+
+step "cargo-nextest"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+
+# --- worker steps ----------------------------------------------------------------------
+# >>> WORKER STEPS (owned by the worker engineer): fetch the default model,
+# >>> `cargo build -p worker --features cuda` where a GPU is present, and the like.
+# >>> Keep them above the test runs below.
+# <<< END WORKER STEPS
+
+# --- build and test ---------------------------------------------------------------------
+
+step "Build the binaries the end-to-end tests start"
+cargo build --workspace --bins
+
+status=0
+
+step "Tests on SQLite (whole workspace)"
+GS_TEST_DB=sqlite cargo nextest run --workspace --no-fail-fast || status=1
+
+step "In-process gateway suite on PostgreSQL"
+GS_TEST_DB=postgres \
+  cargo nextest run -p tests --no-fail-fast -E 'test(/inproc/)' || status=1
+
+if [ "$status" -ne 0 ]; then
+  echo "scripts/test.sh: some tests failed (see above)" >&2
+fi
+exit "$status"
