@@ -88,6 +88,8 @@ pub struct Config {
     pub platform_fee_bp: u32,
     /// Open holds older than this are voided (their request died with a process).
     pub hold_ttl_secs: u64,
+    /// HMAC secret of the payment processor's top-up webhook; top-ups are off without it.
+    pub topup_webhook_secret: Option<Secret>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -115,6 +117,7 @@ impl Default for Config {
             usage_flush_ms: 0,
             platform_fee_bp: 1_000,
             hold_ttl_secs: 3_600,
+            topup_webhook_secret: None,
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
@@ -173,7 +176,7 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "tls_cert", "tls_key", "log_format",
+            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "tls_cert", "tls_key", "log_format",
         ];
         KEYS.contains(&key)
     }

@@ -356,3 +356,32 @@ mod tests {
         assert_eq!(fee(19, 1_000), 1);
     }
 }
+
+pub const PAYOUTS: &str = "platform:payouts";
+
+/// Moves `amount` from `from` to `to` only when `from` has that much available (not
+/// held); `false` when it does not. The debit is one conditional update, so concurrent
+/// transfers can never overdraw.
+pub async fn transfer_available(
+    tx: &mut Transaction<'_, Any>,
+    from: &str,
+    to: &str,
+    amount: Micros,
+    kind: &str,
+    request_id: Option<&str>,
+    memo: &str,
+) -> Result<bool, sqlx::Error> {
+    let debited = sqlx::query("UPDATE accounts SET posted = posted - $1 WHERE id = $2 AND posted - held >= $1")
+        .bind(amount)
+        .bind(from)
+        .execute(&mut **tx)
+        .await?;
+    if debited.rows_affected() == 0 {
+        return Ok(false);
+    }
+    // Undo the conditional debit and post the entry the normal way, inside the same
+    // transaction: the row is locked by now, so the balance cannot move in between.
+    sqlx::query("UPDATE accounts SET posted = posted + $1 WHERE id = $2").bind(amount).bind(from).execute(&mut **tx).await?;
+    post_entry(tx, kind, request_id, memo, &[(from, -amount), (to, amount)]).await?;
+    Ok(true)
+}

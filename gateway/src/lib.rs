@@ -2,12 +2,15 @@
 //! of providers. `app()` builds the router so tests drive it in-process; `server` runs it.
 
 pub mod aggregate;
+pub mod analytics;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod keys;
 pub mod ledger;
+pub mod payments;
+pub mod payments_api;
 pub mod openai_api;
 pub mod platform_api;
 pub mod providers;
@@ -125,6 +128,13 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/providers", get(platform_api::admin_providers))
         .route("/api/admin/users/{id}/credit", post(platform_api::admin_credit_user))
         .route("/api/admin/users/{id}/balance", get(platform_api::admin_user_balance))
+        .route("/api/admin/users/{id}/transactions", get(payments_api::user_transactions))
+        .route("/api/admin/payouts", get(payments_api::admin_payouts))
+        .route("/api/admin/payouts/auto", post(payments_api::admin_auto_payouts))
+        .route("/api/admin/payouts/{id}/{action}", post(payments_api::admin_payout_transition))
+        .route("/api/admin/settings", get(payments_api::admin_settings).patch(payments_api::admin_update_settings))
+        .route("/api/analytics/revenue", get(payments_api::revenue))
+        .route("/api/analytics/usage", get(payments_api::usage))
         .route("/api/admin/providers/{id}/approve", post(platform_api::admin_provider_approve))
         .route("/api/admin/providers/{id}/suspend", post(platform_api::admin_provider_suspend))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
@@ -134,7 +144,12 @@ pub fn app(state: AppState) -> Router {
         .route("/api/gpu/stream/start", post(platform_api::stream_start))
         .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
         .route("/api/gpu/heartbeat", post(platform_api::heartbeat))
-        .route("/api/payment/balance/{provider_id}", get(platform_api::provider_balance));
+        .route("/api/payment/balance/{provider_id}", get(platform_api::provider_balance))
+        .route("/api/payment/withdraw", post(payments_api::withdraw))
+        .route("/api/payment/method", axum::routing::put(payments_api::set_method))
+        .route("/api/payment/withdrawals/{provider_id}", get(payments_api::provider_withdrawals))
+        .route("/api/payment/transactions/{provider_id}", get(payments_api::provider_transactions))
+        .route("/api/payment/topup", post(payments_api::top_up));
     let max_body = state.config.max_body_bytes;
     // Layers run top to bottom on the request (the last `.layer` is the outermost).
     Router::new()

@@ -53,6 +53,7 @@ impl Running {
         let reg = registry.clone();
         let stop_refresh = stop.clone();
         let sweeper = crate::ledger::Ledger::new(store.clone());
+        let payouts = crate::payments::Payments::new(store.clone());
         let hold_ttl_ms = i64::try_from(config.hold_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let mut sweeps = 0u64;
         tokio::spawn(async move {
@@ -69,6 +70,11 @@ impl Running {
                                 Ok(0) => {}
                                 Ok(n) => tracing::warn!(voided = n, "voided stale holds"),
                                 Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
+                            }
+                            match payouts.auto_payouts().await {
+                                Ok(made) if !made.is_empty() => tracing::info!(count = made.len(), "automatic payouts requested"),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "automatic payouts failed"),
                             }
                         }
                     }

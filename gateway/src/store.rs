@@ -12,6 +12,7 @@ use sqlx::{AnyPool, Executor};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_ledger.sql")),
+    (3, include_str!("../migrations/0003_payments.sql")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -951,3 +951,169 @@ async fn inproc_ledger_admin_credit_validation() {
     assert_eq!(v["balance"], 12.5);
     gw.ledger_is_clean().await;
 }
+
+/// A provider with `usd` of earnings (posted as an adjustment from outside).
+async fn provider_with_earnings(gw: &Gateway, usd: i64) -> (String, String) {
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let (id, key) = gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    gw.state.ledger.credit(&format!("provider:{id}"), usd * 1_000_000, "adjustment", "test earnings").await.unwrap();
+    (id, key)
+}
+
+#[tokio::test]
+async fn inproc_payouts_withdraw_idempotent_state_machine() {
+    let gw = Gateway::start().await;
+    let (id, pkey) = provider_with_earnings(&gw, 20).await;
+    let account = format!("provider:{id}");
+    let post = |path: &str, body: Value, idem: Option<&str>| {
+        let mut req = gw.http.post(gw.url(path)).bearer_auth(&pkey).json(&body);
+        if let Some(k) = idem {
+            req = req.header("idempotency-key", k);
+        }
+        req.send()
+    };
+    // A payout method first; bad details are refused.
+    let r = gw.http.put(gw.url("/api/payment/method")).bearer_auth(&pkey)
+        .json(&json!({"providerId": id, "method": {"type": "paypal", "email": "nope"}})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = gw.http.put(gw.url("/api/payment/method")).bearer_auth(&pkey)
+        .json(&json!({"providerId": id, "method": {"type": "paypal", "email": "gpu@example.com"}})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = post("/api/payment/withdraw", json!({"providerId": id, "amount": 3.0}), None).await.unwrap();
+    assert_eq!(r.status(), 400, "below the 5.00 minimum");
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "amount");
+    let r = post("/api/payment/withdraw", json!({"providerId": id, "amount": 10.0}), Some("k1")).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let first: Value = r.json().await.unwrap();
+    assert_eq!(first["status"], "requested");
+    assert_eq!(first["fee"], 0.25, "2.5% processing fee");
+    assert_eq!(first["net"], 9.75);
+    let again: Value = post("/api/payment/withdraw", json!({"providerId": id, "amount": 10.0}), Some("k1")).await.unwrap().json().await.unwrap();
+    assert_eq!(again["id"], first["id"], "same key, same result");
+    let r = post("/api/payment/withdraw", json!({"providerId": id, "amount": 11.0}), Some("k1")).await.unwrap();
+    assert_eq!(r.status(), 409, "same key, different body");
+    assert_eq!(gw.balance(&account).await, 10_000_000, "paid out once");
+    let r = post("/api/payment/withdraw", json!({"providerId": id, "amount": 10.01}), None).await.unwrap();
+    assert_eq!(r.status(), 400, "more than available");
+    // Another provider's key cannot withdraw from this one.
+    let (_, other_key) = provider_with_earnings(&gw, 1).await;
+    let r = gw.http.post(gw.url("/api/payment/withdraw")).bearer_auth(&other_key).json(&json!({"providerId": id, "amount": 5.0})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // requested → processing → paid; paid is final.
+    let wid = first["id"].as_str().unwrap();
+    for (action, status) in [("processing", 200), ("paid", 200), ("failed", 409)] {
+        let r = gw.admin_post(&format!("/api/admin/payouts/{wid}/{action}"), json!({})).await;
+        assert_eq!(r.status(), status, "{action}");
+    }
+    assert_eq!(gw.balance("platform:payouts").await, 0);
+    assert_eq!(gw.balance("platform:fees").await, 250_000);
+    // A failed withdrawal returns the funds.
+    let w: Value = post("/api/payment/withdraw", json!({"providerId": id, "amount": 6.0}), Some("k2")).await.unwrap().json().await.unwrap();
+    assert_eq!(gw.balance(&account).await, 4_000_000);
+    let r = gw.admin_post(&format!("/api/admin/payouts/{}/failed", w["id"].as_str().unwrap()), json!({"reason": "bank said no"})).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["failureReason"], "bank said no");
+    assert_eq!(gw.balance(&account).await, 10_000_000);
+    // Concurrent retries of one request pay once.
+    let mut handles = Vec::new();
+    for _ in 0..10 {
+        let (http, url, pkey, id) = (gw.http.clone(), gw.url("/api/payment/withdraw"), pkey.clone(), id.clone());
+        handles.push(tokio::spawn(async move {
+            http.post(url).bearer_auth(pkey).header("idempotency-key", "k3").json(&json!({"providerId": id, "amount": 5.0})).send().await.unwrap().json::<Value>().await.unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        ids.push(h.await.unwrap()["id"].clone());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(gw.balance(&account).await, 5_000_000);
+    let list: Value = gw.http.get(gw.url(&format!("/api/payment/withdrawals/{id}"))).bearer_auth(&pkey).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 3);
+    let pending: Value = gw.http.get(gw.url("/api/admin/payouts?status=requested")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(pending["data"].as_array().unwrap().len(), 1);
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_payout_settings_and_auto_payouts() {
+    let gw = Gateway::start().await;
+    let v: Value = gw.http.get(gw.url("/api/admin/settings")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v, json!({"minimumWithdrawal": 5.0, "autoPayoutThreshold": 25.0, "processingFee": 2.5}));
+    let patch = |body: Value| gw.http.patch(gw.url("/api/admin/settings")).bearer_auth(ADMIN).json(&body).send();
+    assert_eq!(patch(json!({"processingFee": 90})).await.unwrap().status(), 400);
+    assert_eq!(patch(json!({"minimumWithdrawl": 1})).await.unwrap().status(), 400, "unknown setting");
+    let v: Value = patch(json!({"autoPayoutThreshold": 30, "processingFee": 1})).await.unwrap().json().await.unwrap();
+    assert_eq!(v["autoPayoutThreshold"], 30.0);
+    let (rich, rich_key) = provider_with_earnings(&gw, 40).await;
+    let (_poor, poor_key) = provider_with_earnings(&gw, 20).await;
+    for (id, key) in [(&rich, &rich_key), (&_poor, &poor_key)] {
+        gw.http.put(gw.url("/api/payment/method")).bearer_auth(key)
+            .json(&json!({"providerId": id, "method": {"type": "crypto", "address": "bc1qxy2kgdygjrsqtzq2n0yrf2493p83kkfjhx0wlh"}})).send().await.unwrap();
+    }
+    let made: Value = gw.admin_post("/api/admin/payouts/auto", json!({})).await.json().await.unwrap();
+    let made = made["data"].as_array().unwrap();
+    assert_eq!(made.len(), 1, "only the provider above the threshold");
+    assert_eq!(made[0]["providerId"], rich.as_str());
+    assert_eq!(made[0]["amount"], 40.0);
+    assert_eq!(made[0]["fee"], 0.4);
+    assert_eq!(made[0]["automatic"], true);
+    let again: Value = gw.admin_post("/api/admin/payouts/auto", json!({})).await.json().await.unwrap();
+    assert_eq!(again["data"], json!([]), "no second payout while one is open");
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_topup_webhook_is_signed_and_applied_once() {
+    use hmac::{Hmac, Mac};
+    let gw = Gateway::start_with(|c| c.topup_webhook_secret = Some(Secret::new("whsec-test"))).await;
+    let (_, uid) = gw.create_unfunded_key("premium").await;
+    let body = json!({"eventId": "evt_1", "userId": uid, "amount": 25.0}).to_string();
+    let sign = |b: &str| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"whsec-test").unwrap();
+        mac.update(b.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let send = |sig: String| gw.http.post(gw.url("/api/payment/topup")).header("content-type", "application/json").header("x-signature", sig).body(body.clone()).send();
+    assert_eq!(send("sha256=00".into()).await.unwrap().status(), 401);
+    let v: Value = send(sign(&body)).await.unwrap().json().await.unwrap();
+    assert_eq!(v["applied"], true);
+    let v: Value = send(sign(&body)).await.unwrap().json().await.unwrap();
+    assert_eq!(v["applied"], false, "a retried event applies once");
+    assert_eq!(gw.balance(&format!("user:{uid}")).await, 25_000_000);
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_history_and_analytics() {
+    let (gw, _mock, key) = setup().await;
+    let free = gw.create_key("free").await;
+    for k in [&key, &key, &key, &free] {
+        assert_eq!(gw.chat(k, json!({"model": "mock-model", "messages": user("hi")})).await.status(), 200);
+    }
+    gw.chat(&key, json!({"model": "mock-model", "messages": user("[fail-mid]")})).await;
+    let keys: Value = gw.http.get(gw.url("/api/admin/keys")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let uid = keys["data"].as_array().unwrap().iter().find(|k| k["tier"] == "premium").unwrap()["userId"].as_str().unwrap().to_owned();
+    // The failed request is settled without anyone waiting for it.
+    wait_until_no_holds(&gw, &format!("user:{uid}")).await;
+    let page: Value = gw.http.get(gw.url(&format!("/api/admin/users/{uid}/transactions?limit=2"))).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["data"][0]["kind"], "usage");
+    let cursor = page["nextCursor"].as_str().unwrap();
+    let rest: Value = gw.http.get(gw.url(&format!("/api/admin/users/{uid}/transactions?limit=50&before={cursor}"))).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let rest = rest["data"].as_array().unwrap();
+    assert_eq!(rest.len(), 3, "2 more usage entries and the credit: {rest:?}");
+    assert_eq!(rest.last().unwrap()["kind"], "credit");
+    let revenue: Value = gw.http.get(gw.url("/api/analytics/revenue")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert!(revenue["total"]["fees"].as_f64().unwrap() > 0.0, "{revenue}");
+    assert!(revenue["bySource"]["ads"].as_f64().unwrap() < 0.0, "free-tier tokens were paid from ad revenue");
+    assert_eq!(revenue["byModel"][0]["key"], "mock-model");
+    assert_eq!(revenue["daily"].as_array().unwrap().len(), 1);
+    let usage: Value = gw.http.get(gw.url("/api/analytics/usage")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(usage["requests"], 5);
+    assert!((usage["errorRate"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+    assert_eq!(usage["activeProviders"], 1);
+    assert_eq!(usage["byModelAndQuality"][0]["quality"], "standard");
+    let r = gw.http.get(gw.url("/api/analytics/usage")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 401, "analytics are admin-only");
+}

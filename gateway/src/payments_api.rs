@@ -1,0 +1,247 @@
+//! HTTP edge of payouts, top-ups, history and analytics.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::error::ApiError;
+use crate::payments::{PaymentError, PayoutMethod, PayoutSettings, Payments};
+use crate::providers::ProviderError;
+use crate::{analytics, bearer, extract, ledger, AppState};
+
+impl From<PaymentError> for ApiError {
+    fn from(e: PaymentError) -> Self {
+        match e {
+            PaymentError::Invalid(message, param) => ApiError::param(message, param),
+            PaymentError::Insufficient => ApiError::param("insufficient available balance for this withdrawal", "amount"),
+            PaymentError::IdempotencyConflict => ApiError::Conflict("this Idempotency-Key was used with a different request".into()),
+            PaymentError::UnknownWithdrawal(id) => ApiError::NotFound(format!("withdrawal {id} does not exist")),
+            e @ PaymentError::BadTransition { .. } => ApiError::Conflict(e.to_string()),
+            PaymentError::Db(e) => e.into(),
+        }
+    }
+}
+
+/// The provider's own key (or the admin key) for provider-scoped calls.
+pub async fn require_provider(state: &AppState, headers: &HeaderMap, provider_id: &str) -> Result<(), ApiError> {
+    if state.is_admin(headers) {
+        return Ok(());
+    }
+    let key = bearer(headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?;
+    state.registry.authenticate(provider_id, key).await.map_err(|e| match e {
+        ProviderError::Unknown(_) | ProviderError::WrongKey(_) => ApiError::InvalidApiKey,
+        other => other.into(),
+    })
+}
+
+fn payments(state: &AppState) -> Payments {
+    Payments::new(state.store.clone())
+}
+
+fn to_micros(usd: f64, param: &'static str) -> Result<i64, ApiError> {
+    if !usd.is_finite() || usd <= 0.0 || usd > 1e9 {
+        return Err(ApiError::param(format!("`{param}` must be a positive USD amount"), param));
+    }
+    Ok((usd * 1e6).round() as i64)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WithdrawRequest {
+    provider_id: String,
+    amount: f64,
+    #[serde(default)]
+    method: Option<PayoutMethod>,
+}
+
+pub async fn withdraw(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let request: WithdrawRequest = extract::parse(&headers, &body)?;
+    require_provider(&state, &headers, &request.provider_id).await?;
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255).ok_or_else(|| {
+            ApiError::param("Idempotency-Key must be 1 to 255 visible characters", "Idempotency-Key")
+        })?),
+        None => None,
+    };
+    let amount = to_micros(request.amount, "amount")?;
+    let w = payments(&state).withdraw(&request.provider_id, amount, request.method, key, false).await?;
+    Ok((StatusCode::CREATED, Json(w)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MethodRequest {
+    provider_id: String,
+    method: PayoutMethod,
+}
+
+pub async fn set_method(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: MethodRequest = extract::parse(&headers, &body)?;
+    require_provider(&state, &headers, &request.provider_id).await?;
+    payments(&state).set_method(&request.provider_id, &request.method).await?;
+    Ok(Json(json!({ "providerId": request.provider_id, "method": request.method })))
+}
+
+pub async fn provider_withdrawals(
+    State(state): State<AppState>,
+    Path(provider_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    require_provider(&state, &headers, &provider_id).await?;
+    let list = payments(&state).list(Some(&provider_id), None).await?;
+    Ok(Json(json!({ "object": "list", "data": list })))
+}
+
+#[derive(Deserialize)]
+pub struct Page {
+    before: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn provider_transactions(
+    State(state): State<AppState>,
+    Path(provider_id): Path<String>,
+    Query(page): Query<Page>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    require_provider(&state, &headers, &provider_id).await?;
+    let account = ledger::provider_account(&provider_id);
+    Ok(Json(analytics::history(&state.store, &account, page.before.as_deref(), page.limit.unwrap_or(50)).await?))
+}
+
+pub async fn user_transactions(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let account = ledger::user_account(&user_id);
+    Ok(Json(analytics::history(&state.store, &account, page.before.as_deref(), page.limit.unwrap_or(50)).await?))
+}
+
+#[derive(Deserialize)]
+pub struct StatusFilter {
+    status: Option<String>,
+}
+
+pub async fn admin_payouts(State(state): State<AppState>, Query(f): Query<StatusFilter>) -> Result<Json<Value>, ApiError> {
+    let list = payments(&state).list(None, f.status.as_deref()).await?;
+    Ok(Json(json!({ "object": "list", "data": list })))
+}
+
+#[derive(Deserialize, Default)]
+struct TransitionBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+pub async fn admin_payout_transition(
+    State(state): State<AppState>,
+    Path((id, to)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if !matches!(to.as_str(), "processing" | "paid" | "failed") {
+        return Err(ApiError::NotFound(format!("unknown payout action `{to}`; use processing, paid or failed")));
+    }
+    let reason = if body.is_empty() { None } else { extract::parse::<TransitionBody>(&headers, &body)?.reason };
+    let w = payments(&state).transition(&id, &to, reason).await?;
+    Ok(Json(serde_json::to_value(w).unwrap_or_default()))
+}
+
+pub async fn admin_auto_payouts(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let made = payments(&state).auto_payouts().await?;
+    Ok(Json(json!({ "object": "list", "data": made })))
+}
+
+fn settings_json(s: PayoutSettings) -> Value {
+    json!({
+        "minimumWithdrawal": s.minimum_withdrawal_micros as f64 / 1e6,
+        "autoPayoutThreshold": s.auto_payout_threshold_micros as f64 / 1e6,
+        "processingFee": f64::from(s.processing_fee_bp) / 100.0,
+    })
+}
+
+pub async fn admin_settings(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(settings_json(payments(&state).settings().await?)))
+}
+
+/// The seed's `updateSettings`: amounts in USD, `processingFee` in percent.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SettingsPatch {
+    minimum_withdrawal: Option<f64>,
+    auto_payout_threshold: Option<f64>,
+    processing_fee: Option<f64>,
+}
+
+pub async fn admin_update_settings(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let patch: SettingsPatch = extract::parse(&headers, &body)?;
+    let p = payments(&state);
+    let mut s = p.settings().await?;
+    if let Some(v) = patch.minimum_withdrawal {
+        s.minimum_withdrawal_micros = to_micros(v, "minimumWithdrawal")?;
+    }
+    if let Some(v) = patch.auto_payout_threshold {
+        s.auto_payout_threshold_micros = to_micros(v, "autoPayoutThreshold")?;
+    }
+    if let Some(v) = patch.processing_fee {
+        if !(0.0..=50.0).contains(&v) {
+            return Err(ApiError::param("`processingFee` is a percentage between 0 and 50", "processingFee"));
+        }
+        s.processing_fee_bp = (v * 100.0).round() as u32;
+    }
+    Ok(Json(settings_json(p.update_settings(s).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TopUp {
+    event_id: String,
+    user_id: String,
+    amount: f64,
+}
+
+/// `POST /api/payment/topup`: a payment processor's webhook, signed with HMAC-SHA256
+/// over the raw body (`x-signature: sha256=<hex>`); each event applies once.
+pub async fn top_up(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let Some(secret) = &state.config.topup_webhook_secret else {
+        return Err(ApiError::PermissionDenied("top-ups are disabled: set GATEWAY_TOPUP_WEBHOOK_SECRET".into()));
+    };
+    let given = headers.get("x-signature").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("sha256=")).unwrap_or("");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    mac.update(&body);
+    let Ok(given) = hex::decode(given) else { return Err(ApiError::InvalidApiKey) };
+    if mac.verify_slice(&given).is_err() {
+        return Err(ApiError::InvalidApiKey);
+    }
+    let t: TopUp = extract::parse(&headers, &body)?;
+    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1").bind(&t.user_id).fetch_optional(&state.store.pool).await?;
+    if exists.is_none() {
+        return Err(ApiError::param(format!("user {} does not exist", t.user_id), "userId"));
+    }
+    let applied = payments(&state).top_up(&t.event_id, &t.user_id, to_micros(t.amount, "amount")?).await?;
+    let balance = state.ledger.balance(&ledger::user_account(&t.user_id)).await?;
+    Ok(Json(json!({ "eventId": t.event_id, "applied": applied, "balance": balance.posted as f64 / 1e6 })))
+}
+
+#[derive(Deserialize)]
+pub struct Range {
+    from: Option<i64>,
+    to: Option<i64>,
+}
+
+pub async fn revenue(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
+    let (from, to) = analytics::window(r.from, r.to);
+    Ok(Json(analytics::revenue(&state.store, from, to).await?))
+}
+
+pub async fn usage(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
+    let (from, to) = analytics::window(r.from, r.to);
+    Ok(Json(analytics::usage(&state.store, from, to).await?))
+}
