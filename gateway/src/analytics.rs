@@ -29,6 +29,25 @@ pub fn day_string(day: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// Days since the epoch of a civil date (Howard Hinnant's days-from-civil).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Start of the UTC day and of the UTC calendar month containing `ms`.
+pub fn day_and_month_start(ms: i64) -> (i64, i64) {
+    let day = ms.div_euclid(DAY_MS);
+    let date = day_string(day);
+    let (y, m) = (date[..4].parse().unwrap_or(1970), date[5..7].parse().unwrap_or(1));
+    (day * DAY_MS, days_from_civil(y, m, 1) * DAY_MS)
+}
+
 /// The `[from, to)` window in ms: defaults to the last 30 days.
 pub fn window(from: Option<i64>, to: Option<i64>) -> (i64, i64) {
     let to = to.unwrap_or_else(|| now_ms() + 1);
@@ -176,5 +195,8 @@ mod tests {
         assert_eq!(super::day_string(0), "1970-01-01");
         assert_eq!(super::day_string(20_782), "2026-11-25");
         assert_eq!(super::day_string(11_016), "2000-02-29");
+        assert_eq!(super::days_from_civil(2026, 11, 25), 20_782);
+        let (day, month) = super::day_and_month_start(20_782 * super::DAY_MS + 5_000);
+        assert_eq!((day, month), (20_782 * super::DAY_MS, 20_758 * super::DAY_MS));
     }
 }

@@ -36,7 +36,7 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
     let state = running.state.clone();
     let key = state
         .keys
-        .create(NewKey { name: "demo".into(), tier: Tier::Free, user_id: None, requests_per_minute: None, tokens_per_minute: None })
+        .create(NewKey { name: "demo".into(), tier: Some(Tier::Free), ..NewKey::default() })
         .await?;
     // Serve first: a spawned worker registers itself over HTTP.
     let server = tokio::spawn(server::serve(running, listener, server::shutdown_signal()));

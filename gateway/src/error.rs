@@ -25,6 +25,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("You exceeded your current quota: this request may cost up to ${:.6} but ${:.6} is available. Add credit and try again.", *needed as f64 / 1e6, *available as f64 / 1e6)]
     InsufficientQuota { needed: i64, available: i64 },
+    #[error("This key's {period} spending limit of ${:.2} would be exceeded by this request.", *limit as f64 / 1e6)]
+    SpendingLimit { period: &'static str, limit: i64 },
     #[error("No provider is available for model `{model}` right now; try again shortly.")]
     NoProvider { model: String },
     /// The provider rejected the request itself (4xx): the client's request is at fault.
@@ -56,7 +58,7 @@ impl ApiError {
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::InsufficientQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::InsufficientQuota { .. } | Self::SpendingLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoProvider { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderRejected { status, .. } => *status,
             Self::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
@@ -79,6 +81,7 @@ impl ApiError {
             Self::NotFound(_) => ("invalid_request_error", Some("not_found".into()), None),
             Self::Conflict(_) => ("invalid_request_error", Some("conflict".into()), None),
             Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota".into()), None),
+            Self::SpendingLimit { .. } => ("insufficient_quota", Some("spending_limit_exceeded".into()), None),
             Self::NoProvider { .. } => ("server_error", Some("no_provider_available".into()), None),
             Self::ProviderRejected { param, code, .. } => ("invalid_request_error", code.clone(), param.clone()),
             Self::ProviderFailed(_) => ("server_error", Some("provider_error".into()), None),
@@ -109,7 +112,7 @@ impl IntoResponse for ApiError {
         self.log();
         let status = self.status();
         let mut response = (status, axum::Json(self.body())).into_response();
-        if matches!(self, Self::InsufficientQuota { .. }) {
+        if matches!(self, Self::InsufficientQuota { .. } | Self::SpendingLimit { .. }) {
             // Retrying cannot help until someone adds credit; the SDKs honour this header.
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }

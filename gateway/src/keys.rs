@@ -44,15 +44,20 @@ pub struct AuthedKey {
     pub tier: Tier,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    /// Spending limits in micro-USD per UTC day and calendar month.
+    pub daily_limit_micros: Option<i64>,
+    pub monthly_limit_micros: Option<i64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewKey {
     pub name: String,
-    pub tier: Tier,
+    pub tier: Option<Tier>,
     pub user_id: Option<String>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    pub daily_limit_micros: Option<i64>,
+    pub monthly_limit_micros: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,7 @@ impl Keys {
 
     pub async fn create(&self, new: NewKey) -> Result<openapi::platform::CreatedKey, KeyError> {
         let now = now_ms();
+        let tier = new.tier.unwrap_or(Tier::Free);
         let mut tx = self.store.pool.begin().await?;
         let user_id = match new.user_id {
             Some(id) => {
@@ -103,7 +109,7 @@ impl Keys {
                 sqlx::query("INSERT INTO users (id, name, tier, created_at) VALUES ($1, $2, $3, $4)")
                     .bind(&id)
                     .bind(&new.name)
-                    .bind(new.tier.as_str())
+                    .bind(tier.as_str())
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
@@ -114,18 +120,20 @@ impl Keys {
         let prefix: String = secret.chars().take(10).collect();
         let id = new_id("key");
         sqlx::query(
-            "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, tier, requests_per_minute, tokens_per_minute, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, tier, requests_per_minute, tokens_per_minute, created_at, \
+             daily_limit_micros, monthly_limit_micros) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&id)
         .bind(&user_id)
         .bind(&new.name)
         .bind(hash_key(&secret))
         .bind(&prefix)
-        .bind(new.tier.as_str())
+        .bind(tier.as_str())
         .bind(new.requests_per_minute.map(i64::from))
         .bind(new.tokens_per_minute.map(i64::from))
         .bind(now)
+        .bind(new.daily_limit_micros)
+        .bind(new.monthly_limit_micros)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -133,7 +141,7 @@ impl Keys {
             id,
             user_id,
             name: new.name,
-            tier: new.tier.as_str().to_owned(),
+            tier: tier.as_str().to_owned(),
             key: secret,
             prefix,
         })
@@ -149,7 +157,7 @@ impl Keys {
             return Ok(Some(hit));
         }
         let row = sqlx::query(
-            "SELECT id, user_id, tier, requests_per_minute, tokens_per_minute FROM api_keys \
+            "SELECT id, user_id, tier, requests_per_minute, tokens_per_minute, daily_limit_micros, monthly_limit_micros FROM api_keys \
              WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&hash)
@@ -163,6 +171,8 @@ impl Keys {
             tier: Tier::parse(&tier).unwrap_or(Tier::Free),
             requests_per_minute: limit(row.try_get("requests_per_minute")?),
             tokens_per_minute: limit(row.try_get("tokens_per_minute")?),
+            daily_limit_micros: row.try_get("daily_limit_micros")?,
+            monthly_limit_micros: row.try_get("monthly_limit_micros")?,
         });
         self.cache.insert(hash, key.clone());
         Ok(Some(key))

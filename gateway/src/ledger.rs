@@ -206,7 +206,7 @@ impl Ledger {
     }
 
     /// Reserves `amount` on `account`; `None` when the available balance is too small.
-    pub async fn hold(&self, account: &str, amount: Micros, request_id: &str) -> Result<Option<Hold>, sqlx::Error> {
+    pub async fn hold(&self, account: &str, amount: Micros, request_id: &str, key_id: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
         let mut tx = self.store.pool.begin().await?;
         let reserved = sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND posted - held >= $1")
             .bind(amount)
@@ -217,12 +217,13 @@ impl Ledger {
             return Ok(None);
         }
         let hold = Hold { id: new_id("hold"), account_id: account.to_owned(), amount };
-        sqlx::query("INSERT INTO holds (id, account_id, amount, status, request_id, created_at) VALUES ($1, $2, $3, 'held', $4, $5)")
+        sqlx::query("INSERT INTO holds (id, account_id, amount, status, request_id, created_at, key_id) VALUES ($1, $2, $3, 'held', $4, $5, $6)")
             .bind(&hold.id)
             .bind(account)
             .bind(amount)
             .bind(request_id)
             .bind(now_ms())
+            .bind(key_id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -250,6 +251,20 @@ impl Ledger {
             None => (0, 0),
         };
         Ok(Balance { posted, held, available: posted - held })
+    }
+
+    /// What a key has spent since `since_ms` plus what it holds right now.
+    pub async fn key_commitments(&self, key_id: &str, since_ms: i64) -> Result<Micros, sqlx::Error> {
+        let spent: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND payer = 'user'")
+            .bind(key_id)
+            .bind(since_ms)
+            .fetch_one(&self.store.pool)
+            .await?;
+        let held: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE key_id = $1 AND status = 'held'")
+            .bind(key_id)
+            .fetch_one(&self.store.pool)
+            .await?;
+        Ok(spent + held)
     }
 
     /// Voids holds older than `max_age_ms`: their requests died with a process.

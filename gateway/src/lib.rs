@@ -58,6 +58,8 @@ pub struct Inner {
     pub user_id_secret: Secret,
     /// Streams being relayed right now (this replica).
     pub active_streams: Arc<AtomicU64>,
+    /// Per-key locks that serialize spending-limit checks with their holds.
+    pub key_locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl std::ops::Deref for AppState {

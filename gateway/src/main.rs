@@ -134,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
                 KeysCommand::Create { name, tier, user_id } => {
                     let tier = Tier::parse(&tier).context("--tier must be free or premium")?;
                     let created = keys
-                        .create(NewKey { name, tier, user_id, requests_per_minute: None, tokens_per_minute: None })
+                        .create(NewKey { name, tier: Some(tier), user_id, ..NewKey::default() })
                         .await?;
                     println!("{}", serde_json::to_string_pretty(&created)?);
                     eprintln!("The key is shown only once; store it now.");

@@ -139,13 +139,23 @@ pub async fn admin_create_key(
         .keys
         .create(NewKey {
             name: request.name,
-            tier,
+            tier: Some(tier),
             user_id: request.user_id,
             requests_per_minute: request.requests_per_minute,
             tokens_per_minute: request.tokens_per_minute,
+            daily_limit_micros: limit_micros(request.daily_limit, "dailyLimit")?,
+            monthly_limit_micros: limit_micros(request.monthly_limit, "monthlyLimit")?,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(created)))
+}
+
+fn limit_micros(usd: Option<f64>, param: &str) -> Result<Option<i64>, ApiError> {
+    match usd {
+        None => Ok(None),
+        Some(v) if v.is_finite() && v >= 0.0 && v < 1e9 => Ok(Some((v * 1e6).round() as i64)),
+        Some(_) => Err(ApiError::param(format!("`{param}` must be a non-negative USD amount"), param)),
+    }
 }
 
 pub async fn admin_list_keys(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -519,7 +519,24 @@ async fn fund(state: &AppState, dispatch: &Dispatch, eligible: &[Arc<Provider>])
     let bound = u64::from(dispatch.body_bytes) + u64::from(dispatch.max_completion_tokens);
     let amount = ledger::price(bound, per_mtok, dispatch.cost_multiplier_bp);
     let account = ledger::user_account(&dispatch.key.user_id);
-    match state.ledger.hold(&account, amount, &dispatch.request_id).await? {
+    let key = &dispatch.key;
+    // Limits are checked and the hold taken under a per-key lock, so concurrent
+    // requests of one key cannot both squeeze under the limit (on this replica).
+    let lock = (key.daily_limit_micros.is_some() || key.monthly_limit_micros.is_some())
+        .then(|| state.key_locks.get_with(key.key_id.clone(), || Arc::new(tokio::sync::Mutex::new(()))));
+    let _serial = match &lock {
+        Some(l) => Some(l.lock().await),
+        None => None,
+    };
+    let (day_start, month_start) = crate::analytics::day_and_month_start(now_ms());
+    for (limit, since, period) in [(key.daily_limit_micros, day_start, "daily"), (key.monthly_limit_micros, month_start, "monthly")] {
+        if let Some(limit) = limit {
+            if state.ledger.key_commitments(&key.key_id, since).await? + amount > limit {
+                return Err(ApiError::SpendingLimit { period, limit });
+            }
+        }
+    }
+    match state.ledger.hold(&account, amount, &dispatch.request_id, Some(&key.key_id)).await? {
         Some(hold) => Ok(Funding::User(hold)),
         None => {
             let available = state.ledger.balance(&account).await?.available;

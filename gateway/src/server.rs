@@ -92,6 +92,7 @@ impl Running {
             ledger: crate::ledger::Ledger::new(store.clone()),
             user_id_secret,
             active_streams: Arc::new(AtomicU64::new(0)),
+            key_locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
         });
         Ok(Self { state, stop, writer })
     }

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_ledger.sql")),
     (3, include_str!("../migrations/0003_payments.sql")),
+    (4, include_str!("../migrations/0004_limits_reservations.sql")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

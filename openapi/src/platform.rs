@@ -95,6 +95,12 @@ pub struct CreateKeyRequest {
     pub requests_per_minute: Option<u32>,
     #[serde(default)]
     pub tokens_per_minute: Option<u32>,
+    /// Spending limit per UTC day, USD.
+    #[serde(default)]
+    pub daily_limit: Option<f64>,
+    /// Spending limit per calendar month (UTC), USD.
+    #[serde(default)]
+    pub monthly_limit: Option<f64>,
 }
 
 fn default_tier() -> String {

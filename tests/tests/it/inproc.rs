@@ -1117,3 +1117,40 @@ async fn inproc_history_and_analytics() {
     let r = gw.http.get(gw.url("/api/analytics/usage")).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 401, "analytics are admin-only");
 }
+
+#[tokio::test]
+async fn inproc_ledger_spending_limits_per_key() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let r = gw.admin_post("/api/admin/keys", json!({"name": "capped", "tier": "premium", "dailyLimit": 0.001})).await;
+    let v: Value = r.json().await.unwrap();
+    let (key, uid) = (v["key"].as_str().unwrap().to_owned(), v["userId"].as_str().unwrap().to_owned());
+    gw.credit(&uid, 1_000_000).await;
+    // Each request holds about (body + 100 tokens) × 2 µUSD ≈ 0.0007 USD; the limit is 0.001 USD.
+    let body = json!({"model": "mock-model", "messages": user("hi"), "max_tokens": 100});
+    let mut served = 0;
+    let mut refused = None;
+    for _ in 0..40 {
+        let r = gw.chat(&key, body.clone()).await;
+        match r.status().as_u16() {
+            200 => served += 1,
+            429 => {
+                refused = Some(r.json::<Value>().await.unwrap());
+                break;
+            }
+            s => panic!("status {s}"),
+        }
+    }
+    let refused = refused.expect("the daily limit stops the key");
+    assert_eq!(refused["error"]["code"], "spending_limit_exceeded");
+    assert!(served > 0);
+    let spent: i64 = sqlx::query_scalar("SELECT CAST(SUM(cost_micros) AS BIGINT) FROM usage_records").fetch_one(&gw.state.store.pool).await.unwrap();
+    assert!(spent <= 1_000, "never above the limit: {spent}");
+    // Another key of the same user has no limit.
+    let other: Value = gw.admin_post("/api/admin/keys", json!({"name": "free-hand", "tier": "premium", "userId": uid})).await.json().await.unwrap();
+    assert_eq!(gw.chat(other["key"].as_str().unwrap(), body).await.status(), 200);
+    let r = gw.admin_post("/api/admin/keys", json!({"name": "bad", "dailyLimit": -1})).await;
+    assert_eq!(r.status(), 400);
+    gw.ledger_is_clean().await;
+}
