@@ -2,6 +2,7 @@
 //! models, runs them with continuous batching, and serves the OpenAI API.
 
 pub mod bench;
+pub mod burn_model;
 pub mod chat;
 pub mod engine;
 pub mod fetch;

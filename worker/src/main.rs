@@ -54,6 +54,8 @@ enum Cmd {
         /// Exact f32 math on dequantized weights (slower).
         #[arg(long)]
         exact: bool,
+        #[arg(long, default_value = "native")]
+        backend: Backend,
     },
     /// Measure prompt and decode throughput, TTFT and memory; prints a Markdown table.
     Bench {
@@ -117,6 +119,10 @@ struct EngineArgs {
     /// uses the fused quantized kernels, which differ only in f32 rounding.
     #[arg(long)]
     exact: bool,
+    /// `native` (quantized CPU kernels) or `burn` (burn tensors: CUDA when built with
+    /// `--features cuda`, ndarray on CPU otherwise; f32 weights).
+    #[arg(long, default_value = "native")]
+    backend: Backend,
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 32)]
     max_seqs: usize,
@@ -138,10 +144,25 @@ impl EngineArgs {
     }
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Native,
+    Burn,
+}
+
 fn apply_precision(m: &mut Arc<LoadedModel>, exact: bool) {
     if let Some(m) = Arc::get_mut(m) {
         m.model.precision = if exact { Precision::Exact } else { Precision::Fast };
     }
+}
+
+fn apply_backend(m: &mut Arc<LoadedModel>, backend: Backend) {
+    if backend == Backend::Burn {
+        if let Some(m) = Arc::get_mut(m) {
+            m.model.use_burn();
+        }
+    }
+    tracing::info!(backend = m.model.backend_name(), "model ready");
 }
 
 fn model_path(p: Option<PathBuf>) -> PathBuf {
@@ -169,9 +190,10 @@ fn main() -> anyhow::Result<()> {
             let path = fetch::fetch_default_model(&dir)?;
             println!("{}", path.display());
         }
-        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, exact } => {
+        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, exact, backend } => {
             let mut m = load(&model_path(model))?;
             apply_precision(&mut m, exact);
+            apply_backend(&mut m, backend);
             let text = if chat {
                 let tpl = m.chat_template.as_deref().context("the model has no chat template")?;
                 let tpl = ChatTemplate::new(tpl, "", "")?;
@@ -198,6 +220,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { model, prompt_tokens, decode_tokens, streams, engine } => {
             let mut m = load(&model_path(model))?;
             apply_precision(&mut m, engine.exact);
+            apply_backend(&mut m, engine.backend);
             let mut cfg = engine.config();
             cfg.max_seqs = cfg.max_seqs.max(streams.iter().copied().max().unwrap_or(1));
             let engine = Engine::start(m, cfg);
@@ -223,6 +246,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let mut m = load(&model_path(model))?;
             apply_precision(&mut m, engine.exact);
+            apply_backend(&mut m, engine.backend);
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
             let engine = Engine::start(m, engine.config());
             let gateway = gateway.map(|url| GatewayConfig {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
+use crate::burn_model::BurnForward;
 use crate::gguf::{Gguf, GgufError, TensorInfo};
 use crate::quant::{dot, GgmlType, Precision, QMatrix};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -56,32 +57,35 @@ impl Config {
 }
 
 pub struct Layer {
-    attn_norm: Vec<f32>,
-    wq: QMatrix,
-    wk: QMatrix,
-    wv: QMatrix,
-    wo: QMatrix,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
-    w_gate: QMatrix,
-    w_up: QMatrix,
-    w_down: QMatrix,
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: QMatrix,
+    pub(crate) wk: QMatrix,
+    pub(crate) wv: QMatrix,
+    pub(crate) wo: QMatrix,
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) w_gate: QMatrix,
+    pub(crate) w_up: QMatrix,
+    pub(crate) w_down: QMatrix,
 }
 
 pub struct Model {
     pub config: Config,
-    embed: QMatrix,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
+    pub(crate) embed: QMatrix,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
     /// `None` when the output projection is tied to the token embedding.
-    output: Option<QMatrix>,
+    pub(crate) output: Option<QMatrix>,
     /// cos/sin per (position, frequency), computed lazily up to the longest position seen.
     inv_freq: Vec<f32>,
     pub weight_bytes: usize,
     /// `Exact` by default; servers switch to `Fast` for decode speed.
     pub precision: Precision,
+    /// When set, `forward` runs on burn (GPU with the `cuda` feature) instead of the
+    /// native kernels.
+    burn: Option<Box<dyn BurnForward>>,
 }
 
 /// A loaded model with its tokenizer and chat template.
@@ -260,7 +264,23 @@ impl Model {
                     [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.data.len()).sum::<usize>()
                 })
                 .sum::<usize>();
-        Ok(Model { config, embed, layers, norm, output, inv_freq, weight_bytes, precision: Precision::Exact })
+        Ok(Model { config, embed, layers, norm, output, inv_freq, weight_bytes, precision: Precision::Exact, burn: None })
+    }
+
+    /// Moves the forward pass onto burn's default backend (CUDA with the `cuda`
+    /// feature, ndarray otherwise), with f32 weights on the device.
+    pub fn use_burn(&mut self) {
+        let device = Default::default();
+        let b = crate::burn_model::BurnModel::<crate::burn_model::DefaultBurnBackend>::new(self, device);
+        self.burn = Some(Box::new(b));
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match (&self.burn, cfg!(feature = "cuda")) {
+            (None, _) => "native-cpu",
+            (Some(_), true) => "burn-cuda",
+            (Some(_), false) => "burn-ndarray",
+        }
     }
 
     pub fn output_type(&self) -> GgmlType {
@@ -268,7 +288,7 @@ impl Model {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { k: vec![Vec::new(); self.config.n_layers], v: vec![Vec::new(); self.config.n_layers], len: 0 }
+        KvCache { k: vec![Vec::new(); self.config.n_layers], v: vec![Vec::new(); self.config.n_layers], len: 0, ext: None }
     }
 
     fn rope(&self, x: &mut [f32], pos: usize) {
@@ -289,6 +309,9 @@ impl Model {
     /// Runs one step. Each item appends its tokens to its cache; the returned vector
     /// holds, for every item with `want_logits`, the logits of its last token.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Vec<Vec<f32>> {
+        if let Some(b) = &self.burn {
+            return items.iter_mut().filter_map(|it| b.forward_one(&self.config, &self.inv_freq, self, it)).collect();
+        }
         let c = &self.config;
         let (dim, hd, kvd) = (c.dim, c.head_dim, c.kv_dim());
         let qd = c.n_heads * hd;
@@ -434,11 +457,12 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// Per-sequence attention keys and values, f32, all layers.
-#[derive(Debug, Clone)]
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     pub len: usize,
+    /// The burn path's device-side cache.
+    pub(crate) ext: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl KvCache {

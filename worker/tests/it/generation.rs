@@ -130,3 +130,29 @@ fn fast_kernels_match_exact_logits_within_tolerance() {
     let req = GenRequest { prompt, params: SamplingParams { max_tokens: 40, ..Default::default() }, priority: 0 };
     assert_eq!(generate_blocking(&engine, req, |_| {}).0, "The capital of France is Paris.");
 }
+
+/// The burn forward pass (ndarray here; CUDA with `--features cuda`) against the
+/// native exact path: logits within 1e-3 over a prefill and a decode step, and the
+/// golden answer.
+#[test]
+fn burn_backend_matches_native_and_gives_the_golden_answer() {
+    let native = model();
+    let mut burn = worker::model::LoadedModel::load(&crate::model_path(), false).unwrap();
+    burn.model.use_burn();
+    let prompt = chat_prompt("What is the capital of France?");
+    let logits = |m: &worker::model::Model| {
+        let mut cache = m.new_cache();
+        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true }];
+        let a = m.forward(&mut items).remove(0);
+        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true }];
+        let b = m.forward(&mut items).remove(0);
+        [a, b]
+    };
+    for (e, f) in logits(&native.model).iter().zip(logits(&burn.model).iter()) {
+        let max_diff = e.iter().zip(f).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 1e-3, "max |native - burn| = {max_diff}");
+    }
+    let engine = Engine::start(std::sync::Arc::new(burn), EngineConfig::default());
+    let req = GenRequest { prompt, params: SamplingParams { max_tokens: 40, ..Default::default() }, priority: 0 };
+    assert_eq!(generate_blocking(&engine, req, |_| {}).0, "The capital of France is Paris.");
+}
