@@ -149,6 +149,11 @@ pub async fn post_entry(
 /// Applies a settlement or void inside the writer's transaction. A hold that is no
 /// longer open (voided by the sweeper) is not charged.
 pub async fn apply(tx: &mut Transaction<'_, Any>, billing: &Billing) -> Result<Micros, sqlx::Error> {
+    apply_as(tx, billing, "usage").await
+}
+
+/// `apply` with the journal entry kind (`usage` for tokens, `reservation` for per-hour leases).
+pub async fn apply_as(tx: &mut Transaction<'_, Any>, billing: &Billing, kind: &str) -> Result<Micros, sqlx::Error> {
     match billing {
         Billing::Void(hold) => {
             release(tx, hold, "voided").await?;
@@ -171,9 +176,9 @@ pub async fn apply(tx: &mut Transaction<'_, Any>, billing: &Billing) -> Result<M
             let provider = provider_account(&s.provider_id);
             post_entry(
                 tx,
-                "usage",
+                kind,
                 Some(&s.request_id),
-                "tokens delivered",
+                if kind == "usage" { "tokens delivered" } else { "reserved capacity" },
                 &[(&payer_account, -s.charge), (&provider, s.charge - s.fee), (FEES, s.fee)],
             )
             .await?;

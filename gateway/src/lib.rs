@@ -15,6 +15,7 @@ pub mod openai_api;
 pub mod platform_api;
 pub mod providers;
 pub mod quality;
+pub mod reservations;
 pub mod relay;
 pub mod routing;
 pub mod server;
@@ -122,6 +123,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/llm/models", get(simple_api::models))
         .route("/api/llm/status", get(simple_api::status))
         .route("/api/llm/ws", get(simple_api::websocket))
+        .route("/api/llm/reservations", post(simple_api::create_reservation).get(simple_api::list_reservations))
+        .route("/api/llm/reservations/{id}", axum::routing::delete(simple_api::release_reservation))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user_key));
     let admin_routes = Router::new()
         .route("/api/admin/keys", post(platform_api::admin_create_key).get(platform_api::admin_list_keys))

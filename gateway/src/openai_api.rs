@@ -221,6 +221,7 @@ pub fn prepare_chat(
             body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
             max_completion_tokens: max_tokens.saturating_mul(choices),
             cost_multiplier_bp: level.cost_multiplier_bp,
+            reservation: reservation_of(&ext, headers),
             body: Bytes::from(body),
             features,
             started,
@@ -312,6 +313,7 @@ pub async fn completions(
         body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
         max_completion_tokens: max_tokens.saturating_mul(u32::from(request.n.unwrap_or(1).max(1))),
         cost_multiplier_bp: level.cost_multiplier_bp,
+        reservation: reservation_of(&ext, &headers),
         body: Bytes::from(body),
         features,
         started,
@@ -325,6 +327,11 @@ pub async fn completions(
     };
     served_headers(&mut response, &level.name);
     Ok(response)
+}
+
+/// The reservation named by the body's `reservation` or the `x-reservation-id` header.
+fn reservation_of(ext: &RequestExtensions, headers: &HeaderMap) -> Option<String> {
+    ext.reservation.clone().or_else(|| headers.get("x-reservation-id").and_then(|v| v.to_str().ok()).map(str::to_owned))
 }
 
 fn served_headers(response: &mut Response, quality: &str) {

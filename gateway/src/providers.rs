@@ -64,6 +64,16 @@ pub struct Provider {
     pub features: Option<HashSet<String>>,
     pub created_at: i64,
     pub load: Arc<Load>,
+    /// The active per-hour reservation that owns this provider, if any.
+    pub reservation: Option<ActiveReservation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveReservation {
+    pub id: String,
+    pub user_id: String,
+    pub model: String,
+    pub ends_at: i64,
 }
 
 impl Provider {
@@ -171,6 +181,16 @@ impl Registry {
                 .or_default()
                 .insert((row.try_get("model")?, row.try_get("quality")?));
         }
+        let reservation_rows = sqlx::query("SELECT id, user_id, provider_id, model, ends_at FROM reservations WHERE status = 'active'")
+            .fetch_all(&self.store.pool)
+            .await?;
+        let mut reservations: HashMap<String, ActiveReservation> = HashMap::new();
+        for r in &reservation_rows {
+            reservations.insert(
+                r.try_get("provider_id")?,
+                ActiveReservation { id: r.try_get("id")?, user_id: r.try_get("user_id")?, model: r.try_get("model")?, ends_at: r.try_get("ends_at")? },
+            );
+        }
         let old = self.snapshot();
         let mut next = HashMap::with_capacity(rows.len());
         for row in &rows {
@@ -194,6 +214,7 @@ impl Registry {
                 gpu_info: decode_json(row.try_get("gpu_info")?)?,
                 streams: streams.remove(&id).unwrap_or_default(),
                 created_at: row.try_get("created_at")?,
+                reservation: reservations.remove(&id),
                 load,
                 id: id.clone(),
             };

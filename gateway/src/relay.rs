@@ -62,6 +62,8 @@ pub struct Dispatch {
     pub max_completion_tokens: u32,
     /// The tier's price multiplier in basis points.
     pub cost_multiplier_bp: u32,
+    /// Run on this reservation's provider, billed by the hour instead of per token.
+    pub reservation: Option<String>,
     pub started: Instant,
 }
 
@@ -401,7 +403,23 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
     let config = &state.config;
     let stale_ms = i64::try_from(config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let snapshot = state.registry.snapshot();
-    let found = routing::candidates(&snapshot, &dispatch.model, &dispatch.quality, &dispatch.features, now_ms(), stale_ms);
+    if let Some(id) = &dispatch.reservation {
+        let owned = snapshot.values().any(|p| {
+            p.reservation.as_ref().is_some_and(|r| &r.id == id && r.user_id == dispatch.key.user_id && r.ends_at > now_ms())
+        });
+        if !owned {
+            return Err(ApiError::param(format!("reservation {id} does not exist, has ended, or is not yours"), "reservation"));
+        }
+    }
+    let found = routing::candidates(
+        &snapshot,
+        &dispatch.model,
+        &dispatch.quality,
+        &dispatch.features,
+        now_ms(),
+        stale_ms,
+        dispatch.reservation.as_deref(),
+    );
     if !found.model_known {
         return Err(ApiError::ModelNotFound { model: dispatch.model });
     }
@@ -510,7 +528,8 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
 /// (prompt bound + every completion token, at the priciest eligible provider).
 async fn fund(state: &AppState, dispatch: &Dispatch, eligible: &[Arc<Provider>]) -> Result<Funding, ApiError> {
     let per_mtok = eligible.iter().map(|p| p.price_per_mtok).max().unwrap_or(0);
-    if per_mtok == 0 {
+    // Reserved capacity is paid by the hour, not per token.
+    if per_mtok == 0 || dispatch.reservation.is_some() {
         return Ok(Funding::Nothing);
     }
     if dispatch.key.tier == Tier::Free {

@@ -25,6 +25,7 @@ pub fn candidates(
     features: &[&'static str],
     now_ms: i64,
     stale_after_ms: i64,
+    reservation: Option<&str>,
 ) -> Candidates {
     let mut eligible = Vec::new();
     let mut model_known = false;
@@ -34,6 +35,11 @@ pub fn candidates(
             continue;
         }
         model_known = true;
+        // A reserved provider serves only its reservation; a reservation only its provider.
+        let reserved_for = p.reservation.as_ref().filter(|r| r.ends_at > now_ms).map(|r| r.id.as_str());
+        if reserved_for != reservation {
+            continue;
+        }
         if !p.serves(model, quality) {
             continue;
         }

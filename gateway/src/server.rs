@@ -94,6 +94,20 @@ impl Running {
             active_streams: Arc::new(AtomicU64::new(0)),
             key_locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
         });
+        let (expiring, stop_expiry) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = crate::reservations::expire(&expiring).await {
+                            tracing::warn!(error = %e, "reservation expiry failed");
+                        }
+                    }
+                    () = stop_expiry.cancelled() => break,
+                }
+            }
+        });
         Ok(Self { state, stop, writer })
     }
 

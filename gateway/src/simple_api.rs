@@ -43,6 +43,7 @@ fn to_chat(request: &InferenceRequest) -> Result<(CreateChatCompletionRequest, R
     let ext = RequestExtensions {
         quality: request.options.quality.clone(),
         ad_preferences: request.options.ad_preferences.clone(),
+        reservation: None,
     };
     Ok((chat, ext))
 }
@@ -195,4 +196,43 @@ async fn stream_one(
             Event::Failed(message) => return Err(ApiError::ProviderFailed(message)),
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReservationRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    provider_id: Option<String>,
+    hours: f64,
+}
+
+/// `POST /api/llm/reservations`: lease a provider for `hours`, billed per second.
+pub async fn create_reservation(
+    State(state): State<AppState>,
+    Extension(key): Extension<Arc<AuthedKey>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(axum::http::StatusCode, Json<crate::reservations::Reservation>), ApiError> {
+    let request: ReservationRequest = extract::parse(&headers, &body)?;
+    let r = crate::reservations::create(&state, &key, request.model, request.provider_id, request.hours).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(r)))
+}
+
+pub async fn list_reservations(
+    State(state): State<AppState>,
+    Extension(key): Extension<Arc<AuthedKey>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "object": "list", "data": crate::reservations::list(&state, &key.user_id).await? })))
+}
+
+/// `DELETE /api/llm/reservations/{id}`: release early; the unused time is refunded.
+pub async fn release_reservation(
+    State(state): State<AppState>,
+    Extension(key): Extension<Arc<AuthedKey>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::reservations::Reservation>, ApiError> {
+    crate::reservations::finish(&state, &id, Some(&key.user_id), now_ms()).await?;
+    Ok(Json(crate::reservations::get(&state, &key.user_id, &id).await?))
 }

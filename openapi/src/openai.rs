@@ -17,6 +17,9 @@ pub struct RequestExtensions {
     pub quality: Option<String>,
     #[serde(default)]
     pub ad_preferences: Option<AdPreferences>,
+    /// A per-hour reservation to run on (see `POST /api/llm/reservations`).
+    #[serde(default)]
+    pub reservation: Option<String>,
 }
 
 /// A user's ad preferences for one request (free tier).

@@ -1154,3 +1154,96 @@ async fn inproc_ledger_spending_limits_per_key() {
     assert_eq!(r.status(), 400);
     gw.ledger_is_clean().await;
 }
+
+#[tokio::test]
+async fn inproc_reservations_lease_a_provider_by_the_hour() {
+    let gw = Gateway::start().await;
+    let a = spawn_mock(MockConfig::default()).await.unwrap();
+    let b = spawn_mock(MockConfig::default()).await.unwrap();
+    // Provider A: $3.60/hour = 1000 µUSD per second.
+    let register = |mock: &MockProvider, per_hour: f64| {
+        let body = json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 8}, "pricing": {"perToken": 0.000002, "perHour": per_hour}, "baseUrl": mock.url()});
+        gw.http.post(gw.url("/api/gpu/register")).json(&body).send()
+    };
+    let mut ids = Vec::new();
+    for (mock, price) in [(&a, 3.6), (&b, 7.2)] {
+        let v: Value = register(mock, price).await.unwrap().json().await.unwrap();
+        let r = gw.http.post(gw.url("/api/gpu/stream/start")).bearer_auth(v["providerKey"].as_str().unwrap())
+            .json(&json!({"providerId": v["providerId"], "model": "mock-model", "quality": "standard"})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        ids.push(v["providerId"].as_str().unwrap().to_owned());
+    }
+    let (key, uid) = gw.create_unfunded_key("premium").await;
+    let reserve = |body: Value, key: String| gw.http.post(gw.url("/api/llm/reservations")).bearer_auth(key).json(&body).send();
+    let r = reserve(json!({"model": "mock-model", "hours": 1}), key.clone()).await.unwrap();
+    assert_eq!(r.status(), 429, "the hour must be covered by the balance");
+    gw.credit(&uid, 10_000_000).await;
+    let r = reserve(json!({"model": "mock-model", "hours": 0}), key.clone()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = reserve(json!({"model": "mock-model", "hours": 1}), key.clone()).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let rsv: Value = r.json().await.unwrap();
+    assert_eq!(rsv["providerId"], ids[0].as_str(), "the cheapest free provider");
+    assert_eq!(rsv["maxCost"], 3.6);
+    let rid = rsv["id"].as_str().unwrap().to_owned();
+    let account = format!("user:{uid}");
+    // Requests on the reservation go only to A and are not billed per token.
+    for _ in 0..3 {
+        let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "reservation": rid})).await;
+        assert_eq!(r.status(), 200);
+    }
+    let r = gw.http.post(gw.url("/v1/chat/completions")).bearer_auth(&key).header("x-reservation-id", &rid)
+        .json(&json!({"model": "mock-model", "messages": user("hi")})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(a.request_count(), 4);
+    // Everyone else's traffic avoids the reserved provider.
+    let other = gw.create_key("premium").await;
+    for _ in 0..4 {
+        assert_eq!(gw.chat(&other, json!({"model": "mock-model", "messages": user("hi")})).await.status(), 200);
+    }
+    assert_eq!(a.request_count(), 4);
+    assert_eq!(b.request_count(), 4);
+    let r = gw.chat(&other, json!({"model": "mock-model", "messages": user("hi"), "reservation": rid})).await;
+    assert_eq!(r.status(), 400, "someone else's reservation");
+    let r = reserve(json!({"providerId": ids[0], "hours": 1}), other.clone()).await.unwrap();
+    assert_eq!(r.status(), 400, "already reserved");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let r = gw.http.delete(gw.url(&format!("/api/llm/reservations/{rid}"))).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let done: Value = r.json().await.unwrap();
+    assert_eq!(done["status"], "released");
+    let charged = (done["charged"].as_f64().unwrap() * 1e6).round() as i64;
+    assert!((1_500..=3_000).contains(&charged), "billed per second of use: {charged}");
+    assert_eq!(gw.balance(&account).await, 10_000_000 - charged, "the rest is refunded, tokens were not billed");
+    assert_eq!(gw.balance(&format!("provider:{}", ids[0])).await, charged - charged / 10);
+    let r = gw.http.delete(gw.url(&format!("/api/llm/reservations/{rid}"))).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+    // After release, A serves everyone again.
+    gw.chat(&other, json!({"model": "mock-model", "messages": user("hi")})).await;
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "reservation": rid})).await;
+    assert_eq!(r.status(), 400, "an ended reservation cannot be used");
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_reservation_expires_and_charges_the_full_period() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let body = json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 8}, "pricing": {"perToken": 0.000002, "perHour": 3.6}, "baseUrl": mock.url()});
+    let v: Value = gw.http.post(gw.url("/api/gpu/register")).json(&body).send().await.unwrap().json().await.unwrap();
+    gw.http.post(gw.url("/api/gpu/stream/start")).bearer_auth(v["providerKey"].as_str().unwrap())
+        .json(&json!({"providerId": v["providerId"], "model": "mock-model", "quality": "standard"})).send().await.unwrap();
+    let (key, uid) = gw.create_unfunded_key("premium").await;
+    gw.credit(&uid, 1_000_000).await;
+    // 0.0003 h = 1.08 s at 1000 µUSD/s.
+    let rsv: Value = gw.http.post(gw.url("/api/llm/reservations")).bearer_auth(&key)
+        .json(&json!({"model": "mock-model", "hours": 0.0003})).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rsv["maxCost"], 0.00108);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(gateway::reservations::expire(&gw.state).await.unwrap(), 1);
+    let list: Value = gw.http.get(gw.url("/api/llm/reservations")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["data"][0]["status"], "released");
+    assert_eq!(list["data"][0]["charged"], 0.00108);
+    assert_eq!(gw.balance(&format!("user:{uid}")).await, 1_000_000 - 1_080);
+    gw.ledger_is_clean().await;
+}
