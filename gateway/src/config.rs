@@ -90,6 +90,9 @@ pub struct Config {
     pub hold_ttl_secs: u64,
     /// HMAC secret of the payment processor's top-up webhook; top-ups are off without it.
     pub topup_webhook_secret: Option<Secret>,
+    /// The payout service that receives new withdrawals (signed webhook); manual without it.
+    pub payout_webhook_url: Option<String>,
+    pub payout_webhook_secret: Option<Secret>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -118,6 +121,8 @@ impl Default for Config {
             platform_fee_bp: 1_000,
             hold_ttl_secs: 3_600,
             topup_webhook_secret: None,
+            payout_webhook_url: None,
+            payout_webhook_secret: None,
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
@@ -176,7 +181,7 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "tls_cert", "tls_key", "log_format",
+            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "tls_cert", "tls_key", "log_format",
         ];
         KEYS.contains(&key)
     }
@@ -193,6 +198,9 @@ impl Config {
         }
         if self.usage_batch_max == 0 {
             return invalid("usage_batch_max", "must be at least 1");
+        }
+        if self.payout_webhook_url.is_some() != self.payout_webhook_secret.is_some() {
+            return invalid("payout_webhook_url", "payout_webhook_url and payout_webhook_secret must be given together");
         }
         if self.platform_fee_bp > 10_000 {
             return invalid("platform_fee_bp", "must be at most 10000 (100%)");

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod keys;
 pub mod ledger;
 pub mod payments;
+pub mod payout_connector;
 pub mod payments_api;
 pub mod openai_api;
 pub mod platform_api;
@@ -154,7 +155,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/payment/method", axum::routing::put(payments_api::set_method))
         .route("/api/payment/withdrawals/{provider_id}", get(payments_api::provider_withdrawals))
         .route("/api/payment/transactions/{provider_id}", get(payments_api::provider_transactions))
-        .route("/api/payment/topup", post(payments_api::top_up));
+        .route("/api/payment/topup", post(payments_api::top_up))
+        .route("/api/payment/payout-webhook", post(payments_api::payout_webhook));
     let max_body = state.config.max_body_bytes;
     // Layers run top to bottom on the request (the last `.layer` is the outermost).
     Router::new()

@@ -5,10 +5,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::Sha256;
 
 use crate::error::ApiError;
 use crate::payments::{PaymentError, PayoutMethod, PayoutSettings, Payments};
@@ -70,7 +68,11 @@ pub async fn withdraw(State(state): State<AppState>, headers: HeaderMap, body: B
         None => None,
     };
     let amount = to_micros(request.amount, "amount")?;
-    let w = payments(&state).withdraw(&request.provider_id, amount, request.method, key, false).await?;
+    let p = payments(&state);
+    let w = p.withdraw(&request.provider_id, amount, request.method, key, false).await?;
+    if w.status == "requested" && w.updated_at == w.created_at {
+        crate::payout_connector::dispatch(state.http.clone(), &state.config, p, w.clone());
+    }
     Ok((StatusCode::CREATED, Json(w)))
 }
 
@@ -155,7 +157,11 @@ pub async fn admin_payout_transition(
 }
 
 pub async fn admin_auto_payouts(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let made = payments(&state).auto_payouts().await?;
+    let p = payments(&state);
+    let made = p.auto_payouts().await?;
+    for w in &made {
+        crate::payout_connector::dispatch(state.http.clone(), &state.config, p.clone(), w.clone());
+    }
     Ok(Json(json!({ "object": "list", "data": made })))
 }
 
@@ -213,11 +219,8 @@ pub async fn top_up(State(state): State<AppState>, headers: HeaderMap, body: Byt
     let Some(secret) = &state.config.topup_webhook_secret else {
         return Err(ApiError::PermissionDenied("top-ups are disabled: set GATEWAY_TOPUP_WEBHOOK_SECRET".into()));
     };
-    let given = headers.get("x-signature").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("sha256=")).unwrap_or("");
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
-    mac.update(&body);
-    let Ok(given) = hex::decode(given) else { return Err(ApiError::InvalidApiKey) };
-    if mac.verify_slice(&given).is_err() {
+    let signature = headers.get("x-signature").and_then(|v| v.to_str().ok());
+    if !crate::payout_connector::verify(secret.expose(), &body, signature) {
         return Err(ApiError::InvalidApiKey);
     }
     let t: TopUp = extract::parse(&headers, &body)?;
@@ -244,4 +247,33 @@ pub async fn revenue(State(state): State<AppState>, Query(r): Query<Range>) -> R
 pub async fn usage(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
     let (from, to) = analytics::window(r.from, r.to);
     Ok(Json(analytics::usage(&state.store, from, to).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PayoutOutcome {
+    withdrawal_id: String,
+    status: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /api/payment/payout-webhook`: the payout service reports `paid` or `failed`.
+/// Signed like the outgoing webhook; a repeated report of the same outcome is a no-op.
+pub async fn payout_webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let Some(secret) = &state.config.payout_webhook_secret else {
+        return Err(ApiError::PermissionDenied("no payout service is configured".into()));
+    };
+    let signature = headers.get("x-signature").and_then(|v| v.to_str().ok());
+    if !crate::payout_connector::verify(secret.expose(), &body, signature) {
+        return Err(ApiError::InvalidApiKey);
+    }
+    let outcome: PayoutOutcome = extract::parse(&headers, &body)?;
+    if !matches!(outcome.status.as_str(), "paid" | "failed") {
+        return Err(ApiError::param("`status` must be paid or failed", "status"));
+    }
+    let p = payments(&state);
+    let current = p.get(&outcome.withdrawal_id).await?;
+    let w = if current.status == outcome.status { current } else { p.transition(&outcome.withdrawal_id, &outcome.status, outcome.reason).await? };
+    Ok(Json(serde_json::to_value(w).unwrap_or_default()))
 }

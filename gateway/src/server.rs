@@ -54,6 +54,8 @@ impl Running {
         let stop_refresh = stop.clone();
         let sweeper = crate::ledger::Ledger::new(store.clone());
         let payouts = crate::payments::Payments::new(store.clone());
+        let connector_http = AppState::http_client(&config)?;
+        let connector_config = config.clone();
         let hold_ttl_ms = i64::try_from(config.hold_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let mut sweeps = 0u64;
         tokio::spawn(async move {
@@ -72,7 +74,12 @@ impl Running {
                                 Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
                             }
                             match payouts.auto_payouts().await {
-                                Ok(made) if !made.is_empty() => tracing::info!(count = made.len(), "automatic payouts requested"),
+                                Ok(made) if !made.is_empty() => {
+                                    tracing::info!(count = made.len(), "automatic payouts requested");
+                                    for w in made {
+                                        crate::payout_connector::dispatch(connector_http.clone(), &connector_config, payouts.clone(), w);
+                                    }
+                                }
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "automatic payouts failed"),
                             }

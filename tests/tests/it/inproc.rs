@@ -1247,3 +1247,65 @@ async fn inproc_reservation_expires_and_charges_the_full_period() {
     assert_eq!(gw.balance(&format!("user:{uid}")).await, 1_000_000 - 1_080);
     gw.ledger_is_clean().await;
 }
+
+#[tokio::test]
+async fn inproc_payout_webhook_connector_retries_and_reports() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    // A payout service that fails twice, then accepts; it records what it got.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen: Arc<parking_lot::Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let (c, s) = (calls.clone(), seen.clone());
+    let service = axum::Router::new().route(
+        "/payouts",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let (c, s) = (c.clone(), s.clone());
+            async move {
+                let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                s.lock().push((header("x-signature"), header("idempotency-key"), body));
+                if c.fetch_add(1, Ordering::SeqCst) < 2 { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service_url = format!("http://{}/payouts", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+    let gw = Gateway::start_with(|c| {
+        c.payout_webhook_url = Some(service_url);
+        c.payout_webhook_secret = Some(Secret::new("payout-secret"));
+    })
+    .await;
+    let (id, pkey) = provider_with_earnings(&gw, 10).await;
+    let body = json!({"providerId": id, "amount": 8.0, "method": {"type": "bank_transfer", "iban": "DE89370400440532013000"}});
+    let w: Value = gw.http.post(gw.url("/api/payment/withdraw")).bearer_auth(&pkey).json(&body).send().await.unwrap().json().await.unwrap();
+    let wid = w["id"].as_str().unwrap().to_owned();
+    let mut status = String::new();
+    for _ in 0..100 {
+        let list: Value = gw.http.get(gw.url(&format!("/api/payment/withdrawals/{id}"))).bearer_auth(&pkey).send().await.unwrap().json().await.unwrap();
+        status = list["data"][0]["status"].as_str().unwrap().to_owned();
+        if status == "processing" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "processing", "accepted on the third try");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    {
+        let seen = seen.lock();
+        assert!(seen.iter().all(|(sig, idem, body)| {
+            *idem == wid && *sig == gateway::payout_connector::sign("payout-secret", body.as_bytes())
+        }), "every delivery is signed and carries the idempotency key");
+        assert!(seen[0].2.contains("DE89370400440532013000"));
+    }
+    // The service reports the outcome, signed; a replay changes nothing; a forgery is refused.
+    let report = json!({"withdrawalId": wid, "status": "paid"}).to_string();
+    let send = |sig: String| gw.http.post(gw.url("/api/payment/payout-webhook")).header("content-type", "application/json").header("x-signature", sig).body(report.clone()).send();
+    assert_eq!(send("sha256=abcd".into()).await.unwrap().status(), 401);
+    for _ in 0..2 {
+        let v: Value = send(gateway::payout_connector::sign("payout-secret", report.as_bytes())).await.unwrap().json().await.unwrap();
+        assert_eq!(v["status"], "paid");
+    }
+    assert_eq!(gw.balance("platform:payouts").await, 0);
+    assert_eq!(gw.balance(&format!("provider:{id}")).await, 2_000_000);
+    gw.ledger_is_clean().await;
+}
