@@ -30,7 +30,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_seqs: 32, kv_budget_bytes: 4 << 30, prefill_chunk: 256 }
+        EngineConfig { max_seqs: 32, kv_budget_bytes: 8 << 30, prefill_chunk: 256 }
     }
 }
 

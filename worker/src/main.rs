@@ -126,8 +126,9 @@ struct EngineArgs {
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 32)]
     max_seqs: usize,
-    /// KV-cache memory budget in MiB.
-    #[arg(long, default_value_t = 4096)]
+    /// KV-cache memory budget in MiB (each admitted request reserves
+    /// min(prompt + max_tokens, context) tokens of f32 keys and values).
+    #[arg(long, default_value_t = 8192)]
     kv_budget_mb: usize,
     /// Prompt tokens processed per step (chunked prefill).
     #[arg(long, default_value_t = 256)]

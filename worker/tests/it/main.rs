@@ -6,6 +6,7 @@
 
 mod gateway;
 mod generation;
+mod parity;
 mod server;
 mod tokenizer;
 
