@@ -3,6 +3,7 @@ ALTER TABLE api_keys ADD COLUMN daily_limit_micros BIGINT;
 ALTER TABLE api_keys ADD COLUMN monthly_limit_micros BIGINT;
 ALTER TABLE holds ADD COLUMN key_id TEXT;
 CREATE INDEX IF NOT EXISTS usage_records_key_time ON usage_records (key_id, created_at);
+CREATE INDEX IF NOT EXISTS usage_records_user_time ON usage_records (user_id, created_at);
 CREATE TABLE IF NOT EXISTS reservations (
     id TEXT PRIMARY KEY,
     user_id TEXT NOT NULL REFERENCES users(id),

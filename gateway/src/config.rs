@@ -52,6 +52,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// A bulk-usage discount: from `monthly_tokens` billed tokens in the calendar month on,
+/// a paying user's further requests cost `discount_bp` basis points less.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDiscount {
+    pub monthly_tokens: u64,
+    pub discount_bp: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -93,6 +102,8 @@ pub struct Config {
     /// The payout service that receives new withdrawals (signed webhook); manual without it.
     pub payout_webhook_url: Option<String>,
     pub payout_webhook_secret: Option<Secret>,
+    /// Bulk-usage discount tiers (TOML `[[volume_discounts]]`, or env as an inline array).
+    pub volume_discounts: Vec<VolumeDiscount>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -123,6 +134,7 @@ impl Default for Config {
             topup_webhook_secret: None,
             payout_webhook_url: None,
             payout_webhook_secret: None,
+            volume_discounts: Vec::new(),
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
@@ -181,7 +193,7 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "tls_cert", "tls_key", "log_format",
+            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "tls_cert", "tls_key", "log_format",
         ];
         KEYS.contains(&key)
     }
@@ -202,6 +214,9 @@ impl Config {
         if self.payout_webhook_url.is_some() != self.payout_webhook_secret.is_some() {
             return invalid("payout_webhook_url", "payout_webhook_url and payout_webhook_secret must be given together");
         }
+        if self.volume_discounts.iter().any(|d| d.discount_bp > 10_000) {
+            return invalid("volume_discounts", "discount_bp must be at most 10000 (100%)");
+        }
         if self.platform_fee_bp > 10_000 {
             return invalid("platform_fee_bp", "must be at most 10000 (100%)");
         }
@@ -219,6 +234,13 @@ impl Config {
 
 /// Environment values are TOML scalars when they parse as one (`3002`, `true`), strings otherwise.
 fn env_value(raw: &str) -> toml::Value {
+    if raw.trim_start().starts_with('[') {
+        if let Ok(table) = format!("v = {raw}").parse::<toml::Table>() {
+            if let Some(v) = table.get("v") {
+                return v.clone();
+            }
+        }
+    }
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
     }
@@ -261,6 +283,15 @@ mod tests {
         assert!(err.contains("prot"), "{err}");
         let err = Config::load_from(None, &env(&[("GATEWAY_MAX_ATTEMPTS", "many")])).unwrap_err();
         assert!(err.to_string().contains("max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn volume_discounts_from_file_and_env() {
+        let raw = "[{ monthly_tokens = 1000, discount_bp = 500 }]";
+        let config = Config::load_from(None, &env(&[("GATEWAY_VOLUME_DISCOUNTS", raw)])).unwrap();
+        assert_eq!(config.volume_discounts, vec![VolumeDiscount { monthly_tokens: 1000, discount_bp: 500 }]);
+        let bad = "[{ monthly_tokens = 1000, discount_bp = 50000 }]";
+        assert!(Config::load_from(None, &env(&[("GATEWAY_VOLUME_DISCOUNTS", bad)])).is_err());
     }
 
     #[test]

@@ -67,6 +67,25 @@ pub fn price(tokens: u64, per_mtok: Micros, multiplier_bp: u32) -> Micros {
     i64::try_from((numerator + denominator - 1) / denominator).unwrap_or(i64::MAX)
 }
 
+/// `price` less a discount in basis points, rounded up once at the end.
+pub fn price_discounted(tokens: u64, per_mtok: Micros, multiplier_bp: u32, discount_bp: u32) -> Micros {
+    let numerator = i128::from(tokens) * i128::from(per_mtok) * i128::from(multiplier_bp) * i128::from(10_000 - discount_bp.min(10_000));
+    let denominator: i128 = 1_000_000 * 10_000 * 10_000;
+    i64::try_from((numerator + denominator - 1) / denominator).unwrap_or(i64::MAX)
+}
+
+/// Tokens a user was billed for since `since_ms` (for volume discounts).
+pub async fn user_tokens_since(store: &Store, user_id: &str, since_ms: i64) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) FROM usage_records WHERE user_id = $1 AND created_at >= $2 AND payer = 'user'",
+    )
+    .bind(user_id)
+    .bind(since_ms)
+    .fetch_one(&store.pool)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// The platform fee out of a charge, rounded down (the provider keeps the rounding).
 pub fn fee(charge: Micros, fee_bp: u32) -> Micros {
     charge * i64::from(fee_bp) / 10_000
@@ -373,6 +392,9 @@ mod tests {
         assert_eq!(price(3, 500_000, 10_000), 2);
         assert_eq!(price(0, 2_000_000, 10_000), 0);
         assert_eq!(fee(20, 1_000), 2);
+        assert_eq!(price_discounted(10, 2_000_000, 10_000, 0), 20);
+        assert_eq!(price_discounted(10, 2_000_000, 10_000, 5_000), 10);
+        assert_eq!(price_discounted(7, 2_000_000, 10_000, 5_000), 7);
         assert_eq!(fee(19, 1_000), 1);
     }
 }

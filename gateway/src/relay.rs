@@ -140,8 +140,8 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
 
 /// Who pays, decided before the provider is called.
 enum Funding {
-    /// A paying user's hold.
-    User(Hold),
+    /// A paying user's hold, and their volume discount in basis points.
+    User(Hold, u32),
     /// Free tier: the platform's ad revenue pays.
     AdRevenue,
     /// Nothing to bill (a free provider).
@@ -197,10 +197,12 @@ impl Tracker {
             return charge;
         }
         let Some((_, per_mtok)) = &self.provider else { return 0 };
-        let charge = ledger::price(u64::from(usage.total_tokens), *per_mtok, self.cost_multiplier_bp);
+        let tokens = u64::from(usage.total_tokens);
         match &self.funding {
-            Some(Funding::User(hold)) => charge.min(hold.amount),
-            Some(Funding::AdRevenue) => charge,
+            Some(Funding::User(hold, discount)) => {
+                ledger::price_discounted(tokens, *per_mtok, self.cost_multiplier_bp, *discount).min(hold.amount)
+            }
+            Some(Funding::AdRevenue) => ledger::price(tokens, *per_mtok, self.cost_multiplier_bp),
             Some(Funding::Nothing) | None => 0,
         }
     }
@@ -216,7 +218,7 @@ impl Tracker {
         record.latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         record.status = self.status;
         let billing = match (self.funding.take(), &self.provider) {
-            (Some(Funding::User(hold)), Some((provider_id, _))) => {
+            (Some(Funding::User(hold, _)), Some((provider_id, _))) => {
                 record.payer = Some("user");
                 Some(Billing::Settle(Settlement {
                     request_id: record.request_id.clone(),
@@ -226,7 +228,7 @@ impl Tracker {
                     fee: ledger::fee(charge, self.fee_bp),
                 }))
             }
-            (Some(Funding::User(hold)), None) => Some(Billing::Void(hold)),
+            (Some(Funding::User(hold, _)), None) => Some(Billing::Void(hold)),
             (Some(Funding::AdRevenue), Some((provider_id, _))) => {
                 record.payer = Some("ad_revenue");
                 Some(Billing::Settle(Settlement {
@@ -555,13 +557,24 @@ async fn fund(state: &AppState, dispatch: &Dispatch, eligible: &[Arc<Provider>])
             }
         }
     }
+    let discount = volume_discount(state, &key.user_id, month_start).await?;
     match state.ledger.hold(&account, amount, &dispatch.request_id, Some(&key.key_id)).await? {
-        Some(hold) => Ok(Funding::User(hold)),
+        Some(hold) => Ok(Funding::User(hold, discount)),
         None => {
             let available = state.ledger.balance(&account).await?.available;
             Err(ApiError::InsufficientQuota { needed: amount, available })
         }
     }
+}
+
+/// The best bulk-usage discount the user's month-to-date tokens reach (0 without tiers).
+async fn volume_discount(state: &AppState, user_id: &str, month_start: i64) -> Result<u32, ApiError> {
+    let tiers = &state.config.volume_discounts;
+    if tiers.is_empty() {
+        return Ok(0);
+    }
+    let tokens = ledger::user_tokens_since(&state.store, user_id, month_start).await?;
+    Ok(tiers.iter().filter(|t| tokens >= t.monthly_tokens).map(|t| t.discount_bp).max().unwrap_or(0))
 }
 
 pub fn micros_to_usd(micros: Micros) -> f64 {

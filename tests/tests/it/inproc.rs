@@ -1309,3 +1309,22 @@ async fn inproc_payout_webhook_connector_retries_and_reports() {
     assert_eq!(gw.balance(&format!("provider:{id}")).await, 2_000_000);
     gw.ledger_is_clean().await;
 }
+
+#[tokio::test]
+async fn inproc_ledger_volume_discount_applies_past_the_tier() {
+    let gw = Gateway::start_with(|c| c.volume_discounts = vec![gateway::config::VolumeDiscount { monthly_tokens: 10, discount_bp: 5_000 }]).await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let (key, uid) = gw.create_unfunded_key("premium").await;
+    gw.credit(&uid, 1_000_000).await;
+    let account = format!("user:{uid}");
+    let mut costs = Vec::new();
+    for _ in 0..3 {
+        let before = gw.balance(&account).await;
+        let v: Value = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi")})).await.json().await.unwrap();
+        costs.push(before - gw.balance(&account).await);
+        assert_eq!((v["usage"]["cost"].as_f64().unwrap() * 1e6).round() as i64, *costs.last().unwrap());
+    }
+    assert_eq!(costs, vec![HI_COST, HI_COST, HI_COST / 2], "7, 14 tokens so far: full price; from 10 tokens on: 50% off");
+    gw.ledger_is_clean().await;
+}
