@@ -126,6 +126,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/llm/ws", get(simple_api::websocket))
         .route("/api/llm/reservations", post(simple_api::create_reservation).get(simple_api::list_reservations))
         .route("/api/llm/reservations/{id}", axum::routing::delete(simple_api::release_reservation))
+        .route("/api/llm/balance", get(payments_api::own_balance))
+        .route("/api/llm/transactions", get(payments_api::own_transactions))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user_key));
     let admin_routes = Router::new()
         .route("/api/admin/keys", post(platform_api::admin_create_key).get(platform_api::admin_list_keys))

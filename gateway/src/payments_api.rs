@@ -277,3 +277,22 @@ pub async fn payout_webhook(State(state): State<AppState>, headers: HeaderMap, b
     let w = if current.status == outcome.status { current } else { p.transition(&outcome.withdrawal_id, &outcome.status, outcome.reason).await? };
     Ok(Json(serde_json::to_value(w).unwrap_or_default()))
 }
+
+/// `GET /api/llm/balance`: the caller's own prepaid balance.
+pub async fn own_balance(
+    State(state): State<AppState>,
+    axum::Extension(key): axum::Extension<std::sync::Arc<crate::keys::AuthedKey>>,
+) -> Result<Json<Value>, ApiError> {
+    let b = state.ledger.balance(&ledger::user_account(&key.user_id)).await?;
+    Ok(Json(json!({ "userId": key.user_id, "balance": b.posted as f64 / 1e6, "held": b.held as f64 / 1e6, "available": b.available as f64 / 1e6 })))
+}
+
+/// `GET /api/llm/transactions`: the caller's own ledger history, paginated.
+pub async fn own_transactions(
+    State(state): State<AppState>,
+    axum::Extension(key): axum::Extension<std::sync::Arc<crate::keys::AuthedKey>>,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let account = ledger::user_account(&key.user_id);
+    Ok(Json(analytics::history(&state.store, &account, page.before.as_deref(), page.limit.unwrap_or(50)).await?))
+}

@@ -99,13 +99,24 @@ pub async fn heartbeat(
     Ok(Json(serde_json::json!({ "providerId": h.provider_id, "ok": true })))
 }
 
-pub async fn admin_providers(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub async fn admin_providers(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let now = now_ms();
-    let mut providers: Vec<ProviderInfo> =
-        state.registry.snapshot().values().map(|p| p.info(now, stale_ms)).collect();
+    let flags: std::collections::HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+        "SELECT provider_id, COUNT(*) FROM usage_records WHERE usage_source = 'gateway_flagged' AND provider_id IS NOT NULL GROUP BY provider_id",
+    )
+    .fetch_all(&state.store.pool)
+    .await?
+    .into_iter()
+    .collect();
+    let mut providers: Vec<ProviderInfo> = state
+        .registry
+        .snapshot()
+        .values()
+        .map(|p| p.info(now, stale_ms, flags.get(&p.id).map_or(0, |n| u64::try_from(*n).unwrap_or(0))))
+        .collect();
     providers.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-    Json(serde_json::json!({ "object": "list", "data": providers }))
+    Ok(Json(serde_json::json!({ "object": "list", "data": providers })))
 }
 
 pub async fn admin_provider_approve(

@@ -91,7 +91,7 @@ impl Provider {
         self.streams.iter().any(|(m, q)| m == model && q == quality)
     }
 
-    pub fn info(&self, now: i64, stale_after_ms: i64) -> ProviderInfo {
+    pub fn info(&self, now: i64, stale_after_ms: i64, usage_flags: u64) -> ProviderInfo {
         let mut streams: Vec<StreamControlInfo> = self
             .streams
             .iter()
@@ -112,6 +112,7 @@ impl Provider {
             active_requests: self.load.in_flight.load(Ordering::Relaxed),
             last_heartbeat_at: (heartbeat > 0).then_some(heartbeat),
             created_at: self.created_at,
+            usage_flags,
         }
     }
 }

@@ -182,7 +182,7 @@ impl Tracker {
             Some(u) => {
                 tracing::warn!(reported = ?u, counted = self.counted_completion, "implausible usage from provider; billing our own count");
                 let prompt = if u.prompt_tokens <= self.body_bytes { u.prompt_tokens } else { estimate };
-                (Usage { prompt_tokens: prompt, completion_tokens: self.counted_completion, total_tokens: prompt + self.counted_completion, cost: None }, "gateway")
+                (Usage { prompt_tokens: prompt, completion_tokens: self.counted_completion, total_tokens: prompt + self.counted_completion, cost: None }, "gateway_flagged")
             }
             None => (
                 Usage { prompt_tokens: estimate, completion_tokens: self.counted_completion, total_tokens: estimate + self.counted_completion, cost: None },

@@ -31,7 +31,8 @@ pub struct UsageRecord {
     pub cost_micros: i64,
     /// `user`, `ad_revenue`, or none when nothing was billed.
     pub payer: Option<&'static str>,
-    /// Whose token count was billed: `provider` or `gateway` (provider's was missing or implausible).
+    /// Whose token count was billed: `provider`; `gateway` when the provider sent none
+    /// (the stream was cut); `gateway_flagged` when its report was implausible.
     pub usage_source: &'static str,
 }
 

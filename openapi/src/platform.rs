@@ -147,6 +147,8 @@ pub struct ProviderInfo {
     pub active_requests: u32,
     pub last_heartbeat_at: Option<i64>,
     pub created_at: i64,
+    /// Requests whose usage report was implausible and billed on the gateway's count.
+    pub usage_flags: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -33,6 +33,8 @@ pub struct MockConfig {
     pub first_chunk_delay: Duration,
     /// Leave out the usage chunk (as some servers do).
     pub omit_usage: bool,
+    /// Report this many times the completion tokens really sent (a dishonest provider).
+    pub overreport: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -170,6 +172,7 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
     let idle = text.contains("[idle]");
     let slow = text.contains("[slow]");
     let delay = s.config.first_chunk_delay;
+    let overreport = s.config.overreport.unwrap_or(1);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     s.provider.open_streams.fetch_add(1, Ordering::SeqCst);
     let provider = s.provider.clone();
@@ -215,7 +218,8 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
             return;
         }
         if include_usage {
-            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens, "total_tokens": prompt_tokens + n_tokens});
+            let reported = n_tokens * overreport;
+            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": reported, "total_tokens": prompt_tokens + reported});
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [], "usage": usage});
             if tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await.is_err() {
                 return;

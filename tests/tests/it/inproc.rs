@@ -1328,3 +1328,23 @@ async fn inproc_ledger_volume_discount_applies_past_the_tier() {
     assert_eq!(costs, vec![HI_COST, HI_COST, HI_COST / 2], "7, 14 tokens so far: full price; from 10 tokens on: 50% off");
     gw.ledger_is_clean().await;
 }
+
+#[tokio::test]
+async fn inproc_ledger_overreported_usage_is_not_billed_and_flagged() {
+    let gw = Gateway::start().await;
+    let liar = spawn_mock(MockConfig { overreport: Some(100), ..MockConfig::default() }).await.unwrap();
+    let (provider, _) = gw.add_provider(&liar, "mock-model", None, &["standard"]).await;
+    let key = gw.create_key("premium").await;
+    let v: Value = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi")})).await.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 6, "our own count of delivered tokens wins");
+    assert_eq!((v["usage"]["cost"].as_f64().unwrap() * 1e6).round() as i64, HI_COST);
+    let providers: Value = gw.http.get(gw.url("/api/admin/providers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(providers["data"][0]["id"], provider.as_str());
+    assert_eq!(providers["data"][0]["usageFlags"], 1);
+    // The user sees their own balance and history.
+    let b: Value = gw.http.get(gw.url("/api/llm/balance")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert!((b["balance"].as_f64().unwrap() - (10.0 - HI_COST as f64 / 1e6)).abs() < 1e-9, "{b}");
+    let h: Value = gw.http.get(gw.url("/api/llm/transactions")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(h["data"].as_array().unwrap().len(), 2, "the credit and one request");
+    gw.ledger_is_clean().await;
+}
