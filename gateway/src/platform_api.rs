@@ -164,7 +164,7 @@ pub async fn admin_create_key(
 fn limit_micros(usd: Option<f64>, param: &str) -> Result<Option<i64>, ApiError> {
     match usd {
         None => Ok(None),
-        Some(v) if v.is_finite() && v >= 0.0 && v < 1e9 => Ok(Some((v * 1e6).round() as i64)),
+        Some(v) if (0.0..1e9).contains(&v) => Ok(Some((v * 1e6).round() as i64)),
         Some(_) => Err(ApiError::param(format!("`{param}` must be a non-negative USD amount"), param)),
     }
 }
