@@ -1,5 +1,6 @@
-//! Joining a gateway: register (once; the provider key is kept in a local file),
-//! go on line per quality, heartbeat every 10 s, and go off line on shutdown.
+//! Joining a gateway: register (once; the provider key is kept in a local file and
+//! replaced when the gateway no longer accepts it), go on line per quality,
+//! heartbeat every 10 s, and go off line on shutdown.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -81,6 +82,8 @@ pub struct GatewayClient {
     cfg: GatewayConfig,
     pub creds: Credentials,
     model_id: String,
+    /// The credentials came from the key file (so they may be stale).
+    from_file: bool,
 }
 
 async fn post(
@@ -106,12 +109,37 @@ impl GatewayClient {
     /// Registers with the gateway unless the key file (or flags) already hold
     /// credentials for it.
     pub async fn join(cfg: GatewayConfig, engine: &Engine, model_id: &str, gpu: &GpuInfo) -> Result<GatewayClient, RegistrationError> {
+        let client = GatewayClient::credentials(cfg, engine, model_id, gpu, true).await?;
+        match client.start_streams().await {
+            // Saved credentials the gateway no longer knows (e.g. a fresh database):
+            // register anew once.
+            Err(RegistrationError::Status { status: 401 | 403 | 404, .. }) if client.from_file => {
+                tracing::warn!("the gateway rejected the saved provider key; registering again");
+                let client = GatewayClient::credentials(client.cfg, engine, model_id, gpu, false).await?;
+                client.start_streams().await?;
+                Ok(client)
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(client),
+        }
+    }
+
+    async fn credentials(
+        cfg: GatewayConfig,
+        engine: &Engine,
+        model_id: &str,
+        gpu: &GpuInfo,
+        use_saved: bool,
+    ) -> Result<GatewayClient, RegistrationError> {
         let http = reqwest::Client::new();
         let base = cfg.url.trim_end_matches('/').to_string();
+        let mut from_file = false;
+        let saved = if use_saved { load_credentials(&cfg.key_file, &base) } else { None };
         let creds = if let (Some(id), Some(key)) = (&cfg.provider_id, &cfg.provider_key) {
             Credentials { gateway: base.clone(), provider_id: id.clone(), provider_key: key.clone() }
-        } else if let Some(c) = load_credentials(&cfg.key_file, &base) {
+        } else if let Some(c) = saved {
             tracing::info!(provider_id = %c.provider_id, "using saved provider credentials");
+            from_file = true;
             c
         } else {
             let body = json!({
@@ -144,7 +172,7 @@ impl GatewayClient {
             tracing::info!(provider_id = %c.provider_id, key_file = %cfg.key_file.display(), "registered with the gateway");
             c
         };
-        Ok(GatewayClient { http, cfg, creds, model_id: model_id.to_string() })
+        Ok(GatewayClient { http, cfg, creds, model_id: model_id.to_string(), from_file })
     }
 
     async fn stream_call(&self, what: &str) -> Result<(), RegistrationError> {
@@ -156,6 +184,7 @@ impl GatewayClient {
         Ok(())
     }
 
+    /// Goes on line for every quality (`join` already did this once).
     pub async fn start_streams(&self) -> Result<(), RegistrationError> {
         self.stream_call("start").await
     }

@@ -58,7 +58,6 @@ pub async fn run(engine: Engine, model_id: String, cfg: ServeConfig) -> Result<(
         Some(g) => {
             let gpu = crate::host::detect();
             let client = Arc::new(GatewayClient::join(g, &engine, &model_id, &gpu).await?);
-            client.start_streams().await?;
             tracing::info!(provider_id = %client.creds.provider_id, "on line at the gateway");
             let hb = client.clone();
             let hb_engine = engine.clone();

@@ -18,7 +18,11 @@ type Calls = Arc<Mutex<Vec<(String, Option<String>, Value)>>>;
 
 async fn record(State(calls): State<Calls>, uri: Uri, headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-    calls.lock().unwrap().push((uri.path().to_string(), auth, body));
+    calls.lock().unwrap().push((uri.path().to_string(), auth.clone(), body));
+    // A key from an earlier life of the gateway (e.g. its database was reset).
+    if auth.as_deref() == Some("Bearer pk-stale") {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": {"message": "invalid provider key"}})));
+    }
     if uri.path() == "/api/gpu/register" {
         return (StatusCode::CREATED, Json(json!({"providerId": "prov-1", "providerKey": "pk-test"})));
     }
@@ -29,14 +33,61 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn registers_streams_and_drains_on_sigterm() {
+async fn mock_gateway() -> (String, Calls) {
     let calls: Calls = Arc::default();
     let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw_url = format!("http://{}", gw.local_addr().unwrap());
     let router = Router::new().fallback(post(record)).with_state(calls.clone());
     tokio::spawn(async move { axum::serve(gw, router).await });
+    (gw_url, calls)
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_saved_key_is_replaced_by_a_new_registration() {
+    let (gw_url, calls) = mock_gateway().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("provider.json");
+    let stale = json!({"gateway": gw_url, "providerId": "prov-old", "providerKey": "pk-stale"});
+    std::fs::write(&key_file, stale.to_string()).unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--gateway", &gw_url])
+        .args(["--qualities", "standard"])
+        .arg("--model")
+        .arg(model_path())
+        .arg("--key-file")
+        .arg(&key_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut paths = Vec::new();
+    for _ in 0..300 {
+        paths = calls.lock().unwrap().iter().map(|c| (c.0.clone(), c.1.clone())).collect::<Vec<_>>();
+        if paths.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let bearer = |k: &str| Some(format!("Bearer {k}"));
+    assert_eq!(
+        paths[..3],
+        [
+            ("/api/gpu/stream/start".to_string(), bearer("pk-stale")),
+            ("/api/gpu/register".to_string(), None),
+            ("/api/gpu/stream/start".to_string(), bearer("pk-test")),
+        ]
+    );
+    assert!(status.success(), "worker exited with {status}");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    assert_eq!(saved["providerKey"], "pk-test");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registers_streams_and_drains_on_sigterm() {
+    let (gw_url, calls) = mock_gateway().await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("provider.json");
     let port = free_port();
