@@ -11,7 +11,7 @@
 //! CPU and memory are read from its own `/proc/<pid>`.
 //!
 //! Every phase is bounded in count and time. Flags: `--quick` (shorter phases),
-//! `--rates 250,500,1000`, `--secs 10`, `--streams 10000`.
+//! `--rates 250,500,1000`, `--secs 10`, `--streams 10000`, `--gateway PATH` (another build).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -34,11 +34,13 @@ struct Options {
     streams: usize,
     stream_rate: u32,
     stream_secs: u64,
+    /// Another gateway binary to measure (an A/B of a change), instead of target/release/gateway.
+    gateway: Option<PathBuf>,
 }
 
 impl Options {
     fn parse() -> anyhow::Result<Self> {
-        let mut o = Self { rates: vec![250, 500, 1000], secs: 10, streams: 10_000, stream_rate: 200, stream_secs: 5 };
+        let mut o = Self { rates: vec![250, 500, 1000], secs: 10, streams: 10_000, stream_rate: 200, stream_secs: 5, gateway: None };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -57,6 +59,7 @@ impl Options {
                 }
                 "--secs" => o.secs = args.next().context("--secs takes a number")?.parse()?,
                 "--streams" => o.streams = args.next().context("--streams takes a number")?.parse()?,
+                "--gateway" => o.gateway = Some(args.next().context("--gateway takes a path")?.into()),
                 other => bail!("unknown argument {other}; see the top of tests/src/bin/bench-overhead.rs"),
             }
         }
@@ -111,7 +114,7 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn start(http: &reqwest::Client, max_streams: usize) -> anyhow::Result<Setup> {
+async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&Path>) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let mock_port = free_port()?;
     let mut mock = Command::new(release_bin("mock-provider")?)
@@ -126,7 +129,11 @@ async fn start(http: &reqwest::Client, max_streams: usize) -> anyhow::Result<Set
 
     let port = free_port()?;
     let log = std::fs::File::create(dir.path().join("gateway.log"))?;
-    let mut gateway = Command::new(release_bin("gateway")?)
+    let gateway_bin = match gateway_bin {
+        Some(path) => path.to_owned(),
+        None => release_bin("gateway")?,
+    };
+    let mut gateway = Command::new(gateway_bin)
         .arg("serve")
         .env("GATEWAY_DATABASE_URL", format!("sqlite://{}", dir.path().join("gw.db").display()))
         .env("GATEWAY_ADMIN_KEY", ADMIN_KEY)
@@ -571,7 +578,7 @@ async fn bench(options: Options) -> anyhow::Result<String> {
         );
     }
     let http = reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).tcp_nodelay(true).build()?;
-    let setup = start(&http, options.streams).await?;
+    let setup = start(&http, options.streams, options.gateway.as_deref()).await?;
     let gateway_pid = setup.gateway.id().context("the gateway has no pid")?;
     let mock_pid = setup.mock.id().context("the mock provider has no pid")?;
     let client = Client {
