@@ -71,6 +71,7 @@ fn run_streams(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Ve
                 while let Some(ev) = rx.blocking_recv() {
                     let now = Instant::now();
                     match ev {
+                        Event::Logprob(_) => {}
                         Event::Text(_) => {
                             first.get_or_insert(now);
                             last = now;

@@ -49,10 +49,21 @@ impl FinishReason {
     }
 }
 
+/// A sampled token's log-probability, with the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Newly generated text (never a partial UTF-8 character, never stop text).
     Text(String),
+    /// Sent before the text of each sampled token when the request asked for logprobs.
+    Logprob(TokenLogprob),
     Done { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
 }
 
@@ -300,6 +311,17 @@ impl Engine {
                 self.finish(s, FinishReason::Stop, String::new());
                 continue;
             }
+            // The end-of-sequence token is not part of the answer, so it has no logprob entry.
+            if let Some(top) = s.sampler.params().logprobs {
+                let (lp, alts) = crate::sampling::logprobs(&l, t, top);
+                let info = |id: u32| {
+                    let bytes = tok.token_output_bytes(id).to_vec();
+                    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+                };
+                let (token, bytes) = info(t);
+                let top = alts.into_iter().map(|(id, p)| { let (s, b) = info(id); (s, b, p) }).collect();
+                let _ = s.events.send(Event::Logprob(TokenLogprob { token, bytes, logprob: lp, top }));
+            }
             let text = s.utf8.push(tok.token_output_bytes(t));
             match s.stop.push(&text) {
                 StopOutcome::Stopped(out) => {
@@ -359,6 +381,7 @@ pub fn generate_blocking(engine: &Engine, req: GenRequest, mut on_text: impl FnM
                 on_text(&t);
                 text.push_str(&t);
             }
+            Event::Logprob(_) => {}
             done @ Event::Done { .. } => return (text, done),
         }
     }

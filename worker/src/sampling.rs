@@ -21,6 +21,8 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Keep generating past the end-of-sequence token (benchmarks).
     pub ignore_eos: bool,
+    /// Report each sampled token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -36,6 +38,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -113,6 +116,25 @@ impl Sampler {
         }
         idx[probs.len() - 1]
     }
+}
+
+/// Log-probability of `token` and the `top` most likely tokens, from the logits the
+/// sampler saw (after logit bias and penalties, before temperature).
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > best[best.len() - 1].1 {
+                let at = best.partition_point(|&(_, b)| b >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+    }
+    let chosen = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - lse);
+    (chosen, best.into_iter().map(|(i, l)| (i, l - lse)).collect())
 }
 
 pub fn argmax(x: &[f32]) -> u32 {

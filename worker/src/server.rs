@@ -21,11 +21,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::engine::{Engine, Event, FinishReason, GenRequest};
+use crate::engine::{Engine, Event, FinishReason, GenRequest, TokenLogprob};
 use crate::sampling::SamplingParams;
 
 /// The optional OpenAI request parameters this worker honours (announced to the gateway).
-pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop"];
+pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop", "logprobs"];
 
 #[derive(Clone)]
 pub struct AppState {
@@ -212,16 +212,30 @@ impl AppState {
         }
     }
 
-    fn request(&self, prompt: Vec<u32>, p: &CommonParams, prompt_param: &'static str) -> Result<GenRequest, ApiError> {
+    fn request(&self, prompt: Vec<u32>, p: &CommonParams, kind: Kind) -> Result<GenRequest, ApiError> {
         if self.draining.load(Relaxed) {
             return Err(ApiError::Draining);
         }
         if p.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("Only n=1 is supported by this worker", "n"));
         }
-        if p.logprobs.as_ref().is_some_and(|v| v.as_bool() == Some(true) || v.is_number()) || p.top_logprobs.is_some() {
-            return Err(ApiError::bad("logprobs are not supported by this worker", "logprobs"));
-        }
+        let logprobs = match (kind, &p.logprobs, &p.top_logprobs) {
+            (Kind::Chat, Some(Value::Bool(true)), top) => {
+                let top = match top {
+                    None => 0,
+                    Some(v) => v.as_u64().filter(|&n| n <= 20).ok_or_else(|| {
+                        ApiError::bad("top_logprobs must be an integer between 0 and 20", "top_logprobs")
+                    })? as usize,
+                };
+                Some(top)
+            }
+            (Kind::Chat, None | Some(Value::Bool(false)), Some(_)) => {
+                return Err(ApiError::bad("top_logprobs requires logprobs to be true", "top_logprobs"))
+            }
+            (Kind::Chat, None | Some(Value::Bool(false)), None) => None,
+            (Kind::Text, None, _) => None,
+            _ => return Err(ApiError::bad("logprobs are supported on chat completions only (true/false)", "logprobs")),
+        };
         if p.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::bad("tools are not supported by this worker", "tools"));
         }
@@ -232,7 +246,6 @@ impl AppState {
         }
         let limit = self.engine.context_length();
         if prompt.len() >= limit {
-            let _ = prompt_param;
             return Err(ApiError::ContextTooLong { limit, requested: prompt.len() });
         }
         let room = limit - prompt.len();
@@ -284,6 +297,7 @@ impl AppState {
                 max_tokens,
                 stop,
                 ignore_eos: false,
+                logprobs,
             },
             priority: p.priority.unwrap_or(0),
         })
@@ -310,7 +324,7 @@ async fn chat_completions(State(st): State<AppState>, body: axum::body::Bytes) -
     }
     let text = template.render(&msgs).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
     let prompt = st.engine.model.tokenizer.encode(&text);
-    let req = st.request(prompt, &body.common, "messages")?;
+    let req = st.request(prompt, &body.common, Kind::Chat)?;
     respond(&st, req, &body.common, Kind::Chat).await
 }
 
@@ -323,11 +337,18 @@ async fn completions(State(st): State<AppState>, body: axum::body::Bytes) -> Res
         _ => return Err(ApiError::bad("prompt must be a string (batches are not supported)", "prompt")),
     };
     let prompt = st.engine.model.tokenizer.encode(&text);
-    let req = st.request(prompt, &body.common, "prompt")?;
+    let req = st.request(prompt, &body.common, Kind::Text)?;
     respond(&st, req, &body.common, Kind::Text).await
 }
 
+fn logprob_json(lp: &TokenLogprob) -> Value {
+    let top: Vec<Value> =
+        lp.top.iter().map(|(t, b, p)| json!({"token": t, "logprob": p, "bytes": b})).collect();
+    json!({"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes, "top_logprobs": top})
+}
+
 async fn respond(st: &AppState, req: GenRequest, p: &CommonParams, kind: Kind) -> Result<Response, ApiError> {
+    let want_logprobs = req.params.logprobs.is_some();
     let rx = st.engine.submit(req);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -340,14 +361,17 @@ async fn respond(st: &AppState, req: GenRequest, p: &CommonParams, kind: Kind) -
     }
     let mut rx = rx;
     let mut text = String::new();
+    let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
+            Event::Logprob(lp) => lps.push(logprob_json(&lp)),
             Event::Done { reason, prompt_tokens, completion_tokens } => {
                 let usage = usage(prompt_tokens, completion_tokens);
                 let choice = match kind {
                     Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": null, "finish_reason": reason.as_str()}),
+                        "logprobs": if want_logprobs { json!({"content": lps}) } else { Value::Null },
+                        "finish_reason": reason.as_str()}),
                     Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()}),
                 };
                 let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
@@ -380,7 +404,8 @@ impl Meta {
         }
         SseEvent::default().data(v.to_string())
     }
-    fn delta(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
+    fn delta(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>, lps: Vec<Value>) -> Value {
+        let logprobs = if lps.is_empty() { Value::Null } else { json!({"content": lps}) };
         let finish = finish.map(FinishReason::as_str);
         match self.kind {
             Kind::Chat => {
@@ -391,7 +416,7 @@ impl Meta {
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+                json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
             }
             Kind::Text => json!([{"index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish}]),
         }
@@ -403,6 +428,8 @@ struct StreamState {
     meta: Meta,
     include_usage: bool,
     pending: VecDeque<SseEvent>,
+    /// Logprobs of tokens whose text has not been sent yet.
+    logprobs: Vec<Value>,
     done: bool,
 }
 
@@ -415,9 +442,9 @@ fn sse_stream(
 ) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
     let mut pending = VecDeque::new();
     if meta.kind == Kind::Chat {
-        pending.push_back(meta.chunk(meta.delta(Some(""), true, None), None, include_usage));
+        pending.push_back(meta.chunk(meta.delta(Some(""), true, None, Vec::new()), None, include_usage));
     }
-    let st = StreamState { rx, meta, include_usage, pending, done: false };
+    let st = StreamState { rx, meta, include_usage, pending, logprobs: Vec::new(), done: false };
     futures::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(e) = st.pending.pop_front() {
@@ -428,11 +455,16 @@ fn sse_stream(
             }
             let (m, iu) = (&st.meta, st.include_usage);
             match st.rx.recv().await {
-                Some(Event::Text(t)) => st.pending.push_back(m.chunk(m.delta(Some(&t), false, None), None, iu)),
+                Some(Event::Logprob(lp)) => st.logprobs.push(logprob_json(&lp)),
+                Some(Event::Text(t)) => {
+                    let lps = std::mem::take(&mut st.logprobs);
+                    st.pending.push_back(m.chunk(m.delta(Some(&t), false, None, lps), None, iu));
+                }
                 Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
+                    let lps = std::mem::take(&mut st.logprobs);
                     let last = match m.kind {
-                        Kind::Chat => m.delta(None, false, Some(reason)),
-                        Kind::Text => m.delta(Some(""), false, Some(reason)),
+                        Kind::Chat => m.delta(None, false, Some(reason), lps),
+                        Kind::Text => m.delta(Some(""), false, Some(reason), lps),
                     };
                     st.pending.push_back(m.chunk(last, None, iu));
                     if iu {

@@ -158,3 +158,43 @@ async fn client_disconnect_cancels_the_request() {
     assert_eq!(stats.active.load(Relaxed), 0);
     assert!(stats.completion_tokens_total.load(Relaxed) < 200);
 }
+
+#[tokio::test]
+async fn reports_logprobs_stream_and_not() {
+    let st = state();
+    let body = capital_question(json!({"logprobs": true, "top_logprobs": 2}));
+    let (status, text) = call(&st, "POST", "/v1/chat/completions", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    let tokens: String = entries.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    assert_eq!(tokens, "The capital of France is Paris.");
+    for e in &entries {
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2);
+        assert_eq!(e["top_logprobs"][0]["token"], e["token"]);
+        assert!((e["top_logprobs"][0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+    }
+
+    let body = capital_question(json!({"logprobs": true, "stream": true}));
+    let (_, text) = call(&st, "POST", "/v1/chat/completions", Some(body)).await;
+    let streamed: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .flat_map(|d| {
+            let c: Value = serde_json::from_str(d).unwrap();
+            c["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(streamed.len(), entries.len(), "one entry per generated token");
+    for (a, b) in streamed.iter().zip(&entries) {
+        assert_eq!(a["token"], b["token"]);
+        assert_eq!(a["logprob"], b["logprob"]);
+    }
+
+    let (status, _) = call(&st, "POST", "/v1/chat/completions", Some(capital_question(json!({"top_logprobs": 2})))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
