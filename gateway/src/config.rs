@@ -102,6 +102,15 @@ pub struct Config {
     /// The payout service that receives new withdrawals (signed webhook); manual without it.
     pub payout_webhook_url: Option<String>,
     pub payout_webhook_secret: Option<Secret>,
+    /// Redis for rate limits shared by several replicas (`redis://…`); in-process without.
+    pub redis_url: Option<String>,
+    /// Default per-key limits by tier (a key's own limits win).
+    pub free_requests_per_minute: u32,
+    pub free_tokens_per_minute: u32,
+    pub premium_requests_per_minute: u32,
+    pub premium_tokens_per_minute: u32,
+    /// Per client IP on unauthenticated endpoints (registration, webhooks).
+    pub ip_requests_per_minute: u32,
     /// Bulk-usage discount tiers (TOML `[[volume_discounts]]`, or env as an inline array).
     pub volume_discounts: Vec<VolumeDiscount>,
     pub tls_cert: Option<PathBuf>,
@@ -135,6 +144,12 @@ impl Default for Config {
             payout_webhook_url: None,
             payout_webhook_secret: None,
             volume_discounts: Vec::new(),
+            redis_url: None,
+            free_requests_per_minute: 60,
+            free_tokens_per_minute: 200_000,
+            premium_requests_per_minute: 3_000,
+            premium_tokens_per_minute: 2_000_000,
+            ip_requests_per_minute: 120,
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
@@ -193,7 +208,9 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "tls_cert", "tls_key", "log_format",
+            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "redis_url",
+            "free_requests_per_minute", "free_tokens_per_minute", "premium_requests_per_minute",
+            "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
         ];
         KEYS.contains(&key)
     }
@@ -204,6 +221,17 @@ impl Config {
         };
         if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres")) {
             return invalid("database_url", "must start with sqlite: or postgres://");
+        }
+        for (key, v) in [
+            ("free_requests_per_minute", self.free_requests_per_minute),
+            ("free_tokens_per_minute", self.free_tokens_per_minute),
+            ("premium_requests_per_minute", self.premium_requests_per_minute),
+            ("premium_tokens_per_minute", self.premium_tokens_per_minute),
+            ("ip_requests_per_minute", self.ip_requests_per_minute),
+        ] {
+            if v == 0 {
+                return invalid(key, "must be at least 1");
+            }
         }
         if self.max_attempts == 0 {
             return invalid("max_attempts", "must be at least 1");

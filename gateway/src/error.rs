@@ -25,6 +25,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("You exceeded your current quota: this request may cost up to ${:.6} but ${:.6} is available. Add credit and try again.", *needed as f64 / 1e6, *available as f64 / 1e6)]
     InsufficientQuota { needed: i64, available: i64 },
+    #[error("Rate limit reached for {what} per minute; try again in {:.3}s.", retry_after.as_secs_f64())]
+    RateLimited { what: &'static str, retry_after: std::time::Duration },
     #[error("This key's {period} spending limit of ${:.2} would be exceeded by this request.", *limit as f64 / 1e6)]
     SpendingLimit { period: &'static str, limit: i64 },
     #[error("No provider is available for model `{model}` right now; try again shortly.")]
@@ -58,7 +60,7 @@ impl ApiError {
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::InsufficientQuota { .. } | Self::SpendingLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::InsufficientQuota { .. } | Self::SpendingLimit { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoProvider { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderRejected { status, .. } => *status,
             Self::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
@@ -82,6 +84,7 @@ impl ApiError {
             Self::Conflict(_) => ("invalid_request_error", Some("conflict".into()), None),
             Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota".into()), None),
             Self::SpendingLimit { .. } => ("insufficient_quota", Some("spending_limit_exceeded".into()), None),
+            Self::RateLimited { what, .. } => (*what, Some("rate_limit_exceeded".into()), None),
             Self::NoProvider { .. } => ("server_error", Some("no_provider_available".into()), None),
             Self::ProviderRejected { param, code, .. } => ("invalid_request_error", code.clone(), param.clone()),
             Self::ProviderFailed(_) => ("server_error", Some("provider_error".into()), None),
@@ -115,6 +118,15 @@ impl IntoResponse for ApiError {
         if matches!(self, Self::InsufficientQuota { .. } | Self::SpendingLimit { .. }) {
             // Retrying cannot help until someone adds credit; the SDKs honour this header.
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if let Self::RateLimited { retry_after, .. } = &self {
+            // The limiter's real wait, for the limit that denied the request.
+            let ms = retry_after.as_millis().max(1);
+            let secs = ms.div_ceil(1000);
+            if let (Ok(s), Ok(m)) = (HeaderValue::from_str(&secs.to_string()), HeaderValue::from_str(&ms.to_string())) {
+                response.headers_mut().insert("retry-after", s);
+                response.headers_mut().insert("retry-after-ms", m);
+            }
         }
         if matches!(self, Self::NoProvider { .. }) {
             response.headers_mut().insert("retry-after", HeaderValue::from_static("1"));

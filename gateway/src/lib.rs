@@ -16,6 +16,7 @@ pub mod openai_api;
 pub mod platform_api;
 pub mod providers;
 pub mod quality;
+pub mod ratelimit;
 pub mod reservations;
 pub mod relay;
 pub mod routing;
@@ -60,6 +61,7 @@ pub struct Inner {
     pub user_id_secret: Secret,
     /// Streams being relayed right now (this replica).
     pub active_streams: Arc<AtomicU64>,
+    pub limiter: Arc<ratelimit::Limiter>,
     /// Per-key locks that serialize spending-limit checks with their holds.
     pub key_locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
 }
@@ -158,7 +160,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/payment/withdrawals/{provider_id}", get(payments_api::provider_withdrawals))
         .route("/api/payment/transactions/{provider_id}", get(payments_api::provider_transactions))
         .route("/api/payment/topup", post(payments_api::top_up))
-        .route("/api/payment/payout-webhook", post(payments_api::payout_webhook));
+        .route("/api/payment/payout-webhook", post(payments_api::payout_webhook))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_by_ip));
     let max_body = state.config.max_body_bytes;
     // Layers run top to bottom on the request (the last `.layer` is the outermost).
     Router::new()
@@ -249,11 +252,69 @@ async fn require_user_key(State(state): State<AppState>, mut request: Request, n
     let Some(secret) = presented else { return ApiError::InvalidApiKey.into_response() };
     match state.keys.authenticate(&secret).await {
         Ok(Some(key)) => {
-            request.extensions_mut().insert(key);
-            next.run(request).await
+            let (rpm, tpm) = match key.tier {
+                keys::Tier::Free => (state.config.free_requests_per_minute, state.config.free_tokens_per_minute),
+                keys::Tier::Premium => (state.config.premium_requests_per_minute, state.config.premium_tokens_per_minute),
+            };
+            let rpm = u64::from(key.requests_per_minute.unwrap_or(rpm));
+            let tpm = u64::from(key.tokens_per_minute.unwrap_or(tpm));
+            let requests = match state.limiter.apply(&format!("k:{}:r", key.key_id), 1, rpm).await {
+                Ok(d) => d,
+                Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+            };
+            let ctx = Arc::new(ratelimit::RateCtx {
+                requests,
+                tokens: parking_lot::Mutex::new(None),
+                tokens_key: format!("k:{}:t", key.key_id),
+                tokens_limit: tpm,
+            });
+            let mut response = if requests.allowed {
+                request.extensions_mut().insert(key);
+                request.extensions_mut().insert(ctx.clone());
+                next.run(request).await
+            } else {
+                ApiError::RateLimited { what: "requests", retry_after: requests.retry_after }.into_response()
+            };
+            let tokens = ctx.tokens.lock().take();
+            let tokens = match tokens {
+                Some(d) => Some(d),
+                None => state.limiter.apply(&ctx.tokens_key, 0, tpm).await.ok(),
+            };
+            ratelimit::headers(response.headers_mut(), "requests", &requests);
+            if let Some(t) = tokens {
+                ratelimit::headers(response.headers_mut(), "tokens", &t);
+            }
+            response
         }
         Ok(None) => ApiError::InvalidApiKey.into_response(),
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Per client IP on unauthenticated endpoints, so registration and webhooks cannot be flooded.
+async fn limit_by_ip(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // Provider-key routes (streams, heartbeats, payouts) are authenticated; only the
+    // open doors are limited per IP.
+    if !matches!(request.uri().path(), "/api/gpu/register" | "/api/payment/topup" | "/api/payment/payout-webhook") {
+        return next.run(request).await;
+    }
+    let ip = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
+    let limit = u64::from(state.config.ip_requests_per_minute);
+    match state.limiter.apply(&format!("ip:{ip}"), 1, limit).await {
+        Ok(d) if d.allowed => {
+            let mut response = next.run(request).await;
+            ratelimit::headers(response.headers_mut(), "requests", &d);
+            response
+        }
+        Ok(d) => {
+            let mut response = ApiError::RateLimited { what: "requests", retry_after: d.retry_after }.into_response();
+            ratelimit::headers(response.headers_mut(), "requests", &d);
+            response
+        }
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
     }
 }
 

@@ -25,6 +25,7 @@ use crate::aggregate::Aggregator;
 use crate::error::ApiError;
 use crate::keys::AuthedKey;
 use crate::quality::{self, QualityLevel};
+use crate::ratelimit::RateCtx;
 use crate::relay::{self, Dispatch, Endpoint, Event, Relay};
 use crate::store::now_ms;
 use crate::{extract, AppState, RequestId};
@@ -77,13 +78,15 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    rate: Option<Extension<Arc<RateCtx>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let mut request: CreateChatCompletionRequest = extract::parse(&headers, &body)?;
     let ext: RequestExtensions = extract::parse(&headers, &body)?;
-    let (dispatch, stream, include_usage) = prepare_chat(&state, &key, &request_id, &headers, &mut request, ext, started)?;
+    let (mut dispatch, stream, include_usage) = prepare_chat(&state, &key, &request_id, &headers, &mut request, ext, started)?;
+    dispatch.rate = rate.map(|r| r.0);
     let model = dispatch.model.clone();
     let quality = dispatch.quality.clone();
     let relay = relay::open(&state, dispatch).await?;
@@ -222,6 +225,7 @@ pub fn prepare_chat(
             max_completion_tokens: max_tokens.saturating_mul(choices),
             cost_multiplier_bp: level.cost_multiplier_bp,
             reservation: reservation_of(&ext, headers),
+            rate: None,
             body: Bytes::from(body),
             features,
             started,
@@ -235,6 +239,7 @@ pub async fn completions(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    rate: Option<Extension<Arc<RateCtx>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -314,6 +319,7 @@ pub async fn completions(
         max_completion_tokens: max_tokens.saturating_mul(u32::from(request.n.unwrap_or(1).max(1))),
         cost_multiplier_bp: level.cost_multiplier_bp,
         reservation: reservation_of(&ext, &headers),
+        rate: rate.map(|r| r.0),
         body: Bytes::from(body),
         features,
         started,

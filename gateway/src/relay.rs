@@ -21,6 +21,7 @@ use crate::routing;
 use crate::store::now_ms;
 use crate::keys::Tier;
 use crate::ledger::{self, Billing, Hold, Micros, Payer, Settlement};
+use crate::ratelimit::{Limiter, RateCtx};
 use crate::usage::{Completion, UsageRecord, UsageSink, UsageStatus};
 use crate::AppState;
 
@@ -64,6 +65,8 @@ pub struct Dispatch {
     pub cost_multiplier_bp: u32,
     /// Run on this reservation's provider, billed by the hour instead of per token.
     pub reservation: Option<String>,
+    /// The request's rate-limit state; the token estimate is charged against it.
+    pub rate: Option<Arc<RateCtx>>,
     pub started: Instant,
 }
 
@@ -164,6 +167,8 @@ struct Tracker {
     provider: Option<(String, i64)>,
     /// The charge fixed when the request was settled.
     settled_charge: Option<Micros>,
+    /// The token estimate charged to the rate limiter, corrected at the end.
+    token_charge: Option<(Arc<Limiter>, String, u64, u32)>,
     status: UsageStatus,
 }
 
@@ -212,6 +217,16 @@ impl Tracker {
         let (usage, source) = self.billed_usage();
         let charge = self.charge(&usage);
         self.settled_charge = Some(charge);
+        if let Some((limiter, key, limit, estimate)) = self.token_charge.take() {
+            // Give back what the estimate over-charged (all of it when nothing ran).
+            let used = if self.provider.is_some() { usage.total_tokens } else { 0 };
+            let refund = i64::from(estimate.saturating_sub(used));
+            if refund > 0 {
+                tokio::spawn(async move {
+                    let _ = limiter.apply(&key, -refund, limit).await;
+                });
+            }
+        }
         record.prompt_tokens = usage.prompt_tokens;
         record.completion_tokens = usage.completion_tokens;
         record.usage_source = source;
@@ -431,8 +446,34 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             feature_param(feature),
         ));
     }
-    let funding = fund(state, &dispatch, &found.eligible).await?;
+    let token_charge = match &dispatch.rate {
+        Some(rate) => {
+            // Estimated up front (prompt bytes / 4 + every completion token), corrected at the end.
+            let estimate = dispatch.body_bytes / 4 + dispatch.max_completion_tokens;
+            let d = state
+                .limiter
+                .apply(&rate.tokens_key, i64::from(estimate), rate.tokens_limit)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            rate.set_tokens(d);
+            if !d.allowed {
+                return Err(ApiError::RateLimited { what: "tokens", retry_after: d.retry_after });
+            }
+            Some((state.limiter.clone(), rate.tokens_key.clone(), rate.tokens_limit, estimate))
+        }
+        None => None,
+    };
+    let funding = match fund(state, &dispatch, &found.eligible).await {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some((limiter, key, limit, estimate)) = token_charge {
+                let _ = limiter.apply(&key, -i64::from(estimate), limit).await;
+            }
+            return Err(e);
+        }
+    };
     let mut tracker = Tracker {
+        token_charge,
         funding: Some(funding),
         body_bytes: dispatch.body_bytes,
         cost_multiplier_bp: dispatch.cost_multiplier_bp,

@@ -89,7 +89,12 @@ impl Running {
                 }
             }
         });
+        let limiter = match &config.redis_url {
+            Some(url) => Arc::new(crate::ratelimit::Limiter::redis(url).await.context("cannot connect to Redis for rate limits")?),
+            None => Arc::new(crate::ratelimit::Limiter::memory()),
+        };
         let state = AppState::new(Inner {
+            limiter,
             keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
             http: AppState::http_client(&config)?,
             config,

@@ -52,13 +52,15 @@ pub async fn inference(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    rate: Option<Extension<Arc<crate::ratelimit::RateCtx>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<InferenceResponse>, ApiError> {
     let started = Instant::now();
     let request: InferenceRequest = extract::parse(&headers, &body)?;
     let (mut chat, ext) = to_chat(&request)?;
-    let (dispatch, _, _) = prepare_chat(&state, &key, &request_id, &headers, &mut chat, ext, started)?;
+    let (mut dispatch, _, _) = prepare_chat(&state, &key, &request_id, &headers, &mut chat, ext, started)?;
+    dispatch.rate = rate.map(|r| r.0);
     let (model, quality) = (dispatch.model.clone(), dispatch.quality.clone());
     let relay = relay::open(&state, dispatch).await?;
     let (agg, usage) = collect(relay).await?;

@@ -29,8 +29,13 @@ async fn run(dir: &Path, args: &[&str]) -> (i32, String) {
 }
 
 async fn serve(dir: &Path, port: u16) -> Child {
+    serve_with(dir, port, &[]).await
+}
+
+async fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> Child {
     let child = Command::new(gateway_bin().unwrap())
         .arg("serve")
+        .envs(env.iter().copied())
         .env("GATEWAY_DATABASE_URL", db_url(dir))
         .env("GATEWAY_ADMIN_KEY", ADMIN)
         .env("GATEWAY_HOST", "127.0.0.1")
@@ -174,4 +179,36 @@ async fn cli_kill_9_under_load_then_ledger_check() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("VIOLATION"), "{out}");
     eprintln!("{} of 60 streams completed before the kill", done.len());
+}
+
+#[tokio::test]
+async fn cli_two_replicas_share_rate_limits_through_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let redis = [("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379")];
+    let (p1, p2) = (free_port().unwrap(), free_port().unwrap());
+    let _one = serve_with(dir.path(), p1, &redis).await;
+    let _two = serve_with(dir.path(), p2, &redis).await;
+    let (b1, b2) = (format!("http://127.0.0.1:{p1}"), format!("http://127.0.0.1:{p2}"));
+    provision(&b1, &mock.url()).await;
+    let http = reqwest::Client::new();
+    let key: Value = http.post(format!("{b1}/api/admin/keys")).bearer_auth(ADMIN)
+        .json(&json!({"name": "shared", "tier": "free", "requestsPerMinute": 10})).send().await.unwrap().json().await.unwrap();
+    let key = key["key"].as_str().unwrap().to_owned();
+    // Replica two learns about the provider on its next reload.
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let mut ok = [0, 0];
+    for i in 0..30 {
+        let base = if i % 2 == 0 { &b1 } else { &b2 };
+        let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
+            .json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}))
+            .send().await.unwrap();
+        match r.status().as_u16() {
+            200 => ok[i % 2] += 1,
+            429 => {}
+            s => panic!("status {s}: {}", r.text().await.unwrap()),
+        }
+    }
+    assert_eq!(ok[0] + ok[1], 10, "together the replicas admit the limit, no more: {ok:?}");
+    assert!(ok[0] > 0 && ok[1] > 0, "both replicas served: {ok:?}");
 }

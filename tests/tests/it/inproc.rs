@@ -1348,3 +1348,59 @@ async fn inproc_ledger_overreported_usage_is_not_billed_and_flagged() {
     assert_eq!(h["data"].as_array().unwrap().len(), 2, "the credit and one request");
     gw.ledger_is_clean().await;
 }
+
+#[tokio::test]
+async fn inproc_rate_limits_per_key_with_openai_headers() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let v: Value = gw.admin_post("/api/admin/keys", json!({"name": "rl", "tier": "free", "requestsPerMinute": 3, "tokensPerMinute": 100000})).await.json().await.unwrap();
+    let key = v["key"].as_str().unwrap().to_owned();
+    let body = json!({"model": "mock-model", "messages": user("hi"), "max_tokens": 10});
+    for i in 0..3u64 {
+        let r = gw.chat(&key, body.clone()).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ratelimit-limit-requests"], "3");
+        assert_eq!(r.headers()["x-ratelimit-remaining-requests"], (2 - i).to_string().as_str());
+        assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "100000");
+        assert!(r.headers().get("x-ratelimit-reset-requests").is_some());
+    }
+    let r = gw.chat(&key, body.clone()).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_ms: u64 = r.headers()["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    assert!((19_000..=20_000).contains(&retry_ms), "one request frees every 20 s: {retry_ms}");
+    assert_eq!(retry, retry_ms.div_ceil(1000));
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(v["error"]["type"], "requests");
+    assert_eq!(mock.request_count(), 3, "a limited request never reaches a provider");
+
+    // Tokens: the estimate (prompt bytes / 4 + max_tokens) is charged up front and corrected after.
+    let v: Value = gw.admin_post("/api/admin/keys", json!({"name": "tl", "tier": "free", "tokensPerMinute": 3000})).await.json().await.unwrap();
+    let tkey = v["key"].as_str().unwrap().to_owned();
+    let big = json!({"model": "mock-model", "messages": user("hi"), "max_tokens": 2000});
+    let r = gw.chat(&tkey, big.clone()).await;
+    assert_eq!(r.status(), 200);
+    let after_first: u64 = r.headers()["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap();
+    assert!(after_first < 1000, "the estimate was charged: {after_first}");
+    // The refund of the unused estimate lands right after the response.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = gw.chat(&tkey, big.clone()).await;
+    assert_eq!(r.status(), 200, "the first request's unused tokens were given back");
+    let r = gw.chat(&tkey, json!({"model": "mock-model", "messages": user("hi"), "max_tokens": 5000})).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "tokens");
+}
+
+#[tokio::test]
+async fn inproc_registration_is_limited_per_ip() {
+    let gw = Gateway::start_with(|c| c.ip_requests_per_minute = 2).await;
+    let body = json!({"capabilities": {"models": ["m"], "maxConcurrentStreams": 1}, "pricing": {"perToken": 0.0}, "baseUrl": "http://127.0.0.1:9"});
+    for expected in [201, 201, 429] {
+        let r = gw.http.post(gw.url("/api/gpu/register")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), expected);
+    }
+    assert_eq!(gw.http.get(gw.url("/health")).send().await.unwrap().status(), 200, "health is never limited");
+}
