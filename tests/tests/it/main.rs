@@ -3,4 +3,5 @@
 
 mod cli;
 mod inproc;
+mod ledger_props;
 mod sdk;
