@@ -601,7 +601,7 @@ async fn bench(options: Options) -> anyhow::Result<String> {
         open_loop(&client, target, 200, 2, gateway_pid).await?;
     }
 
-    out.push_str("### Non-stream chat, open loop (latency in ms; added = gateway − direct at the same percentile)\n\n");
+    out.push_str("#### Non-stream chat, open loop (latency in ms; added = gateway − direct at the same percentile)\n\n");
     out.push_str("| offered req/s | path | requests | achieved req/s | errors | p50 | p90 | p99 | added p50 | added p90 | added p99 | gateway CPU-s / 1k req |\n");
     out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for &rate in &options.rates {
@@ -641,7 +641,7 @@ async fn bench(options: Options) -> anyhow::Result<String> {
     let cpu_after = cpu_ticks(gateway_pid)?;
     let n_streams = f64::from(options.stream_rate) * options.stream_secs as f64;
     out.push_str(&format!(
-        "\n### Streams, open loop at {} streams/s × {} s (ms; chunks after the first: {:.1} direct, {:.1} gateway)\n\n",
+        "\n#### Streams, open loop at {} streams/s × {} s (ms; chunks after the first: {:.1} direct, {:.1} gateway)\n\n",
         options.stream_rate, options.stream_secs, direct.chunks_after_first, gw.chunks_after_first
     ));
     out.push_str("| path | errors | TTFT p50 | TTFT p99 | first chunk → [DONE] p50 | p99 | added TTFT p50 | added TTFT p99 | added per chunk p50 | gateway CPU-s / 1k streams |\n");
@@ -671,7 +671,7 @@ async fn bench(options: Options) -> anyhow::Result<String> {
     eprintln!("{streams} idle streams through the gateway");
     let idle = idle_streams(&client, streams, gateway_pid, mock_pid).await?;
     out.push_str(
-        "\n### Open idle streams (`[idle]`: one token, then held open)\n\n\
+        "\n#### Open idle streams (`[idle]`: one token, then held open)\n\n\
          | streams open | gateway `activeStreams` | gateway RSS MB | gateway fds | mock provider RSS MB (for scale) |\n|---:|---:|---:|---:|---:|\n",
     );
     for (i, (n, rss, mock_rss)) in idle.rss_points.iter().enumerate() {
