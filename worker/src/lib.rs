@@ -7,6 +7,7 @@ pub mod chat;
 pub mod engine;
 pub mod fetch;
 pub mod gguf;
+pub mod hf;
 pub mod host;
 pub mod model;
 pub mod quant;

@@ -23,6 +23,8 @@ pub enum ModelError {
     Tokenizer(#[from] TokenizerError),
     #[error("unsupported architecture {0:?}")]
     Architecture(String),
+    #[error("{0}")]
+    Hf(String),
     #[error("tensor {name}: expected shape {expected:?}, found {found:?}")]
     Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
 }
@@ -97,7 +99,12 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Loads a GGUF file, or a Hugging Face model directory (config.json,
+    /// *.safetensors, tokenizer.json, tokenizer_config.json).
     pub fn load(path: &Path, progress: bool) -> Result<LoadedModel, ModelError> {
+        if path.is_dir() {
+            return crate::hf::load_dir(path);
+        }
         let g = Gguf::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
         let model = Model::from_gguf(&g, progress)?;
@@ -243,15 +250,25 @@ impl Model {
             None
         };
         bar.finish_and_clear();
+        // llama3-style scaling ships precomputed per-frequency divisors.
+        let rope_freqs = g.tensor("rope_freqs.weight").ok().map(|t| vec_f32(g, t));
+        Ok(Model::from_parts(config, embed, layers, norm, output, rope_freqs))
+    }
+
+    pub(crate) fn from_parts(
+        config: Config,
+        embed: QMatrix,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        output: Option<QMatrix>,
+        rope_freqs: Option<Vec<f32>>,
+    ) -> Model {
+        let c = &config;
         let half = c.head_dim / 2;
         let mut inv_freq: Vec<f32> =
             (0..half).map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / c.head_dim as f32)).collect();
-        // llama3-style scaling ships precomputed per-frequency divisors.
-        if let Ok(t) = g.tensor("rope_freqs.weight") {
-            let f = vec_f32(g, t);
-            for (v, d) in inv_freq.iter_mut().zip(f) {
-                *v /= d;
-            }
+        for (v, d) in inv_freq.iter_mut().zip(rope_freqs.into_iter().flatten()) {
+            *v /= d;
         }
         for v in inv_freq.iter_mut() {
             *v /= c.rope_linear_factor;
@@ -264,7 +281,7 @@ impl Model {
                     [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.data.len()).sum::<usize>()
                 })
                 .sum::<usize>();
-        Ok(Model { config, embed, layers, norm, output, inv_freq, weight_bytes, precision: Precision::Exact, burn: None })
+        Model { config, embed, layers, norm, output, inv_freq, weight_bytes, precision: Precision::Exact, burn: None }
     }
 
     /// Moves the forward pass onto burn's default backend (CUDA with the `cuda`

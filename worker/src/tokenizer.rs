@@ -41,6 +41,47 @@ pub struct Tokenizer {
     pub add_bos: bool,
 }
 
+/// Pre-tokenizer regexes for a GGUF `tokenizer.ggml.pre` name.
+pub fn patterns_for(pre: &str) -> Vec<String> {
+    let p: Vec<&str> = match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => vec![LLAMA3_PATTERN],
+        "qwen2" | "deepseek-r1-qwen" => vec![QWEN2_PATTERN],
+        // SmolLM, StarCoder and friends: digits are split one by one first.
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            vec![r"\p{N}", GPT2_PATTERN]
+        }
+        _ => vec![GPT2_PATTERN],
+    };
+    p.into_iter().map(str::to_string).collect()
+}
+
+/// Pre-tokenizer regexes from a `tokenizer.json` `pre_tokenizer` object.
+fn hf_patterns(pre: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let stages: Vec<&serde_json::Value> = match pre["type"].as_str() {
+        Some("Sequence") => pre["pretokenizers"].as_array().map(|a| a.iter().collect()).unwrap_or_default(),
+        Some(_) => vec![pre],
+        None => Vec::new(),
+    };
+    for s in stages {
+        match s["type"].as_str() {
+            Some("Digits") if s["individual_digits"].as_bool() == Some(true) => out.push(r"\p{N}".to_string()),
+            Some("Digits") => out.push(r"\p{N}+".to_string()),
+            Some("Split") => {
+                if let Some(r) = s["pattern"]["Regex"].as_str().or(s["pattern"]["String"].as_str()) {
+                    out.push(r.to_string());
+                }
+            }
+            Some("ByteLevel") if s["use_regex"].as_bool() != Some(false) => out.push(GPT2_PATTERN.to_string()),
+            _ => {}
+        }
+    }
+    if out.is_empty() {
+        out.push(GPT2_PATTERN.to_string());
+    }
+    out
+}
+
 /// GPT-2's reversible byte → printable char mapping.
 fn bytes_to_unicode() -> [char; 256] {
     let mut map = ['\0'; 256];
@@ -86,7 +127,55 @@ impl Tokenizer {
         if let Some(e) = id("tokenizer.ggml.eot_token_id") {
             eos_set.push(e);
         }
-        Tokenizer::new(tokens, &merges, &types, pre, bos, eos, eos_set, add_bos)
+        Tokenizer::new(tokens, &merges, &types, &patterns_for(pre), bos, eos, eos_set, add_bos)
+    }
+
+    /// Builds the tokenizer of a Hugging Face `tokenizer.json` (byte-level BPE only).
+    pub fn from_hf_json(
+        json: &serde_json::Value,
+        bos: Option<&str>,
+        eos: &[String],
+        add_bos: bool,
+    ) -> Result<Tokenizer, TokenizerError> {
+        let model = &json["model"];
+        if model["type"].as_str() != Some("BPE") || model["byte_fallback"].as_bool() == Some(true) {
+            return Err(TokenizerError::Model(format!("{} (byte-level BPE only)", model["type"])));
+        }
+        let vocab = model["vocab"].as_object().ok_or(TokenizerError::Missing("model.vocab"))?;
+        let mut by_id: Vec<(u32, String)> =
+            vocab.iter().filter_map(|(t, id)| Some((id.as_u64()? as u32, t.clone()))).collect();
+        let mut types: HashMap<u32, u64> = HashMap::new();
+        for a in json["added_tokens"].as_array().into_iter().flatten() {
+            let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+            let id = id as u32;
+            if !by_id.iter().any(|(i, _)| *i == id) {
+                by_id.push((id, content.to_string()));
+            }
+            types.insert(id, if a["special"].as_bool() == Some(true) { 3 } else { 4 });
+        }
+        by_id.sort();
+        let n = by_id.last().map_or(0, |(i, _)| *i as usize + 1);
+        let mut tokens = vec![String::new(); n];
+        for (i, t) in by_id {
+            tokens[i as usize] = t;
+        }
+        let types: Vec<u64> = (0..n as u32).map(|i| types.get(&i).copied().unwrap_or(1)).collect();
+        let merges: Vec<String> = model["merges"]
+            .as_array()
+            .ok_or(TokenizerError::Missing("model.merges"))?
+            .iter()
+            .filter_map(|m| match m {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                _ => None,
+            })
+            .collect();
+        let patterns = hf_patterns(&json["pre_tokenizer"]);
+        let id_of = |s: &str| tokens.iter().position(|t| t == s).map(|i| i as u32);
+        let eos_ids: Vec<u32> = eos.iter().filter_map(|s| id_of(s)).collect();
+        let eos0 = *eos_ids.first().ok_or(TokenizerError::Missing("eos token"))?;
+        let bos = bos.and_then(id_of);
+        Tokenizer::new(tokens.clone(), &merges, &types, &patterns, bos, eos0, eos_ids, add_bos)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -94,7 +183,7 @@ impl Tokenizer {
         tokens: Vec<String>,
         merges: &[String],
         types: &[u64],
-        pre: &str,
+        patterns: &[String],
         bos: Option<u32>,
         eos: u32,
         mut eos_set: Vec<u32>,
@@ -140,17 +229,8 @@ impl Tokenizer {
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-        let patterns: Vec<&str> = match pre {
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => vec![LLAMA3_PATTERN],
-            "qwen2" | "deepseek-r1-qwen" => vec![QWEN2_PATTERN],
-            // SmolLM, StarCoder and friends: digits are split one by one first.
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-                vec![r"\p{N}", GPT2_PATTERN]
-            }
-            _ => vec![GPT2_PATTERN],
-        };
         let stages = patterns
-            .into_iter()
+            .iter()
             .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {

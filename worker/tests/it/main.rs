@@ -6,6 +6,7 @@
 
 mod gateway;
 mod generation;
+mod hf;
 mod parity;
 mod server;
 mod tokenizer;

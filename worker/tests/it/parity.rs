@@ -13,7 +13,7 @@ use crate::{model, model_path};
 /// reference is float64, ours f32 with a KV cache).
 const TOLERANCE: f32 = 1e-3;
 
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     let path = std::env::var_os("WORKER_REFERENCE_PYTHON").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/.venv/bin/python"),
         PathBuf::from,
