@@ -111,6 +111,20 @@ pub struct Config {
     pub premium_tokens_per_minute: u32,
     /// Per client IP on unauthenticated endpoints (registration, webhooks).
     pub ip_requests_per_minute: u32,
+    /// Provider score weights (normalised): success rate, TTFT, uptime, price.
+    pub score_weight_success: f64,
+    pub score_weight_latency: f64,
+    pub score_weight_uptime: f64,
+    pub score_weight_price: f64,
+    /// Consecutive failures that open a provider's circuit breaker, and how long it stays open.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    /// Active `/health` checks of every provider (0 turns them off).
+    pub health_check_secs: u64,
+    /// When every eligible provider is busy: how long a request waits for a free slot,
+    /// and how many may wait at once, before 503 with `retry-after`.
+    pub queue_timeout_ms: u64,
+    pub queue_max: u32,
     /// Bulk-usage discount tiers (TOML `[[volume_discounts]]`, or env as an inline array).
     pub volume_discounts: Vec<VolumeDiscount>,
     pub tls_cert: Option<PathBuf>,
@@ -145,6 +159,15 @@ impl Default for Config {
             payout_webhook_secret: None,
             volume_discounts: Vec::new(),
             redis_url: None,
+            score_weight_success: 0.4,
+            score_weight_latency: 0.3,
+            score_weight_uptime: 0.2,
+            score_weight_price: 0.1,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 10_000,
+            health_check_secs: 10,
+            queue_timeout_ms: 2_000,
+            queue_max: 1_000,
             free_requests_per_minute: 60,
             free_tokens_per_minute: 200_000,
             premium_requests_per_minute: 3_000,
@@ -161,6 +184,15 @@ impl Default for Config {
 const ALIASES: &[(&str, &str)] = &[("GPU_STREAMING_PORT", "port")];
 
 impl Config {
+    pub fn weights(&self) -> crate::health::Weights {
+        crate::health::Weights {
+            success: self.score_weight_success,
+            latency: self.score_weight_latency,
+            uptime: self.score_weight_uptime,
+            price: self.score_weight_price,
+        }
+    }
+
     /// Loads defaults, then the file (when given), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
@@ -208,7 +240,8 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "redis_url",
+            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "redis_url", "score_weight_success", "score_weight_latency", "score_weight_uptime",
+            "score_weight_price", "breaker_failures", "breaker_cooldown_ms", "health_check_secs", "queue_timeout_ms", "queue_max",
             "free_requests_per_minute", "free_tokens_per_minute", "premium_requests_per_minute",
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
         ];
@@ -232,6 +265,13 @@ impl Config {
             if v == 0 {
                 return invalid(key, "must be at least 1");
             }
+        }
+        let weights = [self.score_weight_success, self.score_weight_latency, self.score_weight_uptime, self.score_weight_price];
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f64>() <= 0.0 {
+            return invalid("score_weight_success", "score weights must be non-negative and not all zero");
+        }
+        if self.breaker_failures == 0 {
+            return invalid("breaker_failures", "must be at least 1");
         }
         if self.max_attempts == 0 {
             return invalid("max_attempts", "must be at least 1");

@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub mod health;
 pub mod keys;
 pub mod ledger;
 pub mod payments;
@@ -62,6 +63,10 @@ pub struct Inner {
     /// Streams being relayed right now (this replica).
     pub active_streams: Arc<AtomicU64>,
     pub limiter: Arc<ratelimit::Limiter>,
+    /// Woken whenever a provider slot frees up (requests queued for capacity wait on it).
+    pub capacity_freed: Arc<tokio::sync::Notify>,
+    /// Requests waiting for a provider slot right now.
+    pub queued: Arc<AtomicU64>,
     /// Per-key locks that serialize spending-limit checks with their holds.
     pub key_locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
 }

@@ -109,11 +109,15 @@ pub async fn admin_providers(State(state): State<AppState>) -> Result<Json<serde
     .await?
     .into_iter()
     .collect();
-    let mut providers: Vec<ProviderInfo> = state
-        .registry
-        .snapshot()
+    let snapshot = state.registry.snapshot();
+    let weights = state.config.weights();
+    let base = crate::routing::Baseline::of(snapshot.values());
+    let mut providers: Vec<ProviderInfo> = snapshot
         .values()
-        .map(|p| p.info(now, stale_ms, flags.get(&p.id).map_or(0, |n| u64::try_from(*n).unwrap_or(0))))
+        .map(|p| {
+            let flags = flags.get(&p.id).map_or(0, |n| u64::try_from(*n).unwrap_or(0));
+            p.info(now, stale_ms, flags, crate::routing::score(p, &weights, &base))
+        })
         .collect();
     providers.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(Json(serde_json::json!({ "object": "list", "data": providers })))

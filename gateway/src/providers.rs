@@ -45,6 +45,7 @@ impl ProviderStatus {
 pub struct Load {
     pub in_flight: AtomicU32,
     pub last_heartbeat_ms: AtomicI64,
+    pub health: crate::health::Health,
 }
 
 /// One provider as routing sees it.
@@ -91,7 +92,7 @@ impl Provider {
         self.streams.iter().any(|(m, q)| m == model && q == quality)
     }
 
-    pub fn info(&self, now: i64, stale_after_ms: i64, usage_flags: u64) -> ProviderInfo {
+    pub fn info(&self, now: i64, stale_after_ms: i64, usage_flags: u64, score: f64) -> ProviderInfo {
         let mut streams: Vec<StreamControlInfo> = self
             .streams
             .iter()
@@ -113,6 +114,8 @@ impl Provider {
             last_heartbeat_at: (heartbeat > 0).then_some(heartbeat),
             created_at: self.created_at,
             usage_flags,
+            score,
+            health: serde_json::to_value(self.load.health.snapshot()).unwrap_or_default(),
         }
     }
 }

@@ -167,6 +167,8 @@ struct Tracker {
     provider: Option<(String, i64)>,
     /// The charge fixed when the request was settled.
     settled_charge: Option<Micros>,
+    /// The serving provider's health, for the honesty signal.
+    health: Option<Arc<Provider>>,
     /// The token estimate charged to the rate limiter, corrected at the end.
     token_charge: Option<(Arc<Limiter>, String, u64, u32)>,
     status: UsageStatus,
@@ -185,7 +187,7 @@ impl Tracker {
                 (Usage { total_tokens: u.prompt_tokens + u.completion_tokens, cost: None, ..u }, "provider")
             }
             Some(u) => {
-                tracing::warn!(reported = ?u, counted = self.counted_completion, "implausible usage from provider; billing our own count");
+                tracing::debug!(reported = ?u, counted = self.counted_completion, "implausible usage from provider; billing our own count");
                 let prompt = if u.prompt_tokens <= self.body_bytes { u.prompt_tokens } else { estimate };
                 (Usage { prompt_tokens: prompt, completion_tokens: self.counted_completion, total_tokens: prompt + self.counted_completion, cost: None }, "gateway_flagged")
             }
@@ -215,6 +217,11 @@ impl Tracker {
     fn completion(&mut self, ack: Option<tokio::sync::oneshot::Sender<bool>>) -> Option<Completion> {
         let mut record = self.record.take()?;
         let (usage, source) = self.billed_usage();
+        if let Some(health) = &self.health {
+            if self.reported.is_some() {
+                health.load.health.record_honesty(source != "gateway_flagged");
+            }
+        }
         let charge = self.charge(&usage);
         self.settled_charge = Some(charge);
         if let Some((limiter, key, limit, estimate)) = self.token_charge.take() {
@@ -268,18 +275,49 @@ impl Drop for Tracker {
     }
 }
 
-/// Holds a provider's in-flight slot for the life of the relay.
-struct Slot(Arc<Provider>);
+/// Holds a provider's in-flight slot for the life of the relay; freeing it wakes
+/// requests queued for capacity.
+struct Slot(Arc<Provider>, Arc<tokio::sync::Notify>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.1.notify_waiters();
     }
 }
 
-fn take_slot(provider: Arc<Provider>) -> Slot {
+fn take_slot(provider: Arc<Provider>, freed: &Arc<tokio::sync::Notify>) -> Slot {
     provider.load.in_flight.fetch_add(1, Ordering::Relaxed);
-    Slot(provider)
+    Slot(provider, freed.clone())
+}
+
+/// Picks a provider; when every eligible one is busy, waits (bounded in time and in
+/// the number of waiters) for a slot to free up.
+async fn pick_or_wait(state: &AppState, eligible: &[Arc<Provider>], tried: &[String]) -> Option<Arc<Provider>> {
+    let weights = state.config.weights();
+    if let Some(p) = routing::pick(eligible, tried, &weights, now_ms()) {
+        return Some(p);
+    }
+    let timeout = Duration::from_millis(state.config.queue_timeout_ms);
+    if timeout.is_zero() || !routing::all_busy(eligible, tried) {
+        return None;
+    }
+    if state.queued.fetch_add(1, Ordering::Relaxed) >= u64::from(state.config.queue_max) {
+        state.queued.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let picked = loop {
+        let freed = state.capacity_freed.notified();
+        if let Some(p) = routing::pick(eligible, tried, &weights, now_ms()) {
+            break Some(p);
+        }
+        if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            break routing::pick(eligible, tried, &weights, now_ms());
+        }
+    };
+    state.queued.fetch_sub(1, Ordering::Relaxed);
+    picked
 }
 
 /// A provider stream that has delivered its first token.
@@ -291,6 +329,8 @@ pub struct Relay {
     idle_timeout: Duration,
     finished: bool,
     active: Arc<std::sync::atomic::AtomicU64>,
+    /// Breaker threshold and cool-down, for a failure mid-stream.
+    breaker: (u32, i64),
 }
 
 impl Drop for Relay {
@@ -389,6 +429,8 @@ impl Relay {
         if let Some(c) = self.tracker.completion(None) {
             self.tracker.sink.record(c);
         }
+        let config = &self.breaker;
+        self.slot.0.load.health.record_failure(now_ms(), config.0, config.1);
         tracing::warn!(provider = %self.slot.0.id, %message, "provider failed mid-stream");
         Event::Failed(message)
     }
@@ -474,6 +516,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
     };
     let mut tracker = Tracker {
         token_charge,
+        health: None,
         funding: Some(funding),
         body_bytes: dispatch.body_bytes,
         cost_multiplier_bp: dispatch.cost_multiplier_bp,
@@ -508,9 +551,10 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
     let mut tried: Vec<String> = Vec::new();
     let mut last_error: Option<AttemptError> = None;
     for _ in 0..config.max_attempts {
-        let Some(provider) = routing::pick(&found.eligible, &tried) else { break };
+        let Some(provider) = pick_or_wait(state, &found.eligible, &tried).await else { break };
         tried.push(provider.id.clone());
-        let slot = take_slot(provider.clone());
+        let slot = take_slot(provider.clone(), &state.capacity_freed);
+        let attempt_started = Instant::now();
         let attempt = tokio::time::timeout(
             Duration::from_secs(config.first_token_timeout_secs),
             first_token(state, &provider, dispatch.endpoint, dispatch.body.clone()),
@@ -523,6 +567,8 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                     r.provider_id = Some(provider.id.clone());
                 }
                 tracker.provider = Some((provider.id.clone(), provider.price_per_mtok));
+                provider.load.health.record_success(attempt_started.elapsed().as_secs_f64() * 1000.0);
+                tracker.health = Some(provider.clone());
                 // Until the relay is consumed to its end, a drop means the client left.
                 tracker.status = UsageStatus::ClientDisconnected;
                 state.active_streams.fetch_add(1, Ordering::Relaxed);
@@ -534,6 +580,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                     idle_timeout: Duration::from_secs(config.idle_chunk_timeout_secs),
                     finished: false,
                     active: state.active_streams.clone(),
+                    breaker: (config.breaker_failures, i64::try_from(config.breaker_cooldown_ms).unwrap_or(i64::MAX)),
                 };
                 relay.pending = pending;
                 return Ok(relay);
@@ -546,6 +593,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                 return Err(e);
             }
             Err(e) => {
+                provider.load.health.record_failure(now_ms(), config.breaker_failures, i64::try_from(config.breaker_cooldown_ms).unwrap_or(i64::MAX));
                 match &e {
                     AttemptError::Retry(m) => tracing::warn!(provider = %provider.id, error = %m, "provider failed before the first token; failing over"),
                     AttemptError::Timeout => tracing::warn!(provider = %provider.id, "provider timed out before the first token; failing over"),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
+use crate::health::Weights;
 use crate::providers::Provider;
 
 pub struct Candidates {
@@ -63,22 +64,69 @@ fn has_capacity(p: &Provider) -> bool {
     p.load.in_flight.load(Ordering::Relaxed) < p.capabilities.max_concurrent_streams
 }
 
-/// Power of two choices: two random providers with free capacity, the less loaded wins.
-pub fn pick(eligible: &[Arc<Provider>], exclude: &[String]) -> Option<Arc<Provider>> {
-    let open: Vec<&Arc<Provider>> =
-        eligible.iter().filter(|p| has_capacity(p) && !exclude.contains(&p.id)).collect();
-    match open.len() {
-        0 => None,
-        1 => Some(open[0].clone()),
-        n => {
-            let mut rng = rand::thread_rng();
-            let a = rng.gen_range(0..n);
-            let mut b = rng.gen_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
-            let (pa, pb) = (open[a], open[b]);
-            Some(if utilisation(pa) <= utilisation(pb) { pa.clone() } else { pb.clone() })
+/// What a provider is compared against: the cheapest price and the best TTFT among
+/// the candidates.
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    pub cheapest: i64,
+    pub best_ttft_ms: f64,
+}
+
+impl Baseline {
+    pub fn of<'a>(providers: impl Iterator<Item = &'a Arc<Provider>> + Clone) -> Self {
+        Self {
+            cheapest: providers.clone().map(|p| p.price_per_mtok).filter(|p| *p > 0).min().unwrap_or(1),
+            best_ttft_ms: providers.filter_map(|p| p.load.health.ttft_ms()).fold(f64::INFINITY, f64::min).min(1e9),
         }
     }
+}
+
+/// A provider's health score against the baseline.
+pub fn score(p: &Provider, weights: &Weights, base: &Baseline) -> f64 {
+    let price_score = if p.price_per_mtok <= 0 { 1.0 } else { base.cheapest.max(1) as f64 / p.price_per_mtok as f64 };
+    let best = if base.best_ttft_ms.is_finite() { base.best_ttft_ms } else { 0.0 };
+    p.load.health.score(weights, price_score.min(1.0), best)
+}
+
+/// Providers within this fraction of the best weight compete for a request; the rest
+/// only get traffic when the better ones are full.
+const COMPETITIVE: f64 = 0.85;
+
+/// Score-aware power of two choices: among the providers with a free slot, an open
+/// breaker, and a weight (score × free capacity) close to the best, two random ones
+/// are compared and the heavier wins.
+pub fn pick(eligible: &[Arc<Provider>], exclude: &[String], weights: &Weights, now_ms: i64) -> Option<Arc<Provider>> {
+    let open: Vec<&Arc<Provider>> = eligible
+        .iter()
+        .filter(|p| has_capacity(p) && !exclude.contains(&p.id) && p.load.health.available(now_ms))
+        .collect();
+    let base = Baseline::of(open.iter().copied());
+    let mut weighted: Vec<(&Arc<Provider>, f64)> =
+        open.iter().map(|p| (*p, score(p, weights, &base) * (1.0 - utilisation(p)).max(0.0))).collect();
+    let mut rng = rand::thread_rng();
+    while !weighted.is_empty() {
+        let best = weighted.iter().map(|(_, w)| *w).fold(0.0, f64::max);
+        let contenders: Vec<usize> = (0..weighted.len()).filter(|i| weighted[*i].1 >= best * COMPETITIVE).collect();
+        let choice = if contenders.len() == 1 {
+            contenders[0]
+        } else {
+            let a = contenders[rng.gen_range(0..contenders.len())];
+            let mut b = contenders[rng.gen_range(0..contenders.len() - 1)];
+            if b == a {
+                b = contenders[contenders.len() - 1];
+            }
+            if weighted[a].1 >= weighted[b].1 { a } else { b }
+        };
+        // A half-open breaker admits one probe; losing that race means try another.
+        if weighted[choice].0.load.health.acquire(now_ms) {
+            return Some(weighted[choice].0.clone());
+        }
+        weighted.swap_remove(choice);
+    }
+    None
+}
+
+/// Whether any eligible provider is merely busy (so waiting for a slot can help).
+pub fn all_busy(eligible: &[Arc<Provider>], exclude: &[String]) -> bool {
+    eligible.iter().any(|p| !exclude.contains(&p.id) && !has_capacity(p))
 }

@@ -95,6 +95,8 @@ impl Running {
         };
         let state = AppState::new(Inner {
             limiter,
+            capacity_freed: Arc::new(tokio::sync::Notify::new()),
+            queued: Arc::new(AtomicU64::new(0)),
             keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
             http: AppState::http_client(&config)?,
             config,
@@ -106,6 +108,18 @@ impl Running {
             active_streams: Arc::new(AtomicU64::new(0)),
             key_locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
         });
+        if state.config.health_check_secs > 0 {
+            let (checking, stop_checks) = (state.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(checking.config.health_check_secs));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => check_providers(&checking).await,
+                        () = stop_checks.cancelled() => break,
+                    }
+                }
+            });
+        }
         let (expiring, stop_expiry) = (state.clone(), stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -131,6 +145,30 @@ impl Running {
             tracing::error!(error = %e, "usage writer ended badly");
         }
     }
+}
+
+/// Active health checks: `GET {baseUrl}/health` of every provider with a stream on line,
+/// concurrently, 2 s each. The result feeds uptime; a failure also counts toward the
+/// circuit breaker.
+async fn check_providers(state: &AppState) {
+    let snapshot = state.registry.snapshot();
+    let checks = snapshot.values().filter(|p| !p.streams.is_empty()).map(|p| {
+        let (http, p) = (state.http.clone(), p.clone());
+        let (threshold, cooldown) = (state.config.breaker_failures, i64::try_from(state.config.breaker_cooldown_ms).unwrap_or(i64::MAX));
+        async move {
+            let ok = http
+                .get(format!("{}/health", p.base_url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            p.load.health.record_check(ok);
+            if !ok {
+                p.load.health.record_failure(crate::store::now_ms(), threshold, cooldown);
+            }
+        }
+    });
+    futures::future::join_all(checks).await;
 }
 
 pub fn redact_url(url: &str) -> String {

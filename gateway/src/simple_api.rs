@@ -106,8 +106,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         "providersOnline": online,
         "providersRegistered": snapshot.len(),
         "activeStreams": state.active_streams.load(Ordering::Relaxed),
-        // Requests wait for a provider only inside the relay today; there is no queue yet.
-        "queue": 0,
+        "queue": state.queued.load(Ordering::Relaxed),
         "models": models_for_status(&state).into_iter().map(|m| m.id).collect::<Vec<_>>(),
     }))
 }

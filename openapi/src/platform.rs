@@ -149,6 +149,10 @@ pub struct ProviderInfo {
     pub created_at: i64,
     /// Requests whose usage report was implausible and billed on the gateway's count.
     pub usage_flags: u64,
+    /// Routing score in [0, 1] (success rate, TTFT, uptime, price, honesty).
+    pub score: f64,
+    /// Success rate, TTFT, uptime, honesty (EWMAs) and the circuit breaker's state.
+    pub health: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -35,6 +35,10 @@ pub struct MockConfig {
     pub omit_usage: bool,
     /// Report this many times the completion tokens really sent (a dishonest provider).
     pub overreport: Option<usize>,
+    /// Fail every n-th request with a 500 before streaming (n = 3: a third of them).
+    pub fail_every: Option<usize>,
+    /// Die after two tokens on every request.
+    pub die_mid_stream: bool,
 }
 
 #[derive(Clone)]
@@ -144,7 +148,10 @@ impl Drop for StreamGuard {
 }
 
 async fn respond(s: Shared, body: Value, chat: bool) -> Response {
-    s.provider.requests.fetch_add(1, Ordering::SeqCst);
+    let nth = s.provider.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    if s.config.fail_every.is_some_and(|n| n > 0 && nth % n == 0) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "intermittent failure").into_response();
+    }
     s.provider.bodies.lock().push(body.clone());
     let text = last_user_text(&body);
     if let Some(code) = s.config.fail_status {
@@ -168,7 +175,7 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
     let finish = if n_tokens < REPLY.len() { "length" } else { "stop" };
     let prompt_tokens = text.split_whitespace().count().max(1);
     let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !s.config.omit_usage;
-    let fail_mid = text.contains("[fail-mid]");
+    let fail_mid = text.contains("[fail-mid]") || s.config.die_mid_stream;
     let idle = text.contains("[idle]");
     let slow = text.contains("[slow]");
     let delay = s.config.first_chunk_delay;

@@ -157,6 +157,17 @@ impl Gateway {
         (id, key)
     }
 
+    /// Registers `mock` at a given per-token price (USD), on line at `standard`.
+    async fn add_provider_priced(&self, mock: &MockProvider, model: &str, per_token: f64) -> String {
+        let body = json!({"capabilities": {"models": [model], "maxConcurrentStreams": 64}, "pricing": {"perToken": per_token}, "baseUrl": mock.url()});
+        let v: Value = self.http.post(self.url("/api/gpu/register")).json(&body).send().await.unwrap().json().await.unwrap();
+        let id = v["providerId"].as_str().unwrap().to_owned();
+        let r = self.http.post(self.url("/api/gpu/stream/start")).bearer_auth(v["providerKey"].as_str().unwrap())
+            .json(&json!({"providerId": id, "model": model, "quality": "standard"})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        id
+    }
+
     async fn chat(&self, key: &str, body: Value) -> reqwest::Response {
         self.http.post(self.url("/v1/chat/completions")).bearer_auth(key).json(&body).send().await.unwrap()
     }
@@ -420,8 +431,9 @@ async fn inproc_failover_before_first_token_is_invisible() {
     let gw = Gateway::start().await;
     let bad = spawn_mock(MockConfig { fail_status: Some(500), ..MockConfig::default() }).await.unwrap();
     let good = spawn_mock(MockConfig::default()).await.unwrap();
+    // The failing provider is the cheapest, so routing tries it first.
     gw.add_provider(&bad, "mock-model", None, &["standard"]).await;
-    gw.add_provider(&good, "mock-model", None, &["standard"]).await;
+    gw.add_provider_priced(&good, "mock-model", 0.00001).await;
     let key = gw.create_key("free").await;
     for i in 0..12 {
         let stream = i % 2 == 0;
@@ -432,7 +444,13 @@ async fn inproc_failover_before_first_token_is_invisible() {
         assert!(!body.contains("error"), "{body}");
     }
     assert!(bad.request_count() > 0, "the failing provider was tried");
+    assert!(bad.request_count() <= 3, "traffic shifted away within 3 requests: {}", bad.request_count());
     assert_eq!(good.request_count(), 12);
+    let v: Value = gw.http.get(gw.url("/api/admin/providers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let bad_info = v["data"].as_array().unwrap().iter().find(|p| p["baseUrl"] == bad.url()).unwrap().clone();
+    let good_info = v["data"].as_array().unwrap().iter().find(|p| p["baseUrl"] == good.url()).unwrap().clone();
+    assert!(bad_info["health"]["failures"].as_u64().unwrap() >= 1);
+    assert!(good_info["score"].as_f64().unwrap() > bad_info["score"].as_f64().unwrap());
 }
 
 #[tokio::test]
@@ -1403,4 +1421,48 @@ async fn inproc_registration_is_limited_per_ip() {
         assert_eq!(r.status(), expected);
     }
     assert_eq!(gw.http.get(gw.url("/health")).send().await.unwrap().status(), 200, "health is never limited");
+}
+
+/// Chaos: one slow, one failing a third of its requests, one dying mid-stream, one
+/// over-reporting usage, and one healthy provider serve the same model.
+#[tokio::test]
+async fn inproc_chaos_traffic_shifts_to_the_healthy_provider() {
+    let gw = Gateway::start().await;
+    let slow = spawn_mock(MockConfig { first_chunk_delay: Duration::from_millis(400), ..MockConfig::default() }).await.unwrap();
+    let flaky = spawn_mock(MockConfig { fail_every: Some(3), ..MockConfig::default() }).await.unwrap();
+    let dying = spawn_mock(MockConfig { die_mid_stream: true, ..MockConfig::default() }).await.unwrap();
+    let liar = spawn_mock(MockConfig { overreport: Some(100), ..MockConfig::default() }).await.unwrap();
+    let healthy = spawn_mock(MockConfig::default()).await.unwrap();
+    for m in [&slow, &flaky, &dying, &liar, &healthy] {
+        gw.add_provider(m, "mock-model", None, &["standard"]).await;
+    }
+    let key = gw.create_key("premium").await;
+    let mut errors_before_first_token = 0;
+    let mut mid_stream_errors = 0;
+    for _ in 0..80 {
+        let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "stream": true, "max_tokens": 20})).await;
+        if r.status() != 200 {
+            errors_before_first_token += 1;
+            continue;
+        }
+        let body = r.text().await.unwrap();
+        if body.contains("\"error\"") {
+            mid_stream_errors += 1;
+        }
+    }
+    assert_eq!(errors_before_first_token, 0, "no client sees an error before the first token while a healthy provider exists");
+    let counts: Vec<usize> = [&slow, &flaky, &dying, &liar, &healthy].iter().map(|m| m.request_count()).collect();
+    eprintln!("requests per provider (slow, flaky, dying, liar, healthy): {counts:?}; mid-stream errors: {mid_stream_errors}");
+    // Traffic shifts away: each bad provider gets only a handful of the 80 requests.
+    for (name, n) in ["slow", "flaky", "dying", "liar"].iter().zip(&counts) {
+        assert!(*n <= 12, "{name} still got {n} of 80 requests");
+    }
+    assert!(counts[4] >= 40, "the healthy provider carries the traffic: {counts:?}");
+    assert!(mid_stream_errors <= counts[2], "only the dying provider's streams broke");
+    // Billing matches delivered tokens: the liar's reports were not billed.
+    let flagged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE usage_source = 'gateway_flagged'").fetch_one(&gw.state.store.pool).await.unwrap();
+    assert_eq!(usize::try_from(flagged).unwrap(), counts[3], "every over-report was caught");
+    let user_acct: String = sqlx::query_scalar("SELECT id FROM accounts WHERE kind = 'user'").fetch_one(&gw.state.store.pool).await.unwrap();
+    wait_until_no_holds(&gw, &user_acct).await;
+    gw.ledger_is_clean().await;
 }
