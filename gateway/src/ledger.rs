@@ -179,29 +179,40 @@ pub async fn apply_as(tx: &mut Transaction<'_, Any>, billing: &Billing, kind: &s
             Ok(0)
         }
         Billing::Settle(s) => {
-            let payer_account = match &s.payer {
+            // A batch retried after a commit whose acknowledgement was lost must not pay twice.
+            let done: Option<String> = sqlx::query_scalar("SELECT id FROM ledger_entries WHERE request_id = $1 AND kind = $2")
+                .bind(&s.request_id)
+                .bind(kind)
+                .fetch_optional(&mut **tx)
+                .await?;
+            if done.is_some() {
+                return Ok(0);
+            }
+            let (payer_account, charge) = match &s.payer {
                 Payer::User(hold) => {
                     if !release(tx, hold, "settled").await? {
                         tracing::error!(request_id = %s.request_id, "hold was no longer open at settlement; not charged");
                         return Ok(0);
                     }
-                    hold.account_id.clone()
+                    // Never more than was held: the user's balance cannot go below zero.
+                    (hold.account_id.clone(), s.charge.clamp(0, hold.amount))
                 }
-                Payer::AdRevenue => AD_REVENUE.to_owned(),
+                Payer::AdRevenue => (AD_REVENUE.to_owned(), s.charge.max(0)),
             };
-            if s.charge == 0 {
+            if charge == 0 {
                 return Ok(0);
             }
+            let fee = s.fee.clamp(0, charge);
             let provider = provider_account(&s.provider_id);
             post_entry(
                 tx,
                 kind,
                 Some(&s.request_id),
                 if kind == "usage" { "tokens delivered" } else { "reserved capacity" },
-                &[(&payer_account, -s.charge), (&provider, s.charge - s.fee), (FEES, s.fee)],
+                &[(&payer_account, -charge), (&provider, charge - fee), (FEES, fee)],
             )
             .await?;
-            Ok(s.charge)
+            Ok(charge)
         }
     }
 }
@@ -231,6 +242,10 @@ impl Ledger {
 
     /// Reserves `amount` on `account`; `None` when the available balance is too small.
     pub async fn hold(&self, account: &str, amount: Micros, request_id: &str, key_id: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
+        if amount <= 0 {
+            // A hold reserves funds; a negative one would create them.
+            return Err(sqlx::Error::Protocol(format!("hold amount must be positive, got {amount}")));
+        }
         let mut tx = self.store.pool.begin().await?;
         let reserved = sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND posted - held >= $1")
             .bind(amount)
@@ -311,12 +326,18 @@ impl Ledger {
 
     /// Verifies every invariant; returns the violations found (empty = healthy).
     pub async fn check(&self) -> Result<CheckReport, sqlx::Error> {
-        let pool = &self.store.pool;
+        // One snapshot for every query, so batches committing meanwhile cannot look like
+        // a mismatch between two reads.
+        let mut tx = self.store.pool.begin().await?;
+        if self.store.backend == crate::store::Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        }
+        let pool = &mut *tx;
         let mut violations = Vec::new();
         let unbalanced: Vec<(String, i64)> = sqlx::query(
             "SELECT entry_id, CAST(SUM(amount) AS BIGINT) AS s FROM ledger_lines GROUP BY entry_id HAVING SUM(amount) <> 0",
         )
-        .fetch_all(pool)
+        .fetch_all(&mut *pool)
         .await?
         .iter()
         .map(|r| Ok((r.try_get("entry_id")?, r.try_get("s")?)))
@@ -329,7 +350,7 @@ impl Ledger {
              a.held, CAST(COALESCE((SELECT SUM(h.amount) FROM holds h WHERE h.account_id = a.id AND h.status = 'held'), 0) AS BIGINT) AS open_holds, a.kind \
              FROM accounts a",
         )
-        .fetch_all(pool)
+        .fetch_all(&mut *pool)
         .await?;
         let accounts = drift.len();
         for r in &drift {
@@ -352,20 +373,21 @@ impl Ledger {
             }
         }
         let usage_total: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM usage_records")
-            .fetch_one(pool)
+            .fetch_one(&mut *pool)
             .await?;
         let ledger_usage: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
              WHERE e.kind = 'usage' AND l.amount > 0",
         )
-        .fetch_one(pool)
+        .fetch_one(&mut *pool)
         .await?;
         if usage_total != ledger_usage {
             violations.push(format!(
                 "usage records cost {usage_total} µUSD in total but usage entries pay out {ledger_usage} µUSD"
             ));
         }
-        let entries: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries").fetch_one(pool).await?;
+        let entries: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries").fetch_one(&mut *pool).await?;
+        tx.commit().await?;
         Ok(CheckReport { entries: u64::try_from(entries).unwrap_or(0), accounts: accounts as u64, usage_total, violations })
     }
 }

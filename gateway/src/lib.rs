@@ -63,6 +63,7 @@ pub struct Inner {
     /// Streams being relayed right now (this replica).
     pub active_streams: Arc<AtomicU64>,
     pub limiter: Arc<ratelimit::Limiter>,
+    pub qualities: Arc<quality::Qualities>,
     /// Woken whenever a provider slot frees up (requests queued for capacity wait on it).
     pub capacity_freed: Arc<tokio::sync::Notify>,
     /// Requests waiting for a provider slot right now.
@@ -150,6 +151,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/settings", get(payments_api::admin_settings).patch(payments_api::admin_update_settings))
         .route("/api/analytics/revenue", get(payments_api::revenue))
         .route("/api/analytics/usage", get(payments_api::usage))
+        .route("/api/admin/quality-levels", get(platform_api::admin_quality_levels).post(platform_api::admin_add_quality_level))
         .route("/api/admin/providers/{id}/approve", post(platform_api::admin_provider_approve))
         .route("/api/admin/providers/{id}/suspend", post(platform_api::admin_provider_suspend))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
@@ -185,19 +187,32 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(request_id))
 }
 
+/// Every request gets our own id (UUIDv7): it keys the usage record and the ledger
+/// entry, so it must be unique and cannot come from the client. A client's own id
+/// (`x-client-request-id`, or an `x-request-id` from a proxy) is logged with ours and
+/// echoed back as `x-client-request-id`.
 async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = request
-        .headers()
-        .get("x-request-id")
+    let id = format!("req_{}", uuid::Uuid::now_v7().simple());
+    let client_id = ["x-client-request-id", "x-request-id"]
+        .iter()
+        .find_map(|h| request.headers().get(*h))
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::now_v7().simple()));
+        .map(str::to_owned);
     request.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        client_request_id = client_id.as_deref().unwrap_or(""),
+        method = %request.method(),
+        path = %request.uri().path()
+    );
     let mut response = tracing::Instrument::instrument(next.run(request), span).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(v) = client_id.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert("x-client-request-id", v);
     }
     response
 }

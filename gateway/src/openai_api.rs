@@ -117,8 +117,8 @@ pub fn prepare_chat(
     if request.messages.is_empty() {
         return Err(ApiError::param("`messages` must contain at least one message", "messages"));
     }
-    let (model, suffix) = quality::split_model_suffix(&request.model);
-    let level = quality::resolve(ext.quality.as_deref(), suffix, headers)?;
+    let (model, suffix) = quality::split_model_suffix(&request.model, &state.qualities);
+    let asked = quality::resolve(&state.qualities, ext.quality.as_deref(), suffix, headers)?;
     let model = model.to_owned();
     check_range(request.temperature, 0.0, 2.0, "temperature")?;
     check_range(request.top_p, 0.0, 1.0, "top_p")?;
@@ -193,6 +193,7 @@ pub fn prepare_chat(
     if request.prediction.is_some() {
         return Err(ApiError::param("predicted outputs are not supported by any provider", "prediction"));
     }
+    let level = choose_level(state, &model, asked, &ext, &features, ext.quality.is_some() || suffix.is_some() || headers.contains_key("x-quality"));
     let (param, requested) = match request.max_completion_tokens {
         Some(n) => ("max_completion_tokens", Some(n)),
         None => ("max_tokens", request.max_tokens),
@@ -220,10 +221,11 @@ pub fn prepare_chat(
             request_id: request_id.to_owned(),
             key: key.clone(),
             model,
-            quality: level.name,
+            quality: level.name.clone(),
+            cost_multiplier_bp: level.cost_multiplier_bp,
+            level,
             body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
             max_completion_tokens: max_tokens.saturating_mul(choices),
-            cost_multiplier_bp: level.cost_multiplier_bp,
             reservation: reservation_of(&ext, headers),
             rate: None,
             body: Bytes::from(body),
@@ -249,8 +251,8 @@ pub async fn completions(
     if request.model.trim().is_empty() {
         return Err(ApiError::param("`model` must not be empty", "model"));
     }
-    let (model, suffix) = quality::split_model_suffix(&request.model);
-    let level = quality::resolve(ext.quality.as_deref(), suffix, &headers)?;
+    let (model, suffix) = quality::split_model_suffix(&request.model, &state.qualities);
+    let asked = quality::resolve(&state.qualities, ext.quality.as_deref(), suffix, &headers)?;
     let model = model.to_owned();
     match &request.prompt {
         Prompt::String(_) => {}
@@ -299,6 +301,8 @@ pub async fn completions(
     if check_stop(request.stop.as_ref())? {
         features.push("stop");
     }
+    let explicit = ext.quality.is_some() || suffix.is_some() || headers.contains_key("x-quality");
+    let level = choose_level(&state, &model, asked, &ext, &features, explicit);
     let max_tokens = resolve_limits(request.max_tokens, "max_tokens", &level)?;
     let stream = request.stream.unwrap_or(false);
     let include_usage = stream && request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
@@ -315,6 +319,7 @@ pub async fn completions(
         key,
         model: model.clone(),
         quality: level.name.clone(),
+        level: level.clone(),
         body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
         max_completion_tokens: max_tokens.saturating_mul(u32::from(request.n.unwrap_or(1).max(1))),
         cost_multiplier_bp: level.cost_multiplier_bp,
@@ -333,6 +338,53 @@ pub async fn completions(
     };
     served_headers(&mut response, &level.name);
     Ok(response)
+}
+
+/// The level a request is served at. With `quality_fallback`, a lower built-in tier
+/// when the asked one has no provider; with `max_latency_ms`, the highest tier (from the
+/// asked one down, or from `ultra` when none was asked) whose expected TTFT — the best
+/// eligible provider's measured TTFT times the tier's latency multiplier — fits.
+fn choose_level(
+    state: &AppState,
+    model: &str,
+    asked: QualityLevel,
+    ext: &RequestExtensions,
+    features: &[&'static str],
+    explicit: bool,
+) -> QualityLevel {
+    let fallback = ext.quality_fallback.unwrap_or(false);
+    if !fallback && ext.max_latency_ms.is_none() {
+        return asked;
+    }
+    let top = if explicit || asked.custom { asked.clone() } else { quality::builtin("ultra").unwrap_or_else(|| asked.clone()) };
+    let mut ladder = vec![top.clone()];
+    if let Some(i) = quality::BUILTIN.iter().position(|n| *n == top.name) {
+        ladder.extend(quality::BUILTIN[..i].iter().rev().filter_map(|n| quality::builtin(n)));
+    } else if fallback || ext.max_latency_ms.is_some() {
+        ladder.extend(quality::BUILTIN.iter().rev().filter_map(|n| quality::builtin(n)).filter(|l| l.multiplier < top.multiplier));
+    }
+    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let snapshot = state.registry.snapshot();
+    let weights = state.config.weights();
+    let reservation = ext.reservation.as_deref();
+    for level in ladder {
+        let found = crate::routing::for_level(&snapshot, model, &level, features, now_ms(), stale_ms, reservation, &weights);
+        if found.eligible.is_empty() {
+            if fallback || !explicit {
+                continue;
+            }
+            return asked;
+        }
+        if let Some(budget) = ext.max_latency_ms {
+            let best = found.eligible.iter().filter_map(|p| p.load.health.ttft_ms()).fold(f64::INFINITY, f64::min);
+            let expected = if best.is_finite() { best * level.latency_multiplier } else { 0.0 };
+            if expected > budget as f64 {
+                continue;
+            }
+        }
+        return level;
+    }
+    asked
 }
 
 /// The reservation named by the body's `reservation` or the `x-reservation-id` header.

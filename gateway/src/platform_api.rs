@@ -274,3 +274,43 @@ pub async fn provider_balance(
     v["providerId"] = serde_json::json!(provider_id);
     Ok(Json(v))
 }
+
+fn level_json(l: &crate::quality::QualityLevel) -> serde_json::Value {
+    serde_json::json!({
+        "name": l.name,
+        "multiplier": l.multiplier,
+        "latencyMultiplier": l.latency_multiplier,
+        "costMultiplier": f64::from(l.cost_multiplier_bp) / 10_000.0,
+        "maxTokens": l.max_tokens,
+        "priority": l.priority,
+        "minProviderScore": l.min_score,
+        "custom": l.custom,
+    })
+}
+
+pub async fn admin_quality_levels(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let levels: Vec<serde_json::Value> = state.qualities.all().iter().map(level_json).collect();
+    Json(serde_json::json!({ "object": "list", "data": levels }))
+}
+
+/// The seed's `addCustomQualityLevel`: `{name, multiplier, latencyMultiplier, costMultiplier, maxTokens}`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewLevel {
+    name: String,
+    multiplier: f64,
+    latency_multiplier: f64,
+    cost_multiplier: f64,
+    max_tokens: u32,
+}
+
+pub async fn admin_add_quality_level(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let n: NewLevel = extract::parse(&headers, &body)?;
+    let level = crate::quality::custom(&n.name, n.multiplier, n.latency_multiplier, n.cost_multiplier, n.max_tokens);
+    let level = state.qualities.add(level).await?;
+    Ok((StatusCode::CREATED, Json(level_json(&level))))
+}

@@ -53,6 +53,8 @@ pub struct Dispatch {
     pub key: Arc<AuthedKey>,
     pub model: String,
     pub quality: String,
+    /// The resolved level (what it serves on, its minimum provider score).
+    pub level: crate::quality::QualityLevel,
     /// The JSON body for the provider (stream and usage already forced on).
     pub body: Bytes,
     /// Optional features the request uses; only providers that honour them qualify.
@@ -470,14 +472,15 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             return Err(ApiError::param(format!("reservation {id} does not exist, has ended, or is not yours"), "reservation"));
         }
     }
-    let found = routing::candidates(
+    let found = routing::for_level(
         &snapshot,
         &dispatch.model,
-        &dispatch.quality,
+        &dispatch.level,
         &dispatch.features,
         now_ms(),
         stale_ms,
         dispatch.reservation.as_deref(),
+        &config.weights(),
     );
     if !found.model_known {
         return Err(ApiError::ModelNotFound { model: dispatch.model });

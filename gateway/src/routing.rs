@@ -22,7 +22,7 @@ pub struct Candidates {
 pub fn candidates(
     providers: &HashMap<String, Arc<Provider>>,
     model: &str,
-    quality: &str,
+    qualities: &[&str],
     features: &[&'static str],
     now_ms: i64,
     stale_after_ms: i64,
@@ -41,7 +41,7 @@ pub fn candidates(
         if reserved_for != reservation {
             continue;
         }
-        if !p.serves(model, quality) {
+        if !qualities.iter().any(|q| p.serves(model, q)) {
             continue;
         }
         if let Some(missing) = features.iter().find(|f| !p.supports(f)) {
@@ -129,4 +129,28 @@ pub fn pick(eligible: &[Arc<Provider>], exclude: &[String], weights: &Weights, n
 /// Whether any eligible provider is merely busy (so waiting for a slot can help).
 pub fn all_busy(eligible: &[Arc<Provider>], exclude: &[String]) -> bool {
     eligible.iter().any(|p| !exclude.contains(&p.id) && !has_capacity(p))
+}
+
+/// The stream qualities that can serve a level: its own, and `standard` for custom levels.
+pub fn serve_on(level: &crate::quality::QualityLevel) -> Vec<&str> {
+    if level.custom { vec![level.name.as_str(), "standard"] } else { vec![level.name.as_str()] }
+}
+
+/// Eligible providers for a level: capability match plus the level's minimum score.
+pub fn for_level(
+    providers: &HashMap<String, Arc<Provider>>,
+    model: &str,
+    level: &crate::quality::QualityLevel,
+    features: &[&'static str],
+    now_ms: i64,
+    stale_after_ms: i64,
+    reservation: Option<&str>,
+    weights: &Weights,
+) -> Candidates {
+    let mut found = candidates(providers, model, &serve_on(level), features, now_ms, stale_after_ms, reservation);
+    if level.min_score > 0.0 {
+        let base = Baseline::of(found.eligible.iter());
+        found.eligible.retain(|p| score(p, weights, &base) >= level.min_score);
+    }
+    found
 }

@@ -51,6 +51,8 @@ impl Running {
         );
         let refresh = Duration::from_secs(config.provider_refresh_secs.max(1));
         let reg = registry.clone();
+        let qualities = Arc::new(crate::quality::Qualities::load(store.clone()).await?);
+        let reload_qualities = qualities.clone();
         let stop_refresh = stop.clone();
         let sweeper = crate::ledger::Ledger::new(store.clone());
         let payouts = crate::payments::Payments::new(store.clone());
@@ -65,6 +67,9 @@ impl Running {
                     _ = tick.tick() => {
                         if let Err(e) = reg.reload().await {
                             tracing::warn!(error = %e, "provider reload failed");
+                        }
+                        if let Err(e) = reload_qualities.reload().await {
+                            tracing::warn!(error = %e, "quality level reload failed");
                         }
                         sweeps += 1;
                         if sweeps % 12 == 1 {
@@ -95,6 +100,7 @@ impl Running {
         };
         let state = AppState::new(Inner {
             limiter,
+            qualities,
             capacity_freed: Arc::new(tokio::sync::Notify::new()),
             queued: Arc::new(AtomicU64::new(0)),
             keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),

@@ -44,6 +44,8 @@ fn to_chat(request: &InferenceRequest) -> Result<(CreateChatCompletionRequest, R
         quality: request.options.quality.clone(),
         ad_preferences: request.options.ad_preferences.clone(),
         reservation: None,
+        quality_fallback: None,
+        max_latency_ms: None,
     };
     Ok((chat, ext))
 }

@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_ledger.sql")),
     (3, include_str!("../migrations/0003_payments.sql")),
     (4, include_str!("../migrations/0004_limits_reservations.sql")),
+    (5, include_str!("../migrations/0005_quality_levels.sql")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -159,7 +159,11 @@ async fn commit(store: &Store, batch: &mut [Completion]) -> Result<(), sqlx::Err
         }
     }
     let records: Vec<&UsageRecord> = batch.iter().map(|c| &c.record).collect();
-    insert(&mut tx, &records).await?;
+    // Modest statements: SQLite looks `$N` parameters up by name, which grows
+    // quadratically with the parameter count of one statement.
+    for chunk in records.chunks(64) {
+        insert(&mut tx, chunk).await?;
+    }
     tx.commit().await
 }
 

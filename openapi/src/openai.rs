@@ -20,6 +20,12 @@ pub struct RequestExtensions {
     /// A per-hour reservation to run on (see `POST /api/llm/reservations`).
     #[serde(default)]
     pub reservation: Option<String>,
+    /// Allow serving at a lower tier when the asked one has no provider right now.
+    #[serde(default)]
+    pub quality_fallback: Option<bool>,
+    /// Adaptive quality: the highest tier whose expected time to first token fits.
+    #[serde(default)]
+    pub max_latency_ms: Option<u64>,
 }
 
 /// A user's ad preferences for one request (free tier).

@@ -740,7 +740,10 @@ async fn inproc_health_and_request_ids() {
     let (gw, _mock, _key) = setup().await;
     let r = gw.http.get(gw.url("/health")).header("x-request-id", "my-trace-1").send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-request-id"], "my-trace-1");
+    // Our own id keys billing, so it is always ours; the client's comes back beside it.
+    let ours = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(ours.starts_with("req_") && ours != "my-trace-1");
+    assert_eq!(r.headers()["x-client-request-id"], "my-trace-1");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "ok");
     assert_eq!(v["database"], "ok");
@@ -1465,4 +1468,55 @@ async fn inproc_chaos_traffic_shifts_to_the_healthy_provider() {
     let user_acct: String = sqlx::query_scalar("SELECT id FROM accounts WHERE kind = 'user'").fetch_one(&gw.state.store.pool).await.unwrap();
     wait_until_no_holds(&gw, &user_acct).await;
     gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_repeated_client_request_ids_are_each_billed() {
+    let (gw, _mock, key) = setup().await;
+    for _ in 0..3 {
+        let r = gw.http.post(gw.url("/v1/chat/completions")).bearer_auth(&key).header("x-request-id", "same-id")
+            .json(&json!({"model": "mock-model", "messages": user("hi")})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let state = gw.shutdown().await;
+    let rows = usage_rows(&state).await;
+    assert_eq!(rows.len(), 3, "one usage record per request even when the client repeats its id");
+    assert!(rows.iter().all(|r| r.0 == "ok"));
+}
+
+#[tokio::test]
+async fn inproc_quality_levels_custom_fallback_and_adaptive() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard", "low"]).await;
+    let key = gw.create_key("premium").await;
+    // A custom level: served on standard streams with its own parameters and price.
+    let level = json!({"name": "turbo", "multiplier": 1.0, "latencyMultiplier": 0.5, "costMultiplier": 3.0, "maxTokens": 64});
+    let r = gw.admin_post("/api/admin/quality-levels", level.clone()).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(gw.admin_post("/api/admin/quality-levels", level).await.status(), 409);
+    assert_eq!(gw.admin_post("/api/admin/quality-levels", json!({"name": "high", "multiplier": 1.0, "latencyMultiplier": 1.0, "costMultiplier": 1.0, "maxTokens": 1})).await.status(), 409);
+    assert_eq!(gw.admin_post("/api/admin/quality-levels", json!({"name": "x", "multiplier": -1.0, "latencyMultiplier": 1.0, "costMultiplier": 1.0, "maxTokens": 1})).await.status(), 400);
+    let levels: Value = gw.http.get(gw.url("/api/admin/quality-levels")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(levels["data"].as_array().unwrap().len(), 5);
+    let r = gw.chat(&key, json!({"model": "mock-model:turbo", "messages": user("hi"), "max_tokens": 1000})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-quality-served"], "turbo");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(mock.last_body().unwrap()["max_tokens"], 64, "the level's cap");
+    assert_eq!((v["usage"]["cost"].as_f64().unwrap() * 1e6).round() as i64, 3 * HI_COST, "billed at 3.0x");
+    // No provider streams `high`: refused unless the request allows a fallback.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "quality": "high"})).await;
+    assert_eq!(r.status(), 503);
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "quality": "high", "quality_fallback": true})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-quality-served"], "standard", "the next tier down that has a provider");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!((v["usage"]["cost"].as_f64().unwrap() * 1e6).round() as i64, HI_COST, "billed at the served tier");
+    // Adaptive: the highest tier whose expected latency fits; only standard and low run here.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "max_latency_ms": 10000})).await;
+    assert_eq!(r.headers()["x-quality-served"], "standard");
+    // A custom level survives a restart of the level cache (it is persisted).
+    gw.state.qualities.reload().await.unwrap();
+    assert!(gw.state.qualities.get("turbo").is_some());
 }
