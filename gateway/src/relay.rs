@@ -295,9 +295,15 @@ fn take_slot(provider: Arc<Provider>, freed: &Arc<tokio::sync::Notify>) -> Slot 
 
 /// Picks a provider; when every eligible one is busy, waits (bounded in time and in
 /// the number of waiters) for a slot to free up.
-async fn pick_or_wait(state: &AppState, eligible: &[Arc<Provider>], tried: &[String]) -> Option<Arc<Provider>> {
+async fn pick_or_wait(
+    state: &AppState,
+    level: &crate::quality::QualityLevel,
+    eligible: &[Arc<Provider>],
+    tried: &[String],
+) -> Option<Arc<Provider>> {
     let weights = state.config.weights();
-    if let Some(p) = routing::pick(eligible, tried, &weights, now_ms()) {
+    let min_score = level.min_score;
+    if let Some(p) = routing::pick(eligible, tried, &weights, now_ms(), min_score) {
         return Some(p);
     }
     let timeout = Duration::from_millis(state.config.queue_timeout_ms);
@@ -311,11 +317,11 @@ async fn pick_or_wait(state: &AppState, eligible: &[Arc<Provider>], tried: &[Str
     let deadline = tokio::time::Instant::now() + timeout;
     let picked = loop {
         let freed = state.capacity_freed.notified();
-        if let Some(p) = routing::pick(eligible, tried, &weights, now_ms()) {
+        if let Some(p) = routing::pick(eligible, tried, &weights, now_ms(), min_score) {
             break Some(p);
         }
         if tokio::time::timeout_at(deadline, freed).await.is_err() {
-            break routing::pick(eligible, tried, &weights, now_ms());
+            break routing::pick(eligible, tried, &weights, now_ms(), min_score);
         }
     };
     state.queued.fetch_sub(1, Ordering::Relaxed);
@@ -472,15 +478,14 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             return Err(ApiError::param(format!("reservation {id} does not exist, has ended, or is not yours"), "reservation"));
         }
     }
-    let found = routing::for_level(
+    let found = routing::candidates(
         &snapshot,
         &dispatch.model,
-        &dispatch.level,
+        &routing::serve_on(&dispatch.level),
         &dispatch.features,
         now_ms(),
         stale_ms,
         dispatch.reservation.as_deref(),
-        &config.weights(),
     );
     if !found.model_known {
         return Err(ApiError::ModelNotFound { model: dispatch.model });
@@ -554,7 +559,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
     let mut tried: Vec<String> = Vec::new();
     let mut last_error: Option<AttemptError> = None;
     for _ in 0..config.max_attempts {
-        let Some(provider) = pick_or_wait(state, &found.eligible, &tried).await else { break };
+        let Some(provider) = pick_or_wait(state, &dispatch.level, &found.eligible, &tried).await else { break };
         tried.push(provider.id.clone());
         let slot = take_slot(provider.clone(), &state.capacity_freed);
         let attempt_started = Instant::now();

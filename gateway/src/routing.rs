@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use rand::seq::SliceRandom;
 use rand::Rng;
 
 use crate::health::Weights;
@@ -92,18 +93,30 @@ pub fn score(p: &Provider, weights: &Weights, base: &Baseline) -> f64 {
 /// only get traffic when the better ones are full.
 const COMPETITIVE: f64 = 0.85;
 
-/// Score-aware power of two choices: among the providers with a free slot, an open
-/// breaker, and a weight (score × free capacity) close to the best, two random ones
-/// are compared and the heavier wins.
-pub fn pick(eligible: &[Arc<Provider>], exclude: &[String], weights: &Weights, now_ms: i64) -> Option<Arc<Provider>> {
-    let open: Vec<&Arc<Provider>> = eligible
+/// Candidates scored per request: a random sample this large keeps selection O(1) in
+/// the number of providers (1,000 providers cost what 16 do).
+const SAMPLE: usize = 16;
+
+/// Score-aware power of two choices: among (a random sample of) the providers with a
+/// free slot, an open breaker, a score of at least `min_score`, and a weight (score ×
+/// free capacity) close to the best, two random ones are compared and the heavier wins.
+pub fn pick(eligible: &[Arc<Provider>], exclude: &[String], weights: &Weights, now_ms: i64, min_score: f64) -> Option<Arc<Provider>> {
+    let mut rng = rand::thread_rng();
+    let mut open: Vec<&Arc<Provider>> = eligible
         .iter()
         .filter(|p| has_capacity(p) && !exclude.contains(&p.id) && p.load.health.available(now_ms))
         .collect();
+    if open.len() > SAMPLE {
+        let (sample, _) = open.partial_shuffle(&mut rng, SAMPLE);
+        open = sample.to_vec();
+    }
     let base = Baseline::of(open.iter().copied());
-    let mut weighted: Vec<(&Arc<Provider>, f64)> =
-        open.iter().map(|p| (*p, score(p, weights, &base) * (1.0 - utilisation(p)).max(0.0))).collect();
-    let mut rng = rand::thread_rng();
+    let mut weighted: Vec<(&Arc<Provider>, f64)> = open
+        .iter()
+        .map(|p| (*p, score(p, weights, &base)))
+        .filter(|(_, s)| *s >= min_score)
+        .map(|(p, s)| (p, s * (1.0 - utilisation(p)).max(0.0)))
+        .collect();
     while !weighted.is_empty() {
         let best = weighted.iter().map(|(_, w)| *w).fold(0.0, f64::max);
         let contenders: Vec<usize> = (0..weighted.len()).filter(|i| weighted[*i].1 >= best * COMPETITIVE).collect();
