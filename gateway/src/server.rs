@@ -217,6 +217,11 @@ pub async fn serve(
             axum_server::from_tcp_rustls(std_listener, tls).handle(handle).serve(router).await?;
         }
         _ => {
+            // Without TCP_NODELAY every SSE chunk after the first waits for the client's
+            // delayed ACK (~40 ms). (axum-server's acceptor already sets it for TLS.)
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let server = axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future();
             tokio::select! {
                 r = server => r?,

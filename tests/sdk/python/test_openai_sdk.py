@@ -133,3 +133,33 @@ def test_legacy_completions(client, model):
 def test_legacy_completions_stream(client, model):
     stream = client.completions.create(model=model, prompt="The capital of France is", stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == REPLY
+
+
+def test_sdk_retry_honours_retry_after_after_a_rate_limit(model):
+    """The SDK's own retry succeeds after a 429 by waiting what `retry-after(-ms)` says."""
+    import json
+    import time
+    import urllib.request
+
+    base = env("GATEWAY_BASE_URL")
+    root = base.rsplit("/v1", 1)[0]
+    body = json.dumps({"name": "py-rate-limited", "tier": "free", "requestsPerMinute": 30}).encode()
+    request = urllib.request.Request(
+        f"{root}/api/admin/keys",
+        data=body,
+        headers={"Authorization": f"Bearer {env('GATEWAY_ADMIN_KEY')}", "Content-Type": "application/json"},
+    )
+    key = json.load(urllib.request.urlopen(request))["key"]
+    strict = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=30)
+    with pytest.raises(openai.RateLimitError) as refused:
+        for _ in range(31):
+            strict.chat.completions.create(model=model, messages=ask(), max_tokens=4)
+    headers = refused.value.response.headers
+    retry_ms = int(headers["retry-after-ms"])
+    assert 0 < retry_ms <= 2000, "30 requests/min frees one every 2 s"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    patient = openai.OpenAI(base_url=base, api_key=key, max_retries=3, timeout=30)
+    started = time.monotonic()
+    completion = patient.chat.completions.create(model=model, messages=ask(), max_tokens=4)
+    assert completion.choices[0].message.content
+    assert time.monotonic() - started >= retry_ms / 1000 * 0.5, "the SDK waited before retrying"

@@ -147,6 +147,7 @@ impl Gateway {
                 .env("GATEWAY_BASE_URL", format!("{}/v1", self.base))
                 .env("GATEWAY_API_KEY", &self.user_key)
                 .env("GATEWAY_MODEL", MODEL)
+                .env("GATEWAY_ADMIN_KEY", ADMIN_KEY)
                 // Keep the SDKs from picking up a real key or proxy from the environment.
                 .env_remove("OPENAI_API_KEY")
                 .env_remove("OPENAI_BASE_URL")
