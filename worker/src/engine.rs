@@ -83,6 +83,8 @@ pub struct Stats {
     pub completion_tokens_total: AtomicU64,
     pub cancelled_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Requests accepted per queue priority (0..=10; the gateway maps quality tiers to it).
+    pub requests_by_priority: [AtomicU64; 11],
 }
 
 struct Queued {
@@ -178,9 +180,13 @@ impl Engine {
         let Ok(mut q) = self.shared.queue.lock() else { return rx };
         let id = q.next_id;
         q.next_id += 1;
+        let req_priority = req.priority;
+        tracing::info!(id, priority = req.priority, max_tokens = req.params.max_tokens, temperature = req.params.temperature, "request queued");
         q.heap.push(Queued { priority: req.priority, id, req, events: tx });
         self.shared.stats.queued.store(q.heap.len(), Relaxed);
         self.shared.stats.requests_total.fetch_add(1, Relaxed);
+        let slot = usize::try_from(req_priority.clamp(0, 10)).unwrap_or(0);
+        self.shared.stats.requests_by_priority[slot].fetch_add(1, Relaxed);
         drop(q);
         self.shared.wake.notify_one();
         rx

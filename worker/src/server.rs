@@ -533,5 +533,12 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     put("worker_queue_length", "gauge", "Requests waiting to join the batch.", s.queued.load(Relaxed) as u64);
     put("worker_kv_reserved_bytes", "gauge", "KV-cache bytes reserved.", s.kv_reserved_bytes.load(Relaxed) as u64);
     put("worker_resident_memory_bytes", "gauge", "Resident memory.", crate::host::rss_mb() << 20);
+    let _ = writeln!(out, "# HELP worker_requests_by_priority_total Requests accepted per queue priority.\n# TYPE worker_requests_by_priority_total counter");
+    for (priority, n) in s.requests_by_priority.iter().enumerate() {
+        let n = n.load(Relaxed);
+        if n > 0 {
+            let _ = writeln!(out, "worker_requests_by_priority_total{{priority=\"{priority}\"}} {n}");
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 
 use crate::sdk::{free_port, gateway_bin};
 
-const ADMIN: &str = "cli-test-admin-key-0123456789";
+pub(crate) const ADMIN: &str = "cli-test-admin-key-0123456789";
 
 fn db_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("gw.db").display())
@@ -32,7 +32,7 @@ async fn serve(dir: &Path, port: u16) -> Child {
     serve_with(dir, port, &[]).await
 }
 
-async fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> Child {
+pub(crate) async fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> Child {
     let child = Command::new(gateway_bin().unwrap())
         .arg("serve")
         .envs(env.iter().copied())

@@ -4,4 +4,5 @@
 mod cli;
 mod inproc;
 mod ledger_props;
+mod real_worker;
 mod sdk;
