@@ -61,6 +61,41 @@ fn check_stop(stop: Option<&StopConfiguration>) -> Result<bool, ApiError> {
     }
 }
 
+/// The sampling knobs chat and completions share.
+struct Sampling<'a> {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    n: Option<u8>,
+    seed: bool,
+    stop: Option<&'a StopConfiguration>,
+}
+
+/// Range checks for the shared knobs, and the optional provider features they use.
+fn sampling_features(s: &Sampling<'_>) -> Result<Vec<&'static str>, ApiError> {
+    check_range(s.temperature, 0.0, 2.0, "temperature")?;
+    check_range(s.top_p, 0.0, 1.0, "top_p")?;
+    check_range(s.presence_penalty, -2.0, 2.0, "presence_penalty")?;
+    check_range(s.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
+    let mut features = Vec::new();
+    match s.n {
+        Some(0) => return Err(ApiError::param("`n` must be at least 1", "n")),
+        Some(n) if n > 1 => features.push("n"),
+        _ => {}
+    }
+    if s.seed {
+        features.push("seed");
+    }
+    if s.presence_penalty.is_some_and(|v| v != 0.0) || s.frequency_penalty.is_some_and(|v| v != 0.0) {
+        features.push("penalties");
+    }
+    if check_stop(s.stop)? {
+        features.push("stop");
+    }
+    Ok(features)
+}
+
 /// Common knobs: quality and the completion-token cap it implies.
 fn resolve_limits(
     requested: Option<u32>,
@@ -120,19 +155,15 @@ pub fn prepare_chat(
     let (model, suffix) = quality::split_model_suffix(&request.model, &state.qualities);
     let asked = quality::resolve(&state.qualities, ext.quality.as_deref(), suffix, headers)?;
     let model = model.to_owned();
-    check_range(request.temperature, 0.0, 2.0, "temperature")?;
-    check_range(request.top_p, 0.0, 1.0, "top_p")?;
-    check_range(request.presence_penalty, -2.0, 2.0, "presence_penalty")?;
-    check_range(request.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
-    let mut features = Vec::new();
-    if let Some(n) = request.n {
-        if n == 0 {
-            return Err(ApiError::param("`n` must be at least 1", "n"));
-        }
-        if n > 1 {
-            features.push("n");
-        }
-    }
+    let mut features = sampling_features(&Sampling {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        n: request.n,
+        seed: request.seed.is_some(),
+        stop: request.stop.as_ref(),
+    })?;
     if let Some(k) = request.top_logprobs {
         if k > 20 {
             return Err(ApiError::param("`top_logprobs` must be between 0 and 20", "top_logprobs"));
@@ -154,15 +185,6 @@ pub fn prepare_chat(
         if !bias.is_empty() {
             features.push("logit_bias");
         }
-    }
-    if request.seed.is_some() {
-        features.push("seed");
-    }
-    if request.presence_penalty.is_some_and(|v| v != 0.0) || request.frequency_penalty.is_some_and(|v| v != 0.0) {
-        features.push("penalties");
-    }
-    if check_stop(request.stop.as_ref())? {
-        features.push("stop");
     }
     if matches!(request.response_format, Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. })) {
         features.push("response_format");
@@ -264,16 +286,15 @@ pub async fn completions(
             return Err(ApiError::param("token-id prompts are not supported; send text", "prompt"));
         }
     }
-    check_range(request.temperature, 0.0, 2.0, "temperature")?;
-    check_range(request.top_p, 0.0, 1.0, "top_p")?;
-    check_range(request.presence_penalty, -2.0, 2.0, "presence_penalty")?;
-    check_range(request.frequency_penalty, -2.0, 2.0, "frequency_penalty")?;
-    let mut features = Vec::new();
-    match request.n {
-        Some(0) => return Err(ApiError::param("`n` must be at least 1", "n")),
-        Some(n) if n > 1 => features.push("n"),
-        _ => {}
-    }
+    let mut features = sampling_features(&Sampling {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        n: request.n,
+        seed: request.seed.is_some(),
+        stop: request.stop.as_ref(),
+    })?;
     if request.best_of.is_some_and(|b| b > 1) {
         return Err(ApiError::param("`best_of` is not supported by any provider", "best_of"));
     }
@@ -291,15 +312,6 @@ pub async fn completions(
     }
     if request.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         features.push("logit_bias");
-    }
-    if request.seed.is_some() {
-        features.push("seed");
-    }
-    if request.presence_penalty.is_some_and(|v| v != 0.0) || request.frequency_penalty.is_some_and(|v| v != 0.0) {
-        features.push("penalties");
-    }
-    if check_stop(request.stop.as_ref())? {
-        features.push("stop");
     }
     let explicit = ext.quality.is_some() || suffix.is_some() || headers.contains_key("x-quality");
     let level = choose_level(&state, &model, asked, &ext, &features, explicit);
