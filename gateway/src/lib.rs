@@ -10,6 +10,7 @@ pub mod extract;
 pub mod health;
 pub mod keys;
 pub mod ledger;
+pub mod metrics;
 pub mod payments;
 pub mod payout_connector;
 pub mod payments_api;
@@ -63,6 +64,7 @@ pub struct Inner {
     /// Streams being relayed right now (this replica).
     pub active_streams: Arc<AtomicU64>,
     pub limiter: Arc<ratelimit::Limiter>,
+    pub metrics: Arc<metrics::Metrics>,
     pub qualities: Arc<quality::Qualities>,
     /// Woken whenever a provider slot frees up (requests queued for capacity wait on it).
     pub capacity_freed: Arc<tokio::sync::Notify>,
@@ -157,6 +159,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
     let open_routes = Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
         .route("/api/gpu/register", post(platform_api::register))
         .route("/api/gpu/stream/start", post(platform_api::stream_start))
         .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
@@ -170,6 +173,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/payment/payout-webhook", post(payments_api::payout_webhook))
         .route_layer(middleware::from_fn_with_state(state.clone(), limit_by_ip));
     let max_body = state.config.max_body_bytes;
+    let metrics_state = state.metrics.clone();
     // Layers run top to bottom on the request (the last `.layer` is the outermost).
     Router::new()
         .merge(user_routes)
@@ -183,6 +187,8 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(openai_error_shape))
         // Keys and provider bodies never reach logs; the span carries the request id.
         .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
+        // Request counts and latency by path and status, for /metrics.
+        .layer(middleware::from_fn_with_state(metrics_state, observe))
         // Outermost: every response, errors included, carries `x-request-id`.
         .layer(middleware::from_fn(request_id))
 }
@@ -346,6 +352,44 @@ async fn require_admin_key(State(state): State<AppState>, request: Request, next
         return ApiError::InvalidApiKey.into_response();
     }
     next.run(request).await
+}
+
+async fn observe(State(metrics): State<Arc<metrics::Metrics>>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    metrics.record_http(&path, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let now = store::now_ms();
+    let snapshot = state.registry.snapshot();
+    let weights = state.config.weights();
+    let base = routing::Baseline::of(snapshot.values());
+    let online = snapshot.values().filter(|p| p.is_live(now, stale_ms)).count();
+    let mut scores = Vec::new();
+    let mut breakers = Vec::new();
+    let mut in_flight = Vec::new();
+    for p in snapshot.values() {
+        let label = format!("provider=\"{}\"", p.id);
+        scores.push((label.clone(), routing::score(p, &weights, &base)));
+        let open = p.load.health.snapshot().breaker != health::Breaker::Closed;
+        breakers.push((label.clone(), if open { 1.0 } else { 0.0 }));
+        in_flight.push((label, f64::from(p.load.in_flight.load(std::sync::atomic::Ordering::Relaxed))));
+    }
+    let gauges = [
+        ("gs_active_streams", "Streams being relayed now.", vec![(String::new(), state.active_streams.load(std::sync::atomic::Ordering::Relaxed) as f64)]),
+        ("gs_queued_requests", "Requests waiting for a provider slot.", vec![(String::new(), state.queued.load(std::sync::atomic::Ordering::Relaxed) as f64)]),
+        ("gs_providers_online", "Providers on line (active, fresh heartbeat, a stream up).", vec![(String::new(), online as f64)]),
+        ("gs_provider_score", "Routing score in [0, 1].", scores),
+        ("gs_provider_breaker_open", "1 while the provider's circuit breaker is open or half-open.", breakers),
+        ("gs_provider_in_flight", "Requests in flight per provider (this replica).", in_flight),
+    ];
+    let body = state.metrics.render(&gauges);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 async fn health(State(state): State<AppState>) -> Response {

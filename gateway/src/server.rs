@@ -43,7 +43,9 @@ impl Running {
         };
         let registry = Arc::new(Registry::load(store.clone()).await?);
         let stop = CancellationToken::new();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let (sink, writer) = usage::spawn(
+            metrics.clone(),
             store.clone(),
             config.usage_batch_max,
             Duration::from_millis(config.usage_flush_ms),
@@ -99,6 +101,7 @@ impl Running {
             None => Arc::new(crate::ratelimit::Limiter::memory()),
         };
         let state = AppState::new(Inner {
+            metrics: metrics.clone(),
             limiter,
             qualities,
             capacity_freed: Arc::new(tokio::sync::Notify::new()),

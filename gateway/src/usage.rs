@@ -89,8 +89,15 @@ pub struct UsageWriter {
 
 const COLUMNS: usize = 17;
 
-pub fn spawn(store: Store, batch_max: usize, flush_every: Duration, stop: CancellationToken) -> (UsageSink, UsageWriter) {
+pub fn spawn(
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    store: Store,
+    batch_max: usize,
+    flush_every: Duration,
+    stop: CancellationToken,
+) -> (UsageSink, UsageWriter) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Completion>();
+    let (store, metrics) = (store, metrics);
     let handle = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(batch_max);
         loop {
@@ -106,15 +113,15 @@ pub fn spawn(store: Store, batch_max: usize, flush_every: Duration, stop: Cancel
                             match rx.try_recv() { Ok(r) => batch.push(r), Err(_) => break }
                         }
                     }
-                    write_batch(&store, &mut batch).await;
+                    write_batch(&store, &metrics, &mut batch).await;
                 }
                 () = stop.cancelled() => {
                     rx.close();
                     while let Some(r) = rx.recv().await {
                         batch.push(r);
-                        if batch.len() >= batch_max { write_batch(&store, &mut batch).await; }
+                        if batch.len() >= batch_max { write_batch(&store, &metrics, &mut batch).await; }
                     }
-                    write_batch(&store, &mut batch).await;
+                    write_batch(&store, &metrics, &mut batch).await;
                     break;
                 }
             }
@@ -123,7 +130,7 @@ pub fn spawn(store: Store, batch_max: usize, flush_every: Duration, stop: Cancel
     (UsageSink { tx }, UsageWriter { handle })
 }
 
-async fn write_batch(store: &Store, batch: &mut Vec<Completion>) {
+async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &mut Vec<Completion>) {
     if batch.is_empty() {
         return;
     }
@@ -144,6 +151,11 @@ async fn write_batch(store: &Store, batch: &mut Vec<Completion>) {
         tracing::error!(rows = batch.len(), "usage batch could not be written");
     }
     for c in batch.drain(..) {
+        if ok {
+            let r = &c.record;
+            metrics.record_completion(r.status.as_str(), r.prompt_tokens, r.completion_tokens, r.ttft_ms);
+            metrics.charged_micros.fetch_add(u64::try_from(r.cost_micros).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(ack) = c.ack {
             let _ = ack.send(ok);
         }

@@ -220,6 +220,7 @@ async fn level(backend: Backend, in_flight: usize, secs: f64) -> anyhow::Result<
 
     let stop = CancellationToken::new();
     let (sink, writer) = usage::spawn(
+        std::sync::Arc::default(),
         db.store.clone(),
         config.usage_batch_max,
         Duration::from_millis(config.usage_flush_ms),

@@ -1,6 +1,7 @@
 //! In-process suite: the real gateway (`server::serve` over `app()`) on an ephemeral
 //! port, in front of counted mock providers, on SQLite or PostgreSQL (`GS_TEST_DB`).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -1519,4 +1520,51 @@ async fn inproc_quality_levels_custom_fallback_and_adaptive() {
     // A custom level survives a restart of the level cache (it is persisted).
     gw.state.qualities.reload().await.unwrap();
     assert!(gw.state.qualities.get("turbo").is_some());
+}
+
+/// Parses Prometheus text format: `name{labels} value` → (name with labels, value);
+/// every line must be a comment or a well-formed sample.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix('#') {
+            let kind = rest.trim_start();
+            assert!(kind.starts_with("HELP ") || kind.starts_with("TYPE "), "bad comment line: {line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        assert!(series[..name_end].chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name: {line}");
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unclosed labels: {line}");
+        }
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+#[tokio::test]
+async fn inproc_metrics_after_traffic() {
+    let (gw, _mock, key) = setup().await;
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&key, json!({"model": "mock-model", "messages": user("hi")})).await.status(), 200);
+    }
+    assert_eq!(gw.chat(&key, json!({"model": "nope", "messages": user("hi")})).await.status(), 404);
+    let r = gw.http.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let m = parse_prometheus(&r.text().await.unwrap());
+    assert_eq!(m["gs_http_requests_total{path=\"/v1/chat/completions\",status=\"200\"}"], 3.0);
+    assert_eq!(m["gs_http_requests_total{path=\"/v1/chat/completions\",status=\"404\"}"], 1.0);
+    assert_eq!(m["gs_completions_total{status=\"ok\"}"], 3.0);
+    assert_eq!(m["gs_tokens_total{kind=\"completion\"}"], 18.0);
+    assert_eq!(m["gs_time_to_first_token_seconds_count"], 3.0);
+    assert!(m["gs_http_request_duration_seconds_count"] >= 4.0);
+    assert!((m["gs_ledger_charged_usd_total"] - 3.0 * HI_COST as f64 / 1e6).abs() < 1e-12);
+    assert_eq!(m["gs_providers_online"], 1.0);
+    assert_eq!(m["gs_active_streams"], 0.0);
+    let scores: Vec<f64> = m.iter().filter(|(k, _)| k.starts_with("gs_provider_score{")).map(|(_, v)| *v).collect();
+    assert_eq!(scores.len(), 1);
+    assert!(scores[0] > 0.5 && scores[0] <= 1.0);
 }

@@ -127,7 +127,7 @@ struct Writer {
 impl Writer {
     fn spawn(store: &Store) -> Self {
         let stop = CancellationToken::new();
-        let (sink, writer) = usage::spawn(store.clone(), 512, Duration::ZERO, stop.clone());
+        let (sink, writer) = usage::spawn(std::sync::Arc::default(), store.clone(), 512, Duration::ZERO, stop.clone());
         Self { sink, writer, stop }
     }
 
