@@ -184,6 +184,16 @@ impl Default for Config {
 const ALIASES: &[(&str, &str)] = &[("GPU_STREAMING_PORT", "port")];
 
 impl Config {
+    /// `provider_stale_after_secs` in milliseconds, as liveness checks compare it.
+    pub fn stale_after_ms(&self) -> i64 {
+        i64::try_from(self.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// `breaker_cooldown_ms` as the signed milliseconds the breaker adds to a timestamp.
+    pub fn breaker_cooldown(&self) -> i64 {
+        i64::try_from(self.breaker_cooldown_ms).unwrap_or(i64::MAX)
+    }
+
     pub fn weights(&self) -> crate::health::Weights {
         crate::health::Weights {
             success: self.score_weight_success,

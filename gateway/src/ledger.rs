@@ -435,17 +435,17 @@ pub async fn transfer_available(
     request_id: Option<&str>,
     memo: &str,
 ) -> Result<bool, sqlx::Error> {
-    let debited = sqlx::query("UPDATE accounts SET posted = posted - $1 WHERE id = $2 AND posted - held >= $1")
+    // A no-op update as the guard: it locks the row (PostgreSQL re-checks the condition
+    // after waiting for a concurrent writer; SQLite has one writer), so the balance cannot
+    // move between this check and the entry below.
+    let available = sqlx::query("UPDATE accounts SET posted = posted WHERE id = $2 AND posted - held >= $1")
         .bind(amount)
         .bind(from)
         .execute(&mut **tx)
         .await?;
-    if debited.rows_affected() == 0 {
+    if available.rows_affected() == 0 {
         return Ok(false);
     }
-    // Undo the conditional debit and post the entry the normal way, inside the same
-    // transaction: the row is locked by now, so the balance cannot move in between.
-    sqlx::query("UPDATE accounts SET posted = posted + $1 WHERE id = $2").bind(amount).bind(from).execute(&mut **tx).await?;
     post_entry(tx, kind, request_id, memo, &[(from, -amount), (to, amount)]).await?;
     Ok(true)
 }

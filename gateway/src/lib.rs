@@ -364,7 +364,7 @@ async fn observe(State(metrics): State<Arc<metrics::Metrics>>, request: Request,
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = state.config.stale_after_ms();
     let now = store::now_ms();
     let snapshot = state.registry.snapshot();
     let weights = state.config.weights();

@@ -125,14 +125,10 @@ pub async fn chat_completions(
     let model = dispatch.model.clone();
     let quality = dispatch.quality.clone();
     let relay = relay::open(&state, dispatch).await?;
-    let mut response = if stream {
-        sse_response(relay, include_usage)
-    } else {
-        let (agg, usage) = collect(relay).await?;
+    respond(relay, stream, include_usage, &quality, |agg, usage| {
         Json(agg.chat(&format!("chatcmpl-{request_id}"), &model, usage)).into_response()
-    };
-    served_headers(&mut response, &quality);
-    Ok(response)
+    })
+    .await
 }
 
 /// Validates a chat request and turns it into the provider request.
@@ -146,15 +142,10 @@ pub fn prepare_chat(
     ext: RequestExtensions,
     started: Instant,
 ) -> Result<(Dispatch, bool, bool), ApiError> {
-    if request.model.trim().is_empty() {
-        return Err(ApiError::param("`model` must not be empty", "model"));
-    }
+    let Target { model, asked, explicit } = target(state, &request.model, &ext, headers)?;
     if request.messages.is_empty() {
         return Err(ApiError::param("`messages` must contain at least one message", "messages"));
     }
-    let (model, suffix) = quality::split_model_suffix(&request.model, &state.qualities);
-    let asked = quality::resolve(&state.qualities, ext.quality.as_deref(), suffix, headers)?;
-    let model = model.to_owned();
     let mut features = sampling_features(&Sampling {
         temperature: request.temperature,
         top_p: request.top_p,
@@ -215,7 +206,7 @@ pub fn prepare_chat(
     if request.prediction.is_some() {
         return Err(ApiError::param("predicted outputs are not supported by any provider", "prediction"));
     }
-    let level = choose_level(state, &model, asked, &ext, &features, ext.quality.is_some() || suffix.is_some() || headers.contains_key("x-quality"));
+    let level = choose_level(state, &model, asked, &ext, &features, explicit);
     let (param, requested) = match request.max_completion_tokens {
         Some(n) => ("max_completion_tokens", Some(n)),
         None => ("max_tokens", request.max_tokens),
@@ -270,12 +261,7 @@ pub async fn completions(
     let started = Instant::now();
     let mut request: CreateCompletionRequest = extract::parse(&headers, &body)?;
     let ext: RequestExtensions = extract::parse(&headers, &body)?;
-    if request.model.trim().is_empty() {
-        return Err(ApiError::param("`model` must not be empty", "model"));
-    }
-    let (model, suffix) = quality::split_model_suffix(&request.model, &state.qualities);
-    let asked = quality::resolve(&state.qualities, ext.quality.as_deref(), suffix, &headers)?;
-    let model = model.to_owned();
+    let Target { model, asked, explicit } = target(&state, &request.model, &ext, &headers)?;
     match &request.prompt {
         Prompt::String(_) => {}
         Prompt::StringArray(items) if items.len() == 1 => {}
@@ -313,7 +299,6 @@ pub async fn completions(
     if request.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         features.push("logit_bias");
     }
-    let explicit = ext.quality.is_some() || suffix.is_some() || headers.contains_key("x-quality");
     let level = choose_level(&state, &model, asked, &ext, &features, explicit);
     let max_tokens = resolve_limits(request.max_tokens, "max_tokens", &level)?;
     let stream = request.stream.unwrap_or(false);
@@ -342,14 +327,28 @@ pub async fn completions(
         started,
     };
     let relay = relay::open(&state, dispatch).await?;
-    let mut response = if stream {
-        sse_response(relay, include_usage)
-    } else {
-        let (agg, usage) = collect(relay).await?;
+    respond(relay, stream, include_usage, &level.name, |agg, usage| {
         Json(agg.text(&format!("cmpl-{request_id}"), &model, usage)).into_response()
-    };
-    served_headers(&mut response, &level.name);
-    Ok(response)
+    })
+    .await
+}
+
+/// The model a request names (without a `:tier` suffix) and the level it asks for.
+struct Target {
+    model: String,
+    asked: QualityLevel,
+    /// The level was named (body, suffix or header) rather than defaulted.
+    explicit: bool,
+}
+
+fn target(state: &AppState, model: &str, ext: &RequestExtensions, headers: &HeaderMap) -> Result<Target, ApiError> {
+    if model.trim().is_empty() {
+        return Err(ApiError::param("`model` must not be empty", "model"));
+    }
+    let (model, suffix) = quality::split_model_suffix(model, &state.qualities);
+    let asked = quality::resolve(&state.qualities, ext.quality.as_deref(), suffix, headers)?;
+    let explicit = ext.quality.is_some() || suffix.is_some() || headers.contains_key("x-quality");
+    Ok(Target { model: model.to_owned(), asked, explicit })
 }
 
 /// The level a request is served at. With `quality_fallback`, a lower built-in tier
@@ -375,7 +374,7 @@ fn choose_level(
     } else if fallback || ext.max_latency_ms.is_some() {
         ladder.extend(quality::BUILTIN.iter().rev().filter_map(|n| quality::builtin(n)).filter(|l| l.multiplier < top.multiplier));
     }
-    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = state.config.stale_after_ms();
     let snapshot = state.registry.snapshot();
     let weights = state.config.weights();
     let reservation = ext.reservation.as_deref();
@@ -404,10 +403,25 @@ fn reservation_of(ext: &RequestExtensions, headers: &HeaderMap) -> Option<String
     ext.reservation.clone().or_else(|| headers.get("x-reservation-id").and_then(|v| v.to_str().ok()).map(str::to_owned))
 }
 
-fn served_headers(response: &mut Response, quality: &str) {
+/// Answers as SSE or, read to its end, as one JSON body built by `build`; either way
+/// the response says the tier that served it.
+async fn respond(
+    relay: Relay,
+    stream: bool,
+    include_usage: bool,
+    quality: &str,
+    build: impl FnOnce(Aggregator, openapi::stream::Usage) -> Response,
+) -> Result<Response, ApiError> {
+    let mut response = if stream {
+        sse_response(relay, include_usage)
+    } else {
+        let (agg, usage) = collect(relay).await?;
+        build(agg, usage)
+    };
     if let Ok(v) = HeaderValue::from_str(quality) {
         response.headers_mut().insert("x-quality-served", v);
     }
+    Ok(response)
 }
 
 /// Reads the relay to its end and assembles one response.
@@ -455,7 +469,7 @@ pub fn sse_response(relay: Relay, include_usage: bool) -> Response {
 }
 
 fn live_models(state: &AppState) -> Vec<Model> {
-    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = state.config.stale_after_ms();
     let now = now_ms();
     let mut models: Vec<(String, i64)> = Vec::new();
     for p in state.registry.snapshot().values() {

@@ -100,7 +100,7 @@ pub async fn heartbeat(
 }
 
 pub async fn admin_providers(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = state.config.stale_after_ms();
     let now = now_ms();
     let flags: std::collections::HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
         "SELECT provider_id, COUNT(*) FROM usage_records WHERE usage_source = 'gateway_flagged' AND provider_id IS NOT NULL GROUP BY provider_id",
@@ -262,13 +262,7 @@ pub async fn provider_balance(
     Path(provider_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !state.is_admin(&headers) {
-        let key = bearer(&headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?;
-        state.registry.authenticate(&provider_id, key).await.map_err(|e| match e {
-            ProviderError::Unknown(_) | ProviderError::WrongKey(_) => ApiError::InvalidApiKey,
-            other => other.into(),
-        })?;
-    }
+    crate::payments_api::require_provider(&state, &headers, &provider_id).await?;
     let account = crate::ledger::provider_account(&provider_id);
     let mut v = balance_json(&account, state.ledger.balance(&account).await?);
     v["providerId"] = serde_json::json!(provider_id);

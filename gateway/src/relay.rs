@@ -468,7 +468,7 @@ enum AttemptError {
 /// Picks a provider and opens its stream, failing over until the first token arrives.
 pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiError> {
     let config = &state.config;
-    let stale_ms = i64::try_from(config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = config.stale_after_ms();
     let snapshot = state.registry.snapshot();
     if let Some(id) = &dispatch.reservation {
         let owned = snapshot.values().any(|p| {
@@ -588,7 +588,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                     idle_timeout: Duration::from_secs(config.idle_chunk_timeout_secs),
                     finished: false,
                     active: state.active_streams.clone(),
-                    breaker: (config.breaker_failures, i64::try_from(config.breaker_cooldown_ms).unwrap_or(i64::MAX)),
+                    breaker: (config.breaker_failures, config.breaker_cooldown()),
                 };
                 relay.pending = pending;
                 return Ok(relay);
@@ -601,7 +601,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                 return Err(e);
             }
             Err(e) => {
-                provider.load.health.record_failure(now_ms(), config.breaker_failures, i64::try_from(config.breaker_cooldown_ms).unwrap_or(i64::MAX));
+                provider.load.health.record_failure(now_ms(), config.breaker_failures, config.breaker_cooldown());
                 match &e {
                     AttemptError::Retry(m) => tracing::warn!(provider = %provider.id, error = %m, "provider failed before the first token; failing over"),
                     AttemptError::Timeout => tracing::warn!(provider = %provider.id, "provider timed out before the first token; failing over"),

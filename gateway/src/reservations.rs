@@ -49,7 +49,7 @@ pub async fn create(
         return Err(ApiError::param("`hours` must be more than 0 and at most 744", "hours"));
     }
     let now = now_ms();
-    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = state.config.stale_after_ms();
     let snapshot = state.registry.snapshot();
     let free = |p: &&std::sync::Arc<crate::providers::Provider>| {
         p.is_live(now, stale_ms) && p.reservation.as_ref().is_none_or(|r| r.ends_at <= now)

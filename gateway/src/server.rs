@@ -58,7 +58,9 @@ impl Running {
         let stop_refresh = stop.clone();
         let sweeper = crate::ledger::Ledger::new(store.clone());
         let payouts = crate::payments::Payments::new(store.clone());
-        let connector_http = AppState::http_client(&config)?;
+        // One client (one connection pool) for providers and the payout service.
+        let http = AppState::http_client(&config)?;
+        let connector_http = http.clone();
         let connector_config = config.clone();
         let hold_ttl_ms = i64::try_from(config.hold_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let mut sweeps = 0u64;
@@ -107,7 +109,7 @@ impl Running {
             capacity_freed: Arc::new(tokio::sync::Notify::new()),
             queued: Arc::new(AtomicU64::new(0)),
             keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
-            http: AppState::http_client(&config)?,
+            http,
             config,
             store: store.clone(),
             registry,
@@ -163,7 +165,7 @@ async fn check_providers(state: &AppState) {
     let snapshot = state.registry.snapshot();
     let checks = snapshot.values().filter(|p| !p.streams.is_empty()).map(|p| {
         let (http, p) = (state.http.clone(), p.clone());
-        let (threshold, cooldown) = (state.config.breaker_failures, i64::try_from(state.config.breaker_cooldown_ms).unwrap_or(i64::MAX));
+        let (threshold, cooldown) = (state.config.breaker_failures, state.config.breaker_cooldown());
         async move {
             let ok = http
                 .get(format!("{}/health", p.base_url))

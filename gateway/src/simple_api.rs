@@ -80,12 +80,12 @@ pub async fn inference(
 
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     let snapshot = state.registry.snapshot();
-    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = state.config.stale_after_ms();
     let now = now_ms();
+    let live: Vec<_> = snapshot.values().filter(|p| p.is_live(now, stale_ms)).collect();
     let models: Vec<Value> = models_for_status(&state)
         .into_iter()
         .map(|m| {
-            let live: Vec<_> = snapshot.values().filter(|p| p.is_live(now, stale_ms)).collect();
             let providers = live.iter().filter(|p| p.streams.iter().any(|(id, _)| *id == m.id)).count();
             let mut qualities: Vec<String> = live
                 .iter()
@@ -101,7 +101,7 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
 
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
     let snapshot = state.registry.snapshot();
-    let stale_ms = i64::try_from(state.config.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let stale_ms = state.config.stale_after_ms();
     let now = now_ms();
     let online = snapshot.values().filter(|p| p.is_live(now, stale_ms)).count();
     Json(json!({
