@@ -16,7 +16,7 @@ use tests::{spawn_mock, MockConfig, MockProvider};
 use tokio::sync::oneshot;
 
 const ADMIN: &str = "admin-key-for-tests-0123";
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub(crate) const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// One gateway with its own fresh database.
 struct Gateway {
@@ -28,7 +28,9 @@ struct Gateway {
     _dir: tempfile::TempDir,
 }
 
-async fn fresh_database(dir: &tempfile::TempDir) -> String {
+/// A fresh database for one test: a SQLite file in `dir`, or a new schema in the
+/// PostgreSQL test database when `GS_TEST_DB=postgres`. Returns its URL and the schema.
+pub(crate) async fn fresh_database(dir: &tempfile::TempDir) -> (String, Option<String>) {
     match std::env::var("GS_TEST_DB").as_deref() {
         Ok("postgres") => {
             let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
@@ -36,9 +38,9 @@ async fn fresh_database(dir: &tempfile::TempDir) -> String {
             let pool = sqlx::AnyPool::connect(PG_URL).await.expect("PostgreSQL at 127.0.0.1:5432 (scripts/test.sh starts it)");
             sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
             pool.close().await;
-            format!("{PG_URL}?options=-c%20search_path%3D{schema}")
+            (format!("{PG_URL}?options=-c%20search_path%3D{schema}"), Some(schema))
         }
-        Ok("sqlite") | Err(_) => format!("sqlite://{}", dir.path().join("gw.db").display()),
+        Ok("sqlite") | Err(_) => (format!("sqlite://{}", dir.path().join("gw.db").display()), None),
         Ok(other) => panic!("GS_TEST_DB must be sqlite or postgres, not {other}"),
     }
 }
@@ -62,7 +64,7 @@ impl Gateway {
 
     async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = test_config(fresh_database(&dir).await);
+        let mut config = test_config(fresh_database(&dir).await.0);
         tweak(&mut config);
         let store = Store::connect(&config.database_url).await.unwrap();
         let running = Running::start_with_store(config, store).await.unwrap();
@@ -777,7 +779,7 @@ async fn inproc_https_with_rustls() {
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let mut config = test_config(fresh_database(&dir).await);
+    let mut config = test_config(fresh_database(&dir).await.0);
     config.tls_cert = Some(cert_path);
     config.tls_key = Some(key_path);
     let store = Store::connect(&config.database_url).await.unwrap();

@@ -31,7 +31,8 @@ use sqlx::Row;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use crate::inproc::PG_URL;
+
 const USERS: usize = 2;
 const PROVIDERS: usize = 2;
 /// The gateway's default platform fee (10%).
@@ -42,9 +43,8 @@ const MINIMUM_WITHDRAWAL: Micros = 5_000_000;
 
 // --- database -------------------------------------------------------------------------
 
-/// A fresh database, as `inproc::fresh_database` makes them: a SQLite file in a temp
-/// dir, or a new schema in the PostgreSQL test database (dropped again when the case
-/// passes, so that hundreds of cases do not pile up schemas).
+/// A fresh database from `inproc::fresh_database`, whose PostgreSQL schema is dropped
+/// again when the case passes, so that hundreds of cases do not pile up schemas.
 struct Db {
     store: Store,
     schema: Option<String>,
@@ -54,18 +54,7 @@ struct Db {
 impl Db {
     async fn fresh() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (url, schema) = match std::env::var("GS_TEST_DB").as_deref() {
-            Ok("postgres") => {
-                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-                sqlx::any::install_default_drivers();
-                let pool = sqlx::AnyPool::connect(PG_URL).await.expect("PostgreSQL at 127.0.0.1:5432 (scripts/test.sh starts it)");
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
-                pool.close().await;
-                (format!("{PG_URL}?options=-c%20search_path%3D{schema}"), Some(schema))
-            }
-            Ok("sqlite") | Err(_) => (format!("sqlite://{}", dir.path().join("ledger.db").display()), None),
-            Ok(other) => panic!("GS_TEST_DB must be sqlite or postgres, not {other}"),
-        };
+        let (url, schema) = crate::inproc::fresh_database(&dir).await;
         let store = Store::connect(&url).await.unwrap();
         Self { store, schema, _dir: dir }
     }
