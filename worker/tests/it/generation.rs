@@ -112,17 +112,8 @@ fn fast_kernels_match_exact_logits_within_tolerance() {
     let mut fast = worker::model::LoadedModel::load(&crate::model_path(), false).unwrap();
     fast.model.precision = worker::quant::Precision::Fast;
     let prompt = chat_prompt("What is the capital of France?");
-    let logits = |m: &worker::model::Model| {
-        let mut cache = m.new_cache();
-        // Prefill, then one decode step: both kernel shapes are exercised.
-        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true }];
-        let a = m.forward(&mut items).remove(0);
-        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true }];
-        let b = m.forward(&mut items).remove(0);
-        [a, b]
-    };
-    for (e, f) in logits(&exact.model).iter().zip(logits(&fast.model).iter()) {
-        let max_diff = e.iter().zip(f).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    for (e, f) in prefill_and_decode_logits(&exact.model, &prompt).iter().zip(prefill_and_decode_logits(&fast.model, &prompt).iter()) {
+        let max_diff = max_abs_diff(e, f);
         assert!(max_diff < 2e-3, "max |exact - fast| = {max_diff}");
         assert_eq!(worker::sampling::argmax(e), worker::sampling::argmax(f));
     }
@@ -140,19 +131,25 @@ fn burn_backend_matches_native_and_gives_the_golden_answer() {
     let mut burn = worker::model::LoadedModel::load(&crate::model_path(), false).unwrap();
     burn.model.use_burn();
     let prompt = chat_prompt("What is the capital of France?");
-    let logits = |m: &worker::model::Model| {
-        let mut cache = m.new_cache();
-        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true }];
-        let a = m.forward(&mut items).remove(0);
-        let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true }];
-        let b = m.forward(&mut items).remove(0);
-        [a, b]
-    };
-    for (e, f) in logits(&native.model).iter().zip(logits(&burn.model).iter()) {
-        let max_diff = e.iter().zip(f).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    for (e, f) in prefill_and_decode_logits(&native.model, &prompt).iter().zip(prefill_and_decode_logits(&burn.model, &prompt).iter()) {
+        let max_diff = max_abs_diff(e, f);
         assert!(max_diff < 1e-3, "max |native - burn| = {max_diff}");
     }
     let engine = Engine::start(std::sync::Arc::new(burn), EngineConfig::default());
     let req = GenRequest { prompt, params: SamplingParams { max_tokens: 40, ..Default::default() }, priority: 0 };
     assert_eq!(generate_blocking(&engine, req, |_| {}).0, "The capital of France is Paris.");
+}
+
+/// Logits after a prefill of `prompt`, then after one decode step: both kernel shapes.
+fn prefill_and_decode_logits(m: &worker::model::Model, prompt: &[u32]) -> [Vec<f32>; 2] {
+    let mut cache = m.new_cache();
+    let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: prompt, want_logits: true }];
+    let a = m.forward(&mut items).remove(0);
+    let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true }];
+    let b = m.forward(&mut items).remove(0);
+    [a, b]
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
 }
