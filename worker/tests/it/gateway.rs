@@ -50,17 +50,7 @@ async fn stale_saved_key_is_replaced_by_a_new_registration() {
     let stale = json!({"gateway": gw_url, "providerId": "prov-old", "providerKey": "pk-stale"});
     std::fs::write(&key_file, stale.to_string()).unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--gateway", &gw_url])
-        .args(["--qualities", "standard"])
-        .arg("--model")
-        .arg(model_path())
-        .arg("--key-file")
-        .arg(&key_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker(port, &gw_url, &key_file, &["--qualities", "standard"]);
     let mut paths = Vec::new();
     for _ in 0..300 {
         paths = calls.lock().unwrap().iter().map(|c| (c.0.clone(), c.1.clone())).collect::<Vec<_>>();
@@ -92,17 +82,7 @@ async fn registers_streams_and_drains_on_sigterm() {
     let key_file = dir.path().join("provider.json");
     let port = free_port();
     let public = format!("http://127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--gateway", &gw_url])
-        .args(["--public-url", &public, "--qualities", "standard,ultra", "--name", "test-worker"])
-        .arg("--model")
-        .arg(model_path())
-        .arg("--key-file")
-        .arg(&key_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker(port, &gw_url, &key_file, &["--public-url", &public, "--qualities", "standard,ultra", "--name", "test-worker"]);
     let http = reqwest::Client::new();
     let mut up = false;
     for _ in 0..200 {
@@ -161,4 +141,19 @@ async fn registers_streams_and_drains_on_sigterm() {
     let calls = calls.lock().unwrap();
     let stops: Vec<_> = calls.iter().filter(|c| c.0 == "/api/gpu/stream/stop").collect();
     assert_eq!(stops.len(), 2, "stream/stop not called for each quality");
+}
+
+/// `worker serve` on 127.0.0.1:`port` with the default model, joined to `gateway`.
+fn spawn_worker(port: u16, gateway: &str, key_file: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--gateway", gateway])
+        .args(extra)
+        .arg("--model")
+        .arg(model_path())
+        .arg("--key-file")
+        .arg(key_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
