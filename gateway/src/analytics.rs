@@ -107,6 +107,7 @@ pub async fn revenue(store: &Store, from: i64, to: i64) -> Result<Value, sqlx::E
         "monthly": monthly.iter().map(|(m, (f, a))| json!({ "month": m, "fees": usd(*f), "ads": usd(*a) })).collect::<Vec<_>>(),
         "byModel": by("model").await?,
         "byProvider": by("provider_id").await?,
+        "series": revenue_series(store, from, to).await?,
     }))
 }
 
@@ -157,6 +158,80 @@ pub async fn usage(store: &Store, from: i64, to: i64) -> Result<Value, sqlx::Err
         "byModelAndQuality": by_model_quality,
         "peakHours": peak,
         "activeProviders": active,
+        "series": usage_series(store, from, to).await?,
+    }))
+}
+
+/// Chart buckets: hours for windows up to three days, days beyond.
+pub fn bucket_ms(from: i64, to: i64) -> i64 {
+    if to - from <= 3 * DAY_MS { HOUR_MS } else { DAY_MS }
+}
+
+/// Platform income per time bucket by source (fees, net change of the ad-revenue
+/// account) and what was billed, by payer (users, the ad-revenue account for free tier).
+async fn revenue_series(store: &Store, from: i64, to: i64) -> Result<Value, sqlx::Error> {
+    let bucket = bucket_ms(from, to);
+    let mut points: BTreeMap<i64, [i64; 4]> = BTreeMap::new();
+    let ledger = sqlx::query(
+        "SELECT e.created_at / $3 AS b, l.account_id, CAST(SUM(l.amount) AS BIGINT) AS amount \
+         FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
+         WHERE e.created_at >= $1 AND e.created_at < $2 AND l.account_id IN ('platform:fees', 'platform:ad_revenue') \
+         GROUP BY e.created_at / $3, l.account_id",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(bucket)
+    .fetch_all(&store.pool)
+    .await?;
+    for r in &ledger {
+        let slot = if r.try_get::<String, _>("account_id")? == "platform:fees" { 0 } else { 1 };
+        points.entry(r.try_get("b")?).or_default()[slot] += r.try_get::<i64, _>("amount")?;
+    }
+    let billed = sqlx::query(
+        "SELECT created_at / $3 AS b, payer, CAST(SUM(cost_micros) AS BIGINT) AS cost FROM usage_records \
+         WHERE created_at >= $1 AND created_at < $2 AND payer IS NOT NULL GROUP BY created_at / $3, payer",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(bucket)
+    .fetch_all(&store.pool)
+    .await?;
+    for r in &billed {
+        let slot = if r.try_get::<String, _>("payer")? == "user" { 2 } else { 3 };
+        points.entry(r.try_get("b")?).or_default()[slot] += r.try_get::<i64, _>("cost")?;
+    }
+    let data: Vec<Value> = points
+        .iter()
+        .map(|(b, [fees, ads, users, ad_funded])| {
+            json!({ "t": b * bucket, "fees": usd(*fees), "ads": usd(*ads), "billedUsers": usd(*users), "billedAdFunded": usd(*ad_funded) })
+        })
+        .collect();
+    Ok(json!({ "bucketMs": bucket, "data": data }))
+}
+
+/// Tokens per time bucket by model, and requests per time bucket by quality tier.
+async fn usage_series(store: &Store, from: i64, to: i64) -> Result<Value, sqlx::Error> {
+    let bucket = bucket_ms(from, to);
+    let rows = sqlx::query(
+        "SELECT created_at / $3 AS b, model, quality, COUNT(*) AS n, CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) AS tokens \
+         FROM usage_records WHERE created_at >= $1 AND created_at < $2 GROUP BY created_at / $3, model, quality ORDER BY b",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(bucket)
+    .fetch_all(&store.pool)
+    .await?;
+    let mut tokens: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    let mut requests: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    for r in &rows {
+        let b: i64 = r.try_get("b")?;
+        *tokens.entry((b * bucket, r.try_get("model")?)).or_default() += r.try_get::<i64, _>("tokens")?;
+        *requests.entry((b * bucket, r.try_get("quality")?)).or_default() += r.try_get::<i64, _>("n")?;
+    }
+    Ok(json!({
+        "bucketMs": bucket,
+        "tokensByModel": tokens.iter().map(|((t, model), n)| json!({ "t": t, "model": model, "tokens": n })).collect::<Vec<_>>(),
+        "requestsByQuality": requests.iter().map(|((t, quality), n)| json!({ "t": t, "quality": quality, "requests": n })).collect::<Vec<_>>(),
     }))
 }
 

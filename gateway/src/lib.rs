@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod analytics;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod error;
 pub mod extract;
@@ -156,6 +157,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/quality-levels", get(platform_api::admin_quality_levels).post(platform_api::admin_add_quality_level))
         .route("/api/admin/providers/{id}/approve", post(platform_api::admin_provider_approve))
         .route("/api/admin/providers/{id}/suspend", post(platform_api::admin_provider_suspend))
+        .route("/api/admin/providers/earnings", get(console::provider_earnings))
+        .route("/api/admin/overview", get(console::overview))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
     let open_routes = Router::new()
         .route("/health", get(health))
@@ -164,6 +167,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/gpu/stream/start", post(platform_api::stream_start))
         .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
         .route("/api/gpu/heartbeat", post(platform_api::heartbeat))
+        .route("/api/gpu/me", get(console::provider_me))
+        .route("/admin", get(console::index))
+        .route("/admin/", get(console::index))
+        .route("/admin/{file}", get(console::asset))
         .route("/api/payment/balance/{provider_id}", get(platform_api::provider_balance))
         .route("/api/payment/withdraw", post(payments_api::withdraw))
         .route("/api/payment/method", axum::routing::put(payments_api::set_method))

@@ -60,6 +60,13 @@ pub struct Metrics {
     pub charged_micros: AtomicU64,
 }
 
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HttpTotals {
+    pub requests: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+}
+
 /// The paths we label by name; everything else is `other` (bounded label cardinality).
 const PATHS: [&str; 12] = [
     "/v1/chat/completions",
@@ -83,6 +90,20 @@ impl Metrics {
         });
         *self.http.lock().entry((label, status)).or_default() += 1;
         self.http_duration.observe(seconds);
+    }
+
+    /// HTTP requests since start-up, and how many ended in 4xx and 5xx (the console's overview).
+    pub fn http_totals(&self) -> HttpTotals {
+        let mut t = HttpTotals::default();
+        for ((_, status), n) in self.http.lock().iter() {
+            t.requests += n;
+            match status {
+                400..=499 => t.client_errors += n,
+                500..=599 => t.server_errors += n,
+                _ => {}
+            }
+        }
+        t
     }
 
     pub fn record_completion(&self, status: &'static str, prompt: u32, completion: u32, ttft_ms: Option<u64>) {

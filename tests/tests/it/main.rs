@@ -2,6 +2,7 @@
 //! and end-to-end suites over real processes and SDKs.
 
 mod cli;
+mod console;
 mod inproc;
 mod ledger_props;
 mod real_worker;

@@ -1,0 +1,250 @@
+//! The admin web console: static files embedded in the binary (served under `/admin`
+//! with a strict Content-Security-Policy) and the few read endpoints that exist only for
+//! it — the live overview, provider earnings, and `GET /api/gpu/me` for the provider view.
+//!
+//! The console is plain HTML, JavaScript modules and CSS in `gateway/console/`; there is
+//! no build step, so what is in that folder is exactly what ships.
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use crate::error::ApiError;
+use crate::providers::Provider;
+use crate::store::now_ms;
+use crate::{analytics, bearer, ledger, routing, AppState};
+
+/// Every console response carries this policy: only our own scripts, styles and API, no
+/// inline code or style attributes, never framed. A stored-XSS payload in a provider or
+/// campaign name therefore cannot run even if some code path forgot to escape it.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                       connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// The console's files: name under `/admin/`, content type, bytes.
+const FILES: &[(&str, &str, &[u8])] = &[
+    ("index.html", "text/html; charset=utf-8", include_bytes!("../console/index.html")),
+    ("app.js", "text/javascript; charset=utf-8", include_bytes!("../console/app.js")),
+    ("api.js", "text/javascript; charset=utf-8", include_bytes!("../console/api.js")),
+    ("dom.js", "text/javascript; charset=utf-8", include_bytes!("../console/dom.js")),
+    ("chart.js", "text/javascript; charset=utf-8", include_bytes!("../console/chart.js")),
+    ("pages.js", "text/javascript; charset=utf-8", include_bytes!("../console/pages.js")),
+    ("provider.js", "text/javascript; charset=utf-8", include_bytes!("../console/provider.js")),
+    ("style.css", "text/css; charset=utf-8", include_bytes!("../console/style.css")),
+    ("favicon.svg", "image/svg+xml", include_bytes!("../console/favicon.svg")),
+];
+
+/// Strong ETags of the embedded files, computed once.
+fn etags() -> &'static [String] {
+    static ETAGS: OnceLock<Vec<String>> = OnceLock::new();
+    ETAGS.get_or_init(|| FILES.iter().map(|(_, _, bytes)| format!("\"{}\"", hex::encode(&Sha256::digest(bytes)[..12]))).collect())
+}
+
+/// `GET /admin` and `GET /admin/`: the console's single page.
+pub async fn index(headers: HeaderMap) -> Response {
+    serve("index.html", &headers)
+}
+
+/// `GET /admin/{file}`: one of the embedded assets.
+pub async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
+    serve(&file, &headers)
+}
+
+fn serve(name: &str, request: &HeaderMap) -> Response {
+    let Some(i) = FILES.iter().position(|(n, _, _)| *n == name) else {
+        return ApiError::NotFound(format!("no console file `{name}`")).into_response();
+    };
+    let (_, content_type, bytes) = FILES[i];
+    let etag = &etags()[i];
+    let fresh = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let mut response = if fresh { StatusCode::NOT_MODIFIED.into_response() } else { bytes.into_response() };
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // File names are not versioned, so browsers revalidate every time (a 304 when unchanged).
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        h.insert(header::ETAG, v);
+    }
+    secure(h);
+    response
+}
+
+/// The console's security headers.
+fn secure(h: &mut HeaderMap) {
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+}
+
+fn usd(micros: i64) -> f64 {
+    micros as f64 / 1e6
+}
+
+/// `GET /api/admin/overview`: what the console's first page shows, polled every few
+/// seconds. Rates come from the usage records (every replica's requests), so they agree
+/// across replicas; stream and queue gauges are this replica's.
+pub async fn overview(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let now = now_ms();
+    let stale_ms = state.config.stale_after_ms();
+    let snapshot = state.registry.snapshot();
+    let online = snapshot.values().filter(|p| p.is_live(now, stale_ms)).count();
+    let pending = snapshot.values().filter(|p| p.status == crate::providers::ProviderStatus::Pending).count();
+    let (day_start, _) = analytics::day_and_month_start(now);
+    let pool = &state.store.pool;
+    // Model requests in the last minute (the rate) and the last five (the error rate).
+    let minute: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE created_at >= $1")
+        .bind(now - 60_000)
+        .fetch_one(pool)
+        .await?;
+    let recent = sqlx::query(
+        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(CASE WHEN status = 'ok' THEN 0 ELSE 1 END), 0) AS BIGINT) AS errors \
+         FROM usage_records WHERE created_at >= $1",
+    )
+    .bind(now - 300_000)
+    .fetch_one(pool)
+    .await?;
+    let (recent_n, recent_errors): (i64, i64) = (recent.try_get("n")?, recent.try_get("errors")?);
+    let today = sqlx::query(
+        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS billed, \
+         CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS tokens FROM usage_records WHERE created_at >= $1",
+    )
+    .bind(day_start)
+    .fetch_one(pool)
+    .await?;
+    let fees: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
+         WHERE l.account_id = $1 AND e.created_at >= $2",
+    )
+    .bind(ledger::FEES)
+    .bind(day_start)
+    .fetch_one(pool)
+    .await?;
+    let ads: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
+         WHERE l.account_id = $1 AND e.created_at >= $2 AND l.amount > 0",
+    )
+    .bind(ledger::AD_REVENUE)
+    .bind(day_start)
+    .fetch_one(pool)
+    .await?;
+    let pending_payouts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM withdrawals WHERE status IN ('requested', 'processing')")
+        .fetch_one(pool)
+        .await?;
+    let http = state.metrics.http_totals();
+    Ok(Json(json!({
+        "at": now,
+        "providers": { "online": online, "total": snapshot.len(), "pending": pending },
+        "activeStreams": state.active_streams.load(Ordering::Relaxed),
+        "queued": state.queued.load(Ordering::Relaxed),
+        "requestsPerSecond": minute as f64 / 60.0,
+        "errorRate": if recent_n > 0 { recent_errors as f64 / recent_n as f64 } else { 0.0 },
+        "recentRequests": recent_n,
+        "today": {
+            "requests": today.try_get::<i64, _>("n")?,
+            "tokens": today.try_get::<i64, _>("tokens")?,
+            "billed": usd(today.try_get("billed")?),
+            "fees": usd(fees),
+            "adRevenue": usd(ads),
+            "revenue": usd(fees + ads),
+        },
+        "pendingPayouts": pending_payouts,
+        "http": { "requests": http.requests, "clientErrors": http.client_errors, "serverErrors": http.server_errors },
+    })))
+}
+
+/// Lifetime earnings per provider: what usage and reservations credited to its account.
+async fn earnings(state: &AppState, provider_id: Option<&str>) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT l.account_id, CAST(SUM(l.amount) AS BIGINT) AS earned FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
+         WHERE l.account_id LIKE 'provider:%' AND e.kind IN ('usage', 'reservation') AND ($1 IS NULL OR l.account_id = $1) \
+         GROUP BY l.account_id",
+    )
+    .bind(provider_id.map(ledger::provider_account))
+    .fetch_all(&state.store.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let account: String = r.try_get("account_id")?;
+            let id = account.strip_prefix("provider:").unwrap_or(&account).to_owned();
+            Ok((id, r.try_get("earned")?))
+        })
+        .collect()
+}
+
+/// `GET /api/admin/providers/earnings`: lifetime earnings and balance per provider, which
+/// the console joins with `GET /api/admin/providers`.
+pub async fn provider_earnings(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let earned = earnings(&state, None).await?;
+    let balances = sqlx::query("SELECT owner_id, posted, held FROM accounts WHERE kind = 'provider'")
+        .fetch_all(&state.store.pool)
+        .await?;
+    let mut data = Vec::new();
+    for p in state.registry.snapshot().values() {
+        let (posted, held) = balances
+            .iter()
+            .find(|r| r.try_get::<Option<String>, _>("owner_id").ok().flatten().as_deref() == Some(p.id.as_str()))
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>("posted")?, r.try_get::<i64, _>("held")?)))
+            .transpose()?
+            .unwrap_or((0, 0));
+        let e = earned.get(&p.id).copied().unwrap_or(0);
+        data.push(json!({
+            "providerId": p.id, "earnings": usd(e), "earningsMicros": e,
+            "balance": usd(posted), "available": usd(posted - held),
+        }));
+    }
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+fn provider_stats(state: &AppState, p: &Provider) -> Value {
+    let snapshot = state.registry.snapshot();
+    let base = routing::Baseline::of(snapshot.values());
+    let health = p.load.health.snapshot();
+    let mut streams: Vec<Value> = p.streams.iter().map(|(m, q)| json!({ "model": m, "quality": q })).collect();
+    streams.sort_by_key(|s| s.to_string());
+    json!({
+        "id": p.id,
+        "name": p.name,
+        "status": p.status.as_str(),
+        "online": p.is_live(now_ms(), state.config.stale_after_ms()),
+        "score": routing::score(p, &state.config.weights(), &base),
+        "latencyMs": health.ttft_ms,
+        "uptime": health.uptime,
+        "successRate": health.success_rate,
+        "requests": health.requests,
+        "activeRequests": p.load.in_flight.load(Ordering::Relaxed),
+        "streams": streams,
+        "pricing": p.pricing,
+    })
+}
+
+/// `GET /api/gpu/me` with a provider key: the provider's own id, status, score, latency,
+/// uptime, streams and earnings — how the console's provider view finds out who it is.
+pub async fn provider_me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let key = bearer(&headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?;
+    let id: Option<String> = sqlx::query_scalar("SELECT id FROM providers WHERE key_hash = $1")
+        .bind(crate::keys::hash_key(key))
+        .fetch_optional(&state.store.pool)
+        .await?;
+    let id = id.ok_or(ApiError::InvalidApiKey)?;
+    // Registered moments ago on another replica: not in this snapshot yet.
+    if state.registry.get(&id).is_none() {
+        state.registry.reload().await?;
+    }
+    let p = state.registry.get(&id).ok_or_else(|| ApiError::NotFound(format!("provider {id} does not exist")))?;
+    let mut v = provider_stats(&state, &p);
+    let earned = earnings(&state, Some(&id)).await?.get(&id).copied().unwrap_or(0);
+    let balance = state.ledger.balance(&ledger::provider_account(&id)).await?;
+    v["earnings"] = json!(usd(earned));
+    v["balance"] = json!({ "posted": usd(balance.posted), "held": usd(balance.held), "available": usd(balance.available) });
+    Ok(Json(v))
+}

@@ -1,0 +1,115 @@
+//! The admin console in headless Chromium (`tests/browser/console.test.mjs`, driven by
+//! playwright-core) against the real `gateway` binary: sign-in, live overview, an XSS
+//! payload as a provider name, charts over real usage, revoking a key, creating a
+//! campaign, the provider's own view, phone and desktop widths, and no CSP violations.
+//!
+//! `scripts/test.sh` installs Chromium and the Node package first; without them this
+//! test fails rather than skips. Screenshots land in `target/console-screenshots/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use serde_json::{json, Value};
+use tests::{spawn_mock, MockConfig};
+use tokio::process::Command;
+
+use crate::cli::{serve_with, ADMIN};
+use crate::sdk::{free_port, gateway_bin};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const PROVIDER_NAME: &str = "<script>alert(1)</script>";
+
+/// POSTs JSON with a bearer key; fails unless the answer is a success.
+async fn post(http: &reqwest::Client, url: String, bearer: &str, body: Value) -> anyhow::Result<Value> {
+    let response = http.post(&url).bearer_auth(bearer).json(&body).send().await?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    ensure!(status.is_success(), "POST {url}: {status} {body}");
+    Ok(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_in_chromium() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
+    ensure!(Path::new(CHROMIUM).is_file(), "{CHROMIUM} is missing: run scripts/test.sh (it installs chromium)");
+    let browser_dir = root.join("tests/browser");
+    ensure!(
+        browser_dir.join("node_modules/playwright-core").is_dir(),
+        "tests/browser/node_modules is missing: run scripts/test.sh (or `npm ci` in tests/browser)"
+    );
+    // `<target>/debug/gateway` → `<target>/console-screenshots`.
+    let shots: PathBuf = gateway_bin()?
+        .parent()
+        .and_then(Path::parent)
+        .context("no target dir")?
+        .join("console-screenshots");
+
+    let mock = spawn_mock(MockConfig::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let _gateway = serve_with(dir.path(), port, &[]).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{base}{path}");
+
+    // A provider whose name is a script: the console must show it as text.
+    let reg = http
+        .post(format!("{base}/api/gpu/register"))
+        .json(&json!({
+            "name": PROVIDER_NAME,
+            "capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 16},
+            "pricing": {"perToken": 0.00005},
+            "baseUrl": mock.url(),
+        }))
+        .send()
+        .await?
+        .json::<Value>()
+        .await?;
+    let provider_id = reg["providerId"].as_str().context("no providerId")?.to_owned();
+    let provider_key = reg["providerKey"].as_str().context("no providerKey")?.to_owned();
+    post(&http, url("/api/gpu/stream/start"), &provider_key, json!({"providerId": provider_id, "model": "mock-model", "quality": "standard"})).await?;
+
+    // Real usage, so the overview, the charts and the provider's earnings have data.
+    let key = post(&http, url("/api/admin/keys"), ADMIN, json!({"name": "console user", "tier": "premium"})).await?;
+    let user_key = key["key"].as_str().context("no key")?.to_owned();
+    post(&http, url(&format!("/api/admin/users/{}/credit", key["userId"].as_str().context("no userId")?)), ADMIN, json!({"amount": 100})).await?;
+    for i in 0..4 {
+        let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": format!("hello {i}")}]});
+        let r = post(&http, url("/v1/chat/completions"), &user_key, body).await?;
+        ensure!(r["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0, "a completion with usage: {r}");
+    }
+    let to_revoke = post(&http, url("/api/admin/keys"), ADMIN, json!({"name": "to revoke", "tier": "free"})).await?;
+    let advertiser = post(&http, url("/api/admin/advertisers"), ADMIN, json!({"name": "GPU Rentals Inc."})).await?;
+
+    let output = tokio::time::timeout(
+        Duration::from_secs(240),
+        Command::new("node")
+            .arg("console.test.mjs")
+            .current_dir(&browser_dir)
+            .env("GS_URL", &base)
+            .env("GS_ADMIN_KEY", ADMIN)
+            .env("GS_PROVIDER_KEY", &provider_key)
+            .env("GS_PROVIDER_ID", &provider_id)
+            .env("GS_PROVIDER_NAME", PROVIDER_NAME)
+            .env("GS_REVOKE_KEY_ID", to_revoke["id"].as_str().context("no key id")?)
+            .env("GS_ADVERTISER_ID", advertiser["id"].as_str().context("no advertiser id")?)
+            .env("GS_SCREENSHOTS", &shots)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the browser test did not finish within 240 s")?
+    .context("cannot run node")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(output.status.success(), "console.test.mjs failed with {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", output.status);
+    eprintln!("{stdout}{stderr}");
+    for name in ["overview-1280x800", "overview-375x812", "usage-1280x800", "provider-375x812"] {
+        ensure!(shots.join(format!("{name}.png")).is_file(), "screenshot {name}.png was not written");
+    }
+    Ok(())
+}
