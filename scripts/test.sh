@@ -52,6 +52,19 @@ if [ ! -d tests/sdk/node/node_modules ] || [ "$(cat "$NSTAMP" 2>/dev/null || tru
   echo "$nwant" > "$NSTAMP"
 fi
 
+step "Chromium and playwright-core for the console's browser test"
+# The system Chromium (playwright-core downloads no browser); the test fails without it.
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
+fi
+BLOCK=tests/browser/package-lock.json
+BSTAMP=tests/browser/node_modules/.lock.sha256
+bwant="$(sha256sum "$BLOCK" | cut -d' ' -f1)"
+if [ ! -d tests/browser/node_modules ] || [ "$(cat "$BSTAMP" 2>/dev/null || true)" != "$bwant" ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund)
+  echo "$bwant" > "$BSTAMP"
+fi
+
 step "cargo-nextest"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
