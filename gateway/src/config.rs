@@ -130,6 +130,26 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// The gateway's public base URL (`https://api.example.com`), for ad click links;
+    /// without it they are built from the request's `Host`.
+    pub public_url: Option<String>,
+    /// Contextual ads on free-tier chat and completions responses.
+    pub ads_enabled: bool,
+    /// Default placement: `content` (a labelled last delta) or `metadata` (an `ad`
+    /// object on the final chunk). A request may ask for either.
+    pub ads_placement: String,
+    /// Allow the `prompt` placement (a labelled sponsor note in the system prompt).
+    pub ads_prompt_placement: bool,
+    /// Minimum classifier confidence for a contextual ad.
+    pub ads_min_relevance: f64,
+    /// Sensitive topics that never carry an ad (`self_harm`, `mental_health_crisis`, `politics`).
+    pub ads_excluded_topics: Vec<String>,
+    /// Floor price of the auction (micro-USD per thousand impressions).
+    pub ads_reserve_cpm_micros: i64,
+    /// Share of each ad charge paid to the provider whose output carried the ad (basis points).
+    pub ads_provider_share_bp: u32,
+    /// Whether free-tier keys may opt out of ads (`ad_preferences.opt_out`).
+    pub ads_free_opt_out: bool,
 }
 
 impl Default for Config {
@@ -176,6 +196,15 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
+            public_url: None,
+            ads_enabled: true,
+            ads_placement: "content".to_owned(),
+            ads_prompt_placement: false,
+            ads_min_relevance: 0.3,
+            ads_excluded_topics: crate::ads::classify::TOPICS.iter().map(|t| (*t).to_owned()).collect(),
+            ads_reserve_cpm_micros: 100_000,
+            ads_provider_share_bp: 2_000,
+            ads_free_opt_out: false,
         }
     }
 }
@@ -254,6 +283,8 @@ impl Config {
             "score_weight_price", "breaker_failures", "breaker_cooldown_ms", "health_check_secs", "queue_timeout_ms", "queue_max",
             "free_requests_per_minute", "free_tokens_per_minute", "premium_requests_per_minute",
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
+            "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
+            "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
         ];
         KEYS.contains(&key)
     }
@@ -295,6 +326,24 @@ impl Config {
         if self.volume_discounts.iter().any(|d| d.discount_bp > 10_000) {
             return invalid("volume_discounts", "discount_bp must be at most 10000 (100%)");
         }
+        if !matches!(self.ads_placement.as_str(), "content" | "metadata" | "prompt") {
+            return invalid("ads_placement", "must be content, metadata or prompt");
+        }
+        if self.ads_placement == "prompt" && !self.ads_prompt_placement {
+            return invalid("ads_placement", "prompt placement needs ads_prompt_placement = true");
+        }
+        if let Some(t) = self.ads_excluded_topics.iter().find(|t| !crate::ads::classify::TOPICS.contains(&t.as_str())) {
+            return invalid("ads_excluded_topics", &format!("unknown topic {t}; known: {}", crate::ads::classify::TOPICS.join(", ")));
+        }
+        if !(0.0..=1.0).contains(&self.ads_min_relevance) {
+            return invalid("ads_min_relevance", "must be between 0 and 1");
+        }
+        if self.ads_provider_share_bp > 10_000 {
+            return invalid("ads_provider_share_bp", "must be at most 10000 (100%)");
+        }
+        if self.ads_reserve_cpm_micros < 0 {
+            return invalid("ads_reserve_cpm_micros", "must not be negative");
+        }
         if self.platform_fee_bp > 10_000 {
             return invalid("platform_fee_bp", "must be at most 10000 (100%)");
         }
@@ -321,6 +370,9 @@ fn env_value(raw: &str) -> toml::Value {
     }
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
+    }
+    if let Ok(f) = raw.parse::<f64>() {
+        return toml::Value::Float(f);
     }
     if let Ok(b) = raw.parse::<bool>() {
         return toml::Value::Boolean(b);

@@ -47,6 +47,8 @@ pub struct AuthedKey {
     /// Spending limits in micro-USD per UTC day and calendar month.
     pub daily_limit_micros: Option<i64>,
     pub monthly_limit_micros: Option<i64>,
+    /// The key's standing ad preferences (a request's `ad_preferences` add to them).
+    pub ad_preferences: Option<openapi::openai::AdPreferences>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -157,7 +159,7 @@ impl Keys {
             return Ok(Some(hit));
         }
         let row = sqlx::query(
-            "SELECT id, user_id, tier, requests_per_minute, tokens_per_minute, daily_limit_micros, monthly_limit_micros FROM api_keys \
+            "SELECT id, user_id, tier, requests_per_minute, tokens_per_minute, daily_limit_micros, monthly_limit_micros, ad_preferences FROM api_keys \
              WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&hash)
@@ -173,6 +175,9 @@ impl Keys {
             tokens_per_minute: limit(row.try_get("tokens_per_minute")?),
             daily_limit_micros: row.try_get("daily_limit_micros")?,
             monthly_limit_micros: row.try_get("monthly_limit_micros")?,
+            ad_preferences: row
+                .try_get::<Option<String>, _>("ad_preferences")?
+                .and_then(|json| serde_json::from_str(&json).ok()),
         });
         self.cache.insert(hash, key.clone());
         Ok(Some(key))
@@ -189,6 +194,19 @@ impl Keys {
             .bind(key_id)
             .execute(&self.store.pool)
             .await?;
+        self.cache.invalidate(&hash);
+        Ok(())
+    }
+
+    /// Stores a key's standing ad preferences; this replica's cache forgets the key at once.
+    pub async fn set_ad_preferences(&self, key_id: &str, prefs: &openapi::openai::AdPreferences) -> Result<(), KeyError> {
+        let json = serde_json::to_string(prefs).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let hash: Option<String> = sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE id = $1")
+            .bind(key_id)
+            .fetch_optional(&self.store.pool)
+            .await?;
+        let hash = hash.ok_or_else(|| KeyError::UnknownKey(key_id.to_owned()))?;
+        sqlx::query("UPDATE api_keys SET ad_preferences = $1 WHERE id = $2").bind(json).bind(key_id).execute(&self.store.pool).await?;
         self.cache.invalidate(&hash);
         Ok(())
     }

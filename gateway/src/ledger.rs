@@ -22,6 +22,10 @@ pub fn provider_account(provider_id: &str) -> String {
     format!("provider:{provider_id}")
 }
 
+pub fn advertiser_account(advertiser_id: &str) -> String {
+    format!("advertiser:{advertiser_id}")
+}
+
 /// Micro-USD.
 pub type Micros = i64;
 
@@ -368,7 +372,7 @@ impl Ledger {
             if held != open {
                 violations.push(format!("account {id}: cached holds {held} but open holds sum to {open}"));
             }
-            if (kind == "user" || kind == "provider") && (posted < 0 || posted - held < 0) {
+            if matches!(kind.as_str(), "user" | "provider" | "advertiser") && (posted < 0 || posted - held < 0) {
                 violations.push(format!("account {id} ({kind}) is below zero: posted {posted}, held {held}"));
             }
         }
@@ -435,6 +439,20 @@ pub async fn transfer_available(
     request_id: Option<&str>,
     memo: &str,
 ) -> Result<bool, sqlx::Error> {
+    pay_out_of(tx, from, &[(to, amount)], kind, request_id, memo).await
+}
+
+/// Debits `from` by the sum of `to` and credits each, only when `from` has that much
+/// available; `false` (and nothing posted) when it does not.
+pub async fn pay_out_of(
+    tx: &mut Transaction<'_, Any>,
+    from: &str,
+    to: &[(&str, Micros)],
+    kind: &str,
+    request_id: Option<&str>,
+    memo: &str,
+) -> Result<bool, sqlx::Error> {
+    let amount: Micros = to.iter().map(|(_, a)| a).sum();
     // A no-op update as the guard: it locks the row (PostgreSQL re-checks the condition
     // after waiting for a concurrent writer; SQLite has one writer), so the balance cannot
     // move between this check and the entry below.
@@ -446,6 +464,9 @@ pub async fn transfer_available(
     if available.rows_affected() == 0 {
         return Ok(false);
     }
-    post_entry(tx, kind, request_id, memo, &[(from, -amount), (to, amount)]).await?;
+    let mut lines = Vec::with_capacity(to.len() + 1);
+    lines.push((from, -amount));
+    lines.extend_from_slice(to);
+    post_entry(tx, kind, request_id, memo, &lines).await?;
     Ok(true)
 }

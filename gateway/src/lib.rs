@@ -1,6 +1,7 @@
 //! GPU Streaming's gateway: an OpenAI-compatible HTTP server in front of a marketplace
 //! of providers. `app()` builds the router so tests drive it in-process; `server` runs it.
 
+pub mod ads;
 pub mod aggregate;
 pub mod analytics;
 pub mod config;
@@ -73,6 +74,8 @@ pub struct Inner {
     pub queued: Arc<AtomicU64>,
     /// Per-key locks that serialize spending-limit checks with their holds.
     pub key_locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Ad inventory, auction and delivery tracking (the layer is `ads::layer`).
+    pub ads: Arc<ads::Ads>,
 }
 
 impl std::ops::Deref for AppState {
@@ -126,9 +129,14 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Builds the router with every route and the middleware stack.
 pub fn app(state: AppState) -> Router {
-    let user_routes = Router::new()
+    // The ad layer works on these two routes' request bodies and response streams.
+    let model_routes = Router::new()
         .route("/v1/chat/completions", post(openai_api::chat_completions))
         .route("/v1/completions", post(openai_api::completions))
+        .route_layer(ads::layer::AdLayer::new(state.clone()));
+    let user_routes = Router::new()
+        .merge(model_routes)
+        .route("/api/llm/ad-preferences", axum::routing::put(ads::api::set_preferences))
         .route("/v1/models", get(openai_api::list_models))
         .route("/v1/models/{*id}", get(openai_api::get_model))
         .route("/api/llm/inference", post(simple_api::inference))
@@ -159,10 +167,16 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/providers/{id}/suspend", post(platform_api::admin_provider_suspend))
         .route("/api/admin/providers/earnings", get(console::provider_earnings))
         .route("/api/admin/overview", get(console::overview))
+        .route("/api/admin/advertisers", post(ads::api::create_advertiser).get(ads::api::list_advertisers))
+        .route("/api/admin/advertisers/{id}/credit", post(ads::api::credit_advertiser))
+        .route("/api/admin/campaigns", post(ads::api::create_campaign).get(ads::api::list_campaigns))
+        .route("/api/admin/campaigns/{id}", get(ads::api::get_campaign).patch(ads::api::update_campaign))
+        .route("/api/analytics/ads", get(ads::api::report))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
     let open_routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/r/{impression}", get(ads::api::click))
         .route("/api/gpu/register", post(platform_api::register))
         .route("/api/gpu/stream/start", post(platform_api::stream_start))
         .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
@@ -395,7 +409,8 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         ("gs_provider_breaker_open", "1 while the provider's circuit breaker is open or half-open.", breakers),
         ("gs_provider_in_flight", "Requests in flight per provider (this replica).", in_flight),
     ];
-    let body = state.metrics.render(&gauges);
+    let mut body = state.metrics.render(&gauges);
+    state.ads.counters.render(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

@@ -412,6 +412,7 @@ async fn respond(
     quality: &str,
     build: impl FnOnce(Aggregator, openapi::stream::Usage) -> Response,
 ) -> Result<Response, ApiError> {
+    let served_by = crate::ads::layer::ServedBy(relay.provider().id.clone());
     let mut response = if stream {
         sse_response(relay, include_usage)
     } else {
@@ -421,6 +422,7 @@ async fn respond(
     if let Ok(v) = HeaderValue::from_str(quality) {
         response.headers_mut().insert("x-quality-served", v);
     }
+    response.extensions_mut().insert(served_by);
     Ok(response)
 }
 

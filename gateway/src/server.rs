@@ -55,6 +55,8 @@ impl Running {
         let reg = registry.clone();
         let qualities = Arc::new(crate::quality::Qualities::load(store.clone()).await?);
         let reload_qualities = qualities.clone();
+        let ads = crate::ads::Ads::load(store.clone(), &config).await?;
+        let reload_ads = ads.clone();
         let stop_refresh = stop.clone();
         let sweeper = crate::ledger::Ledger::new(store.clone());
         let payouts = crate::payments::Payments::new(store.clone());
@@ -74,6 +76,9 @@ impl Running {
                         }
                         if let Err(e) = reload_qualities.reload().await {
                             tracing::warn!(error = %e, "quality level reload failed");
+                        }
+                        if let Err(e) = reload_ads.reload().await {
+                            tracing::warn!(error = %e, "ad inventory reload failed");
                         }
                         sweeps += 1;
                         if sweeps % 12 == 1 {
@@ -117,6 +122,7 @@ impl Running {
             ledger: crate::ledger::Ledger::new(store.clone()),
             user_id_secret,
             active_streams: Arc::new(AtomicU64::new(0)),
+            ads,
             key_locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
         });
         if state.config.health_check_secs > 0 {

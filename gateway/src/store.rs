@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_payments.sql")),
     (4, include_str!("../migrations/0004_limits_reservations.sql")),
     (5, include_str!("../migrations/0005_quality_levels.sql")),
+    (6, include_str!("../migrations/0006_ads.sql")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 //! client); our own extensions and the platform API live next to them. Unknown request
 //! fields are ignored, as OpenAI does.
 
+pub mod ads;
 pub mod error;
 pub mod openai;
 pub mod platform;

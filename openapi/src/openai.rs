@@ -37,4 +37,8 @@ pub struct AdPreferences {
     pub blocked_categories: Vec<String>,
     #[serde(default)]
     pub opt_out: bool,
+    /// `content` (a labelled last delta), `metadata` (an `ad` object on the final
+    /// chunk, no text) or `prompt` (where the gateway allows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }

@@ -46,6 +46,8 @@ struct Gateway {
     child: Child,
     base: String,
     user_key: String,
+    /// A free-tier key, and a funded campaign on `technology` for its ads.
+    free_key: String,
     log: PathBuf,
     mock: MockProvider,
     _dir: tempfile::TempDir,
@@ -72,9 +74,10 @@ impl Gateway {
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let mut gateway =
-            Self { child, base: format!("http://127.0.0.1:{port}"), user_key: String::new(), log, mock, _dir: dir };
+            Self { child, base: format!("http://127.0.0.1:{port}"), user_key: String::new(), free_key: String::new(), log, mock, _dir: dir };
         gateway.wait_healthy().await?;
         gateway.user_key = gateway.set_up().await?;
+        gateway.free_key = gateway.set_up_ads().await?;
         Ok(gateway)
     }
 
@@ -137,6 +140,27 @@ impl Gateway {
         Ok(key["key"].as_str().context("no key in the create-key response")?.to_owned())
     }
 
+    /// An advertiser with $10 and a CPM campaign on `technology`; returns a free-tier key.
+    async fn set_up_ads(&self) -> anyhow::Result<String> {
+        let http = reqwest::Client::new();
+        let adv = post_json(&http, &self.base, "/api/admin/advertisers", Some(ADMIN_KEY), json!({"name": "FastIDE Inc."})).await?;
+        let adv_id = adv["id"].as_str().context("no advertiser id")?;
+        post_json(&http, &self.base, &format!("/api/admin/advertisers/{adv_id}/credit"), Some(ADMIN_KEY), json!({"amount": 10_000_000}))
+            .await?;
+        post_json(
+            &http,
+            &self.base,
+            "/api/admin/campaigns",
+            Some(ADMIN_KEY),
+            json!({"advertiserId": adv_id, "name": "IDE launch", "categories": ["technology"], "title": "FastIDE",
+                   "text": "The editor for Rust developers.", "url": "https://fastide.example/",
+                   "cpmBid": 2_000_000, "dailyBudget": 5_000_000, "totalBudget": 10_000_000}),
+        )
+        .await?;
+        let key = post_json(&http, &self.base, "/api/admin/keys", Some(ADMIN_KEY), json!({"name": "sdk-free", "tier": "free"})).await?;
+        Ok(key["key"].as_str().context("no key in the create-key response")?.to_owned())
+    }
+
     /// Runs an SDK suite with the gateway's coordinates and fails with its output unless it passes.
     async fn run_suite(&self, program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<()> {
         let output = tokio::time::timeout(
@@ -146,6 +170,7 @@ impl Gateway {
                 .current_dir(cwd)
                 .env("GATEWAY_BASE_URL", format!("{}/v1", self.base))
                 .env("GATEWAY_API_KEY", &self.user_key)
+                .env("GATEWAY_FREE_KEY", &self.free_key)
                 .env("GATEWAY_MODEL", MODEL)
                 .env("GATEWAY_ADMIN_KEY", ADMIN_KEY)
                 // Keep the SDKs from picking up a real key or proxy from the environment.
@@ -204,6 +229,10 @@ async fn sdk_python_openai() -> anyhow::Result<()> {
     let gateway = Gateway::start().await?;
     gateway.run_suite(&python, &["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sdk/python"], &root).await?;
     ensure!(gateway.provider_saw_stop("<<py-stop>>"), "the `stop` sequences did not reach the provider");
+    // test_ads.py sends our ad back in an assistant turn: the provider must never see it.
+    let bodies = gateway.mock.bodies.lock().clone();
+    ensure!(bodies.iter().any(|b| b.to_string().contains("And in Python?")), "the ad follow-up did not reach the provider");
+    ensure!(!bodies.iter().any(|b| b.to_string().contains("[Sponsored]")), "an ad block reached the provider");
     Ok(())
 }
 

@@ -1,0 +1,473 @@
+//! HTTP routes of the ads: advertisers and campaigns (`/api/admin/…`, admin key), the
+//! click redirect (`GET /r/{impression}`), a key's standing ad preferences
+//! (`PUT /api/llm/ad-preferences`) and the ads report (`GET /api/analytics/ads`).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use openapi::ads::{
+    AccountBalance, AdsReport, Advertiser, AdvertiserCredit, Campaign, CampaignInput, CampaignReport, CategoryStats,
+    FreeTierCost, NewAdvertiser,
+};
+use openapi::openai::AdPreferences;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use super::classify::CATEGORIES;
+use super::ctr;
+use crate::error::ApiError;
+use crate::keys::AuthedKey;
+use crate::ledger::{self, LedgerError};
+use crate::store::{new_id, now_ms};
+use crate::{extract, AppState};
+
+const MAX_TITLE: usize = 80;
+const MAX_TEXT: usize = 280;
+
+async fn advertiser(state: &AppState, id: &str) -> Result<Advertiser, ApiError> {
+    let row = sqlx::query("SELECT id, name, created_at FROM advertisers WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&state.store.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("advertiser {id} does not exist")))?;
+    let b = state.ledger.balance(&ledger::advertiser_account(id)).await?;
+    Ok(Advertiser {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
+        balance: AccountBalance { posted: b.posted, held: b.held, available: b.available },
+    })
+}
+
+/// `POST /api/admin/advertisers`
+pub async fn create_advertiser(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Advertiser>), ApiError> {
+    let new: NewAdvertiser = extract::parse(&headers, &body)?;
+    let name = new.name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::param("`name` must be 1 to 200 characters", "name"));
+    }
+    let id = new_id("adv");
+    sqlx::query("INSERT INTO advertisers (id, name, created_at) VALUES ($1, $2, $3)")
+        .bind(&id)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&state.store.pool)
+        .await?;
+    Ok((StatusCode::CREATED, Json(advertiser(&state, &id).await?)))
+}
+
+/// `GET /api/admin/advertisers`
+pub async fn list_advertisers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM advertisers ORDER BY created_at, id").fetch_all(&state.store.pool).await?;
+    let mut data = Vec::with_capacity(ids.len());
+    for id in ids {
+        data.push(advertiser(&state, &id).await?);
+    }
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `POST /api/admin/advertisers/{id}/credit`: prepaid funds (from outside the ledger).
+pub async fn credit_advertiser(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Advertiser>, ApiError> {
+    let credit: AdvertiserCredit = extract::parse(&headers, &body)?;
+    advertiser(&state, &id).await?;
+    let memo = credit.note.unwrap_or_else(|| "advertiser credit".to_owned());
+    state
+        .ledger
+        .credit(&ledger::advertiser_account(&id), credit.amount, "advertiser_credit", &memo)
+        .await
+        .map_err(|e| match e {
+            LedgerError::NonPositive => ApiError::param("`amount` must be positive (micro-USD)", "amount"),
+            LedgerError::Db(e) => e.into(),
+        })?;
+    if let Err(e) = state.ads.reload().await {
+        tracing::warn!(error = %e, "ad inventory reload failed");
+    }
+    Ok(Json(advertiser(&state, &id).await?))
+}
+
+fn campaign_from_row(r: &sqlx::any::AnyRow) -> Result<Campaign, sqlx::Error> {
+    let categories: String = r.try_get("categories")?;
+    Ok(Campaign {
+        id: r.try_get("id")?,
+        advertiser_id: r.try_get("advertiser_id")?,
+        name: r.try_get("name")?,
+        categories: categories.split(',').map(str::to_owned).collect(),
+        title: r.try_get("title")?,
+        text: r.try_get("body")?,
+        url: r.try_get("url")?,
+        cpm_bid: r.try_get("cpm_bid")?,
+        cpc_bid: r.try_get("cpc_bid")?,
+        daily_budget: r.try_get("daily_budget")?,
+        total_budget: r.try_get("total_budget")?,
+        starts_at: r.try_get("starts_at")?,
+        ends_at: r.try_get("ends_at")?,
+        status: r.try_get("status")?,
+        frequency_cap: u32::try_from(r.try_get::<i64, _>("frequency_cap")?).unwrap_or(0),
+        created_at: r.try_get("created_at")?,
+        stats: Default::default(),
+    })
+}
+
+const CAMPAIGN_COLUMNS: &str = "id, advertiser_id, name, categories, title, body, url, cpm_bid, cpc_bid, daily_budget, \
+    total_budget, starts_at, ends_at, status, frequency_cap, created_at";
+
+async fn load_campaign(state: &AppState, id: &str) -> Result<Campaign, ApiError> {
+    let row = sqlx::query(&format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.store.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("campaign {id} does not exist")))?;
+    let mut c = campaign_from_row(&row)?;
+    c.stats = state.ads.campaign_stats().await?.remove(&c.id).unwrap_or_default();
+    Ok(c)
+}
+
+/// Applies `input` over `c` and checks the result.
+fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
+    if let Some(v) = input.advertiser_id {
+        c.advertiser_id = v;
+    }
+    if let Some(v) = input.name {
+        c.name = v.trim().to_owned();
+    }
+    if let Some(v) = input.categories {
+        c.categories = v;
+    }
+    if let Some(v) = input.title {
+        c.title = v;
+    }
+    if let Some(v) = input.text {
+        c.text = v;
+    }
+    if let Some(v) = input.url {
+        c.url = v;
+    }
+    if let Some(v) = input.cpm_bid {
+        c.cpm_bid = v;
+    }
+    if let Some(v) = input.cpc_bid {
+        c.cpc_bid = v;
+    }
+    if let Some(v) = input.daily_budget {
+        c.daily_budget = v;
+    }
+    if let Some(v) = input.total_budget {
+        c.total_budget = v;
+    }
+    if let Some(v) = input.starts_at {
+        c.starts_at = v;
+    }
+    if let Some(v) = input.ends_at {
+        c.ends_at = v;
+    }
+    if let Some(v) = input.status {
+        c.status = v;
+    }
+    if let Some(v) = input.frequency_cap {
+        c.frequency_cap = v;
+    }
+    if c.name.is_empty() || c.name.len() > 200 {
+        return Err(ApiError::param("`name` must be 1 to 200 characters", "name"));
+    }
+    if c.categories.is_empty() {
+        return Err(ApiError::param("`categories` must name at least one category", "categories"));
+    }
+    if let Some(bad) = c.categories.iter().find(|x| !CATEGORIES.contains(&x.as_str())) {
+        return Err(ApiError::param(format!("unknown category {bad:?}; known: {}", CATEGORIES.join(", ")), "categories"));
+    }
+    c.categories.sort();
+    c.categories.dedup();
+    if c.title.trim().is_empty() || c.title.chars().count() > MAX_TITLE {
+        return Err(ApiError::param(format!("`title` must be 1 to {MAX_TITLE} characters"), "title"));
+    }
+    if c.text.trim().is_empty() || c.text.chars().count() > MAX_TEXT {
+        return Err(ApiError::param(format!("`text` must be 1 to {MAX_TEXT} characters"), "text"));
+    }
+    if c.title.contains('\n') || c.text.contains('\n') {
+        return Err(ApiError::param("`title` and `text` must be one line each", "text"));
+    }
+    let url_ok = (c.url.starts_with("https://") || c.url.starts_with("http://"))
+        && c.url.len() <= 2000
+        && !c.url.chars().any(|ch| ch.is_whitespace() || ch.is_control());
+    if !url_ok {
+        return Err(ApiError::param("`url` must be an http(s) URL without spaces", "url"));
+    }
+    if c.cpm_bid < 0 || c.cpc_bid < 0 || (c.cpm_bid == 0 && c.cpc_bid == 0) {
+        return Err(ApiError::param("give a positive `cpmBid` and/or `cpcBid` (micro-USD)", "cpmBid"));
+    }
+    if c.daily_budget <= 0 || c.total_budget <= 0 {
+        return Err(ApiError::param("`dailyBudget` and `totalBudget` must be positive (micro-USD)", "dailyBudget"));
+    }
+    if let (Some(s), Some(e)) = (c.starts_at, c.ends_at) {
+        if e <= s {
+            return Err(ApiError::param("`endsAt` must be after `startsAt`", "endsAt"));
+        }
+    }
+    if !matches!(c.status.as_str(), "active" | "paused" | "ended") {
+        return Err(ApiError::param("`status` must be active, paused or ended", "status"));
+    }
+    Ok(c)
+}
+
+/// `POST /api/admin/campaigns`
+pub async fn create_campaign(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Campaign>), ApiError> {
+    let input: CampaignInput = extract::parse(&headers, &body)?;
+    let required = [
+        ("advertiserId", input.advertiser_id.is_none()),
+        ("name", input.name.is_none()),
+        ("categories", input.categories.is_none()),
+        ("title", input.title.is_none()),
+        ("text", input.text.is_none()),
+        ("url", input.url.is_none()),
+        ("dailyBudget", input.daily_budget.is_none()),
+        ("totalBudget", input.total_budget.is_none()),
+    ];
+    if let Some((field, _)) = required.iter().find(|(_, missing)| *missing) {
+        return Err(ApiError::param(format!("`{field}` is required"), field));
+    }
+    let now = now_ms();
+    let blank = Campaign {
+        id: new_id("cmp"),
+        advertiser_id: String::new(),
+        name: String::new(),
+        categories: Vec::new(),
+        title: String::new(),
+        text: String::new(),
+        url: String::new(),
+        cpm_bid: 0,
+        cpc_bid: 0,
+        daily_budget: 0,
+        total_budget: 0,
+        starts_at: None,
+        ends_at: None,
+        status: "active".to_owned(),
+        frequency_cap: 0,
+        created_at: now,
+        stats: Default::default(),
+    };
+    let c = merge(blank, input)?;
+    advertiser(&state, &c.advertiser_id).await.map_err(|_| {
+        ApiError::param(format!("advertiser {} does not exist", c.advertiser_id), "advertiserId")
+    })?;
+    sqlx::query(&format!(
+        "INSERT INTO campaigns ({CAMPAIGN_COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    ))
+    .bind(&c.id)
+    .bind(&c.advertiser_id)
+    .bind(&c.name)
+    .bind(c.categories.join(","))
+    .bind(&c.title)
+    .bind(&c.text)
+    .bind(&c.url)
+    .bind(c.cpm_bid)
+    .bind(c.cpc_bid)
+    .bind(c.daily_budget)
+    .bind(c.total_budget)
+    .bind(c.starts_at)
+    .bind(c.ends_at)
+    .bind(&c.status)
+    .bind(i64::from(c.frequency_cap))
+    .bind(now)
+    .bind(now)
+    .execute(&state.store.pool)
+    .await?;
+    reload(&state).await;
+    Ok((StatusCode::CREATED, Json(load_campaign(&state, &c.id).await?)))
+}
+
+async fn reload(state: &AppState) {
+    if let Err(e) = state.ads.reload().await {
+        tracing::warn!(error = %e, "ad inventory reload failed");
+    }
+}
+
+/// `GET /api/admin/campaigns`
+pub async fn list_campaigns(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let rows = sqlx::query(&format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY created_at, id"))
+        .fetch_all(&state.store.pool)
+        .await?;
+    let mut stats = state.ads.campaign_stats().await?;
+    let mut data = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let mut c = campaign_from_row(r)?;
+        c.stats = stats.remove(&c.id).unwrap_or_default();
+        data.push(c);
+    }
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `GET /api/admin/campaigns/{id}`
+pub async fn get_campaign(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Campaign>, ApiError> {
+    Ok(Json(load_campaign(&state, &id).await?))
+}
+
+/// `PATCH /api/admin/campaigns/{id}`: any subset of the create fields.
+pub async fn update_campaign(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Campaign>, ApiError> {
+    let input: CampaignInput = extract::parse(&headers, &body)?;
+    let current = load_campaign(&state, &id).await?;
+    let moved = input.advertiser_id.as_ref().is_some_and(|a| *a != current.advertiser_id);
+    if moved {
+        return Err(ApiError::param("a campaign cannot move to another advertiser", "advertiserId"));
+    }
+    let c = merge(current, input)?;
+    sqlx::query(
+        "UPDATE campaigns SET name = $1, categories = $2, title = $3, body = $4, url = $5, cpm_bid = $6, cpc_bid = $7, \
+         daily_budget = $8, total_budget = $9, starts_at = $10, ends_at = $11, status = $12, frequency_cap = $13, updated_at = $14 \
+         WHERE id = $15",
+    )
+    .bind(&c.name)
+    .bind(c.categories.join(","))
+    .bind(&c.title)
+    .bind(&c.text)
+    .bind(&c.url)
+    .bind(c.cpm_bid)
+    .bind(c.cpc_bid)
+    .bind(c.daily_budget)
+    .bind(c.total_budget)
+    .bind(c.starts_at)
+    .bind(c.ends_at)
+    .bind(&c.status)
+    .bind(i64::from(c.frequency_cap))
+    .bind(now_ms())
+    .bind(&id)
+    .execute(&state.store.pool)
+    .await?;
+    reload(&state).await;
+    Ok(Json(load_campaign(&state, &id).await?))
+}
+
+/// `GET /r/{impression}`: records the click once and redirects to the advertiser.
+pub async fn click(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    match state.ads.click(&id).await? {
+        Some(url) => Ok((StatusCode::FOUND, [(header::LOCATION, url), (header::CACHE_CONTROL, "no-store".to_owned())]).into_response()),
+        None => Err(ApiError::NotFound(format!("ad impression {id} does not exist"))),
+    }
+}
+
+/// `PUT /api/llm/ad-preferences`: the calling key's standing preferences.
+pub async fn set_preferences(
+    State(state): State<AppState>,
+    Extension(key): Extension<Arc<AuthedKey>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<AdPreferences>, ApiError> {
+    let prefs: AdPreferences = extract::parse(&headers, &body)?;
+    if let Some(bad) = prefs.categories.iter().chain(&prefs.blocked_categories).find(|c| !CATEGORIES.contains(&c.as_str())) {
+        return Err(ApiError::param(format!("unknown ad category {bad:?}; known: {}", CATEGORIES.join(", ")), "categories"));
+    }
+    if let Some(p) = prefs.placement.as_deref() {
+        if super::Placement::parse(p).is_none() {
+            return Err(ApiError::param("`placement` must be content, metadata or prompt", "placement"));
+        }
+    }
+    state.keys.set_ad_preferences(&key.key_id, &prefs).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(prefs))
+}
+
+#[derive(Deserialize)]
+pub struct Range {
+    from: Option<i64>,
+    to: Option<i64>,
+}
+
+/// `GET /api/analytics/ads`: impressions, clicks, CTR and revenue by category and
+/// campaign, and what the free tier cost against what ads brought in.
+pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<AdsReport>, ApiError> {
+    let (from, to) = crate::analytics::window(r.from, r.to);
+    let pool = &state.store.pool;
+    let rows = sqlx::query(
+        "SELECT i.campaign_id, c.name, i.category, COUNT(*) AS impressions, COUNT(i.clicked_at) AS clicks, \
+         CAST(COALESCE(SUM(i.charged), 0) AS BIGINT) AS spend \
+         FROM ad_impressions i JOIN campaigns c ON c.id = i.campaign_id \
+         WHERE i.created_at >= $1 AND i.created_at < $2 GROUP BY i.campaign_id, c.name, i.category ORDER BY i.campaign_id, i.category",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    let mut out = AdsReport { from, to, ..AdsReport::default() };
+    for r in &rows {
+        let impressions = u64::try_from(r.try_get::<i64, _>("impressions")?).unwrap_or(0);
+        let clicks = u64::try_from(r.try_get::<i64, _>("clicks")?).unwrap_or(0);
+        let spend: i64 = r.try_get("spend")?;
+        let campaign_id: String = r.try_get("campaign_id")?;
+        let category: String = r.try_get("category")?;
+        out.impressions += impressions;
+        out.clicks += clicks;
+        out.revenue += spend;
+        match out.by_campaign.iter_mut().find(|c| c.campaign_id == campaign_id) {
+            Some(c) => {
+                c.impressions += impressions;
+                c.clicks += clicks;
+                c.spend += spend;
+            }
+            None => out.by_campaign.push(CampaignReport {
+                campaign_id,
+                name: r.try_get("name")?,
+                impressions,
+                clicks,
+                ctr: 0.0,
+                spend,
+            }),
+        }
+        match out.by_category.iter_mut().find(|c| c.category == category) {
+            Some(c) => {
+                c.impressions += impressions;
+                c.clicks += clicks;
+                c.revenue += spend;
+            }
+            None => out.by_category.push(CategoryStats { category, impressions, clicks, revenue: spend }),
+        }
+    }
+    for c in &mut out.by_campaign {
+        c.ctr = ctr(c.clicks, c.impressions);
+    }
+    out.ctr = ctr(out.clicks, out.impressions);
+    // Free-tier tokens are paid out of platform:ad_revenue (usage entries debit it);
+    // ad charges credit it.
+    let flows = sqlx::query(
+        "SELECT e.kind, CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) AS amount FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
+         WHERE l.account_id = $1 AND e.created_at >= $2 AND e.created_at < $3 GROUP BY e.kind",
+    )
+    .bind(ledger::AD_REVENUE)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    let mut free = FreeTierCost::default();
+    for f in &flows {
+        let kind: String = f.try_get("kind")?;
+        let amount: i64 = f.try_get("amount")?;
+        match kind.as_str() {
+            "usage" => free.provider_cost -= amount,
+            "ad_impression" | "ad_click" => free.ad_revenue += amount,
+            _ => {}
+        }
+    }
+    out.free_tier = free;
+    Ok(Json(out))
+}

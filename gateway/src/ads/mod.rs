@@ -1,0 +1,485 @@
+//! Contextual ads for the free tier: inventory (advertisers and campaigns), targeting,
+//! the auction, delivery tracking and the money.
+//!
+//! The request path never touches the database for an ad: `select` runs the auction
+//! over an in-memory snapshot of the inventory (reloaded every few seconds and after
+//! every admin change) plus the charges this replica made since the snapshot. Only a
+//! delivered impression (and a click) writes: one transaction that records it and
+//! moves the money in the ledger, spawned off the response path. The layer that puts
+//! ads into responses is `layer`.
+//!
+//! Several replicas each add their own charges to the shared snapshot, so between two
+//! reloads a campaign can overshoot its budget by what the other replicas spent in
+//! that window; frequency caps are counted per replica. Both are bounded by the reload
+//! interval and documented in ARCHITECTURE.md.
+
+pub mod api;
+pub mod auction;
+pub mod classify;
+pub mod layer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use openapi::ads::{Ad, CampaignStats};
+use parking_lot::{Mutex, RwLock};
+use sqlx::Row;
+
+use crate::config::Config;
+use crate::ledger::{self, Micros};
+use crate::store::{new_id, now_ms, Store};
+
+use auction::{Bidder, Pricing};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The label every ad carries, in text and in the `ad` object.
+pub const LABEL: &str = "Sponsored";
+
+/// Where an ad goes in a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// A labelled last content delta after the answer.
+    Content,
+    /// An `ad` object on the final chunk; the content is untouched.
+    Metadata,
+    /// A labelled sponsor note in the system prompt.
+    Prompt,
+}
+
+impl Placement {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "content" => Some(Self::Content),
+            "metadata" => Some(Self::Metadata),
+            "prompt" => Some(Self::Prompt),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Content => "content",
+            Self::Metadata => "metadata",
+            Self::Prompt => "prompt",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Creative {
+    title: String,
+    text: String,
+}
+
+/// The inventory as of one reload.
+#[derive(Default)]
+struct Inventory {
+    /// Live campaigns (active status), sorted by id.
+    bidders: Vec<Bidder>,
+    creatives: HashMap<String, Creative>,
+    available: HashMap<String, Micros>,
+}
+
+/// A charge (or impression, or click) this replica recorded after the snapshot.
+#[derive(Debug, Clone)]
+struct Local {
+    at: i64,
+    campaign_id: String,
+    advertiser_id: String,
+    amount: Micros,
+    impressions: u64,
+    clicks: u64,
+}
+
+/// The ad chosen for one response, not yet delivered.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    pub impression_id: String,
+    pub campaign_id: String,
+    pub advertiser_id: String,
+    pub category: &'static str,
+    pub pricing: Pricing,
+    pub price: Micros,
+    pub placement: Placement,
+    pub request_id: String,
+    pub user_id: String,
+    pub ad: Ad,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub auctions: AtomicU64,
+    pub no_fill: AtomicU64,
+    pub impressions: AtomicU64,
+    pub clicks: AtomicU64,
+    pub charged_micros: AtomicU64,
+}
+
+impl Counters {
+    /// Appends the ad counters to a Prometheus text body.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let lines = [
+            ("gs_ad_auctions_total", "Ad auctions run (free-tier requests that could carry an ad).", self.auctions.load(Relaxed)),
+            ("gs_ad_no_fill_total", "Auctions without an eligible campaign.", self.no_fill.load(Relaxed)),
+            ("gs_ad_impressions_total", "Ads delivered to clients.", self.impressions.load(Relaxed)),
+            ("gs_ad_clicks_total", "First clicks on delivered ads.", self.clicks.load(Relaxed)),
+        ];
+        for (name, help, v) in lines {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let usd = self.charged_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "# HELP gs_ad_charged_usd_total USD charged to advertisers.\n# TYPE gs_ad_charged_usd_total counter\ngs_ad_charged_usd_total {usd}");
+    }
+}
+
+/// What targeting knows about one request.
+pub struct Targeting<'a> {
+    pub category: &'static str,
+    pub blocked: &'a [String],
+    pub user_id: &'a str,
+    pub request_id: &'a str,
+    pub placement: Placement,
+    /// `https://host` for the click link.
+    pub base_url: &'a str,
+}
+
+pub struct Ads {
+    store: Store,
+    provider_share_bp: u32,
+    reserve_cpm: Micros,
+    inventory: RwLock<Arc<Inventory>>,
+    local: Mutex<Vec<Local>>,
+    /// `user|campaign|day` → impressions delivered (this replica).
+    views: moka::sync::Cache<String, u32>,
+    pub counters: Counters,
+}
+
+fn day_start(ms: i64) -> i64 {
+    ms.div_euclid(DAY_MS) * DAY_MS
+}
+
+impl Ads {
+    pub async fn load(store: Store, config: &Config) -> Result<Arc<Self>, sqlx::Error> {
+        let ads = Arc::new(Self {
+            store,
+            provider_share_bp: config.ads_provider_share_bp,
+            reserve_cpm: config.ads_reserve_cpm_micros,
+            inventory: RwLock::new(Arc::new(Inventory::default())),
+            local: Mutex::new(Vec::new()),
+            views: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(std::time::Duration::from_secs(2 * 86_400)).build(),
+            counters: Counters::default(),
+        });
+        ads.reload().await?;
+        Ok(ads)
+    }
+
+    /// Reads campaigns, their spend and stats, and advertisers' balances.
+    pub async fn reload(&self) -> Result<(), sqlx::Error> {
+        let taken_at = now_ms();
+        let today = day_start(taken_at);
+        let rows = sqlx::query(
+            "SELECT c.id, c.advertiser_id, c.categories, c.title, c.body, c.cpm_bid, c.cpc_bid, c.daily_budget, c.total_budget, \
+             c.starts_at, c.ends_at, c.frequency_cap, \
+             CAST(COALESCE((SELECT SUM(i.charged) FROM ad_impressions i WHERE i.campaign_id = c.id), 0) AS BIGINT) AS spent_total, \
+             CAST(COALESCE((SELECT SUM(i.charged) FROM ad_impressions i WHERE i.campaign_id = c.id AND i.created_at >= $1), 0) AS BIGINT) AS spent_today, \
+             (SELECT COUNT(*) FROM ad_impressions i WHERE i.campaign_id = c.id) AS impressions, \
+             (SELECT COUNT(*) FROM ad_impressions i WHERE i.campaign_id = c.id AND i.clicked_at IS NOT NULL) AS clicks \
+             FROM campaigns c WHERE c.status = 'active' ORDER BY c.id",
+        )
+        .bind(today)
+        .fetch_all(&self.store.pool)
+        .await?;
+        let mut inv = Inventory::default();
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            let categories: String = r.try_get("categories")?;
+            inv.bidders.push(Bidder {
+                id: id.clone(),
+                advertiser_id: r.try_get("advertiser_id")?,
+                categories: categories.split(',').map(str::to_owned).collect(),
+                cpm_bid: r.try_get("cpm_bid")?,
+                cpc_bid: r.try_get("cpc_bid")?,
+                daily_budget: r.try_get("daily_budget")?,
+                total_budget: r.try_get("total_budget")?,
+                starts_at: r.try_get("starts_at")?,
+                ends_at: r.try_get("ends_at")?,
+                active: true,
+                frequency_cap: u32::try_from(r.try_get::<i64, _>("frequency_cap")?).unwrap_or(0),
+                spent_total: r.try_get("spent_total")?,
+                spent_today: r.try_get("spent_today")?,
+                impressions: u64::try_from(r.try_get::<i64, _>("impressions")?).unwrap_or(0),
+                clicks: u64::try_from(r.try_get::<i64, _>("clicks")?).unwrap_or(0),
+            });
+            inv.creatives.insert(id, Creative { title: r.try_get("title")?, text: r.try_get("body")? });
+        }
+        let balances = sqlx::query("SELECT id, posted - held AS available FROM accounts WHERE kind = 'advertiser'")
+            .fetch_all(&self.store.pool)
+            .await?;
+        for r in &balances {
+            let account: String = r.try_get("id")?;
+            if let Some(id) = account.strip_prefix("advertiser:") {
+                inv.available.insert(id.to_owned(), r.try_get("available")?);
+            }
+        }
+        // Charges recorded before the reload began are in what it read.
+        self.local.lock().retain(|l| l.at >= taken_at);
+        *self.inventory.write() = Arc::new(inv);
+        Ok(())
+    }
+
+    /// Runs the auction for one request; `None` when no campaign is eligible.
+    pub fn select(&self, t: &Targeting<'_>) -> Option<Selected> {
+        self.counters.auctions.fetch_add(1, Relaxed);
+        let inv = self.inventory.read().clone();
+        let now = now_ms();
+        let today = day_start(now);
+        let mut candidates: Vec<Bidder> =
+            inv.bidders.iter().filter(|b| b.categories.iter().any(|c| c == t.category)).cloned().collect();
+        let mut spent: HashMap<String, Micros> = HashMap::new();
+        {
+            let local = self.local.lock();
+            for l in local.iter() {
+                if let Some(b) = candidates.iter_mut().find(|b| b.id == l.campaign_id) {
+                    b.spent_total += l.amount;
+                    if l.at >= today {
+                        b.spent_today += l.amount;
+                    }
+                    b.impressions += l.impressions;
+                    b.clicks += l.clicks;
+                }
+                *spent.entry(l.advertiser_id.clone()).or_default() += l.amount;
+            }
+        }
+        let request = auction::Request {
+            category: t.category,
+            now_ms: now,
+            day_fraction: (now - today) as f64 / DAY_MS as f64,
+            blocked_categories: t.blocked,
+            reserve_cpm: self.reserve_cpm,
+        };
+        let day = now.div_euclid(DAY_MS);
+        let outcome = auction::run(
+            &candidates,
+            &request,
+            |campaign| self.views.get(&format!("{}|{campaign}|{day}", t.user_id)).unwrap_or(0),
+            |advertiser| inv.available.get(advertiser).copied().unwrap_or(0) - spent.get(advertiser).copied().unwrap_or(0),
+        );
+        let Some(outcome) = outcome else {
+            self.counters.no_fill.fetch_add(1, Relaxed);
+            return None;
+        };
+        let winner = candidates.iter().find(|b| b.id == outcome.campaign_id)?;
+        let creative = inv.creatives.get(&winner.id)?;
+        let impression_id = new_id("imp");
+        Some(Selected {
+            campaign_id: winner.id.clone(),
+            advertiser_id: winner.advertiser_id.clone(),
+            category: t.category,
+            pricing: outcome.pricing,
+            price: outcome.price,
+            placement: t.placement,
+            request_id: t.request_id.to_owned(),
+            user_id: t.user_id.to_owned(),
+            ad: Ad {
+                click_url: format!("{}/r/{impression_id}", t.base_url.trim_end_matches('/')),
+                id: impression_id.clone(),
+                title: creative.title.clone(),
+                text: creative.text.clone(),
+                category: t.category.to_owned(),
+                label: LABEL.to_owned(),
+            },
+            impression_id,
+        })
+    }
+
+    /// Records a delivered impression and charges a CPM one, off the response path.
+    pub fn delivered(self: &Arc<Self>, selected: Selected, provider_id: Option<String>) {
+        let ads = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ads.record_impression(&selected, provider_id.as_deref()).await {
+                tracing::error!(error = %e, impression = %selected.impression_id, "recording an ad impression failed");
+            }
+        });
+    }
+
+    pub async fn record_impression(&self, s: &Selected, provider_id: Option<&str>) -> Result<Micros, sqlx::Error> {
+        let now = now_ms();
+        let mut tx = self.store.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO ad_impressions (id, campaign_id, request_id, user_id, provider_id, category, placement, pricing, price, charged, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10)",
+        )
+        .bind(&s.impression_id)
+        .bind(&s.campaign_id)
+        .bind(&s.request_id)
+        .bind(&s.user_id)
+        .bind(provider_id)
+        .bind(s.category)
+        .bind(s.placement.as_str())
+        .bind(s.pricing.as_str())
+        .bind(s.price)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let charged = match s.pricing {
+            Pricing::Cpm => self.charge(&mut tx, &s.advertiser_id, provider_id, s.price, "ad_impression", &s.impression_id).await?,
+            Pricing::Cpc => 0,
+        };
+        if charged > 0 {
+            sqlx::query("UPDATE ad_impressions SET charged = $1 WHERE id = $2").bind(charged).bind(&s.impression_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let day = now.div_euclid(DAY_MS);
+        let key = format!("{}|{}|{day}", s.user_id, s.campaign_id);
+        self.views.insert(key.clone(), self.views.get(&key).unwrap_or(0) + 1);
+        self.note(Local { at: now, campaign_id: s.campaign_id.clone(), advertiser_id: s.advertiser_id.clone(), amount: charged, impressions: 1, clicks: 0 });
+        self.counters.impressions.fetch_add(1, Relaxed);
+        Ok(charged)
+    }
+
+    fn note(&self, local: Local) {
+        self.counters.charged_micros.fetch_add(u64::try_from(local.amount).unwrap_or(0), Relaxed);
+        self.local.lock().push(local);
+    }
+
+    /// Debits the advertiser, credits the platform's ad revenue and the provider's
+    /// share. Charges nothing when the advertiser cannot pay (its campaigns drop out
+    /// of the next auctions).
+    async fn charge(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        advertiser_id: &str,
+        provider_id: Option<&str>,
+        amount: Micros,
+        kind: &str,
+        impression_id: &str,
+    ) -> Result<Micros, sqlx::Error> {
+        let share = if provider_id.is_some() { ledger::fee(amount, self.provider_share_bp) } else { 0 };
+        let provider = provider_id.map(ledger::provider_account);
+        let mut to: Vec<(&str, Micros)> = vec![(ledger::AD_REVENUE, amount - share)];
+        if let Some(p) = &provider {
+            to.push((p.as_str(), share));
+        }
+        let from = ledger::advertiser_account(advertiser_id);
+        let paid = ledger::pay_out_of(tx, &from, &to, kind, Some(impression_id), &format!("{kind} {impression_id}")).await?;
+        Ok(if paid { amount } else { 0 })
+    }
+
+    /// Records a click on an impression once (charging a CPC one) and returns where
+    /// it goes; `None` for an unknown impression.
+    pub async fn click(&self, impression_id: &str) -> Result<Option<String>, sqlx::Error> {
+        let mut tx = self.store.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT i.campaign_id, i.pricing, i.price, i.provider_id, c.url, c.advertiser_id FROM ad_impressions i \
+             JOIN campaigns c ON c.id = i.campaign_id WHERE i.id = $1",
+        )
+        .bind(impression_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let url: String = row.try_get("url")?;
+        let now = now_ms();
+        let first = sqlx::query("UPDATE ad_impressions SET clicked_at = $1 WHERE id = $2 AND clicked_at IS NULL")
+            .bind(now)
+            .bind(impression_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !first {
+            tx.rollback().await?;
+            return Ok(Some(url));
+        }
+        let campaign_id: String = row.try_get("campaign_id")?;
+        let advertiser_id: String = row.try_get("advertiser_id")?;
+        let pricing: String = row.try_get("pricing")?;
+        let provider_id: Option<String> = row.try_get("provider_id")?;
+        let charged = if pricing == "cpc" {
+            let price: i64 = row.try_get("price")?;
+            self.charge(&mut tx, &advertiser_id, provider_id.as_deref(), price, "ad_click", impression_id).await?
+        } else {
+            0
+        };
+        if charged > 0 {
+            sqlx::query("UPDATE ad_impressions SET charged = charged + $1 WHERE id = $2")
+                .bind(charged)
+                .bind(impression_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.note(Local { at: now, campaign_id, advertiser_id, amount: charged, impressions: 0, clicks: 1 });
+        self.counters.clicks.fetch_add(1, Relaxed);
+        Ok(Some(url))
+    }
+
+    /// Impressions, clicks and spend per campaign (all time).
+    pub async fn campaign_stats(&self) -> Result<HashMap<String, CampaignStats>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT campaign_id, COUNT(*) AS impressions, COUNT(clicked_at) AS clicks, CAST(COALESCE(SUM(charged), 0) AS BIGINT) AS spend \
+             FROM ad_impressions GROUP BY campaign_id",
+        )
+        .fetch_all(&self.store.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in &rows {
+            let impressions = u64::try_from(r.try_get::<i64, _>("impressions")?).unwrap_or(0);
+            let clicks = u64::try_from(r.try_get::<i64, _>("clicks")?).unwrap_or(0);
+            out.insert(
+                r.try_get("campaign_id")?,
+                CampaignStats { impressions, clicks, ctr: ctr(clicks, impressions), spend: r.try_get("spend")? },
+            );
+        }
+        Ok(out)
+    }
+}
+
+pub fn ctr(clicks: u64, impressions: u64) -> f64 {
+    if impressions == 0 {
+        0.0
+    } else {
+        clicks as f64 / impressions as f64
+    }
+}
+
+/// The text of the `content` placement: a rule, the label, the creative and the link.
+/// `strip` recognises it by `MARKER`.
+pub fn content_text(ad: &Ad) -> String {
+    format!("{MARKER}{}: {} {}", ad.title, ad.text, ad.click_url)
+}
+
+/// How a content ad starts; everything from it to the end of a message is ours.
+pub const MARKER: &str = "\n\n---\n[Sponsored] ";
+
+/// Removes ad blocks we appended to an assistant message earlier. Also catches a
+/// block whose leading blank lines a client trimmed.
+pub fn strip(content: &str) -> Option<String> {
+    let core = MARKER.trim_start_matches('\n');
+    let at = content.find(core)?;
+    Some(content[..at].trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_removes_our_block_only() {
+        let ad = Ad {
+            id: "imp_1".into(),
+            title: "T".into(),
+            text: "x".into(),
+            click_url: "http://h/r/imp_1".into(),
+            category: "technology".into(),
+            label: LABEL.into(),
+        };
+        let answer = format!("The answer is 4.{}", content_text(&ad));
+        assert_eq!(strip(&answer).as_deref(), Some("The answer is 4."));
+        assert_eq!(strip(&answer.replace("\n\n---", "---")).as_deref(), Some("The answer is 4."));
+        assert_eq!(strip("No ads here --- at all"), None);
+    }
+}
