@@ -5,6 +5,7 @@
 //! The console is plain HTML, JavaScript modules and CSS in `gateway/console/`; there is
 //! no build step, so what is in that folder is exactly what ships.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
@@ -12,12 +13,12 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use crate::error::ApiError;
-use crate::providers::Provider;
+use crate::providers::ProviderStatus;
 use crate::store::now_ms;
 use crate::{analytics, bearer, ledger, routing, AppState};
 
@@ -90,18 +91,75 @@ fn usd(micros: i64) -> f64 {
     micros as f64 / 1e6
 }
 
+/// `GET /api/admin/overview`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Overview {
+    /// Unix milliseconds when this was computed.
+    pub at: i64,
+    pub providers: ProviderCounts,
+    /// Streams being relayed now (this replica).
+    pub active_streams: u64,
+    /// Requests waiting for a provider slot (this replica).
+    pub queued: u64,
+    /// Model requests per second over the last minute (every replica).
+    pub requests_per_second: f64,
+    /// Share of model requests that did not end `ok` over the last five minutes.
+    pub error_rate: f64,
+    /// Model requests over the last five minutes.
+    pub recent_requests: i64,
+    pub today: Today,
+    /// Withdrawals requested or processing.
+    pub pending_payouts: i64,
+    /// HTTP requests this replica answered since it started.
+    pub http: HttpCounts,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderCounts {
+    /// Active, with a fresh heartbeat and a stream on line.
+    pub online: u64,
+    pub total: u64,
+    /// Awaiting approval.
+    pub pending: u64,
+}
+
+/// Since 00:00 UTC; money in USD.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Today {
+    pub requests: i64,
+    pub tokens: i64,
+    /// What users and the ad-revenue account were charged for tokens.
+    pub billed: f64,
+    /// Platform fees credited.
+    pub fees: f64,
+    /// Credits to the ad-revenue account (advertiser spend).
+    pub ad_revenue: f64,
+    /// `fees + adRevenue`: what the platform earned.
+    pub revenue: f64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCounts {
+    pub requests: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+}
+
 /// `GET /api/admin/overview`: what the console's first page shows, polled every few
 /// seconds. Rates come from the usage records (every replica's requests), so they agree
 /// across replicas; stream and queue gauges are this replica's.
-pub async fn overview(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, ApiError> {
     let now = now_ms();
     let stale_ms = state.config.stale_after_ms();
     let snapshot = state.registry.snapshot();
     let online = snapshot.values().filter(|p| p.is_live(now, stale_ms)).count();
-    let pending = snapshot.values().filter(|p| p.status == crate::providers::ProviderStatus::Pending).count();
+    let pending = snapshot.values().filter(|p| p.status == ProviderStatus::Pending).count();
     let (day_start, _) = analytics::day_and_month_start(now);
     let pool = &state.store.pool;
-    // Model requests in the last minute (the rate) and the last five (the error rate).
     let minute: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE created_at >= $1")
         .bind(now - 60_000)
         .fetch_one(pool)
@@ -121,49 +179,46 @@ pub async fn overview(State(state): State<AppState>) -> Result<Json<Value>, ApiE
     .bind(day_start)
     .fetch_one(pool)
     .await?;
-    let fees: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
-         WHERE l.account_id = $1 AND e.created_at >= $2",
-    )
-    .bind(ledger::FEES)
-    .bind(day_start)
-    .fetch_one(pool)
-    .await?;
-    let ads: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
-         WHERE l.account_id = $1 AND e.created_at >= $2 AND l.amount > 0",
-    )
-    .bind(ledger::AD_REVENUE)
-    .bind(day_start)
-    .fetch_one(pool)
-    .await?;
+    // Fees are only ever credited; the ad-revenue account is also debited for free-tier
+    // tokens, so only its credits count as income.
+    let credits = |account: &'static str| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
+             WHERE l.account_id = $1 AND e.created_at >= $2 AND l.amount > 0",
+        )
+        .bind(account)
+        .bind(day_start)
+        .fetch_one(pool)
+    };
+    let fees = credits(ledger::FEES).await?;
+    let ads = credits(ledger::AD_REVENUE).await?;
     let pending_payouts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM withdrawals WHERE status IN ('requested', 'processing')")
         .fetch_one(pool)
         .await?;
     let http = state.metrics.http_totals();
-    Ok(Json(json!({
-        "at": now,
-        "providers": { "online": online, "total": snapshot.len(), "pending": pending },
-        "activeStreams": state.active_streams.load(Ordering::Relaxed),
-        "queued": state.queued.load(Ordering::Relaxed),
-        "requestsPerSecond": minute as f64 / 60.0,
-        "errorRate": if recent_n > 0 { recent_errors as f64 / recent_n as f64 } else { 0.0 },
-        "recentRequests": recent_n,
-        "today": {
-            "requests": today.try_get::<i64, _>("n")?,
-            "tokens": today.try_get::<i64, _>("tokens")?,
-            "billed": usd(today.try_get("billed")?),
-            "fees": usd(fees),
-            "adRevenue": usd(ads),
-            "revenue": usd(fees + ads),
+    Ok(Json(Overview {
+        at: now,
+        providers: ProviderCounts { online: online as u64, total: snapshot.len() as u64, pending: pending as u64 },
+        active_streams: state.active_streams.load(Ordering::Relaxed),
+        queued: state.queued.load(Ordering::Relaxed),
+        requests_per_second: minute as f64 / 60.0,
+        error_rate: if recent_n > 0 { recent_errors as f64 / recent_n as f64 } else { 0.0 },
+        recent_requests: recent_n,
+        today: Today {
+            requests: today.try_get("n")?,
+            tokens: today.try_get("tokens")?,
+            billed: usd(today.try_get("billed")?),
+            fees: usd(fees),
+            ad_revenue: usd(ads),
+            revenue: usd(fees + ads),
         },
-        "pendingPayouts": pending_payouts,
-        "http": { "requests": http.requests, "clientErrors": http.client_errors, "serverErrors": http.server_errors },
-    })))
+        pending_payouts,
+        http: HttpCounts { requests: http.requests, client_errors: http.client_errors, server_errors: http.server_errors },
+    }))
 }
 
-/// Lifetime earnings per provider: what usage and reservations credited to its account.
-async fn earnings(state: &AppState, provider_id: Option<&str>) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+/// Lifetime earnings per provider id: what usage and reservations credited to its account.
+async fn earnings(state: &AppState, provider_id: Option<&str>) -> Result<HashMap<String, i64>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT l.account_id, CAST(SUM(l.amount) AS BIGINT) AS earned FROM ledger_lines l JOIN ledger_entries e ON e.id = l.entry_id \
          WHERE l.account_id LIKE 'provider:%' AND e.kind IN ('usage', 'reservation') AND ($1 IS NULL OR l.account_id = $1) \
@@ -181,55 +236,90 @@ async fn earnings(state: &AppState, provider_id: Option<&str>) -> Result<std::co
         .collect()
 }
 
-/// `GET /api/admin/providers/earnings`: lifetime earnings and balance per provider, which
-/// the console joins with `GET /api/admin/providers`.
-pub async fn provider_earnings(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let earned = earnings(&state, None).await?;
-    let balances = sqlx::query("SELECT owner_id, posted, held FROM accounts WHERE kind = 'provider'")
-        .fetch_all(&state.store.pool)
-        .await?;
-    let mut data = Vec::new();
-    for p in state.registry.snapshot().values() {
-        let (posted, held) = balances
-            .iter()
-            .find(|r| r.try_get::<Option<String>, _>("owner_id").ok().flatten().as_deref() == Some(p.id.as_str()))
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>("posted")?, r.try_get::<i64, _>("held")?)))
-            .transpose()?
-            .unwrap_or((0, 0));
-        let e = earned.get(&p.id).copied().unwrap_or(0);
-        data.push(json!({
-            "providerId": p.id, "earnings": usd(e), "earningsMicros": e,
-            "balance": usd(posted), "available": usd(posted - held),
-        }));
-    }
-    Ok(Json(json!({ "object": "list", "data": data })))
+/// `GET /api/admin/providers/earnings`.
+#[derive(Debug, Serialize)]
+pub struct EarningsList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<ProviderEarnings>,
 }
 
-fn provider_stats(state: &AppState, p: &Provider) -> Value {
-    let snapshot = state.registry.snapshot();
-    let base = routing::Baseline::of(snapshot.values());
-    let health = p.load.health.snapshot();
-    let mut streams: Vec<Value> = p.streams.iter().map(|(m, q)| json!({ "model": m, "quality": q })).collect();
-    streams.sort_by_key(|s| s.to_string());
-    json!({
-        "id": p.id,
-        "name": p.name,
-        "status": p.status.as_str(),
-        "online": p.is_live(now_ms(), state.config.stale_after_ms()),
-        "score": routing::score(p, &state.config.weights(), &base),
-        "latencyMs": health.ttft_ms,
-        "uptime": health.uptime,
-        "successRate": health.success_rate,
-        "requests": health.requests,
-        "activeRequests": p.load.in_flight.load(Ordering::Relaxed),
-        "streams": streams,
-        "pricing": p.pricing,
-    })
+/// One provider's money, USD (and the lifetime earnings in micro-USD).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderEarnings {
+    pub provider_id: String,
+    /// Lifetime credits for tokens and reservations, before withdrawals.
+    pub earnings: f64,
+    pub earnings_micros: i64,
+    /// The account's posted balance now.
+    pub balance: f64,
+    /// The balance less what withdrawals hold.
+    pub available: f64,
+}
+
+/// `GET /api/admin/providers/earnings`: lifetime earnings and balance per provider, which
+/// the console joins with `GET /api/admin/providers`.
+pub async fn provider_earnings(State(state): State<AppState>) -> Result<Json<EarningsList>, ApiError> {
+    let earned = earnings(&state, None).await?;
+    let mut balances: HashMap<String, (i64, i64)> = HashMap::new();
+    for r in sqlx::query("SELECT owner_id, posted, held FROM accounts WHERE kind = 'provider'").fetch_all(&state.store.pool).await? {
+        if let Some(owner) = r.try_get::<Option<String>, _>("owner_id")? {
+            balances.insert(owner, (r.try_get("posted")?, r.try_get("held")?));
+        }
+    }
+    let mut data: Vec<ProviderEarnings> = state
+        .registry
+        .snapshot()
+        .values()
+        .map(|p| {
+            let (posted, held) = balances.get(&p.id).copied().unwrap_or((0, 0));
+            let e = earned.get(&p.id).copied().unwrap_or(0);
+            ProviderEarnings { provider_id: p.id.clone(), earnings: usd(e), earnings_micros: e, balance: usd(posted), available: usd(posted - held) }
+        })
+        .collect();
+    data.sort_by(|a, b| a.provider_id.cmp(&b.provider_id));
+    Ok(Json(EarningsList { object: "list", data }))
+}
+
+/// `GET /api/gpu/me`: the provider the key belongs to. Money in USD.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderMe {
+    pub id: String,
+    pub name: String,
+    /// `pending`, `active` or `suspended`.
+    pub status: String,
+    /// Active, with a fresh heartbeat and a stream on line.
+    pub online: bool,
+    /// Routing score in [0, 1].
+    pub score: f64,
+    /// Time to first token (EWMA), null before the first request.
+    pub latency_ms: Option<f64>,
+    /// Share of passed health checks (EWMA).
+    pub uptime: f64,
+    pub success_rate: f64,
+    /// Requests this replica has sent it.
+    pub requests: u64,
+    /// Requests in flight on this replica now.
+    pub active_requests: u32,
+    pub streams: Vec<openapi::platform::StreamControlInfo>,
+    pub pricing: openapi::platform::Pricing,
+    /// Lifetime credits for tokens and reservations.
+    pub earnings: f64,
+    pub balance: MeBalance,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MeBalance {
+    pub posted: f64,
+    pub held: f64,
+    pub available: f64,
 }
 
 /// `GET /api/gpu/me` with a provider key: the provider's own id, status, score, latency,
 /// uptime, streams and earnings — how the console's provider view finds out who it is.
-pub async fn provider_me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+pub async fn provider_me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<ProviderMe>, ApiError> {
     let key = bearer(&headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?;
     let id: Option<String> = sqlx::query_scalar("SELECT id FROM providers WHERE key_hash = $1")
         .bind(crate::keys::hash_key(key))
@@ -241,10 +331,31 @@ pub async fn provider_me(State(state): State<AppState>, headers: HeaderMap) -> R
         state.registry.reload().await?;
     }
     let p = state.registry.get(&id).ok_or_else(|| ApiError::NotFound(format!("provider {id} does not exist")))?;
-    let mut v = provider_stats(&state, &p);
+    let snapshot = state.registry.snapshot();
+    let base = routing::Baseline::of(snapshot.values());
+    let health = p.load.health.snapshot();
+    let mut streams: Vec<openapi::platform::StreamControlInfo> = p
+        .streams
+        .iter()
+        .map(|(model, quality)| openapi::platform::StreamControlInfo { model: model.clone(), quality: quality.clone() })
+        .collect();
+    streams.sort_by(|a, b| (&a.model, &a.quality).cmp(&(&b.model, &b.quality)));
     let earned = earnings(&state, Some(&id)).await?.get(&id).copied().unwrap_or(0);
     let balance = state.ledger.balance(&ledger::provider_account(&id)).await?;
-    v["earnings"] = json!(usd(earned));
-    v["balance"] = json!({ "posted": usd(balance.posted), "held": usd(balance.held), "available": usd(balance.available) });
-    Ok(Json(v))
+    Ok(Json(ProviderMe {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        status: p.status.as_str().to_owned(),
+        online: p.is_live(now_ms(), state.config.stale_after_ms()),
+        score: routing::score(&p, &state.config.weights(), &base),
+        latency_ms: health.ttft_ms,
+        uptime: health.uptime,
+        success_rate: health.success_rate,
+        requests: health.requests,
+        active_requests: p.load.in_flight.load(Ordering::Relaxed),
+        streams,
+        pricing: p.pricing,
+        earnings: usd(earned),
+        balance: MeBalance { posted: usd(balance.posted), held: usd(balance.held), available: usd(balance.available) },
+    }))
 }
