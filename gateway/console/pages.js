@@ -365,6 +365,7 @@ async function ads(root) {
         saved = await api('/api/admin/campaigns', { method: 'POST', body: { advertiserId: advertiser.value, ...body } });
       }
       await loadCampaigns();
+      if (!c) form.reset();
       return `${c ? 'Saved' : 'Created'} campaign ${saved.name}.`;
     });
     return form;
