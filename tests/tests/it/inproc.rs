@@ -1925,3 +1925,75 @@ async fn inproc_ads_frequency_cap_budget_and_campaign_admin() {
     assert_eq!(gw.balance(&format!("advertiser:{adv}")).await, 1_000_000 - 200);
     gw.ledger_is_clean().await;
 }
+
+#[tokio::test]
+async fn inproc_ads_preferences_per_key_opt_out_and_completions() {
+    let gw = Gateway::start_with(|c| c.ads_free_opt_out = true).await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    ad_campaign(&gw, 1_000_000, json!({})).await;
+    let free = gw.create_key("free").await;
+    let ask = json!({"model": "mock-model", "messages": user(TECH_QUESTION)});
+    assert!(gw.chat(&free, ask.clone()).await.text().await.unwrap().contains("[Sponsored]"));
+    // A key's standing preferences: technology blocked.
+    let put = |prefs: Value| {
+        let (gw, free) = (&gw, free.clone());
+        async move { gw.http.put(gw.url("/api/llm/ad-preferences")).bearer_auth(free).json(&prefs).send().await.unwrap() }
+    };
+    let r = put(json!({"blocked_categories": ["technology"]})).await;
+    assert_eq!(r.status(), 200);
+    assert!(!gw.chat(&free, ask.clone()).await.text().await.unwrap().contains("[Sponsored]"));
+    let r = put(json!({"blocked_categories": ["cars"]})).await;
+    assert_eq!(r.status(), 400);
+    let r = put(json!({})).await;
+    assert_eq!(r.status(), 200);
+    assert!(gw.chat(&free, ask.clone()).await.text().await.unwrap().contains("[Sponsored]"));
+    // Opt-out is honoured where the gateway allows it for the free tier.
+    let mut opt_out = ask.clone();
+    opt_out["ad_preferences"] = json!({"opt_out": true});
+    assert!(!gw.chat(&free, opt_out).await.text().await.unwrap().contains("[Sponsored]"));
+    // The completions endpoint carries the ad in `text`.
+    let r = gw
+        .http
+        .post(gw.url("/v1/completions"))
+        .bearer_auth(&free)
+        .json(&json!({"model": "mock-model", "prompt": TECH_QUESTION, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text: String = sse_events(&r.text().await.unwrap())
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert!(text.starts_with("The capital of France is Paris.\n\n---\n[Sponsored] FastIDE"), "{text}");
+    wait_impressions(&gw, 3).await;
+}
+
+#[tokio::test]
+async fn inproc_ads_opt_out_is_refused_on_the_free_tier_by_default_and_prompt_placement() {
+    let gw = Gateway::start_with(|c| c.ads_prompt_placement = true).await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    ad_campaign(&gw, 1_000_000, json!({})).await;
+    let free = gw.create_key("free").await;
+    let r = gw.chat(&free, json!({"model": "mock-model", "messages": user(TECH_QUESTION), "ad_preferences": {"opt_out": true}})).await;
+    assert!(r.text().await.unwrap().contains("[Sponsored]"), "free keys cannot opt out unless ads_free_opt_out");
+    // The prompt placement: a labelled note in the system prompt, nothing in the answer.
+    let r = gw.chat(&free, json!({"model": "mock-model", "messages": user(TECH_QUESTION), "ad_preferences": {"placement": "prompt"}})).await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "The capital of France is Paris.");
+    let seen = mock.last_body().unwrap();
+    assert_eq!(seen["messages"][0]["role"], "system");
+    let note = seen["messages"][0]["content"].as_str().unwrap();
+    assert!(note.starts_with("Sponsored note") && note.contains("FastIDE"), "{note}");
+    wait_impressions(&gw, 2).await;
+    // Where the gateway does not allow it, asking for it is a 400.
+    let gw2 = Gateway::start().await;
+    gw2.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let free2 = gw2.create_key("free").await;
+    let r = gw2.chat(&free2, json!({"model": "mock-model", "messages": user(TECH_QUESTION), "ad_preferences": {"placement": "prompt"}})).await;
+    assert_eq!(r.status(), 400);
+}
