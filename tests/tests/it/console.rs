@@ -80,6 +80,29 @@ async fn console_in_chromium() -> anyhow::Result<()> {
         let r = post(&http, url("/v1/chat/completions"), &user_key, body).await?;
         ensure!(r["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0, "a completion with usage: {r}");
     }
+    // The endpoints the console adds: the provider view's look-up answers only to a
+    // provider key, and the overview only to the admin key.
+    let get = |path: &str, key: Option<&str>| {
+        let mut r = http.get(url(path));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    let me: Value = get("/api/gpu/me", Some(&provider_key)).await?.json().await?;
+    ensure!(me["id"] == provider_id.as_str() && me["name"] == PROVIDER_NAME, "/api/gpu/me: {me}");
+    ensure!(me["earnings"].as_f64().unwrap_or(0.0) > 0.0, "the provider earned from the completions: {me}");
+    for (path, key) in [("/api/gpu/me", None), ("/api/gpu/me", Some(ADMIN)), ("/api/gpu/me", Some("pk-not-a-key")), ("/api/admin/overview", Some(provider_key.as_str()))] {
+        let status = get(path, key).await?.status();
+        ensure!(status == 401, "{path} with {key:?}: {status}");
+    }
+    let overview: Value = get("/api/admin/overview", Some(ADMIN)).await?.json().await?;
+    ensure!(overview["providers"]["online"] == 1 && overview["today"]["requests"] == 4, "overview: {overview}");
+    ensure!(overview["today"]["fees"].as_f64().unwrap_or(0.0) > 0.0, "fees today: {overview}");
+    let usage: Value = get("/api/analytics/usage", Some(ADMIN)).await?.json().await?;
+    let tokens: i64 = usage["series"]["tokensByModel"].as_array().context("no tokensByModel")?.iter().filter_map(|p| p["tokens"].as_i64()).sum();
+    ensure!(tokens == usage["promptTokens"].as_i64().unwrap_or(-1) + usage["completionTokens"].as_i64().unwrap_or(-1), "series add up: {usage}");
+
     let to_revoke = post(&http, url("/api/admin/keys"), ADMIN, json!({"name": "to revoke", "tier": "free"})).await?;
     let advertiser = post(&http, url("/api/admin/advertisers"), ADMIN, json!({"name": "GPU Rentals Inc."})).await?;
 
