@@ -164,7 +164,8 @@ pub async fn usage(store: &Store, from: i64, to: i64) -> Result<Value, sqlx::Err
 
 /// Chart buckets: hours for windows up to three days, days beyond.
 pub fn bucket_ms(from: i64, to: i64) -> i64 {
-    if to - from <= 3 * DAY_MS { HOUR_MS } else { DAY_MS }
+    // Saturating: the window comes from the query string and may be anything.
+    if to.saturating_sub(from) <= 3 * DAY_MS { HOUR_MS } else { DAY_MS }
 }
 
 /// Platform income per time bucket by source (fees, net change of the ad-revenue
