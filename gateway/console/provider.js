@@ -30,7 +30,7 @@ export async function providerPage(root, ctx) {
       stat('Balance', usd(balance.balance)), stat('Available', usd(balance.available)),
       stat('Score', num(me.score)), stat('Latency (TTFT)', ms(me.latencyMs)), stat('Uptime', pct(me.uptime)),
       stat('Success rate', pct(me.successRate)), stat('Active requests', num(me.activeRequests)),
-      stat('Streams', me.streams.map((s) => `${s.model}:${s.quality}`).join(', ') || 'none'));
+      stat('Streams', me.streams.map((s) => `${s.model}:${s.quality}`).join(', ') || 'none', { class: 'stat text' }));
     clear(historyBox).append(table(['Withdrawal', 'Amount', 'Fee', 'Net', 'Status', 'Requested', 'Updated'], withdrawals.data.map((w) => [
       h('span', { class: 'mono' }, w.id), usd(w.amount), usd(w.fee), usd(w.net), w.status + (w.failureReason ? ` (${w.failureReason})` : ''), time(w.createdAt), time(w.updatedAt)]), { id: 'withdrawals-table' }));
     clear(txBox).append(table(['When', 'Kind', 'Memo', 'Amount'], tx.data.map((t) => [time(t.createdAt), t.kind, t.memo, usd(t.amount)])));
