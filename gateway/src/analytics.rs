@@ -51,7 +51,7 @@ pub fn day_and_month_start(ms: i64) -> (i64, i64) {
 /// The `[from, to)` window in ms: defaults to the last 30 days.
 pub fn window(from: Option<i64>, to: Option<i64>) -> (i64, i64) {
     let to = to.unwrap_or_else(|| now_ms() + 1);
-    (from.unwrap_or(to - 30 * DAY_MS), to)
+    (from.unwrap_or(to.saturating_sub(30 * DAY_MS)), to)
 }
 
 pub async fn revenue(store: &Store, from: i64, to: i64) -> Result<Value, sqlx::Error> {

@@ -3,6 +3,7 @@
 
 pub mod ads;
 pub mod aggregate;
+pub mod api_spec;
 pub mod analytics;
 pub mod config;
 pub mod console;
@@ -151,7 +152,7 @@ pub fn app(state: AppState) -> Router {
     let admin_routes = Router::new()
         .route("/api/admin/keys", post(platform_api::admin_create_key).get(platform_api::admin_list_keys))
         .route("/api/admin/keys/{id}/revoke", post(platform_api::admin_revoke_key))
-        .route("/api/admin/keys/{id}", axum::routing::delete(platform_api::admin_revoke_key))
+        .route("/api/admin/keys/{id}", axum::routing::delete(platform_api::admin_delete_key))
         .route("/api/admin/providers", get(platform_api::admin_providers))
         .route("/api/admin/users/{id}/credit", post(platform_api::admin_credit_user))
         .route("/api/admin/users/{id}/balance", get(platform_api::admin_user_balance))
@@ -165,17 +166,18 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/quality-levels", get(platform_api::admin_quality_levels).post(platform_api::admin_add_quality_level))
         .route("/api/admin/providers/{id}/approve", post(platform_api::admin_provider_approve))
         .route("/api/admin/providers/{id}/suspend", post(platform_api::admin_provider_suspend))
-        .route("/api/admin/providers/earnings", get(console::provider_earnings))
-        .route("/api/admin/overview", get(console::overview))
         .route("/api/admin/advertisers", post(ads::api::create_advertiser).get(ads::api::list_advertisers))
         .route("/api/admin/advertisers/{id}/credit", post(ads::api::credit_advertiser))
         .route("/api/admin/campaigns", post(ads::api::create_campaign).get(ads::api::list_campaigns))
         .route("/api/admin/campaigns/{id}", get(ads::api::get_campaign).patch(ads::api::update_campaign))
         .route("/api/analytics/ads", get(ads::api::report))
+        .route("/api/admin/providers/earnings", get(console::provider_earnings))
+        .route("/api/admin/overview", get(console::overview))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
     let open_routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(api_spec::serve))
         .route("/r/{impression}", get(ads::api::click))
         .route("/api/gpu/register", post(platform_api::register))
         .route("/api/gpu/stream/start", post(platform_api::stream_start))
@@ -384,6 +386,13 @@ async fn observe(State(metrics): State<Arc<metrics::Metrics>>, request: Request,
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")),
+)]
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let stale_ms = state.config.stale_after_ms();
     let now = store::now_ms();
@@ -414,6 +423,17 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
+/// `GET /health`: 200 while the database answers, 503 otherwise.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    summary = "Liveness and database health",
+    responses(
+        (status = 200, description = "Healthy.", body = api_spec::Health),
+        (status = 503, description = "The database does not answer.", body = api_spec::Health),
+    ),
+)]
 async fn health(State(state): State<AppState>) -> Response {
     let db_ok = sqlx::query("SELECT 1").execute(&state.store.pool).await.is_ok();
     let body = serde_json::json!({

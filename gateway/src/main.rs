@@ -1,4 +1,4 @@
-//! `gateway`: serve (default), demo, keys.
+//! `gateway`: serve (default), demo, keys, ledger, openapi.
 
 use std::path::PathBuf;
 
@@ -50,6 +50,8 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Print the OpenAPI 3.1 document (checked in as `openapi/openapi.json`).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +90,11 @@ fn init_tracing(format: LogFormat) {
 #[allow(clippy::print_stdout)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The document depends on the code only, not on the configuration.
+    if matches!(cli.command, Some(Command::Openapi)) {
+        print!("{}", gateway::api_spec::json());
+        return Ok(());
+    }
     let mut config = Config::load(cli.config.as_deref())?;
     init_tracing(config.log_format);
     match cli.command.unwrap_or(Command::Serve { tls_cert: None, tls_key: None }) {
@@ -151,5 +158,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        // Printed above, before the configuration is loaded.
+        Command::Openapi => Ok(()),
     }
 }

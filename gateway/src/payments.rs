@@ -28,7 +28,7 @@ impl Default for PayoutSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PayoutMethod {
     BankTransfer { iban: String, #[serde(default)] holder: Option<String> },
@@ -47,7 +47,7 @@ impl PayoutMethod {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Withdrawal {
     pub id: String,
@@ -55,7 +55,9 @@ pub struct Withdrawal {
     pub amount: f64,
     pub fee: f64,
     pub net: f64,
+    #[schema(value_type = i64)]
     pub amount_micros: Micros,
+    #[schema(value_type = i64)]
     pub fee_micros: Micros,
     pub status: String,
     pub method: PayoutMethod,

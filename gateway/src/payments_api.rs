@@ -49,15 +49,32 @@ fn to_micros(usd: f64, param: &'static str) -> Result<i64, ApiError> {
     Ok((usd * 1e6).round() as i64)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct WithdrawRequest {
+pub(crate) struct WithdrawRequest {
     provider_id: String,
     amount: f64,
     #[serde(default)]
     method: Option<PayoutMethod>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/payment/withdraw",
+    tag = "payments",
+    summary = "Request a payout",
+    request_body = WithdrawRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key returns the first result; 1 to 255 visible characters.")),
+    security(("provider_key" = []), ("admin_key" = [])),
+    responses(
+        (status = 201, description = "The withdrawal (or, for a repeated Idempotency-Key, the first one).", body = crate::payments::Withdrawal),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn withdraw(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, ApiError> {
     let request: WithdrawRequest = extract::parse(&headers, &body)?;
     require_provider(&state, &headers, &request.provider_id).await?;
@@ -76,13 +93,28 @@ pub async fn withdraw(State(state): State<AppState>, headers: HeaderMap, body: B
     Ok((StatusCode::CREATED, Json(w)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct MethodRequest {
+pub(crate) struct MethodRequest {
     provider_id: String,
     method: PayoutMethod,
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/payment/method",
+    tag = "payments",
+    summary = "Set the payout method",
+    request_body = MethodRequest,
+    security(("provider_key" = []), ("admin_key" = [])),
+    responses(
+        (status = 200, description = "Saved.", body = crate::api_spec::MethodSet),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn set_method(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
     let request: MethodRequest = extract::parse(&headers, &body)?;
     require_provider(&state, &headers, &request.provider_id).await?;
@@ -90,6 +122,18 @@ pub async fn set_method(State(state): State<AppState>, headers: HeaderMap, body:
     Ok(Json(json!({ "providerId": request.provider_id, "method": request.method })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/payment/withdrawals/{provider_id}",
+    tag = "payments",
+    summary = "A provider's withdrawals",
+    params(("provider_id" = String, Path, description = "The provider id.")),
+    security(("provider_key" = []), ("admin_key" = [])),
+    responses(
+        (status = 200, description = "Withdrawals, newest first.", body = crate::api_spec::WithdrawalList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn provider_withdrawals(
     State(state): State<AppState>,
     Path(provider_id): Path<String>,
@@ -100,12 +144,28 @@ pub async fn provider_withdrawals(
     Ok(Json(json!({ "object": "list", "data": list })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
+    /// `nextCursor` of the previous page.
     before: Option<String>,
+    /// Lines per page, 1 to 500 (default 50).
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/payment/transactions/{provider_id}",
+    tag = "payments",
+    summary = "A provider's ledger history",
+    params(("provider_id" = String, Path, description = "The provider id."), Page),
+    security(("provider_key" = []), ("admin_key" = [])),
+    responses(
+        (status = 200, description = "Ledger lines, newest first.", body = crate::api_spec::History),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn provider_transactions(
     State(state): State<AppState>,
     Path(provider_id): Path<String>,
@@ -117,6 +177,20 @@ pub async fn provider_transactions(
     Ok(Json(analytics::history(&state.store, &account, page.before.as_deref(), page.limit.unwrap_or(50)).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/{id}/transactions",
+    tag = "admin",
+    summary = "A user's ledger history",
+    params(("id" = String, Path, description = "The user id."), Page),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Ledger lines, newest first.", body = crate::api_spec::History),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn user_transactions(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -126,22 +200,57 @@ pub async fn user_transactions(
     Ok(Json(analytics::history(&state.store, &account, page.before.as_deref(), page.limit.unwrap_or(50)).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatusFilter {
+    /// `requested`, `processing`, `paid` or `failed`.
     status: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/payouts",
+    tag = "admin",
+    summary = "List withdrawals",
+    params(StatusFilter),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Withdrawals, newest first.", body = crate::api_spec::WithdrawalList),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_payouts(State(state): State<AppState>, Query(f): Query<StatusFilter>) -> Result<Json<Value>, ApiError> {
     let list = payments(&state).list(None, f.status.as_deref()).await?;
     Ok(Json(json!({ "object": "list", "data": list })))
 }
 
-#[derive(Deserialize, Default)]
-struct TransitionBody {
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+pub(crate) struct TransitionBody {
     #[serde(default)]
     reason: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/payouts/{id}/{action}",
+    tag = "admin",
+    summary = "Move a withdrawal on",
+    request_body = Option<TransitionBody>,
+    params(("id" = String, Path, description = "The withdrawal id."), ("action" = String, Path, description = "`processing`, `paid` or `failed`.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The withdrawal in its new state.", body = crate::payments::Withdrawal),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_payout_transition(
     State(state): State<AppState>,
     Path((id, to)): Path<(String, String)>,
@@ -156,6 +265,18 @@ pub async fn admin_payout_transition(
     Ok(Json(serde_json::to_value(w).unwrap_or_default()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/payouts/auto",
+    tag = "admin",
+    summary = "Request payouts for every provider over the threshold",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The withdrawals made.", body = crate::api_spec::WithdrawalList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_auto_payouts(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let p = payments(&state);
     let made = p.auto_payouts().await?;
@@ -173,19 +294,47 @@ fn settings_json(s: PayoutSettings) -> Value {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/settings",
+    tag = "admin",
+    summary = "Payout settings",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The settings.", body = crate::api_spec::PayoutSettingsView),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_settings(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(settings_json(payments(&state).settings().await?)))
 }
 
 /// The seed's `updateSettings`: amounts in USD, `processingFee` in percent.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SettingsPatch {
+pub(crate) struct SettingsPatch {
     minimum_withdrawal: Option<f64>,
     auto_payout_threshold: Option<f64>,
     processing_fee: Option<f64>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/admin/settings",
+    tag = "admin",
+    summary = "Change payout settings",
+    request_body = SettingsPatch,
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The settings now.", body = crate::api_spec::PayoutSettingsView),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_update_settings(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
     let patch: SettingsPatch = extract::parse(&headers, &body)?;
     let p = payments(&state);
@@ -205,9 +354,9 @@ pub async fn admin_update_settings(State(state): State<AppState>, headers: Heade
     Ok(Json(settings_json(p.update_settings(s).await?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct TopUp {
+pub(crate) struct TopUp {
     event_id: String,
     user_id: String,
     amount: f64,
@@ -215,6 +364,23 @@ struct TopUp {
 
 /// `POST /api/payment/topup`: a payment processor's webhook, signed with HMAC-SHA256
 /// over the raw body (`x-signature: sha256=<hex>`); each event applies once.
+#[utoipa::path(
+    post,
+    path = "/api/payment/topup",
+    tag = "payments",
+    summary = "Top-up webhook from the payment processor",
+    request_body = TopUp,
+    security(("signature" = [])),
+    responses(
+        (status = 200, description = "Applied (or already applied earlier).", body = crate::api_spec::TopUpResult),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "Top-ups are disabled (no webhook secret is configured).", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        (status = 429, description = "Too many requests from this IP address (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn top_up(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
     let Some(secret) = &state.config.topup_webhook_secret else {
         return Err(ApiError::PermissionDenied("top-ups are disabled: set GATEWAY_TOPUP_WEBHOOK_SECRET".into()));
@@ -233,25 +399,75 @@ pub async fn top_up(State(state): State<AppState>, headers: HeaderMap, body: Byt
     Ok(Json(json!({ "eventId": t.event_id, "applied": applied, "balance": balance.posted as f64 / 1e6 })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Range {
+    /// Unix milliseconds, inclusive (default: 30 days before `to`).
+    #[param(minimum = 0, maximum = 253_402_300_799_999_i64)]
     from: Option<i64>,
+    /// Unix milliseconds, exclusive (default: now).
+    #[param(minimum = 0, maximum = 253_402_300_799_999_i64)]
     to: Option<i64>,
 }
 
-pub async fn revenue(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
+/// 9999-12-31T23:59:59.999Z in Unix milliseconds. Bounds outside `0..=MAX_MS` are
+/// mistakes, and refusing them keeps the window arithmetic from overflowing.
+const MAX_MS: i64 = 253_402_300_799_999;
+
+fn window(r: &Range) -> Result<(i64, i64), ApiError> {
+    for (v, param) in [(r.from, "from"), (r.to, "to")] {
+        if v.is_some_and(|v| !(0..=MAX_MS).contains(&v)) {
+            return Err(ApiError::param(format!("`{param}` must be Unix milliseconds between 0 and {MAX_MS}"), param));
+        }
+    }
     let (from, to) = analytics::window(r.from, r.to);
+    if from > to {
+        return Err(ApiError::param("`from` must not be after `to`", "from"));
+    }
+    Ok((from, to))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/analytics/revenue",
+    tag = "analytics",
+    summary = "Revenue report",
+    params(Range),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Platform income by day, month, model and provider.", body = crate::api_spec::Revenue),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
+pub async fn revenue(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
+    let (from, to) = window(&r)?;
     Ok(Json(analytics::revenue(&state.store, from, to).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/analytics/usage",
+    tag = "analytics",
+    summary = "Usage report",
+    params(Range),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Requests and tokens by model and quality, peak hours.", body = crate::api_spec::UsageReport),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn usage(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
-    let (from, to) = analytics::window(r.from, r.to);
+    let (from, to) = window(&r)?;
     Ok(Json(analytics::usage(&state.store, from, to).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct PayoutOutcome {
+pub(crate) struct PayoutOutcome {
     withdrawal_id: String,
     status: String,
     #[serde(default)]
@@ -260,6 +476,25 @@ struct PayoutOutcome {
 
 /// `POST /api/payment/payout-webhook`: the payout service reports `paid` or `failed`.
 /// Signed like the outgoing webhook; a repeated report of the same outcome is a no-op.
+#[utoipa::path(
+    post,
+    path = "/api/payment/payout-webhook",
+    tag = "payments",
+    summary = "Payout service reports an outcome",
+    request_body = PayoutOutcome,
+    security(("signature" = [])),
+    responses(
+        (status = 200, description = "The withdrawal in its new state.", body = crate::payments::Withdrawal),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "No payout service is configured.", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        (status = 429, description = "Too many requests from this IP address (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn payout_webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
     let Some(secret) = &state.config.payout_webhook_secret else {
         return Err(ApiError::PermissionDenied("no payout service is configured".into()));
@@ -279,6 +514,18 @@ pub async fn payout_webhook(State(state): State<AppState>, headers: HeaderMap, b
 }
 
 /// `GET /api/llm/balance`: the caller's own prepaid balance.
+#[utoipa::path(
+    get,
+    path = "/api/llm/balance",
+    tag = "llm",
+    summary = "The caller's prepaid balance",
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "USD.", body = crate::api_spec::OwnBalance),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn own_balance(
     State(state): State<AppState>,
     axum::Extension(key): axum::Extension<std::sync::Arc<crate::keys::AuthedKey>>,
@@ -288,6 +535,20 @@ pub async fn own_balance(
 }
 
 /// `GET /api/llm/transactions`: the caller's own ledger history, paginated.
+#[utoipa::path(
+    get,
+    path = "/api/llm/transactions",
+    tag = "llm",
+    summary = "The caller's ledger history",
+    params(Page),
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "Ledger lines, newest first.", body = crate::api_spec::History),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn own_transactions(
     State(state): State<AppState>,
     axum::Extension(key): axum::Extension<std::sync::Arc<crate::keys::AuthedKey>>,

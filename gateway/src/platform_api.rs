@@ -35,6 +35,21 @@ impl From<KeyError> for ApiError {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/gpu/register",
+    tag = "providers",
+    summary = "Register a provider",
+    request_body = openapi::platform::RegisterProviderRequest,
+    security((), ("admin_key" = [])),
+    responses(
+        (status = 201, description = "Registered; the provider key is shown once. `active` at once with open registration (or the admin key), else `pending` until an admin approves.", body = openapi::platform::RegisterProviderResponse),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        (status = 429, description = "Too many requests from this IP address (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn register(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -68,6 +83,22 @@ async fn provider_body<T: serde::de::DeserializeOwned>(
     Ok(request)
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/gpu/stream/start",
+    tag = "providers",
+    summary = "Put a (model, quality) stream on line",
+    request_body = openapi::platform::StreamControl,
+    security(("provider_key" = [])),
+    responses(
+        (status = 200, description = "The stream is on line.", body = crate::api_spec::StreamStarted),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn stream_start(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -79,6 +110,22 @@ pub async fn stream_start(
     Ok(Json(serde_json::json!({ "providerId": c.provider_id, "model": c.model, "quality": c.quality, "streaming": true, "status": status })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/gpu/stream/stop",
+    tag = "providers",
+    summary = "Take a (model, quality) stream off line",
+    request_body = openapi::platform::StreamControl,
+    security(("provider_key" = [])),
+    responses(
+        (status = 200, description = "The stream is off line.", body = crate::api_spec::StreamStopped),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn stream_stop(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -89,6 +136,22 @@ pub async fn stream_stop(
     Ok(Json(serde_json::json!({ "providerId": c.provider_id, "model": c.model, "quality": c.quality, "streaming": false })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/gpu/heartbeat",
+    tag = "providers",
+    summary = "Report liveness and load",
+    request_body = openapi::platform::Heartbeat,
+    security(("provider_key" = [])),
+    responses(
+        (status = 200, description = "Recorded.", body = crate::api_spec::HeartbeatAck),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -99,6 +162,18 @@ pub async fn heartbeat(
     Ok(Json(serde_json::json!({ "providerId": h.provider_id, "ok": true })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/providers",
+    tag = "admin",
+    summary = "List providers with health and score",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Every registered provider, oldest first.", body = crate::api_spec::ProviderList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_providers(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let stale_ms = state.config.stale_after_ms();
     let now = now_ms();
@@ -123,6 +198,20 @@ pub async fn admin_providers(State(state): State<AppState>) -> Result<Json<serde
     Ok(Json(serde_json::json!({ "object": "list", "data": providers })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/providers/{id}/approve",
+    tag = "admin",
+    summary = "Approve (activate) a provider",
+    params(("id" = String, Path, description = "The provider id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Active.", body = crate::api_spec::ProviderStatusChange),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_provider_approve(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -131,6 +220,20 @@ pub async fn admin_provider_approve(
     Ok(Json(serde_json::json!({ "id": id, "status": "active" })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/providers/{id}/suspend",
+    tag = "admin",
+    summary = "Suspend a provider",
+    params(("id" = String, Path, description = "The provider id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Suspended.", body = crate::api_spec::ProviderStatusChange),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_provider_suspend(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -139,6 +242,22 @@ pub async fn admin_provider_suspend(
     Ok(Json(serde_json::json!({ "id": id, "status": "suspended" })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/keys",
+    tag = "admin",
+    summary = "Create a user API key",
+    request_body = openapi::platform::CreateKeyRequest,
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "The key; its secret is shown once.", body = openapi::platform::CreatedKey),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_create_key(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -173,11 +292,37 @@ fn limit_micros(usd: Option<f64>, param: &str) -> Result<Option<i64>, ApiError> 
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/keys",
+    tag = "admin",
+    summary = "List API keys",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Every key (no secrets), oldest first.", body = crate::api_spec::KeyList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_list_keys(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let keys = state.keys.list().await?;
     Ok(Json(serde_json::json!({ "object": "list", "data": keys })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/keys/{id}/revoke",
+    tag = "admin",
+    summary = "Revoke an API key",
+    params(("id" = String, Path, description = "The key id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Revoked (again, if it already was).", body = crate::api_spec::KeyRevoked),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_revoke_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -186,9 +331,30 @@ pub async fn admin_revoke_key(
     Ok(Json(serde_json::json!({ "id": id, "revoked": true })))
 }
 
-#[derive(serde::Deserialize)]
+/// `amount` (USD) or `amountMicros`, positive.
+/// `DELETE /api/admin/keys/{id}`: the same as `POST …/revoke` (each route has its own
+/// operation in the OpenAPI document).
+#[utoipa::path(
+    delete,
+    path = "/api/admin/keys/{id}",
+    tag = "admin",
+    summary = "Revoke an API key",
+    params(("id" = String, Path, description = "The key id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Revoked (again, if it already was).", body = crate::api_spec::KeyRevoked),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+    ),
+)]
+pub async fn admin_delete_key(state: State<AppState>, id: Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    admin_revoke_key(state, id).await
+}
+
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct CreditRequest {
+pub(crate) struct CreditRequest {
     /// USD, as the seed's API speaks; stored as micro-USD.
     #[serde(default)]
     amount: Option<f64>,
@@ -224,6 +390,24 @@ fn balance_json(account: &str, b: crate::ledger::Balance) -> serde_json::Value {
 }
 
 /// `POST /api/admin/users/{id}/credit`: grants prepaid credit to a user.
+#[utoipa::path(
+    post,
+    path = "/api/admin/users/{id}/credit",
+    tag = "admin",
+    summary = "Grant prepaid credit to a user",
+    request_body = CreditRequest,
+    params(("id" = String, Path, description = "The user id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The user's balance after the credit.", body = crate::api_spec::AccountBalance),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_credit_user(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -248,6 +432,19 @@ pub async fn admin_credit_user(
     Ok(Json(balance_json(&account, balance)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/{id}/balance",
+    tag = "admin",
+    summary = "A user's balance",
+    params(("id" = String, Path, description = "The user id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The balance (zero for an unknown user).", body = crate::api_spec::AccountBalance),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_user_balance(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -257,6 +454,18 @@ pub async fn admin_user_balance(
 }
 
 /// `GET /api/payment/balance/{providerId}` with the provider's key (or the admin key).
+#[utoipa::path(
+    get,
+    path = "/api/payment/balance/{provider_id}",
+    tag = "payments",
+    summary = "A provider's balance",
+    params(("provider_id" = String, Path, description = "The provider id.")),
+    security(("provider_key" = []), ("admin_key" = [])),
+    responses(
+        (status = 200, description = "The provider's earnings balance.", body = crate::api_spec::ProviderBalance),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn provider_balance(
     State(state): State<AppState>,
     Path(provider_id): Path<String>,
@@ -282,15 +491,27 @@ fn level_json(l: &crate::quality::QualityLevel) -> serde_json::Value {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/quality-levels",
+    tag = "admin",
+    summary = "List quality levels",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Built-in and custom levels.", body = crate::api_spec::QualityLevelList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_quality_levels(State(state): State<AppState>) -> Json<serde_json::Value> {
     let levels: Vec<serde_json::Value> = state.qualities.all().iter().map(level_json).collect();
     Json(serde_json::json!({ "object": "list", "data": levels }))
 }
 
 /// The seed's `addCustomQualityLevel`: `{name, multiplier, latencyMultiplier, costMultiplier, maxTokens}`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct NewLevel {
+pub(crate) struct NewLevel {
     name: String,
     multiplier: f64,
     latency_multiplier: f64,
@@ -298,6 +519,23 @@ struct NewLevel {
     max_tokens: u32,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/quality-levels",
+    tag = "admin",
+    summary = "Add a custom quality level",
+    request_body = NewLevel,
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "The new level.", body = crate::api_spec::QualityLevelInfo),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn admin_add_quality_level(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -60,7 +60,8 @@ pub fn custom(name: &str, multiplier: f64, latency_multiplier: f64, cost_multipl
         cost_multiplier_bp: (cost_multiplier * 10_000.0).round() as u32,
         latency_multiplier,
         max_tokens,
-        priority: ((multiplier * 2.0).round() as i32 - 1).clamp(0, 10),
+        // Saturating: `add` rejects out-of-range multipliers, but only after this runs.
+        priority: ((multiplier * 2.0).round() as i32).saturating_sub(1).clamp(0, 10),
         min_score: if multiplier >= 2.0 { 0.7 } else if multiplier >= 1.5 { 0.5 } else { 0.0 },
         multiplier,
         custom: true,

@@ -13,7 +13,7 @@ use crate::ledger::{self, Billing, Hold, Micros, Payer, Settlement};
 use crate::store::{new_id, now_ms};
 use crate::AppState;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Reservation {
     pub id: String,

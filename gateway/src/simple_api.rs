@@ -50,6 +50,26 @@ fn to_chat(request: &InferenceRequest) -> Result<(CreateChatCompletionRequest, R
     Ok((chat, ext))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/llm/inference",
+    tag = "llm",
+    summary = "Run one prompt (the seed's simple API)",
+    request_body = openapi::platform::InferenceRequest,
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "The whole answer.", body = openapi::platform::InferenceResponse),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).", body = openapi::error::ErrorBody),
+        (status = 502, description = "The provider failed before the first token on every attempt.", body = openapi::error::ErrorBody),
+        (status = 503, description = "No provider is available for the model right now (`retry-after`).", body = openapi::error::ErrorBody),
+        (status = 504, description = "The provider did not answer in time.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn inference(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
@@ -78,6 +98,18 @@ pub async fn inference(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/llm/models",
+    tag = "llm",
+    summary = "Models on line, with provider counts and quality streams",
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "Models on line.", body = crate::api_spec::LlmModels),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     let snapshot = state.registry.snapshot();
     let stale_ms = state.config.stale_after_ms();
@@ -99,6 +131,18 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "models": models }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/llm/status",
+    tag = "llm",
+    summary = "Marketplace status",
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "Providers, streams, queue and models.", body = crate::api_spec::LlmStatus),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
     let snapshot = state.registry.snapshot();
     let stale_ms = state.config.stale_after_ms();
@@ -113,6 +157,19 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/llm/ws",
+    tag = "llm",
+    summary = "WebSocket for event-style clients",
+    security(("user_key" = [])),
+    responses(
+        (status = 101, description = "Switched to WebSocket. The server sends `{\"event\":\"connected\",\"data\":{\"models\":[…]}}`; each client message is an inference request (or `{\"event\":\"inference\",\"data\":{…}}`), answered by `stream:token` events and one `stream:end` (or `error`)."),
+        (status = 400, description = "Not a WebSocket upgrade request.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn websocket(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
@@ -201,17 +258,39 @@ async fn stream_one(
     }
 }
 
-#[derive(serde::Deserialize)]
+/// `model` (the cheapest free provider serving it) or `providerId`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ReservationRequest {
+pub(crate) struct ReservationRequest {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
     provider_id: Option<String>,
+    /// More than 0, at most 744 (31 days).
     hours: f64,
 }
 
 /// `POST /api/llm/reservations`: lease a provider for `hours`, billed per second.
+#[utoipa::path(
+    post,
+    path = "/api/llm/reservations",
+    tag = "llm",
+    summary = "Reserve a provider for some hours (premium keys)",
+    request_body = ReservationRequest,
+    security(("user_key" = [])),
+    responses(
+        (status = 201, description = "The reservation; its whole price is held.", body = crate::reservations::Reservation),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "Not allowed.", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).", body = openapi::error::ErrorBody),
+        (status = 503, description = "No provider is available for the model right now (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn create_reservation(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
@@ -223,6 +302,18 @@ pub async fn create_reservation(
     Ok((axum::http::StatusCode::CREATED, Json(r)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/llm/reservations",
+    tag = "llm",
+    summary = "The caller's reservations",
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "Reservations, newest first.", body = crate::api_spec::ReservationList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn list_reservations(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
@@ -231,6 +322,21 @@ pub async fn list_reservations(
 }
 
 /// `DELETE /api/llm/reservations/{id}`: release early; the unused time is refunded.
+#[utoipa::path(
+    delete,
+    path = "/api/llm/reservations/{id}",
+    tag = "llm",
+    summary = "Release a reservation early",
+    params(("id" = String, Path, description = "The reservation id.")),
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "The finished reservation; the unused time is refunded.", body = crate::reservations::Reservation),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn release_reservation(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,

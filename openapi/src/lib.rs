@@ -7,6 +7,7 @@
 pub mod ads;
 pub mod error;
 pub mod openai;
+pub mod openai_schema;
 pub mod platform;
 pub mod stream;
 pub use async_openai;

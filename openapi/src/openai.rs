@@ -1,6 +1,7 @@
 //! OpenAI request types (re-exported from async-openai) and our extensions to them.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub use async_openai::types::chat::{
     ChatCompletionRequestMessage, CreateChatCompletionRequest, StopConfiguration,
@@ -10,7 +11,7 @@ pub use async_openai::types::models::{ListModelResponse, Model};
 
 /// Fields we accept on top of OpenAI's request body. They are read from the same JSON
 /// object as the OpenAI request and never forwarded to providers.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct RequestExtensions {
     /// Quality tier: `low`, `standard`, `high`, `ultra` or a custom level.
     #[serde(default)]
@@ -29,7 +30,7 @@ pub struct RequestExtensions {
 }
 
 /// A user's ad preferences for one request (free tier).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct AdPreferences {
     #[serde(default)]
     pub categories: Vec<String>,

@@ -2,11 +2,12 @@
 //! Field names follow the seed's camelCase.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::openai::AdPreferences;
 use crate::stream::Usage;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterProviderRequest {
     #[serde(default)]
@@ -19,7 +20,7 @@ pub struct RegisterProviderRequest {
     pub base_url: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Capabilities {
     pub models: Vec<String>,
@@ -38,7 +39,7 @@ fn default_qualities() -> Vec<String> {
 }
 
 /// Prices in USD as the seed sends them; the gateway stores integer micro-USD.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Pricing {
     pub per_token: f64,
@@ -48,7 +49,7 @@ pub struct Pricing {
     pub minimum_payout: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterProviderResponse {
     pub provider_id: String,
@@ -57,7 +58,7 @@ pub struct RegisterProviderResponse {
     pub status: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamControl {
     pub provider_id: String,
@@ -70,7 +71,7 @@ fn default_quality() -> String {
     "standard".to_owned()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Heartbeat {
     pub provider_id: String,
@@ -82,7 +83,7 @@ pub struct Heartbeat {
     pub free_memory_mb: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateKeyRequest {
     pub name: String,
@@ -107,7 +108,7 @@ fn default_tier() -> String {
     "free".to_owned()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedKey {
     pub id: String,
@@ -119,7 +120,7 @@ pub struct CreatedKey {
     pub prefix: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyInfo {
     pub id: String,
@@ -131,7 +132,7 @@ pub struct KeyInfo {
     pub revoked_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderInfo {
     pub id: String,
@@ -155,7 +156,7 @@ pub struct ProviderInfo {
     pub health: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamControlInfo {
     pub model: String,
@@ -163,7 +164,8 @@ pub struct StreamControlInfo {
 }
 
 /// The seed's `POST /api/llm/inference` body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[schema(example = json!({"prompt": "What is the capital of France?", "model": "llama-3.1-8b-instruct", "options": {"quality": "standard", "maxTokens": 16}}))]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceRequest {
     pub prompt: String,
@@ -172,7 +174,7 @@ pub struct InferenceRequest {
     pub options: InferenceOptions,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceOptions {
     #[serde(default)]
@@ -185,7 +187,7 @@ pub struct InferenceOptions {
     pub ad_preferences: Option<AdPreferences>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceResponse {
     pub result: String,

@@ -6,10 +6,11 @@
 //! bytes untouched and only reads what it needs (content, finish reasons, usage).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use serde_json::Value;
 
 /// Token usage, as OpenAI reports it.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Usage {
     #[serde(default)]
     pub prompt_tokens: u32,
@@ -22,8 +23,10 @@ pub struct Usage {
     pub cost: Option<f64>,
 }
 
-/// One `data:` event of a chat or completions stream.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// One `data:` event of a chat (`chat.completion.chunk`) or completions stream, as the
+/// provider sent it: the gateway forwards the bytes, so every field is optional here.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[schema(as = ChatCompletionChunk)]
 pub struct StreamChunk {
     #[serde(default)]
     pub id: Option<String>,
@@ -42,7 +45,7 @@ pub struct StreamChunk {
     pub error: Option<Value>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct ChunkChoice {
     #[serde(default)]
     pub index: u32,
@@ -58,7 +61,7 @@ pub struct ChunkChoice {
     pub logprobs: Option<Value>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct Delta {
     #[serde(default)]
     pub role: Option<String>,
@@ -70,7 +73,7 @@ pub struct Delta {
     pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct ToolCallDelta {
     #[serde(default)]
     pub index: u32,
@@ -82,7 +85,7 @@ pub struct ToolCallDelta {
     pub function: Option<FunctionDelta>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct FunctionDelta {
     #[serde(default)]
     pub name: Option<String>,
@@ -91,7 +94,7 @@ pub struct FunctionDelta {
 }
 
 /// `object: "chat.completion"`, built from a stream for clients that did not ask for one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ChatCompletion {
     pub id: String,
     pub object: String,
@@ -103,7 +106,7 @@ pub struct ChatCompletion {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessage,
@@ -111,7 +114,7 @@ pub struct ChatChoice {
     pub logprobs: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ChatMessage {
     pub role: String,
     pub content: Option<String>,
@@ -121,7 +124,7 @@ pub struct ChatMessage {
     pub tool_calls: Option<Vec<ToolCall>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ToolCall {
     pub id: String,
     #[serde(rename = "type")]
@@ -129,14 +132,14 @@ pub struct ToolCall {
     pub function: FunctionCall,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FunctionCall {
     pub name: String,
     pub arguments: String,
 }
 
 /// `object: "text_completion"` for the legacy completions API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TextCompletion {
     pub id: String,
     pub object: String,
@@ -146,7 +149,7 @@ pub struct TextCompletion {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TextChoice {
     pub index: u32,
     pub text: String,

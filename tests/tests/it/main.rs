@@ -5,5 +5,7 @@ mod cli;
 mod console;
 mod inproc;
 mod ledger_props;
+mod observability;
+mod openapi_doc;
 mod real_worker;
 mod sdk;
