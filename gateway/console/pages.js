@@ -381,7 +381,7 @@ async function payouts(root) {
   const settingsBox = h('div', {});
   const listBox = h('div', {});
   const filter = h('select', { id: 'payout-filter' },
-    [['', 'All'], ['requested', 'Requested'], ['processing', 'Processing'], ['paid', 'Paid'], ['failed', 'Failed']].map(([v, t]) => h('option', { value: v, selected: v === 'requested' }, t)));
+    [['', 'All'], ['requested', 'Requested'], ['processing', 'Processing'], ['paid', 'Paid'], ['failed', 'Failed']].map(([v, t]) => h('option', { value: v }, t)));
   on(filter, 'change', () => loadList().catch((e) => clear(listBox).append(notice('error', e.message))));
   root.append(h('h1', {}, 'Payouts'),
     section('Withdrawals', h('div', { class: 'toolbar' }, field('Show', filter),

@@ -192,11 +192,15 @@ try {
   assert.deepEqual(created.categories, ['technology']);
   await shot(page, 'ads');
 
-  step('payouts and quality levels render');
+  step('payouts: lower the minimum withdrawal through the settings form');
   await page.click('#nav a[href="#/payouts"]');
   await page.locator('#settings-form').waitFor();
   await page.locator('#payouts-table').waitFor();
-  await shot(page, 'payouts');
+  await page.fill('#settings-form input[name=minimumWithdrawal]', '0.01');
+  await page.click('#settings-form button[type=submit]');
+  assert.match(await page.locator('#settings-form .notice.ok').textContent(), /minimum \$0\.01/);
+
+  step('quality levels render');
   await page.click('#nav a[href="#/quality"]');
   await page.locator('#quality-table').waitFor();
   assert.match(await page.locator('#quality-table').textContent(), /ultra/);
@@ -228,17 +232,39 @@ try {
     assert.match(await p.page.locator('#my-earnings .stat-value').textContent(), /\$0\.0\d*[1-9]/);
     assert.equal(await p.page.locator('#nav a').count(), 1, 'no admin pages for a provider');
     await p.page.locator('#withdrawals-table').waitFor();
-    // Its earnings are below the minimum withdrawal: the API's refusal is shown.
-    await p.page.fill('#withdraw-amount', '1000');
     await p.page.locator('#withdraw-method').selectOption('paypal');
     await p.page.fill('#withdraw-detail', 'gpu@example.com');
-    await p.page.click('#withdraw-form button[type=submit]');
-    await p.page.locator('#withdraw-form .notice.error').waitFor();
+    if (viewport === DESKTOP) {
+      await p.page.fill('#withdraw-amount', '0.01');
+      await p.page.click('#withdraw-form button[type=submit]');
+      await p.page.locator('#withdraw-form .notice.ok').waitFor();
+      await p.page.locator('#withdrawals-table td', { hasText: 'requested' }).waitFor();
+    } else {
+      // More than it has: the API's refusal is shown.
+      await p.page.fill('#withdraw-amount', '1000');
+      await p.page.click('#withdraw-form button[type=submit]');
+      await p.page.locator('#withdraw-form .notice.error').waitFor();
+    }
     const adminCall = await p.page.evaluate(async (key) => (await fetch('/api/admin/overview', { headers: { authorization: `Bearer ${key}` } })).status, PROVIDER_KEY);
     assert.equal(adminCall, 401, 'a provider key cannot call the admin API');
     await shot(p.page, 'provider');
     await noHorizontalOverflow(p.page, `provider view at ${viewport.width}`);
     await p.context.close();
+  }
+
+  step('payouts: the admin approves the withdrawal and marks it paid');
+  {
+    const a = await newPage(DESKTOP);
+    await signIn(a.page, ADMIN);
+    await a.page.locator('#stat-providers').waitFor();
+    await a.page.goto(`${BASE}/admin#/payouts`);
+    const w = a.page.locator('#payouts-table tbody tr', { hasText: PROVIDER_ID });
+    await w.getByRole('button', { name: 'Approve' }).click();
+    await a.page.locator('#payouts-table tbody tr .pill.processing').waitFor();
+    await a.page.locator('#payouts-table tbody tr', { hasText: PROVIDER_ID }).getByRole('button', { name: 'Mark paid' }).click();
+    await a.page.locator('#payouts-table tbody tr .pill.paid').waitFor();
+    await shot(a.page, 'payouts');
+    await a.context.close();
   }
 
   assert.deepEqual(problems, [], 'no CSP violations, page errors or dialogs');

@@ -60,7 +60,7 @@ async fn console_in_chromium() -> anyhow::Result<()> {
         .json(&json!({
             "name": PROVIDER_NAME,
             "capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 16},
-            "pricing": {"perToken": 0.00005},
+            "pricing": {"perToken": 0.0005},
             "baseUrl": mock.url(),
         }))
         .send()
