@@ -14,6 +14,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use utoipa::ToSchema;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
@@ -92,7 +93,7 @@ fn usd(micros: i64) -> f64 {
 }
 
 /// `GET /api/admin/overview`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Overview {
     /// Unix milliseconds when this was computed.
@@ -115,7 +116,7 @@ pub struct Overview {
     pub http: HttpCounts,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderCounts {
     /// Active, with a fresh heartbeat and a stream on line.
@@ -126,7 +127,7 @@ pub struct ProviderCounts {
 }
 
 /// Since 00:00 UTC; money in USD.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Today {
     pub requests: i64,
@@ -141,7 +142,7 @@ pub struct Today {
     pub revenue: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpCounts {
     pub requests: u64,
@@ -152,6 +153,18 @@ pub struct HttpCounts {
 /// `GET /api/admin/overview`: what the console's first page shows, polled every few
 /// seconds. Rates come from the usage records (every replica's requests), so they agree
 /// across replicas; stream and queue gauges are this replica's.
+#[utoipa::path(
+    get,
+    path = "/api/admin/overview",
+    tag = "admin",
+    summary = "Live overview for the console",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Providers on line, streams, queue, request and error rates, today's revenue.", body = Overview),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, ApiError> {
     let now = now_ms();
     let stale_ms = state.config.stale_after_ms();
@@ -237,7 +250,7 @@ async fn earnings(state: &AppState, provider_id: Option<&str>) -> Result<HashMap
 }
 
 /// `GET /api/admin/providers/earnings`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EarningsList {
     /// Always `list`.
     pub object: &'static str,
@@ -245,7 +258,7 @@ pub struct EarningsList {
 }
 
 /// One provider's money, USD (and the lifetime earnings in micro-USD).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderEarnings {
     pub provider_id: String,
@@ -260,6 +273,18 @@ pub struct ProviderEarnings {
 
 /// `GET /api/admin/providers/earnings`: lifetime earnings and balance per provider, which
 /// the console joins with `GET /api/admin/providers`.
+#[utoipa::path(
+    get,
+    path = "/api/admin/providers/earnings",
+    tag = "admin",
+    summary = "Earnings and balance per provider",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Every registered provider's lifetime earnings and balance, by id.", body = EarningsList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn provider_earnings(State(state): State<AppState>) -> Result<Json<EarningsList>, ApiError> {
     let earned = earnings(&state, None).await?;
     let mut balances: HashMap<String, (i64, i64)> = HashMap::new();
@@ -283,7 +308,7 @@ pub async fn provider_earnings(State(state): State<AppState>) -> Result<Json<Ear
 }
 
 /// `GET /api/gpu/me`: the provider the key belongs to. Money in USD.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderMe {
     pub id: String,
@@ -310,7 +335,7 @@ pub struct ProviderMe {
     pub balance: MeBalance,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct MeBalance {
     pub posted: f64,
     pub held: f64,
@@ -319,6 +344,17 @@ pub struct MeBalance {
 
 /// `GET /api/gpu/me` with a provider key: the provider's own id, status, score, latency,
 /// uptime, streams and earnings — how the console's provider view finds out who it is.
+#[utoipa::path(
+    get,
+    path = "/api/gpu/me",
+    tag = "providers",
+    summary = "The provider a key belongs to",
+    security(("provider_key" = [])),
+    responses(
+        (status = 200, description = "The provider's id, status, health, streams and earnings.", body = ProviderMe),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn provider_me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<ProviderMe>, ApiError> {
     let key = bearer(&headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?;
     let id: Option<String> = sqlx::query_scalar("SELECT id FROM providers WHERE key_hash = $1")
