@@ -27,7 +27,7 @@ export function bucketLabel(t, bucketMs, short = false) {
   const date = `${d.getUTCFullYear()}-${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())}`;
   if (bucketMs >= 86_400_000) return short ? date.slice(5) : date;
   const hour = `${pad(d.getUTCHours())}:00`;
-  if (short) return d.getUTCHours() === 0 ? `${date.slice(5)} ${hour}` : hour;
+  if (short) return `${date.slice(5)} ${hour}`;
   return `${date} ${hour}–${pad((d.getUTCHours() + 1) % 24)}:00 UTC`;
 }
 
@@ -95,13 +95,21 @@ export function barChart({ title, unit, buckets, bucketMs = HOUR, series, format
     svg.append(s('text', { class: 'axis-title', transform: `translate(14 ${M.top + ph / 2}) rotate(-90)`, 'text-anchor': 'middle' }, unit));
 
     // X labels: as many as fit without overlapping.
-    const every = Math.max(1, Math.ceil(72 / bw));
+    const every = Math.max(1, Math.ceil(80 / bw));
+    let shownDay = null;
     const xaxis = s('g', { class: 'xaxis' });
     xaxis.append(s('line', { x1: M.left, x2: M.left + pw, y1: M.top + ph, y2: M.top + ph, class: 'axis' }));
     for (let b = 0; b < n; b += every) {
       const x = M.left + bw * (b + 0.5);
       xaxis.append(s('line', { x1: x, x2: x, y1: M.top + ph, y2: M.top + ph + 4, class: 'axis' }));
-      xaxis.append(s('text', { x, y: M.top + ph + 16, class: 'tick x', 'text-anchor': 'middle' }, bucketLabel(buckets[b], bucketMs, true)));
+      // Hourly labels name the day only where it changes.
+      let label = bucketLabel(buckets[b], bucketMs, true);
+      if (bucketMs < 86_400_000) {
+        const day = label.slice(0, 5);
+        if (day === shownDay) label = label.slice(6);
+        shownDay = day;
+      }
+      xaxis.append(s('text', { x, y: M.top + ph + 16, class: 'tick x', 'text-anchor': 'middle' }, label));
     }
     xaxis.append(s('text', { x: M.left + pw / 2, y: HEIGHT - 4, class: 'axis-title', 'text-anchor': 'middle' }, 'time (UTC)'));
     svg.append(xaxis);

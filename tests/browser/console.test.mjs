@@ -190,6 +190,18 @@ try {
   assert.equal(created.cpmBid, 2_500_000);
   assert.equal(created.frequencyCap, 3);
   assert.deepEqual(created.categories, ['technology']);
+  step('ads: edit the campaign (pause it, raise its daily budget)');
+  await page.locator(`#campaigns-table tr[data-campaign="${created.id}"]`).getByRole('button', { name: 'Edit' }).click();
+  await page.locator('#campaign-form h3', { hasText: 'Edit' }).waitFor();
+  assert.equal(await page.inputValue('#campaign-dailyBudget'), '10');
+  await page.fill('#campaign-dailyBudget', '20');
+  await page.locator('#campaign-status').selectOption('paused');
+  await page.click('#campaign-form button[type=submit]');
+  await page.locator(`#campaigns-table tr[data-campaign="${created.id}"] .pill.paused`).waitFor();
+  const edited = await (await fetch(`${BASE}/api/admin/campaigns/${created.id}`, { headers: { authorization: `Bearer ${ADMIN}` } })).json();
+  assert.equal(edited.dailyBudget, 20_000_000);
+  assert.equal(edited.status, 'paused');
+  assert.equal(edited.totalBudget, 100_000_000, 'fields not edited are kept');
   await shot(page, 'ads');
 
   step('payouts: lower the minimum withdrawal through the settings form');
