@@ -43,7 +43,8 @@ export function bucketsFor(from, to, bucketMs) {
  * `series`: `[{name, values}]` with one value per bucket. `format` prints a value,
  * `unit` titles the y axis. Returns a figure that draws itself to its width.
  */
-export function barChart({ title, unit, buckets, bucketMs = HOUR, series, format = String, grouped = false, id }) {
+export function barChart({ title, unit, buckets, bucketMs = HOUR, series, format = String, grouped = false, id, label }) {
+  const labelOf = label || ((t, short) => bucketLabel(t, bucketMs, short));
   const plot = h('div', { class: 'plot' });
   const total = series.reduce((a, sr) => a + sr.values.reduce((x, v) => x + Math.abs(v), 0), 0);
   const figure = h('figure', { class: 'chart', id, dataset: { points: String(total > 0 ? buckets.length : 0) } },
@@ -53,6 +54,11 @@ export function barChart({ title, unit, buckets, bucketMs = HOUR, series, format
   if (total === 0) return figure;
   let lastWidth = 0;
   const ro = new ResizeObserver(() => {
+    // A chart replaced by a newer one stops observing (removal reports a 0×0 size).
+    if (!plot.isConnected) {
+      ro.disconnect();
+      return;
+    }
     const width = Math.max(280, Math.floor(plot.clientWidth));
     if (width === lastWidth) return;
     lastWidth = width;
@@ -103,13 +109,13 @@ export function barChart({ title, unit, buckets, bucketMs = HOUR, series, format
       const x = M.left + bw * (b + 0.5);
       xaxis.append(s('line', { x1: x, x2: x, y1: M.top + ph, y2: M.top + ph + 4, class: 'axis' }));
       // Hourly labels name the day only where it changes.
-      let label = bucketLabel(buckets[b], bucketMs, true);
-      if (bucketMs < 86_400_000) {
-        const day = label.slice(0, 5);
-        if (day === shownDay) label = label.slice(6);
+      let text = labelOf(buckets[b], true);
+      if (!label && bucketMs < 86_400_000) {
+        const day = text.slice(0, 5);
+        if (day === shownDay) text = text.slice(6);
         shownDay = day;
       }
-      xaxis.append(s('text', { x, y: M.top + ph + 16, class: 'tick x', 'text-anchor': 'middle' }, label));
+      xaxis.append(s('text', { x, y: M.top + ph + 16, class: 'tick x', 'text-anchor': 'middle' }, text));
     }
     xaxis.append(s('text', { x: M.left + pw / 2, y: HEIGHT - 4, class: 'axis-title', 'text-anchor': 'middle' }, 'time (UTC)'));
     svg.append(xaxis);
@@ -136,7 +142,7 @@ export function barChart({ title, unit, buckets, bucketMs = HOUR, series, format
           if (v >= 0) { top = y(pos + v); bottom = y(pos); pos += v; } else { top = y(neg); bottom = y(neg + v); neg += v; }
         }
         bars.append(s('rect', { class: `bar s${i % 8}`, x: x.toFixed(1), y: top.toFixed(1), width: w.toFixed(1), height: Math.max(1, bottom - top).toFixed(1) },
-          s('title', {}, `${sr.name}, ${bucketLabel(buckets[b], bucketMs)}: ${format(v)}`)));
+          s('title', {}, `${sr.name}, ${labelOf(buckets[b], false)}: ${format(v)}`)));
       });
     }
     svg.append(bars);
@@ -156,7 +162,7 @@ export function barChart({ title, unit, buckets, bucketMs = HOUR, series, format
       const b = Math.min(n - 1, Math.max(0, Math.floor((px - M.left) / bw)));
       highlight.setAttribute('x', (M.left + bw * b).toFixed(1));
       highlight.setAttribute('visibility', 'visible');
-      const lines = [bucketLabel(buckets[b], bucketMs), ...series.map((sr) => `${sr.name}: ${format(sr.values[b])}`)];
+      const lines = [labelOf(buckets[b], false), ...series.map((sr) => `${sr.name}: ${format(sr.values[b])}`)];
       clear(tipText);
       lines.forEach((line, i) => tipText.append(s('tspan', { x: 8, dy: i === 0 ? 16 : 15, class: i === 0 ? 'head' : '' }, line)));
       const tw = Math.max(...lines.map((l) => l.length)) * 6.6 + 16;

@@ -67,7 +67,13 @@ async function overview(root, ctx) {
   const updated = h('p', { class: 'muted', id: 'overview-updated' }, 'Loading…');
   const grid = h('div', { class: 'stats', id: 'overview-stats' });
   const status = h('div', {});
-  root.append(h('h1', {}, 'Overview'), updated, grid, status);
+  const activity = h('div', { class: 'charts' });
+  root.append(h('h1', {}, 'Overview'), updated, grid, status, activity);
+  const minute = (t, short) => {
+    const d = new Date(t);
+    const hm = `${String(d.getUTCHours()).padStart(2, '0')}:${String(d.getUTCMinutes()).padStart(2, '0')}`;
+    return short ? hm : `${hm} UTC`;
+  };
   const tick = async () => {
     if (!ctx.live()) return;
     try {
@@ -88,6 +94,18 @@ async function overview(root, ctx) {
         stat('Open withdrawals', num(o.pendingPayouts)),
         stat('HTTP 5xx since start', `${num(o.http.serverErrors)} of ${num(o.http.requests)}`),
       );
+      const start = Math.floor(o.at / 60_000) * 60_000 - 59 * 60_000;
+      const minutes = Array.from({ length: 60 }, (_, i) => start + i * 60_000);
+      const ok = minutes.map(() => 0);
+      const failed = minutes.map(() => 0);
+      for (const p of o.lastHour) {
+        const i = (p.t - start) / 60_000;
+        if (i >= 0 && i < 60) { ok[i] = p.requests - p.errors; failed[i] = p.errors; }
+      }
+      clear(activity).append(barChart({
+        id: 'chart-activity', title: 'Requests per minute, last hour', unit: 'requests', buckets: minutes, bucketMs: 60_000,
+        series: [{ name: 'ok', values: ok }, { name: 'failed', values: failed }], format: num, label: minute,
+      }));
       updated.textContent = `Updated ${new Date(o.at).toLocaleTimeString()} · refreshes every 3 s`;
     } catch (e) {
       if (e.status === 401) throw e;

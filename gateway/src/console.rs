@@ -114,6 +114,19 @@ pub struct Overview {
     pub pending_payouts: i64,
     /// HTTP requests this replica answered since it started.
     pub http: HttpCounts,
+    /// Model requests per minute over the last hour (every replica), oldest first;
+    /// minutes without requests are left out.
+    pub last_hour: Vec<MinutePoint>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MinutePoint {
+    /// Start of the minute, Unix milliseconds.
+    pub t: i64,
+    pub requests: i64,
+    /// Requests that did not end `ok`.
+    pub errors: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -208,6 +221,17 @@ pub async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, A
     let pending_payouts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM withdrawals WHERE status IN ('requested', 'processing')")
         .fetch_one(pool)
         .await?;
+    let hour_start = (now.div_euclid(60_000) - 59) * 60_000;
+    let last_hour = sqlx::query(
+        "SELECT created_at / 60000 AS m, COUNT(*) AS n, CAST(COALESCE(SUM(CASE WHEN status = 'ok' THEN 0 ELSE 1 END), 0) AS BIGINT) AS errors \
+         FROM usage_records WHERE created_at >= $1 GROUP BY created_at / 60000 ORDER BY m",
+    )
+    .bind(hour_start)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|r| Ok(MinutePoint { t: r.try_get::<i64, _>("m")? * 60_000, requests: r.try_get("n")?, errors: r.try_get("errors")? }))
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let http = state.metrics.http_totals();
     Ok(Json(Overview {
         at: now,
@@ -227,6 +251,7 @@ pub async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, A
         },
         pending_payouts,
         http: HttpCounts { requests: http.requests, client_errors: http.client_errors, server_errors: http.server_errors },
+        last_hour,
     }))
 }
 

@@ -111,6 +111,13 @@ try {
   assert.equal((await context.cookies()).length, 0, 'no cookies in the context');
   assert.notEqual(await page.locator('#stat-revenue .stat-value').textContent(), '$0.00', 'revenue today after the completions');
 
+  step('the overview charts the last hour');
+  await page.locator('#chart-activity rect.bar.s0').first().waitFor();
+  // The four completions, in whichever minutes they fell.
+  const perMinute = await page.locator('#chart-activity rect.bar.s0 title').allTextContents();
+  assert.ok(perMinute.every((t) => /^ok, \d\d:\d\d UTC: \d+$/.test(t)), perMinute.join('; '));
+  assert.equal(perMinute.reduce((sum, t) => sum + Number(t.split(': ')[1]), 0), 4);
+
   step('the overview updates itself without a reload');
   const first = await page.locator('#overview-updated').textContent();
   await page.waitForFunction((t) => document.querySelector('#overview-updated')?.textContent !== t, first, { timeout: 10_000 });
