@@ -136,3 +136,83 @@ async fn console_in_chromium() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The console's endpoints in process, on SQLite or (with `GS_TEST_DB=postgres`, as
+/// `scripts/test.sh` runs every `inproc` test) PostgreSQL: the numbers they report
+/// agree with the requests that were made and with the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inproc_console_endpoints_report_what_happened() -> anyhow::Result<()> {
+    use gateway::config::{Config, Secret};
+    use gateway::server::{self, Running};
+
+    let dir = tempfile::tempdir()?;
+    let config = Config {
+        database_url: crate::inproc::fresh_database(&dir).await.0,
+        admin_key: Some(Secret::new(ADMIN)),
+        usage_flush_ms: 5,
+        ..Config::default()
+    };
+    let store = gateway::store::Store::connect(&config.database_url).await?;
+    let running = Running::start_with_store(config, store).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(server::serve(running, listener, async move {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{base}{path}");
+    let get = |path: &str, key: &str| http.get(url(path)).bearer_auth(key).send();
+
+    let mock = spawn_mock(MockConfig::default()).await?;
+    let body = json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 8}, "pricing": {"perToken": 0.0001}, "baseUrl": mock.url()});
+    let reg: Value = http.post(url("/api/gpu/register")).json(&body).send().await?.json().await?;
+    let (provider_id, provider_key) = (reg["providerId"].as_str().context("id")?, reg["providerKey"].as_str().context("key")?);
+    post(&http, url("/api/gpu/stream/start"), provider_key, json!({"providerId": provider_id, "model": "mock-model", "quality": "standard"})).await?;
+    let key = post(&http, url("/api/admin/keys"), ADMIN, json!({"name": "c", "tier": "premium"})).await?;
+    post(&http, url(&format!("/api/admin/users/{}/credit", key["userId"].as_str().context("user")?)), ADMIN, json!({"amount": 10})).await?;
+    let user_key = key["key"].as_str().context("key")?;
+    let mut tokens = 0;
+    for _ in 0..3 {
+        let r = post(&http, url("/v1/chat/completions"), user_key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]})).await?;
+        tokens += r["usage"]["total_tokens"].as_i64().context("usage")?;
+    }
+
+    let o: Value = get("/api/admin/overview", ADMIN).await?.json().await?;
+    ensure!(o["providers"]["online"] == 1 && o["providers"]["total"] == 1, "{o}");
+    ensure!(o["today"]["requests"] == 3 && o["today"]["tokens"] == tokens, "{o}");
+    ensure!(o["recentRequests"] == 3 && o["errorRate"] == 0.0, "{o}");
+    let per_minute: i64 = o["lastHour"].as_array().context("lastHour")?.iter().filter_map(|p| p["requests"].as_i64()).sum();
+    ensure!(per_minute == 3, "{o}");
+    // The provider is paid the price less the platform fee, and the platform keeps the fee.
+    let billed = o["today"]["billed"].as_f64().context("billed")?;
+    let fees = o["today"]["fees"].as_f64().context("fees")?;
+    ensure!(billed > 0.0 && fees > 0.0 && fees < billed, "{o}");
+
+    let earnings: Value = get("/api/admin/providers/earnings", ADMIN).await?.json().await?;
+    let mine = &earnings["data"][0];
+    ensure!(mine["providerId"] == provider_id, "{earnings}");
+    let earned = mine["earningsMicros"].as_i64().context("earningsMicros")?;
+    ensure!(((billed - fees) * 1e6 - earned as f64).abs() < 1.0, "earned {earned} = billed {billed} - fees {fees}");
+    ensure!(mine["balance"] == mine["earnings"], "nothing withdrawn yet: {earnings}");
+
+    let me: Value = get("/api/gpu/me", provider_key).await?.json().await?;
+    ensure!(me["id"] == provider_id && me["earnings"] == mine["earnings"] && me["requests"] == 3 && me["online"] == true, "{me}");
+    ensure!(me["streams"] == json!([{"model": "mock-model", "quality": "standard"}]), "{me}");
+    for (path, key) in [("/api/gpu/me", ADMIN), ("/api/gpu/me", user_key), ("/api/admin/overview", provider_key), ("/api/admin/providers/earnings", user_key)] {
+        let status = get(path, key).await?.status();
+        ensure!(status == 401, "{path}: {status}");
+    }
+
+    let revenue: Value = get("/api/analytics/revenue", ADMIN).await?.json().await?;
+    let points = revenue["series"]["data"].as_array().with_context(|| format!("revenue series: {revenue}"))?;
+    let billed_users: f64 = points.iter().filter_map(|p| p["billedUsers"].as_f64()).sum();
+    ensure!((billed_users - billed).abs() < 1e-9 && revenue["series"]["bucketMs"] == 86_400_000, "{revenue}");
+    let usage: Value = get("/api/analytics/usage?from=0&to=4102444800000", ADMIN).await?.json().await?;
+    let by_quality: i64 = usage["series"]["requestsByQuality"].as_array().with_context(|| format!("usage series: {usage}"))?.iter().filter_map(|p| p["requests"].as_i64()).sum();
+    ensure!(by_quality == 3, "{usage}");
+
+    let _ = stop.send(());
+    served.await??;
+    Ok(())
+}
