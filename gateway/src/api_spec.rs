@@ -7,6 +7,10 @@
 //! `serde_json::Value` are described by the schemas below, which follow the `json!`
 //! they build field by field; schemathesis checks every response against them.
 //!
+//! Schema names are global to the document and utoipa does not detect a clash: a second
+//! `ToSchema` type with the same name silently replaces the first (name new ones for
+//! what they hold, or use `#[schema(as = …)]`).
+//!
 //! `gateway openapi` prints the document; the checked-in copy is `openapi/openapi.json`
 //! and a test fails when it differs from what the code generates.
 
@@ -261,10 +265,10 @@ pub struct OwnBalance {
     pub available: f64,
 }
 
-/// An account's balance, in USD and micro-USD.
+/// A user account's balance, in USD and micro-USD.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AccountBalance {
+pub struct UserBalance {
     /// The ledger account (`user:…`, `provider:…`).
     pub account: String,
     pub balance: f64,

@@ -399,7 +399,7 @@ fn balance_json(account: &str, b: crate::ledger::Balance) -> serde_json::Value {
     params(("id" = String, Path, description = "The user id.")),
     security(("admin_key" = [])),
     responses(
-        (status = 200, description = "The user's balance after the credit.", body = crate::api_spec::AccountBalance),
+        (status = 200, description = "The user's balance after the credit.", body = crate::api_spec::UserBalance),
         (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
         (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
         (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
@@ -440,7 +440,7 @@ pub async fn admin_credit_user(
     params(("id" = String, Path, description = "The user id.")),
     security(("admin_key" = [])),
     responses(
-        (status = 200, description = "The balance (zero for an unknown user).", body = crate::api_spec::AccountBalance),
+        (status = 200, description = "The balance (zero for an unknown user).", body = crate::api_spec::UserBalance),
         (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
         (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
     ),

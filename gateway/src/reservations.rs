@@ -61,7 +61,14 @@ pub async fn create(
         (None, Some(m)) => {
             let mut options: Vec<_> = snapshot.values().filter(free).filter(|p| p.streams.iter().any(|(sm, _)| sm == m)).cloned().collect();
             options.sort_by_key(|p| p.pricing.per_hour.to_bits());
-            options.into_iter().next().ok_or_else(|| ApiError::NoProvider { model: m.clone() })?
+            // A model nobody serves is the client's mistake (404, as for completions); a
+            // served model whose providers are all reserved is worth retrying (503).
+            let served = snapshot.values().any(|p| p.is_live(now, stale_ms) && p.streams.iter().any(|(sm, _)| sm == m));
+            match options.into_iter().next() {
+                Some(p) => p,
+                None if served => return Err(ApiError::NoProvider { model: m.clone() }),
+                None => return Err(ApiError::ModelNotFound { model: m.clone() }),
+            }
         }
         (None, None) => return Err(ApiError::param("give `model` or `providerId`", "model")),
     };

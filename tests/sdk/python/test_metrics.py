@@ -5,8 +5,8 @@ Run by `tests/tests/it/sdk.rs` with the other Python SDK tests (same gateway, sa
 """
 
 import os
+import urllib.request
 
-import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,10 +22,11 @@ def env(name: str) -> str:
 def scrape() -> dict:
     """Family name → parsed family (the parser drops a counter's `_total` from the name)."""
     base = env("GATEWAY_BASE_URL").removesuffix("/v1")
-    response = httpx.get(f"{base}/metrics", timeout=10)
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return {family.name: family for family in text_string_to_metric_families(response.text)}
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 def value(families: dict, family: str, sample: str, **labels) -> float:
@@ -52,6 +53,11 @@ EXPECTED = {
     "gs_provider_score": "gauge",
     "gs_provider_breaker_open": "gauge",
     "gs_provider_in_flight": "gauge",
+    "gs_ad_auctions": "counter",
+    "gs_ad_no_fill": "counter",
+    "gs_ad_impressions": "counter",
+    "gs_ad_clicks": "counter",
+    "gs_ad_charged_usd": "counter",
 }
 
 
@@ -111,6 +117,9 @@ def test_metrics_move_with_traffic():
     for name in (ttft, latency):
         check_histogram(after[name])
 
+    # The SDK suite's key is premium: no auction, no ad.
+    for family in ("gs_ad_auctions", "gs_ad_impressions"):
+        assert value(after, family, f"{family}_total") == value(before, family, f"{family}_total"), family
     assert value(after, "gs_active_streams", "gs_active_streams") == 0
     assert value(after, "gs_providers_online", "gs_providers_online") == 1
     scores = [s for s in after["gs_provider_score"].samples]

@@ -1231,6 +1231,8 @@ async fn inproc_reservations_lease_a_provider_by_the_hour() {
     assert_eq!(r.status(), 400, "someone else's reservation");
     let r = reserve(json!({"providerId": ids[0], "hours": 1}), other.clone()).await.unwrap();
     assert_eq!(r.status(), 400, "already reserved");
+    let r = reserve(json!({"model": "no-such-model", "hours": 1}), other.clone()).await.unwrap();
+    assert_eq!(r.status(), 404, "a model nobody serves");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let r = gw.http.delete(gw.url(&format!("/api/llm/reservations/{rid}"))).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 200);
