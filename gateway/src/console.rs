@@ -14,9 +14,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use utoipa::ToSchema;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::providers::ProviderStatus;
