@@ -13,12 +13,19 @@ const who = document.getElementById('who');
 const signOutButton = document.getElementById('sign-out');
 let generation = 0;
 
+/** Goes to `hash`, rendering once whether or not the hash changes. */
+function go(hash) {
+  if (location.hash === hash) render();
+  else location.hash = hash;
+}
+
 on(signOutButton, 'click', () => {
   signOut();
-  location.hash = '#/';
-  render();
+  go('#/');
 });
 on(window, 'hashchange', () => render());
+// A page that polls learns of a revoked or rotated key after it rendered.
+on(window, 'gs:unauthorized', () => expired());
 
 function signInPage(message) {
   const key = h('input', { type: 'password', id: 'key', name: 'key', autocomplete: 'off', required: true, placeholder: 'admin key or pk-… provider key', spellcheck: 'false' });
@@ -37,13 +44,12 @@ function signInPage(message) {
       if (k.startsWith('pk-')) {
         const me = await api('/api/gpu/me', { key: k });
         signIn('provider', k, { providerId: me.id });
-        location.hash = '#/me';
+        go('#/me');
       } else {
         await api('/api/admin/overview', { key: k });
         signIn('admin', k);
-        location.hash = '#/overview';
+        go('#/overview');
       }
-      render();
     } catch (e) {
       status.append(notice('error', e.status === 401 ? 'That key was not accepted.' : e.message));
     }
@@ -85,13 +91,17 @@ async function run(page, root, ctx) {
     await page(root, ctx);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) {
-      signOut();
-      render();
-      clear(main).append(h('div', { class: 'page' }, signInPage('The key was rejected; sign in again.')));
+      expired();
       return;
     }
     if (ctx.live()) root.append(notice('error', e.message));
   }
+}
+
+function expired() {
+  signOut();
+  render();
+  clear(main).append(h('div', { class: 'page' }, signInPage('The key was rejected; sign in again.')));
 }
 
 render();

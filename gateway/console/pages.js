@@ -108,10 +108,13 @@ async function overview(root, ctx) {
       }));
       updated.textContent = `Updated ${new Date(o.at).toLocaleTimeString()} · refreshes every 3 s`;
     } catch (e) {
-      if (e.status === 401) throw e;
+      if (e.status === 401) {
+        window.dispatchEvent(new Event('gs:unauthorized'));
+        return;
+      }
       clear(status).append(notice('error', e.message));
     }
-    if (ctx.live()) setTimeout(() => tick().catch(() => {}), 3000);
+    if (ctx.live()) setTimeout(tick, 3000);
   };
   await tick();
 }

@@ -224,6 +224,11 @@ try {
   await page.locator('#quality-table').waitFor();
   assert.match(await page.locator('#quality-table').textContent(), /ultra/);
   await noHorizontalOverflow(page, 'quality levels at 1280');
+
+  step('sign out forgets the key');
+  await page.click('#sign-out');
+  await page.locator('#signin').waitFor();
+  assert.equal(await page.evaluate(() => sessionStorage.length), 0);
   await context.close();
 
   // --- phone, admin ---------------------------------------------------------------------
