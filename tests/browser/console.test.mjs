@@ -55,9 +55,11 @@ async function newPage(viewport) {
   return { context, page };
 }
 
+/** Saves a screenshot, then checks the page fits its viewport's width. */
 async function shot(page, name) {
   const { width, height } = page.viewportSize();
   await page.screenshot({ path: `${SHOTS}/${name}-${width}x${height}.png`, fullPage: true });
+  await noHorizontalOverflow(page, `${name} at ${width}px`);
 }
 
 async function signIn(page, key) {
