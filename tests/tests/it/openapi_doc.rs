@@ -158,21 +158,27 @@ async fn openapi_schemathesis_finds_no_violations() -> anyhow::Result<()> {
     post(&http, format!("{base}/api/admin/users/{user_id}/credit"), Some(ADMIN_KEY), json!({"amount": 1000})).await?;
     let user_key = key["key"].as_str().context("no key")?;
 
-    // Each security scheme of the document gets its key; provider-scoped paths name our
-    // provider so they answer 200 rather than only 401.
+    // Each security scheme of the document gets its key; provider-scoped paths, and half
+    // of the bodies, name our provider and model so they reach more than the 401 and 404.
     let config = format!(
         "[auth.openapi.user_key]\nbearer = \"{user_key}\"\n\
          [auth.openapi.provider_key]\nbearer = \"{provider_key}\"\n\
          [auth.openapi.admin_key]\nbearer = \"{ADMIN_KEY}\"\n\
-         [parameters]\n\"path.provider_id\" = \"{provider_id}\"\n"
+         [dictionaries.provider]\nvalues = [\"{provider_id}\"]\n\
+         [dictionaries.model]\nvalues = [\"{MODEL}\"]\n\
+         [parameters]\n\"path.provider_id\" = \"{provider_id}\"\n\
+         \"body.providerId\" = {{ dictionary = \"provider\", probability = 0.5 }}\n\
+         \"body.model\" = {{ dictionary = \"model\", probability = 0.5 }}\n"
     );
     let config_path = dir.path().join("schemathesis.toml");
     std::fs::write(&config_path, config)?;
     let started = Instant::now();
     // Operations that can take the test's own key or provider away (schemathesis reuses
-    // ids it saw in responses) run last, so the other operations are tested with keys
-    // that work instead of answering only 401.
-    let destructive = ["admin_revoke_key", "admin_delete_key", "admin_provider_suspend"];
+    // ids it saw in responses, and half the bodies name our provider and model) run
+    // last, so the others are tested with a key that works and a provider on line
+    // instead of answering only 401, 404, or 503 while the provider is reserved.
+    let destructive =
+        ["admin_revoke_key", "admin_delete_key", "admin_provider_suspend", "stream_stop", "create_reservation"];
     let mut main_run: Vec<String> = vec!["--max-time".into(), "100".into()];
     let mut last_run: Vec<String> = vec!["--max-time".into(), "15".into()];
     for id in destructive {
