@@ -29,6 +29,9 @@ pub fn advertiser_account(advertiser_id: &str) -> String {
 /// Micro-USD.
 pub type Micros = i64;
 
+/// The most one credit may add: $1,000,000 (balances stay far from `i64` overflow).
+pub const MAX_CREDIT: Micros = 1_000_000_000_000;
+
 /// Funds reserved for one request; consumed by a settlement or a void.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
@@ -99,6 +102,9 @@ pub fn fee(charge: Micros, fee_bp: u32) -> Micros {
 pub enum LedgerError {
     #[error("amount must be positive")]
     NonPositive,
+    /// Over `MAX_CREDIT`: balances are `i64` micro-USD and must never overflow.
+    #[error("amount is larger than one credit may be")]
+    TooLarge,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -277,6 +283,9 @@ impl Ledger {
     pub async fn credit(&self, account: &str, amount: Micros, kind: &str, memo: &str) -> Result<Balance, LedgerError> {
         if amount <= 0 {
             return Err(LedgerError::NonPositive);
+        }
+        if amount > MAX_CREDIT {
+            return Err(LedgerError::TooLarge);
         }
         let mut tx = self.store.pool.begin().await?;
         post_entry(&mut tx, kind, None, memo, &[(EXTERNAL, -amount), (account, amount)]).await?;

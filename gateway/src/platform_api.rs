@@ -427,6 +427,7 @@ pub async fn admin_credit_user(
     let memo = request.memo.unwrap_or_else(|| "admin credit".to_owned());
     let balance = state.ledger.credit(&account, micros, "credit", &memo).await.map_err(|e| match e {
         crate::ledger::LedgerError::NonPositive => ApiError::param("the amount must be positive", "amount"),
+        crate::ledger::LedgerError::TooLarge => ApiError::param("one credit may add at most $1,000,000", "amount"),
         crate::ledger::LedgerError::Db(e) => e.into(),
     })?;
     Ok(Json(balance_json(&account, balance)))
@@ -512,10 +513,16 @@ pub async fn admin_quality_levels(State(state): State<AppState>) -> Json<serde_j
 #[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct NewLevel {
+    /// Not a built-in level's name.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,32}$")]
     name: String,
+    #[schema(exclusive_minimum = 0, maximum = 100)]
     multiplier: f64,
+    #[schema(exclusive_minimum = 0, maximum = 100)]
     latency_multiplier: f64,
+    #[schema(exclusive_minimum = 0, maximum = 100)]
     cost_multiplier: f64,
+    #[schema(minimum = 1)]
     max_tokens: u32,
 }
 

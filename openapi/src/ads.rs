@@ -2,22 +2,23 @@
 //! money is integer micro-USD.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A ledger account's balance in micro-USD: posted, held by open holds, available.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct AccountBalance {
     pub posted: i64,
     pub held: i64,
     pub available: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewAdvertiser {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Advertiser {
     pub id: String,
@@ -27,7 +28,7 @@ pub struct Advertiser {
     pub balance: AccountBalance,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdvertiserCredit {
     /// Micro-USD, positive.
@@ -37,7 +38,7 @@ pub struct AdvertiserCredit {
 }
 
 /// A campaign as created; `PATCH` takes any subset of these fields.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CampaignInput {
     #[serde(default)]
@@ -66,8 +67,10 @@ pub struct CampaignInput {
     pub total_budget: Option<i64>,
     /// Milliseconds since the epoch; null for no bound.
     #[serde(default, with = "double_option")]
+    #[schema(value_type = Option<i64>)]
     pub starts_at: Option<Option<i64>>,
     #[serde(default, with = "double_option")]
+    #[schema(value_type = Option<i64>)]
     pub ends_at: Option<Option<i64>>,
     /// `active`, `paused` or `ended`.
     #[serde(default)]
@@ -90,7 +93,7 @@ mod double_option {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CampaignStats {
     pub impressions: u64,
@@ -101,7 +104,7 @@ pub struct CampaignStats {
     pub spend: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Campaign {
     pub id: String,
@@ -124,7 +127,7 @@ pub struct Campaign {
 }
 
 /// The ad object of the `metadata` placement (and what `content` renders as text).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Ad {
     /// The impression id.
     pub id: String,
@@ -137,7 +140,7 @@ pub struct Ad {
     pub label: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CategoryStats {
     pub category: String,
@@ -146,7 +149,7 @@ pub struct CategoryStats {
     pub revenue: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CampaignReport {
     pub campaign_id: String,
@@ -157,7 +160,7 @@ pub struct CampaignReport {
     pub spend: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FreeTierCost {
     /// What the platform paid providers for free-tier tokens.
@@ -166,7 +169,7 @@ pub struct FreeTierCost {
     pub ad_revenue: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AdsReport {
     pub from: i64,
@@ -179,4 +182,18 @@ pub struct AdsReport {
     pub by_category: Vec<CategoryStats>,
     pub by_campaign: Vec<CampaignReport>,
     pub free_tier: FreeTierCost,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct AdvertiserList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<Advertiser>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct CampaignList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<Campaign>,
 }

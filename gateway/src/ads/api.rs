@@ -10,12 +10,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use openapi::ads::{
-    AccountBalance, AdsReport, Advertiser, AdvertiserCredit, Campaign, CampaignInput, CampaignReport, CategoryStats,
-    FreeTierCost, NewAdvertiser,
+    AccountBalance, AdsReport, Advertiser, AdvertiserCredit, AdvertiserList, Campaign, CampaignInput, CampaignList,
+    CampaignReport, CategoryStats, FreeTierCost, NewAdvertiser,
 };
 use openapi::openai::AdPreferences;
 use serde::Deserialize;
-use serde_json::{json, Value};
 use sqlx::Row;
 
 use super::classify::CATEGORIES;
@@ -28,6 +27,10 @@ use crate::{extract, AppState};
 
 const MAX_TITLE: usize = 80;
 const MAX_TEXT: usize = 280;
+/// $1,000 per thousand impressions or per click, and $1,000,000,000 of budget: far
+/// above any real campaign, far below `i64` overflow in the auction's arithmetic.
+const MAX_BID: i64 = 1_000_000_000;
+const MAX_BUDGET: i64 = 1_000_000_000_000_000;
 
 async fn advertiser(state: &AppState, id: &str) -> Result<Advertiser, ApiError> {
     let row = sqlx::query("SELECT id, name, created_at FROM advertisers WHERE id = $1")
@@ -45,6 +48,22 @@ async fn advertiser(state: &AppState, id: &str) -> Result<Advertiser, ApiError> 
 }
 
 /// `POST /api/admin/advertisers`
+#[utoipa::path(
+    post,
+    path = "/api/admin/advertisers",
+    tag = "ads",
+    summary = "Create an advertiser",
+    request_body = NewAdvertiser,
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "Created, with an empty prepaid balance.", body = Advertiser),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn create_advertiser(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -66,17 +85,47 @@ pub async fn create_advertiser(
 }
 
 /// `GET /api/admin/advertisers`
-pub async fn list_advertisers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/admin/advertisers",
+    tag = "ads",
+    summary = "List advertisers with their balances",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Every advertiser, oldest first.", body = AdvertiserList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
+pub async fn list_advertisers(State(state): State<AppState>) -> Result<Json<AdvertiserList>, ApiError> {
     let ids: Vec<String> =
         sqlx::query_scalar("SELECT id FROM advertisers ORDER BY created_at, id").fetch_all(&state.store.pool).await?;
     let mut data = Vec::with_capacity(ids.len());
     for id in ids {
         data.push(advertiser(&state, &id).await?);
     }
-    Ok(Json(json!({ "object": "list", "data": data })))
+    Ok(Json(AdvertiserList { object: "list".to_owned(), data }))
 }
 
 /// `POST /api/admin/advertisers/{id}/credit`: prepaid funds (from outside the ledger).
+#[utoipa::path(
+    post,
+    path = "/api/admin/advertisers/{id}/credit",
+    tag = "ads",
+    summary = "Add prepaid funds to an advertiser",
+    request_body = AdvertiserCredit,
+    params(("id" = String, Path, description = "The advertiser or campaign id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The advertiser with its new balance.", body = Advertiser),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn credit_advertiser(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -92,6 +141,7 @@ pub async fn credit_advertiser(
         .await
         .map_err(|e| match e {
             LedgerError::NonPositive => ApiError::param("`amount` must be positive (micro-USD)", "amount"),
+            LedgerError::TooLarge => ApiError::param("one credit may add at most 1000000000000 micro-USD ($1,000,000)", "amount"),
             LedgerError::Db(e) => e.into(),
         })?;
     if let Err(e) = state.ads.reload().await {
@@ -210,6 +260,12 @@ fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
     if c.cpm_bid < 0 || c.cpc_bid < 0 || (c.cpm_bid == 0 && c.cpc_bid == 0) {
         return Err(ApiError::param("give a positive `cpmBid` and/or `cpcBid` (micro-USD)", "cpmBid"));
     }
+    if c.cpm_bid > MAX_BID || c.cpc_bid > MAX_BID {
+        return Err(ApiError::param(format!("bids are at most {MAX_BID} micro-USD"), if c.cpm_bid > MAX_BID { "cpmBid" } else { "cpcBid" }));
+    }
+    if c.daily_budget > MAX_BUDGET || c.total_budget > MAX_BUDGET {
+        return Err(ApiError::param(format!("budgets are at most {MAX_BUDGET} micro-USD"), "totalBudget"));
+    }
     if c.daily_budget <= 0 || c.total_budget <= 0 {
         return Err(ApiError::param("`dailyBudget` and `totalBudget` must be positive (micro-USD)", "dailyBudget"));
     }
@@ -225,6 +281,22 @@ fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
 }
 
 /// `POST /api/admin/campaigns`
+#[utoipa::path(
+    post,
+    path = "/api/admin/campaigns",
+    tag = "ads",
+    summary = "Create a campaign",
+    request_body = CampaignInput,
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "Created; it competes in auctions at once when `active`.", body = Campaign),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn create_campaign(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -301,7 +373,19 @@ async fn reload(state: &AppState) {
 }
 
 /// `GET /api/admin/campaigns`
-pub async fn list_campaigns(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/admin/campaigns",
+    tag = "ads",
+    summary = "List campaigns with their statistics",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Every campaign, oldest first.", body = CampaignList),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
+pub async fn list_campaigns(State(state): State<AppState>) -> Result<Json<CampaignList>, ApiError> {
     let rows = sqlx::query(&format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY created_at, id"))
         .fetch_all(&state.store.pool)
         .await?;
@@ -312,15 +396,47 @@ pub async fn list_campaigns(State(state): State<AppState>) -> Result<Json<Value>
         c.stats = stats.remove(&c.id).unwrap_or_default();
         data.push(c);
     }
-    Ok(Json(json!({ "object": "list", "data": data })))
+    Ok(Json(CampaignList { object: "list".to_owned(), data }))
 }
 
 /// `GET /api/admin/campaigns/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/admin/campaigns/{id}",
+    tag = "ads",
+    summary = "One campaign with its statistics",
+    params(("id" = String, Path, description = "The advertiser or campaign id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The campaign.", body = Campaign),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn get_campaign(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Campaign>, ApiError> {
     Ok(Json(load_campaign(&state, &id).await?))
 }
 
 /// `PATCH /api/admin/campaigns/{id}`: any subset of the create fields.
+#[utoipa::path(
+    patch,
+    path = "/api/admin/campaigns/{id}",
+    tag = "ads",
+    summary = "Change a campaign (any subset of the create fields)",
+    request_body = CampaignInput,
+    params(("id" = String, Path, description = "The advertiser or campaign id.")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The changed campaign.", body = Campaign),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn update_campaign(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -361,6 +477,18 @@ pub async fn update_campaign(
 }
 
 /// `GET /r/{impression}`: records the click once and redirects to the advertiser.
+#[utoipa::path(
+    get,
+    path = "/r/{impression}",
+    tag = "ads",
+    summary = "Follow an ad's click-tracking link",
+    params(("impression" = String, Path, description = "The impression id from the ad's link.")),
+    security(()),
+    responses(
+        (status = 302, description = "To the advertiser's URL (`location`); the first click is recorded (and charged for a CPC ad)."),
+        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn click(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match state.ads.click(&id).await? {
         Some(url) => Ok((StatusCode::FOUND, [(header::LOCATION, url), (header::CACHE_CONTROL, "no-store".to_owned())]).into_response()),
@@ -369,6 +497,22 @@ pub async fn click(State(state): State<AppState>, Path(id): Path<String>) -> Res
 }
 
 /// `PUT /api/llm/ad-preferences`: the calling key's standing preferences.
+#[utoipa::path(
+    put,
+    path = "/api/llm/ad-preferences",
+    tag = "llm",
+    summary = "Set the calling key's standing ad preferences",
+    request_body = AdPreferences,
+    security(("user_key" = [])),
+    responses(
+        (status = 200, description = "The stored preferences; a request's own `ad_preferences` add to them.", body = AdPreferences),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 429, description = "Rate limit reached (`retry-after`).", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn set_preferences(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
@@ -388,12 +532,29 @@ pub async fn set_preferences(
     Ok(Json(prefs))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Range {
+    /// Start, milliseconds since the epoch (inclusive).
     from: Option<i64>,
+    /// End, milliseconds since the epoch (exclusive).
     to: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/analytics/ads",
+    tag = "analytics",
+    summary = "Ads report: impressions, clicks, CTR, revenue; free-tier cost against ad revenue",
+    params(Range),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The report over [from, to) (default: the last 30 days).", body = AdsReport),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+    ),
+)]
 /// `GET /api/analytics/ads`: impressions, clicks, CTR and revenue by category and
 /// campaign, and what the free tier cost against what ads brought in.
 pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<AdsReport>, ApiError> {
