@@ -31,9 +31,22 @@ impl Default for PayoutSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PayoutMethod {
-    BankTransfer { iban: String, #[serde(default)] holder: Option<String> },
-    Paypal { email: String },
-    Crypto { address: String, #[serde(default)] network: Option<String> },
+    BankTransfer {
+        #[schema(min_length = 15, max_length = 34, pattern = "^[A-Za-z0-9 ]+$")]
+        iban: String,
+        #[serde(default)]
+        holder: Option<String>,
+    },
+    Paypal {
+        #[schema(max_length = 254, pattern = "@")]
+        email: String,
+    },
+    Crypto {
+        #[schema(min_length = 20, max_length = 128, pattern = "^[A-Za-z0-9]+$")]
+        address: String,
+        #[serde(default)]
+        network: Option<String>,
+    },
 }
 
 impl PayoutMethod {

@@ -53,6 +53,8 @@ fn to_micros(usd: f64, param: &'static str) -> Result<i64, ApiError> {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct WithdrawRequest {
     provider_id: String,
+    /// USD; at least the minimum withdrawal and at most the available balance.
+    #[schema(exclusive_minimum = 0, maximum = 1_000_000_000)]
     amount: f64,
     #[serde(default)]
     method: Option<PayoutMethod>,
@@ -314,8 +316,14 @@ pub async fn admin_settings(State(state): State<AppState>) -> Result<Json<Value>
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct SettingsPatch {
+    /// USD.
+    #[schema(exclusive_minimum = 0, maximum = 1_000_000_000)]
     minimum_withdrawal: Option<f64>,
+    /// USD.
+    #[schema(exclusive_minimum = 0, maximum = 1_000_000_000)]
     auto_payout_threshold: Option<f64>,
+    /// Percent.
+    #[schema(minimum = 0, maximum = 50)]
     processing_fee: Option<f64>,
 }
 
@@ -359,6 +367,8 @@ pub async fn admin_update_settings(State(state): State<AppState>, headers: Heade
 pub(crate) struct TopUp {
     event_id: String,
     user_id: String,
+    /// USD.
+    #[schema(exclusive_minimum = 0, maximum = 1_000_000_000)]
     amount: f64,
 }
 
@@ -469,6 +479,7 @@ pub async fn usage(State(state): State<AppState>, Query(r): Query<Range>) -> Res
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PayoutOutcome {
     withdrawal_id: String,
+    #[schema(pattern = "^(paid|failed)$")]
     status: String,
     #[serde(default)]
     reason: Option<String>,

@@ -357,8 +357,11 @@ pub async fn admin_delete_key(state: State<AppState>, id: Path<String>) -> Resul
 pub(crate) struct CreditRequest {
     /// USD, as the seed's API speaks; stored as micro-USD.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0, maximum = 1_000_000)]
     amount: Option<f64>,
+    /// Takes precedence over `amount`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
     amount_micros: Option<i64>,
     #[serde(default)]
     memo: Option<String>,

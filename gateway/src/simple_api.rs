@@ -267,6 +267,7 @@ pub(crate) struct ReservationRequest {
     #[serde(default)]
     provider_id: Option<String>,
     /// More than 0, at most 744 (31 days).
+    #[schema(exclusive_minimum = 0, maximum = 744)]
     hours: f64,
 }
 

@@ -17,13 +17,17 @@ pub struct RegisterProviderRequest {
     pub capabilities: Capabilities,
     pub pricing: Pricing,
     /// Where the provider's OpenAI-compatible server listens.
+    #[schema(pattern = "^https?://")]
     pub base_url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Capabilities {
+    /// Model ids, none blank.
+    #[schema(min_items = 1)]
     pub models: Vec<String>,
+    #[schema(minimum = 1)]
     pub max_concurrent_streams: u32,
     #[serde(default = "default_qualities")]
     pub supported_qualities: Vec<String>,
@@ -42,10 +46,13 @@ fn default_qualities() -> Vec<String> {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Pricing {
+    #[schema(minimum = 0, maximum = 1000)]
     pub per_token: f64,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub per_hour: f64,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub minimum_payout: f64,
 }
 
@@ -86,8 +93,12 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateKeyRequest {
+    /// Not blank.
+    #[schema(pattern = "\\S")]
     pub name: String,
+    /// `free` (the default) or `premium`.
     #[serde(default = "default_tier")]
+    #[schema(pattern = "^(free|premium)$")]
     pub tier: String,
     /// Attach the key to an existing user; a new user is created otherwise.
     #[serde(default)]
