@@ -13,6 +13,8 @@
 //!   than its own bid; per impression (CPM, rounded up to the micro-USD) or per click
 //!   (CPC: clearing eCPM / (1000 × CTR), rounded up).
 
+use std::sync::Arc;
+
 use crate::ledger::Micros;
 
 /// Share of a day's budget a campaign may run ahead of an even spread.
@@ -39,9 +41,10 @@ impl Pricing {
 /// One campaign as the auction sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bidder {
-    pub id: String,
-    pub advertiser_id: String,
-    pub categories: Vec<String>,
+    pub id: Arc<str>,
+    pub advertiser_id: Arc<str>,
+    /// Bit `i` set for `classify::CATEGORIES[i]` (see `classify::mask`).
+    pub categories: u8,
     /// Micro-USD per thousand impressions; 0 = none.
     pub cpm_bid: Micros,
     /// Micro-USD per click; 0 = none.
@@ -124,7 +127,7 @@ pub fn ineligible<'a>(
         Some("not started")
     } else if b.ends_at.is_some_and(|e| r.now_ms >= e) {
         Some("ended")
-    } else if !b.categories.iter().any(|c| c == r.category) {
+    } else if b.categories & super::classify::mask(&[r.category]) == 0 {
         Some("category")
     } else if r.blocked_categories.iter().any(|c| c == r.category) {
         Some("blocked by user")
@@ -156,7 +159,9 @@ pub fn run(
     let mut best: Option<(&Bidder, f64, Pricing)> = None;
     let mut second = 0.0f64;
     for b in bidders {
-        if ineligible(b, r, views(&b.id), available(&b.advertiser_id)).is_some() {
+        // Views are looked up only for capped campaigns: most are not.
+        let seen = if b.frequency_cap > 0 { views(&b.id) } else { 0 };
+        if ineligible(b, r, seen, available(&b.advertiser_id)).is_some() {
             continue;
         }
         let (ecpm, pricing) = b.ecpm();
@@ -182,7 +187,7 @@ pub fn run(
         Pricing::Cpc => (clearing / (1000.0 * winner.ctr())).ceil() as Micros,
     }
     .clamp(1, winner.max_charge(pricing));
-    Some(Outcome { campaign_id: winner.id.clone(), pricing, price, clearing_ecpm: clearing })
+    Some(Outcome { campaign_id: winner.id.to_string(), pricing, price, clearing_ecpm: clearing })
 }
 
 #[cfg(test)]
@@ -193,9 +198,9 @@ mod tests {
 
     fn bidder(id: &str, cpm: Micros, cpc: Micros) -> Bidder {
         Bidder {
-            id: id.to_owned(),
-            advertiser_id: format!("adv_{id}"),
-            categories: vec!["technology".to_owned()],
+            id: id.into(),
+            advertiser_id: format!("adv_{id}").into(),
+            categories: crate::ads::classify::mask(&["technology"]),
             cpm_bid: cpm,
             cpc_bid: cpc,
             daily_budget: 1_000_000,
@@ -273,7 +278,7 @@ mod tests {
             ("started", Bidder { starts_at: Some(now - DAY), ..base.clone() }, 0, 1_000_000, None),
             ("ended", Bidder { ends_at: Some(now), ..base.clone() }, 0, 1_000_000, Some("ended")),
             ("ends later", Bidder { ends_at: Some(now + 1), ..base.clone() }, 0, 1_000_000, None),
-            ("other category", Bidder { categories: vec!["finance".into()], ..base.clone() }, 0, 1_000_000, Some("category")),
+            ("other category", Bidder { categories: crate::ads::classify::mask(&["finance"]), ..base.clone() }, 0, 1_000_000, Some("category")),
             ("capped", Bidder { frequency_cap: 3, ..base.clone() }, 3, 1_000_000, Some("frequency cap")),
             ("under cap", Bidder { frequency_cap: 3, ..base.clone() }, 2, 1_000_000, None),
             ("advertiser broke", base.clone(), 0, 1_999, Some("advertiser balance")),

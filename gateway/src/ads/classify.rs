@@ -18,6 +18,11 @@
 /// Ad categories, in tie-break order.
 pub const CATEGORIES: [&str; 5] = ["technology", "finance", "health", "entertainment", "education"];
 
+/// The bit set of `names` among `CATEGORIES` (unknown names set no bit).
+pub fn mask<S: AsRef<str>>(names: &[S]) -> u8 {
+    names.iter().filter_map(|n| CATEGORIES.iter().position(|c| *c == n.as_ref())).fold(0, |m, i| m | (1 << i))
+}
+
 /// Sensitive topics the classifier knows; `ads_excluded_topics` picks from these.
 pub const TOPICS: [&str; 3] = ["self_harm", "mental_health_crisis", "politics"];
 

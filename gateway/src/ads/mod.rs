@@ -19,7 +19,8 @@ pub mod classify;
 pub mod layer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use openapi::ads::{Ad, CampaignStats};
@@ -73,13 +74,40 @@ struct Creative {
     text: String,
 }
 
-/// The inventory as of one reload.
+/// What this replica added to one campaign since the reload.
+#[derive(Default)]
+struct Live {
+    spent: AtomicI64,
+    impressions: AtomicU64,
+    clicks: AtomicU64,
+}
+
+/// The inventory as of one reload, plus this replica's charges since (atomics, so
+/// `select` reads them without a lock or a copy of the charge log).
 #[derive(Default)]
 struct Inventory {
     /// Live campaigns (active status), sorted by id.
     bidders: Vec<Bidder>,
-    creatives: HashMap<String, Creative>,
-    available: HashMap<String, Micros>,
+    live: Vec<Live>,
+    /// Positions in `bidders` by category (`classify::CATEGORIES` order).
+    by_category: [Vec<usize>; 5],
+    index: HashMap<Arc<str>, usize>,
+    creatives: Vec<Creative>,
+    /// Advertisers' available balance at the reload, and what this replica charged since.
+    available: HashMap<Arc<str>, (Micros, AtomicI64)>,
+}
+
+impl Inventory {
+    fn apply(&self, l: &Local) {
+        if let Some(live) = self.index.get(l.campaign_id.as_str()).and_then(|i| self.live.get(*i)) {
+            live.spent.fetch_add(l.amount, Relaxed);
+            live.impressions.fetch_add(l.impressions, Relaxed);
+            live.clicks.fetch_add(l.clicks, Relaxed);
+        }
+        if let Some((_, spent)) = self.available.get(l.advertiser_id.as_str()) {
+            spent.fetch_add(l.amount, Relaxed);
+        }
+    }
 }
 
 /// A charge (or impression, or click) this replica recorded after the snapshot.
@@ -153,8 +181,9 @@ pub struct Ads {
     reserve_cpm: Micros,
     inventory: RwLock<Arc<Inventory>>,
     local: Mutex<Vec<Local>>,
-    /// `user|campaign|day` → impressions delivered (this replica).
-    views: moka::sync::Cache<String, u32>,
+    /// Hash of (user, campaign, UTC day) → impressions delivered (this replica).
+    views: moka::sync::Cache<u64, u32>,
+    hasher: std::collections::hash_map::RandomState,
     pub counters: Counters,
 }
 
@@ -171,6 +200,7 @@ impl Ads {
             inventory: RwLock::new(Arc::new(Inventory::default())),
             local: Mutex::new(Vec::new()),
             views: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(std::time::Duration::from_secs(2 * 86_400)).build(),
+            hasher: std::collections::hash_map::RandomState::new(),
             counters: Counters::default(),
         });
         ads.reload().await?;
@@ -195,12 +225,21 @@ impl Ads {
         .await?;
         let mut inv = Inventory::default();
         for r in &rows {
-            let id: String = r.try_get("id")?;
+            let id: Arc<str> = r.try_get::<String, _>("id")?.into();
             let categories: String = r.try_get("categories")?;
+            let categories: Vec<&str> = categories.split(',').collect();
+            let position = inv.bidders.len();
+            for (i, c) in classify::CATEGORIES.iter().enumerate() {
+                if categories.contains(c) {
+                    inv.by_category[i].push(position);
+                }
+            }
+            inv.index.insert(id.clone(), position);
+            inv.live.push(Live::default());
             inv.bidders.push(Bidder {
-                id: id.clone(),
-                advertiser_id: r.try_get("advertiser_id")?,
-                categories: categories.split(',').map(str::to_owned).collect(),
+                id,
+                advertiser_id: r.try_get::<String, _>("advertiser_id")?.into(),
+                categories: classify::mask(&categories),
                 cpm_bid: r.try_get("cpm_bid")?,
                 cpc_bid: r.try_get("cpc_bid")?,
                 daily_budget: r.try_get("daily_budget")?,
@@ -214,7 +253,7 @@ impl Ads {
                 impressions: u64::try_from(r.try_get::<i64, _>("impressions")?).unwrap_or(0),
                 clicks: u64::try_from(r.try_get::<i64, _>("clicks")?).unwrap_or(0),
             });
-            inv.creatives.insert(id, Creative { title: r.try_get("title")?, text: r.try_get("body")? });
+            inv.creatives.push(Creative { title: r.try_get("title")?, text: r.try_get("body")? });
         }
         let balances = sqlx::query("SELECT id, posted - held AS available FROM accounts WHERE kind = 'advertiser'")
             .fetch_all(&self.store.pool)
@@ -222,11 +261,16 @@ impl Ads {
         for r in &balances {
             let account: String = r.try_get("id")?;
             if let Some(id) = account.strip_prefix("advertiser:") {
-                inv.available.insert(id.to_owned(), r.try_get("available")?);
+                inv.available.insert(id.into(), (r.try_get("available")?, AtomicI64::new(0)));
             }
         }
-        // Charges recorded before the reload began are in what it read.
-        self.local.lock().retain(|l| l.at >= taken_at);
+        // Charges recorded before the reload began are in what it read; later ones are
+        // replayed onto the new snapshot. `note` takes the same lock, so none is missed.
+        let mut local = self.local.lock();
+        local.retain(|l| l.at >= taken_at);
+        for l in local.iter() {
+            inv.apply(l);
+        }
         *self.inventory.write() = Arc::new(inv);
         Ok(())
     }
@@ -237,23 +281,22 @@ impl Ads {
         let inv = self.inventory.read().clone();
         let now = now_ms();
         let today = day_start(now);
-        let mut candidates: Vec<Bidder> =
-            inv.bidders.iter().filter(|b| b.categories.iter().any(|c| c == t.category)).cloned().collect();
-        let mut spent: HashMap<String, Micros> = HashMap::new();
-        {
-            let local = self.local.lock();
-            for l in local.iter() {
-                if let Some(b) = candidates.iter_mut().find(|b| b.id == l.campaign_id) {
-                    b.spent_total += l.amount;
-                    if l.at >= today {
-                        b.spent_today += l.amount;
-                    }
-                    b.impressions += l.impressions;
-                    b.clicks += l.clicks;
-                }
-                *spent.entry(l.advertiser_id.clone()).or_default() += l.amount;
-            }
-        }
+        let slot = classify::CATEGORIES.iter().position(|c| *c == t.category)?;
+        // Snapshot plus this replica's charges; cheap copies (no heap allocation).
+        // Within a reload interval after midnight, local spend still counts as today's.
+        let candidates: Vec<Bidder> = inv.by_category[slot]
+            .iter()
+            .map(|&i| {
+                let mut b = inv.bidders[i].clone();
+                let live = &inv.live[i];
+                let spent = live.spent.load(Relaxed);
+                b.spent_total += spent;
+                b.spent_today += spent;
+                b.impressions += live.impressions.load(Relaxed);
+                b.clicks += live.clicks.load(Relaxed);
+                b
+            })
+            .collect();
         let request = auction::Request {
             category: t.category,
             now_ms: now,
@@ -265,19 +308,19 @@ impl Ads {
         let outcome = auction::run(
             &candidates,
             &request,
-            |campaign| self.views.get(&format!("{}|{campaign}|{day}", t.user_id)).unwrap_or(0),
-            |advertiser| inv.available.get(advertiser).copied().unwrap_or(0) - spent.get(advertiser).copied().unwrap_or(0),
+            |campaign| self.views.get(&self.view_key(t.user_id, campaign, day)).unwrap_or(0),
+            |advertiser| inv.available.get(advertiser).map_or(0, |(a, spent)| a - spent.load(Relaxed)),
         );
         let Some(outcome) = outcome else {
             self.counters.no_fill.fetch_add(1, Relaxed);
             return None;
         };
-        let winner = candidates.iter().find(|b| b.id == outcome.campaign_id)?;
-        let creative = inv.creatives.get(&winner.id)?;
+        let position = *inv.index.get(outcome.campaign_id.as_str())?;
+        let (winner, creative) = (&inv.bidders[position], inv.creatives.get(position)?);
         let impression_id = new_id("imp");
         Some(Selected {
-            campaign_id: winner.id.clone(),
-            advertiser_id: winner.advertiser_id.clone(),
+            campaign_id: winner.id.to_string(),
+            advertiser_id: winner.advertiser_id.to_string(),
             category: t.category,
             pricing: outcome.pricing,
             price: outcome.price,
@@ -333,17 +376,24 @@ impl Ads {
             sqlx::query("UPDATE ad_impressions SET charged = $1 WHERE id = $2").bind(charged).bind(&s.impression_id).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        let day = now.div_euclid(DAY_MS);
-        let key = format!("{}|{}|{day}", s.user_id, s.campaign_id);
-        self.views.insert(key.clone(), self.views.get(&key).unwrap_or(0) + 1);
+        let key = self.view_key(&s.user_id, &s.campaign_id, now.div_euclid(DAY_MS));
+        self.views.insert(key, self.views.get(&key).unwrap_or(0) + 1);
         self.note(Local { at: now, campaign_id: s.campaign_id.clone(), advertiser_id: s.advertiser_id.clone(), amount: charged, impressions: 1, clicks: 0 });
         self.counters.impressions.fetch_add(1, Relaxed);
         Ok(charged)
     }
 
+    fn view_key(&self, user_id: &str, campaign_id: &str, day: i64) -> u64 {
+        self.hasher.hash_one((user_id, campaign_id, day))
+    }
+
+    /// A charge, impression or click this replica just committed: counted at once in
+    /// the current snapshot and kept for the next reload to replay.
     fn note(&self, local: Local) {
         self.counters.charged_micros.fetch_add(u64::try_from(local.amount).unwrap_or(0), Relaxed);
-        self.local.lock().push(local);
+        let mut log = self.local.lock();
+        self.inventory.read().apply(&local);
+        log.push(local);
     }
 
     /// Debits the advertiser, credits the platform's ad revenue and the provider's
