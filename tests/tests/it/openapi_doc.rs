@@ -158,8 +158,9 @@ async fn openapi_schemathesis_finds_no_violations() -> anyhow::Result<()> {
     post(&http, format!("{base}/api/admin/users/{user_id}/credit"), Some(ADMIN_KEY), json!({"amount": 1000})).await?;
     let user_key = key["key"].as_str().context("no key")?;
 
-    // Each security scheme of the document gets its key; provider-scoped paths, and half
-    // of the bodies, name our provider and model so they reach more than the 401 and 404.
+    // Each security scheme of the document gets its key; provider-scoped paths, the user
+    // paths and half of the bodies name our provider, user and model so they reach more
+    // than the 401 and 404.
     let config = format!(
         "[auth.openapi.user_key]\nbearer = \"{user_key}\"\n\
          [auth.openapi.provider_key]\nbearer = \"{provider_key}\"\n\
@@ -168,7 +169,9 @@ async fn openapi_schemathesis_finds_no_violations() -> anyhow::Result<()> {
          [dictionaries.model]\nvalues = [\"{MODEL}\"]\n\
          [parameters]\n\"path.provider_id\" = \"{provider_id}\"\n\
          \"body.providerId\" = {{ dictionary = \"provider\", probability = 0.5 }}\n\
-         \"body.model\" = {{ dictionary = \"model\", probability = 0.5 }}\n"
+         \"body.model\" = {{ dictionary = \"model\", probability = 0.5 }}\n\
+         [[operations]]\ninclude-path-regex = \"^/api/admin/users/\"\n\
+         parameters = {{ \"path.id\" = \"{user_id}\" }}\n"
     );
     let config_path = dir.path().join("schemathesis.toml");
     std::fs::write(&config_path, config)?;
