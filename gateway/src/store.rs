@@ -46,7 +46,7 @@ impl Store {
         let pool = match backend {
             Backend::Sqlite => {
                 pool_options
-                    .max_connections(8)
+                    .max_connections(1)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             // WAL lets readers run beside the writer; NORMAL sync is
