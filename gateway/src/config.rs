@@ -150,6 +150,9 @@ pub struct Config {
     pub ads_provider_share_bp: u32,
     /// Whether free-tier keys may opt out of ads (`ad_preferences.opt_out`).
     pub ads_free_opt_out: bool,
+    /// OTLP/HTTP collector (`http://collector:4318`): request spans are exported there.
+    pub otel_endpoint: Option<String>,
+    pub otel_service_name: String,
 }
 
 impl Default for Config {
@@ -205,6 +208,8 @@ impl Default for Config {
             ads_reserve_cpm_micros: 100_000,
             ads_provider_share_bp: 2_000,
             ads_free_opt_out: false,
+            otel_endpoint: None,
+            otel_service_name: "gpu-streaming-gateway".to_owned(),
         }
     }
 }
@@ -285,6 +290,7 @@ impl Config {
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
             "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
             "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
+            "otel_endpoint", "otel_service_name",
         ];
         KEYS.contains(&key)
     }

@@ -28,6 +28,7 @@ pub mod routing;
 pub mod server;
 pub mod simple_api;
 pub mod store;
+pub mod telemetry;
 pub mod usage;
 
 use std::sync::atomic::AtomicU64;

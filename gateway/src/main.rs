@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gateway::config::{Config, LogFormat};
+use gateway::config::Config;
 use gateway::keys::{Keys, NewKey, Tier};
 use gateway::server::{self, Running};
 use gateway::store::Store;
@@ -76,16 +76,6 @@ enum KeysCommand {
     List,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 #[tokio::main]
 #[allow(clippy::print_stdout)]
 async fn main() -> anyhow::Result<()> {
@@ -96,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut config = Config::load(cli.config.as_deref())?;
-    init_tracing(config.log_format);
+    // Dropped at the end of `main`: flushes the span exporter.
+    let _telemetry = gateway::telemetry::init(&config)?;
     match cli.command.unwrap_or(Command::Serve { tls_cert: None, tls_key: None }) {
         Command::Serve { tls_cert, tls_key } => {
             if tls_cert.is_some() || tls_key.is_some() {

@@ -90,3 +90,54 @@ async fn observability_json_logs_carry_the_request_id() -> anyhow::Result<()> {
     assert_eq!(line["span"]["method"], "POST", "{line}");
     Ok(())
 }
+
+/// With `otel_endpoint` set, request spans reach an OTLP/HTTP collector (a test double
+/// that records what it is sent): the protobuf carries the request id and the service.
+#[tokio::test]
+async fn observability_otlp_export_carries_the_request_span() -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    let received: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let sink = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let kind = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                sink.lock().map(|mut s| s.push((kind, body.to_vec()))).ok();
+                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let dir = tempfile::tempdir()?;
+    let gw = Served::start(
+        dir.path(),
+        "otel-admin-key-0123456789",
+        &[("GATEWAY_OTEL_ENDPOINT", endpoint.as_str()), ("GATEWAY_OTEL_SERVICE_NAME", "gs-otel-test"), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await?;
+    let response = reqwest::Client::new().get(format!("{}/api/llm/models", gw.base)).send().await?;
+    let request_id = response.headers()["x-request-id"].to_str()?.to_owned();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let batches = received.lock().map(|r| r.clone()).unwrap_or_default();
+        let hit = batches.iter().find(|(_, body)| body.windows(request_id.len()).any(|w| w == request_id.as_bytes()));
+        if let Some((kind, body)) = hit {
+            ensure!(kind == "application/x-protobuf", "OTLP content type {kind}");
+            ensure!(body.windows(12).any(|w| w == b"gs-otel-test"), "the service name is not in the exported batch");
+            ensure!(body.windows(7).any(|w| w == b"request"), "the request span is not in the exported batch");
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no span with request id {request_id} reached the collector in 15 s ({} batches); gateway log:\n{}",
+            batches.len(),
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
