@@ -413,27 +413,6 @@ pub struct CheckReport {
     pub violations: Vec<String>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pricing_rounds_up_and_fee_rounds_down() {
-        // 2 µUSD per token (2e6 per million), 10 tokens, standard tier.
-        assert_eq!(price(10, 2_000_000, 10_000), 20);
-        assert_eq!(price(10, 2_000_000, 8_000), 16);
-        assert_eq!(price(10, 2_000_000, 20_000), 40);
-        // 0.5 µUSD per token: 3 tokens cost 1.5 → 2.
-        assert_eq!(price(3, 500_000, 10_000), 2);
-        assert_eq!(price(0, 2_000_000, 10_000), 0);
-        assert_eq!(fee(20, 1_000), 2);
-        assert_eq!(price_discounted(10, 2_000_000, 10_000, 0), 20);
-        assert_eq!(price_discounted(10, 2_000_000, 10_000, 5_000), 10);
-        assert_eq!(price_discounted(7, 2_000_000, 10_000, 5_000), 7);
-        assert_eq!(fee(19, 1_000), 1);
-    }
-}
-
 pub const PAYOUTS: &str = "platform:payouts";
 
 /// Moves `amount` from `from` to `to` only when `from` has that much available (not
@@ -478,4 +457,25 @@ pub async fn pay_out_of(
     lines.extend_from_slice(to);
     post_entry(tx, kind, request_id, memo, &lines).await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pricing_rounds_up_and_fee_rounds_down() {
+        // 2 µUSD per token (2e6 per million), 10 tokens, standard tier.
+        assert_eq!(price(10, 2_000_000, 10_000), 20);
+        assert_eq!(price(10, 2_000_000, 8_000), 16);
+        assert_eq!(price(10, 2_000_000, 20_000), 40);
+        // 0.5 µUSD per token: 3 tokens cost 1.5 → 2.
+        assert_eq!(price(3, 500_000, 10_000), 2);
+        assert_eq!(price(0, 2_000_000, 10_000), 0);
+        assert_eq!(fee(20, 1_000), 2);
+        assert_eq!(price_discounted(10, 2_000_000, 10_000, 0), 20);
+        assert_eq!(price_discounted(10, 2_000_000, 10_000, 5_000), 10);
+        assert_eq!(price_discounted(7, 2_000_000, 10_000, 5_000), 7);
+        assert_eq!(fee(19, 1_000), 1);
+    }
 }

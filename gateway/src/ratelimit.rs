@@ -152,6 +152,33 @@ pub fn format_reset(d: Duration) -> String {
     format!("{}m{}s", whole / 60, whole % 60)
 }
 
+/// The rate-limit state of one authenticated request, shared by the middleware (which
+/// writes the headers) and the relay (which charges the token estimate).
+pub struct RateCtx {
+    pub requests: Decision,
+    pub tokens: Mutex<Option<Decision>>,
+    pub tokens_key: String,
+    pub tokens_limit: u64,
+}
+
+impl RateCtx {
+    pub fn set_tokens(&self, d: Decision) {
+        *self.tokens.lock() = Some(d);
+    }
+}
+
+/// OpenAI's rate-limit headers for one limit (`requests` or `tokens`).
+pub fn headers(headers: &mut http::HeaderMap, what: &str, d: &Decision) {
+    let mut put = |name: String, value: String| {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::try_from(name), http::HeaderValue::try_from(value)) {
+            headers.insert(n, v);
+        }
+    };
+    put(format!("x-ratelimit-limit-{what}"), d.limit.to_string());
+    put(format!("x-ratelimit-remaining-{what}"), d.remaining.to_string());
+    put(format!("x-ratelimit-reset-{what}"), format_reset(d.reset));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,31 +214,4 @@ mod tests {
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
     }
-}
-
-/// The rate-limit state of one authenticated request, shared by the middleware (which
-/// writes the headers) and the relay (which charges the token estimate).
-pub struct RateCtx {
-    pub requests: Decision,
-    pub tokens: Mutex<Option<Decision>>,
-    pub tokens_key: String,
-    pub tokens_limit: u64,
-}
-
-impl RateCtx {
-    pub fn set_tokens(&self, d: Decision) {
-        *self.tokens.lock() = Some(d);
-    }
-}
-
-/// OpenAI's rate-limit headers for one limit (`requests` or `tokens`).
-pub fn headers(headers: &mut http::HeaderMap, what: &str, d: &Decision) {
-    let mut put = |name: String, value: String| {
-        if let (Ok(n), Ok(v)) = (http::HeaderName::try_from(name), http::HeaderValue::try_from(value)) {
-            headers.insert(n, v);
-        }
-    };
-    put(format!("x-ratelimit-limit-{what}"), d.limit.to_string());
-    put(format!("x-ratelimit-remaining-{what}"), d.remaining.to_string());
-    put(format!("x-ratelimit-reset-{what}"), format_reset(d.reset));
 }

@@ -227,7 +227,8 @@ mod tests {
     #[test]
     fn second_price_table() {
         // (bidders as (id, cpm, cpc), winner, pricing, price per impression/click)
-        let cases: &[(&[(&str, Micros, Micros)], Option<(&str, Pricing, Micros)>)] = &[
+        type Case<'a> = (&'a [(&'a str, Micros, Micros)], Option<(&'a str, Pricing, Micros)>);
+        let cases: &[Case<'_>] = &[
             // Two CPM bids: $3 pays the $2 second price: 2000 µUSD per impression.
             (&[("a", 2_000_000, 0), ("b", 3_000_000, 0)], Some(("b", Pricing::Cpm, 2_000))),
             // Alone: pays the reserve ($0.10 CPM = 100 µUSD).

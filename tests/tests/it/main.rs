@@ -1,6 +1,9 @@
 //! The tests crate's one integration binary: in-process suites through `gateway::app()`
 //! and end-to-end suites over real processes and SDKs.
 
+// Test code, helpers included: a panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 mod console;
 mod inproc;

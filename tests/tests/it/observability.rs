@@ -96,7 +96,8 @@ async fn observability_json_logs_carry_the_request_id() -> anyhow::Result<()> {
 #[tokio::test]
 async fn observability_otlp_export_carries_the_request_span() -> anyhow::Result<()> {
     use std::sync::{Arc, Mutex};
-    let received: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    type Batches = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let received: Batches = Arc::default();
     let sink = received.clone();
     let collector = axum::Router::new().route(
         "/v1/traces",
