@@ -483,7 +483,7 @@ async function keys(root) {
 
   async function load() {
     const list = (await api('/api/admin/keys')).data;
-    clear(listBox).append(table(['Key', 'Prefix', 'Tier', 'User', 'Created', 'Status', ''], list.map((k) => {
+    clear(listBox).append(table(['Key', 'Prefix', 'Tier', 'Limits', 'User', 'Created', 'Status', ''], list.map((k) => {
       let armed = false;
       const revoke = action('Revoke', async (b) => {
         // Two clicks instead of a confirm() dialog.
@@ -494,12 +494,22 @@ async function keys(root) {
       return {
         attrs: { dataset: { key: k.id } },
         cells: [h('div', {}, h('strong', {}, k.name), h('div', { class: 'muted mono' }, k.id)), h('span', { class: 'mono' }, `${k.prefix}…`), k.tier,
-          h('span', { class: 'mono' }, k.userId), time(k.createdAt),
+          h('span', { class: 'limits' }, limitsText(k)), h('span', { class: 'mono' }, k.userId), time(k.createdAt),
           k.revokedAt ? pill('revoked', 'revoked') : pill('active'), k.revokedAt ? '' : revoke],
       };
     }), { id: 'keys-table' }));
   }
   await load();
+}
+
+/** A key's own limits in one line; what it does not set follows the tier's defaults. */
+function limitsText(k) {
+  const parts = [];
+  if (k.requestsPerMinute != null) parts.push(`${k.requestsPerMinute} req/min`);
+  if (k.tokensPerMinute != null) parts.push(`${k.tokensPerMinute} tok/min`);
+  if (k.dailyLimitMicros != null) parts.push(`$${(k.dailyLimitMicros / 1e6).toFixed(2)}/day`);
+  if (k.monthlyLimitMicros != null) parts.push(`$${(k.monthlyLimitMicros / 1e6).toFixed(2)}/month`);
+  return parts.length ? parts.join(' · ') : 'tier defaults';
 }
 
 // --- Quality levels -----------------------------------------------------------------------

@@ -213,7 +213,8 @@ impl Keys {
 
     pub async fn list(&self) -> Result<Vec<openapi::platform::KeyInfo>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, user_id, name, tier, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at, id",
+            "SELECT id, user_id, name, tier, prefix, created_at, revoked_at, requests_per_minute, tokens_per_minute, \
+             daily_limit_micros, monthly_limit_micros FROM api_keys ORDER BY created_at, id",
         )
         .fetch_all(&self.store.pool)
         .await?;
@@ -227,6 +228,10 @@ impl Keys {
                     prefix: row.try_get("prefix")?,
                     created_at: row.try_get("created_at")?,
                     revoked_at: row.try_get("revoked_at")?,
+                    requests_per_minute: limit(row.try_get("requests_per_minute")?),
+                    tokens_per_minute: limit(row.try_get("tokens_per_minute")?),
+                    daily_limit_micros: row.try_get("daily_limit_micros")?,
+                    monthly_limit_micros: row.try_get("monthly_limit_micros")?,
                 })
             })
             .collect()

@@ -141,6 +141,12 @@ pub struct KeyInfo {
     pub prefix: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    /// The key's own limits; null means the tier's default (rate) or none (spending).
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    /// Spending limits, micro-USD per UTC day and calendar month.
+    pub daily_limit_micros: Option<i64>,
+    pub monthly_limit_micros: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]

@@ -169,8 +169,12 @@ try {
   await keyRow.getByRole('button', { name: 'Confirm revoke' }).click();
   await page.locator(`#keys-table tr[data-key="${REVOKE_KEY_ID}"] .pill.revoked`).waitFor();
   await page.fill('#key-name', 'console key');
+  await page.fill('#key-form input[name=requestsPerMinute]', '42');
+  await page.fill('#key-form input[name=dailyLimit]', '5');
   await page.click('#key-form button[type=submit]');
   assert.match(await page.locator('#new-key-secret').textContent(), /^sk-/);
+  const newRow = page.locator('#keys-table tr', { hasText: 'console key' });
+  assert.equal(await newRow.locator('.limits').textContent(), '42 req/min · $5.00/day');
   await shot(page, 'keys');
 
   step('ads: create a campaign through the form');
