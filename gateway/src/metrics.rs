@@ -106,12 +106,12 @@ impl Metrics {
         t
     }
 
-    pub fn record_completion(&self, status: &'static str, prompt: u32, completion: u32, ttft_ms: Option<u64>) {
+    pub fn record_completion(&self, status: &'static str, prompt: u32, completion: u32, ttft_us: Option<u64>) {
         *self.completions.lock().entry(status).or_default() += 1;
         self.prompt_tokens.fetch_add(u64::from(prompt), Relaxed);
         self.completion_tokens.fetch_add(u64::from(completion), Relaxed);
-        if let Some(ms) = ttft_ms {
-            self.ttft.observe(ms as f64 / 1000.0);
+        if let Some(us) = ttft_us {
+            self.ttft.observe(us as f64 / 1e6);
         }
     }
 

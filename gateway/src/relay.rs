@@ -396,8 +396,8 @@ impl Relay {
         let tokens = chunk.choices.iter().filter(|c| carries_token(c)).count();
         if tokens > 0 {
             if let Some(record) = &mut self.tracker.record {
-                record.ttft_ms.get_or_insert_with(|| {
-                    u64::try_from(self.tracker.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+                record.ttft_us.get_or_insert_with(|| {
+                    u64::try_from(self.tracker.started.elapsed().as_micros()).unwrap_or(u64::MAX)
                 });
             }
             self.tracker.counted_completion += u32::try_from(tokens).unwrap_or(u32::MAX);
@@ -542,7 +542,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             quality: dispatch.quality.clone(),
             prompt_tokens: 0,
             completion_tokens: 0,
-            ttft_ms: None,
+            ttft_us: None,
             latency_ms: 0,
             status: UsageStatus::Failed,
             error_code: None,

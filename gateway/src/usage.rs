@@ -22,7 +22,8 @@ pub struct UsageRecord {
     pub quality: String,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
-    pub ttft_ms: Option<u64>,
+    /// Time to first token in microseconds (the row stores whole milliseconds).
+    pub ttft_us: Option<u64>,
     pub latency_ms: u64,
     pub status: UsageStatus,
     pub error_code: Option<String>,
@@ -153,7 +154,7 @@ async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &m
     for c in batch.drain(..) {
         if ok {
             let r = &c.record;
-            metrics.record_completion(r.status.as_str(), r.prompt_tokens, r.completion_tokens, r.ttft_ms);
+            metrics.record_completion(r.status.as_str(), r.prompt_tokens, r.completion_tokens, r.ttft_us);
             metrics.charged_micros.fetch_add(u64::try_from(r.cost_micros).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(ack) = c.ack {
@@ -210,7 +211,7 @@ async fn insert(tx: &mut sqlx::Transaction<'_, sqlx::Any>, batch: &[&UsageRecord
             .bind(r.quality.clone())
             .bind(i64::from(r.prompt_tokens))
             .bind(i64::from(r.completion_tokens))
-            .bind(r.ttft_ms.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
+            .bind(r.ttft_us.map(|v| i64::try_from(v / 1000).unwrap_or(i64::MAX)))
             .bind(i64::try_from(r.latency_ms).unwrap_or(i64::MAX))
             .bind(r.status.as_str())
             .bind(r.error_code.clone())

@@ -144,7 +144,7 @@ fn record(request_id: &str, user_id: &str) -> UsageRecord {
         quality: "standard".into(),
         prompt_tokens: 12,
         completion_tokens: 100,
-        ttft_ms: Some(20),
+        ttft_us: Some(20_000),
         latency_ms: 400,
         status: UsageStatus::Ok,
         error_code: None,

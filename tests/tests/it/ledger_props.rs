@@ -151,7 +151,7 @@ fn record(request_id: &str, user_id: Option<String>) -> UsageRecord {
         quality: "standard".into(),
         prompt_tokens: 3,
         completion_tokens: 5,
-        ttft_ms: Some(1),
+        ttft_us: Some(1_000),
         latency_ms: 2,
         status: UsageStatus::Ok,
         error_code: None,
