@@ -17,7 +17,6 @@ use openapi::openai::AdPreferences;
 use serde::Deserialize;
 use sqlx::Row;
 
-use super::classify::CATEGORIES;
 use super::ctr;
 use crate::error::ApiError;
 use crate::keys::AuthedKey;
@@ -32,19 +31,39 @@ const MAX_TEXT: usize = 280;
 const MAX_BID: i64 = 1_000_000_000;
 const MAX_BUDGET: i64 = 1_000_000_000_000_000;
 
-async fn advertiser(state: &AppState, id: &str) -> Result<Advertiser, ApiError> {
-    let row = sqlx::query("SELECT id, name, created_at FROM advertisers WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&state.store.pool)
+/// Advertisers with their ledger balances in one query: one advertiser, or all of them
+/// oldest first.
+async fn advertisers(state: &AppState, id: Option<&str>) -> Result<Vec<Advertiser>, sqlx::Error> {
+    let filter = if id.is_some() { "WHERE a.id = $1" } else { "" };
+    let sql = format!(
+        "SELECT a.id, a.name, a.created_at, COALESCE(acc.posted, 0) AS posted, COALESCE(acc.held, 0) AS held \
+         FROM advertisers a LEFT JOIN accounts acc ON acc.id = 'advertiser:' || a.id {filter} ORDER BY a.created_at, a.id"
+    );
+    let mut query = sqlx::query(&sql);
+    if let Some(id) = id {
+        query = query.bind(id);
+    }
+    query
+        .fetch_all(&state.store.pool)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("advertiser {id} does not exist")))?;
-    let b = state.ledger.balance(&ledger::advertiser_account(id)).await?;
-    Ok(Advertiser {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        created_at: row.try_get("created_at")?,
-        balance: AccountBalance { posted: b.posted, held: b.held, available: b.available },
-    })
+        .iter()
+        .map(|r| {
+            let (posted, held): (i64, i64) = (r.try_get("posted")?, r.try_get("held")?);
+            Ok(Advertiser {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                created_at: r.try_get("created_at")?,
+                balance: AccountBalance { posted, held, available: posted - held },
+            })
+        })
+        .collect()
+}
+
+async fn advertiser(state: &AppState, id: &str) -> Result<Advertiser, ApiError> {
+    advertisers(state, Some(id))
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::NotFound(format!("advertiser {id} does not exist")))
 }
 
 /// `POST /api/admin/advertisers`
@@ -98,13 +117,7 @@ pub async fn create_advertiser(
     ),
 )]
 pub async fn list_advertisers(State(state): State<AppState>) -> Result<Json<AdvertiserList>, ApiError> {
-    let ids: Vec<String> =
-        sqlx::query_scalar("SELECT id FROM advertisers ORDER BY created_at, id").fetch_all(&state.store.pool).await?;
-    let mut data = Vec::with_capacity(ids.len());
-    for id in ids {
-        data.push(advertiser(&state, &id).await?);
-    }
-    Ok(Json(AdvertiserList { object: "list".to_owned(), data }))
+    Ok(Json(AdvertiserList { object: "list".to_owned(), data: advertisers(&state, None).await? }))
 }
 
 /// `POST /api/admin/advertisers/{id}/credit`: prepaid funds (from outside the ledger).
@@ -183,7 +196,7 @@ async fn load_campaign(state: &AppState, id: &str) -> Result<Campaign, ApiError>
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("campaign {id} does not exist")))?;
     let mut c = campaign_from_row(&row)?;
-    c.stats = state.ads.campaign_stats().await?.remove(&c.id).unwrap_or_default();
+    c.stats = state.ads.campaign_stats(Some(id)).await?.remove(&c.id).unwrap_or_default();
     Ok(c)
 }
 
@@ -237,9 +250,7 @@ fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
     if c.categories.is_empty() {
         return Err(ApiError::param("`categories` must name at least one category", "categories"));
     }
-    if let Some(bad) = c.categories.iter().find(|x| !CATEGORIES.contains(&x.as_str())) {
-        return Err(ApiError::param(format!("unknown category {bad:?}; known: {}", CATEGORIES.join(", ")), "categories"));
-    }
+    super::check_categories(&c.categories, "categories")?;
     c.categories.sort();
     c.categories.dedup();
     if c.title.trim().is_empty() || c.title.chars().count() > MAX_TITLE {
@@ -389,7 +400,7 @@ pub async fn list_campaigns(State(state): State<AppState>) -> Result<Json<Campai
     let rows = sqlx::query(&format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY created_at, id"))
         .fetch_all(&state.store.pool)
         .await?;
-    let mut stats = state.ads.campaign_stats().await?;
+    let mut stats = state.ads.campaign_stats(None).await?;
     let mut data = Vec::with_capacity(rows.len());
     for r in &rows {
         let mut c = campaign_from_row(r)?;
@@ -520,9 +531,7 @@ pub async fn set_preferences(
     body: Bytes,
 ) -> Result<Json<AdPreferences>, ApiError> {
     let prefs: AdPreferences = extract::parse(&headers, &body)?;
-    if let Some(bad) = prefs.categories.iter().chain(&prefs.blocked_categories).find(|c| !CATEGORIES.contains(&c.as_str())) {
-        return Err(ApiError::param(format!("unknown ad category {bad:?}; known: {}", CATEGORIES.join(", ")), "categories"));
-    }
+    super::check_categories(prefs.categories.iter().chain(&prefs.blocked_categories), "categories")?;
     if let Some(p) = prefs.placement.as_deref() {
         if super::Placement::parse(p).is_none() {
             return Err(ApiError::param("`placement` must be content, metadata or prompt", "placement"));

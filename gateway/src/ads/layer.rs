@@ -117,7 +117,7 @@ where
         return Ok(ApiError::PayloadTooLarge { limit }.into_response());
     };
     let free = key.tier == Tier::Free && state.config.ads_enabled;
-    let has_ad_block = endpoint == Endpoint::Chat && bytes.windows(NEEDLE.len()).any(|w| w == NEEDLE);
+    let has_ad_block = endpoint == Endpoint::Chat && contains(&bytes, NEEDLE);
     if !free && !has_ad_block {
         return inner.call(Request::from_parts(parts, Body::from(bytes))).await;
     }
@@ -281,14 +281,7 @@ fn plan(state: &AppState, key: &AuthedKey, json: &Value, endpoint: Endpoint) -> 
             }
         },
     };
-    for c in own.categories.iter().chain(&own.blocked_categories) {
-        if !classify::CATEGORIES.contains(&c.as_str()) {
-            return Err(ApiError::param(
-                format!("unknown ad category {c:?}; known: {}", classify::CATEGORIES.join(", ")),
-                "ad_preferences",
-            ));
-        }
-    }
+    super::check_categories(own.categories.iter().chain(&own.blocked_categories), "ad_preferences")?;
     if (own.opt_out || standing.opt_out) && config.ads_free_opt_out {
         return Ok(None);
     }

@@ -467,14 +467,18 @@ impl Ads {
         Ok(Some(url))
     }
 
-    /// Impressions, clicks and spend per campaign (all time).
-    pub async fn campaign_stats(&self) -> Result<HashMap<String, CampaignStats>, sqlx::Error> {
-        let rows = sqlx::query(
+    /// Impressions, clicks and spend (all time) of one campaign, or of every one.
+    pub async fn campaign_stats(&self, campaign: Option<&str>) -> Result<HashMap<String, CampaignStats>, sqlx::Error> {
+        let filter = if campaign.is_some() { "WHERE campaign_id = $1" } else { "" };
+        let sql = format!(
             "SELECT campaign_id, COUNT(*) AS impressions, COUNT(clicked_at) AS clicks, CAST(COALESCE(SUM(charged), 0) AS BIGINT) AS spend \
-             FROM ad_impressions GROUP BY campaign_id",
-        )
-        .fetch_all(&self.store.pool)
-        .await?;
+             FROM ad_impressions {filter} GROUP BY campaign_id"
+        );
+        let mut query = sqlx::query(&sql);
+        if let Some(id) = campaign {
+            query = query.bind(id);
+        }
+        let rows = query.fetch_all(&self.store.pool).await?;
         let mut out = HashMap::new();
         for r in &rows {
             let impressions = u64::try_from(r.try_get::<i64, _>("impressions")?).unwrap_or(0);
@@ -485,6 +489,17 @@ impl Ads {
             );
         }
         Ok(out)
+    }
+}
+
+/// A 400 naming `param` when any of `names` is not one of `classify::CATEGORIES`.
+pub fn check_categories<'a>(names: impl IntoIterator<Item = &'a String>, param: &str) -> Result<(), crate::error::ApiError> {
+    match names.into_iter().find(|c| !classify::CATEGORIES.contains(&c.as_str())) {
+        Some(bad) => Err(crate::error::ApiError::param(
+            format!("unknown ad category {bad:?}; known: {}", classify::CATEGORIES.join(", ")),
+            param,
+        )),
+        None => Ok(()),
     }
 }
 

@@ -1586,6 +1586,12 @@ async fn ad_campaign(gw: &Gateway, credit: i64, campaign: Value) -> (String, Str
     let adv_id = adv["id"].as_str().unwrap().to_owned();
     let r = gw.admin_post(&format!("/api/admin/advertisers/{adv_id}/credit"), json!({"amount": credit})).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let credited: Value = r.json().await.unwrap();
+    assert_eq!(credited["balance"], json!({"posted": credit, "held": 0, "available": credit}));
+    let list: Value = gw.http.get(gw.url("/api/admin/advertisers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let listed = list["data"].as_array().unwrap().iter().find(|a| a["id"] == adv_id.as_str()).unwrap();
+    assert_eq!(listed["balance"]["available"], credit);
+    assert_eq!(listed["name"], "Acme <b>Tools</b>");
     let mut body = json!({
         "advertiserId": adv_id, "name": "Rust IDE", "categories": ["technology"],
         "title": "FastIDE", "text": "The editor for Rust developers.", "url": "https://fastide.example/?src=gs",
