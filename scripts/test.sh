@@ -11,6 +11,10 @@ ROOT="$PWD"
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
+# A test run gains nothing from incremental compilation caches, which take GBs of disk
+# (a CI run once ran out of space); the target dir's size is printed at the end.
+export CARGO_INCREMENTAL=0
+
 # --- services ------------------------------------------------------------------------
 
 step "PostgreSQL"
@@ -100,6 +104,9 @@ GS_TEST_DB=postgres cargo test -p tests --test it -- inproc || status=1
 # at run time); no GPU is needed to build it.
 step "Worker with --features cuda compiles"
 cargo build -p worker --features cuda || status=1
+
+TARGET="${CARGO_TARGET_DIR:-target}"
+echo "target dir: $(du -sh "$TARGET" | cut -f1); disk free: $(df -h --output=avail "$TARGET" | tail -1)" >&2
 
 if [ "$status" -ne 0 ]; then
   echo "scripts/test.sh: some tests failed (see above)" >&2
