@@ -97,8 +97,10 @@ GS_TEST_DB=sqlite cargo nextest run --workspace --no-fail-fast || status=1
 
 step "In-process gateway suite on PostgreSQL"
 # Only the in-process suite (and the ledger property tests, named inproc_*) depends on
-# the database backend; the rest ran above. cargo test reports the others as filtered out.
-GS_TEST_DB=postgres cargo test -p tests --test it -- inproc || status=1
+# the database backend; the rest ran above. Through nextest over the whole workspace, so
+# that it reuses the build above (`cargo test -p tests` unifies features differently and
+# would compile sqlx and its dependencies a second time).
+GS_TEST_DB=postgres cargo nextest run --workspace --no-fail-fast -E 'package(tests) & test(/inproc_/)' || status=1
 
 # The CUDA build must keep compiling on machines without CUDA (cudarc loads the driver
 # at run time); no GPU is needed to build it.

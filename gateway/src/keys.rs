@@ -163,7 +163,7 @@ impl Keys {
              WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&hash)
-        .fetch_optional(&self.store.pool)
+        .fetch_optional(&self.store.read)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let tier: String = row.try_get("tier")?;

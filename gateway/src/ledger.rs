@@ -1,14 +1,17 @@
 //! The double-entry ledger: accounts, an append-only journal whose entries sum to zero,
 //! and two-phase holds. Money is integer micro-USD everywhere.
 //!
-//! Holds are taken on the request path (one short transaction with a conditional
-//! update, so concurrent requests can never spend more than the balance, on SQLite and
-//! PostgreSQL alike). Settlements and voids are written by the usage writer in batches
-//! (group commit) together with the request's usage record; see `usage`.
+//! Holds are taken on the request path so that concurrent requests can never spend
+//! more than the balance: on PostgreSQL one short transaction with a conditional update
+//! of the `holds` table; on the embedded SQLite store in memory (`holds::HoldBook`, no
+//! database write on the request path). Long-lived holds (reservations) are always
+//! rows (`hold_durable`). Settlements and voids are written by the usage writer in
+//! batches (group commit) together with the request's usage record; see `usage`.
 
 use sqlx::{Any, Row, Transaction};
 
-use crate::store::{new_id, now_ms, Store};
+use crate::holds::HoldBook;
+use crate::store::{insert_rows, new_id, now_ms, placeholders, Param, Store};
 
 pub const FEES: &str = "platform:fees";
 pub const AD_REVENUE: &str = "platform:ad_revenue";
@@ -38,6 +41,8 @@ pub struct Hold {
     pub id: String,
     pub account_id: String,
     pub amount: Micros,
+    /// Kept in the store's `HoldBook` rather than the `holds` table.
+    pub in_memory: bool,
 }
 
 /// Who pays for a request's tokens.
@@ -88,7 +93,7 @@ pub async fn user_tokens_since(store: &Store, user_id: &str, since_ms: i64) -> R
     )
     .bind(user_id)
     .bind(since_ms)
-    .fetch_one(&store.pool)
+    .fetch_one(&store.read)
     .await?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
@@ -123,10 +128,7 @@ pub struct Ledger {
 }
 
 async fn ensure_account(tx: &mut Transaction<'_, Any>, id: &str) -> Result<(), sqlx::Error> {
-    let (kind, owner) = match id.split_once(':') {
-        Some((kind, owner)) if kind != "platform" => (kind.to_owned(), Some(owner.to_owned())),
-        _ => (id.to_owned(), None),
-    };
+    let (kind, owner) = account_kind(id);
     sqlx::query("INSERT INTO accounts (id, kind, owner_id, posted, held, created_at) VALUES ($1, $2, $3, 0, 0, $4) ON CONFLICT (id) DO NOTHING")
         .bind(id)
         .bind(kind)
@@ -175,74 +177,229 @@ pub async fn post_entry(
     Ok(id)
 }
 
-/// Applies a settlement or void inside the writer's transaction. A hold that is no
-/// longer open (voided by the sweeper) is not charged.
-pub async fn apply(tx: &mut Transaction<'_, Any>, billing: &Billing) -> Result<Micros, sqlx::Error> {
-    apply_as(tx, billing, "usage").await
+/// Applies one settlement or void in `tx` (reservations, the sweeper's voids); see
+/// `apply_batch`. Returns the charge.
+pub async fn apply(tx: &mut Transaction<'_, Any>, billing: &Billing, kind: &str, book: Option<&HoldBook>) -> Result<Micros, sqlx::Error> {
+    let mut known = Known::default();
+    Ok(apply_batch(tx, &[Some(billing)], kind, book, &mut known).await?.first().copied().unwrap_or(0))
 }
 
-/// `apply` with the journal entry kind (`usage` for tokens, `reservation` for per-hour leases).
-pub async fn apply_as(tx: &mut Transaction<'_, Any>, billing: &Billing, kind: &str) -> Result<Micros, sqlx::Error> {
-    match billing {
-        Billing::Void(hold) => {
-            release(tx, hold, "voided").await?;
-            Ok(0)
+/// Accounts known to exist (accounts are never deleted), so a batch need not insert
+/// them again. Filled from committed batches only.
+#[derive(Default)]
+pub struct Known {
+    accounts: std::collections::HashSet<String>,
+    pending: Vec<String>,
+}
+
+impl Known {
+    /// The batch that created `pending` accounts committed.
+    pub fn committed(&mut self) {
+        self.accounts.extend(self.pending.drain(..));
+    }
+
+    pub fn rolled_back(&mut self) {
+        self.pending.clear();
+    }
+}
+
+/// Applies a batch of settlements and voids inside the writer's transaction, set-wise:
+/// a fixed handful of statements per batch (release the holds, insert entries, lines
+/// and new accounts, one update of the cached balances) instead of a dozen per
+/// settlement. Returns each item's charge, in order (0 for voids and `None`s).
+///
+/// A hold that is no longer open (voided by the sweeper) is not charged. In-memory
+/// holds (`book`) are only marked as settling here; the caller releases them with
+/// `HoldBook::finish` once the transaction committed. A settlement whose request
+/// already has an entry of this `kind` is skipped: a batch retried after a commit whose
+/// acknowledgement was lost must not pay twice.
+pub async fn apply_batch(
+    tx: &mut Transaction<'_, Any>,
+    billings: &[Option<&Billing>],
+    kind: &str,
+    book: Option<&HoldBook>,
+    known: &mut Known,
+) -> Result<Vec<Micros>, sqlx::Error> {
+    let mut charges = vec![0; billings.len()];
+    let settled_ids: Vec<&str> = billings
+        .iter()
+        .filter_map(|b| match b {
+            Some(Billing::Settle(s)) => Some(s.request_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut done = std::collections::HashSet::new();
+    for chunk in settled_ids.chunks(64) {
+        let sql = format!("SELECT request_id FROM ledger_entries WHERE kind = $1 AND request_id IN ({})", placeholders(2, chunk.len()));
+        let mut q = sqlx::query_scalar::<_, String>(&sql).bind(kind);
+        for id in chunk {
+            q = q.bind(*id);
         }
-        Billing::Settle(s) => {
-            // A batch retried after a commit whose acknowledgement was lost must not pay twice.
-            let done: Option<String> = sqlx::query_scalar("SELECT id FROM ledger_entries WHERE request_id = $1 AND kind = $2")
-                .bind(&s.request_id)
-                .bind(kind)
-                .fetch_optional(&mut **tx)
-                .await?;
-            if done.is_some() {
-                return Ok(0);
-            }
-            let (payer_account, charge) = match &s.payer {
-                Payer::User(hold) => {
-                    if !release(tx, hold, "settled").await? {
-                        tracing::error!(request_id = %s.request_id, "hold was no longer open at settlement; not charged");
-                        return Ok(0);
-                    }
-                    // Never more than was held: the user's balance cannot go below zero.
-                    (hold.account_id.clone(), s.charge.clamp(0, hold.amount))
-                }
-                Payer::AdRevenue => (AD_REVENUE.to_owned(), s.charge.max(0)),
+        done.extend(q.fetch_all(&mut **tx).await?);
+    }
+    // Release the holds; only a hold still open may be charged. A hold named twice in
+    // one batch is resolved by its first item, as if the items ran one by one.
+    let mut first: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut released = vec![false; billings.len()];
+    let mut rows: Vec<(usize, &Hold, &'static str)> = Vec::new();
+    for (i, billing) in billings.iter().enumerate() {
+        let (hold, status) = match billing {
+            Some(Billing::Void(hold)) => (hold, "voided"),
+            Some(Billing::Settle(Settlement { payer: Payer::User(hold), request_id, .. })) if !done.contains(request_id) => (hold, "settled"),
+            _ => continue,
+        };
+        if !first.insert(hold.id.as_str()) {
+            continue;
+        }
+        if hold.in_memory {
+            let Some(book) = book else {
+                return Err(sqlx::Error::Protocol(format!("hold {} is in memory but this store keeps no hold book", hold.id)));
             };
-            if charge == 0 {
-                return Ok(0);
-            }
-            let fee = s.fee.clamp(0, charge);
-            let provider = provider_account(&s.provider_id);
-            post_entry(
-                tx,
-                kind,
-                Some(&s.request_id),
-                if kind == "usage" { "tokens delivered" } else { "reserved capacity" },
-                &[(&payer_account, -charge), (&provider, charge - fee), (FEES, fee)],
-            )
-            .await?;
-            Ok(charge)
+            released[i] = book.begin_close(hold);
+        } else {
+            rows.push((i, hold, status));
         }
+    }
+    for status in ["voided", "settled"] {
+        let ids: Vec<&str> = rows.iter().filter(|(_, _, s)| *s == status).map(|(_, h, _)| h.id.as_str()).collect();
+        let closed: std::collections::HashSet<String> = release_rows(tx, &ids, status).await?.into_iter().collect();
+        for (i, hold, _) in rows.iter().filter(|(_, _, s)| *s == status) {
+            released[*i] = closed.contains(&hold.id);
+        }
+    }
+    // The journal: one entry per charged settlement.
+    let now = now_ms();
+    let mut entries: Vec<(String, &str)> = Vec::new();
+    let mut lines: Vec<(usize, String, Micros)> = Vec::new();
+    for (i, billing) in billings.iter().enumerate() {
+        let Some(Billing::Settle(s)) = billing else { continue };
+        if done.contains(&s.request_id) {
+            continue;
+        }
+        let (payer_account, charge) = match &s.payer {
+            Payer::User(hold) => {
+                if !released[i] {
+                    tracing::error!(request_id = %s.request_id, "hold was no longer open at settlement; not charged");
+                    continue;
+                }
+                // Never more than was held: the user's balance cannot go below zero.
+                (hold.account_id.clone(), s.charge.clamp(0, hold.amount))
+            }
+            Payer::AdRevenue => (AD_REVENUE.to_owned(), s.charge.max(0)),
+        };
+        if charge == 0 {
+            continue;
+        }
+        let fee = s.fee.clamp(0, charge);
+        charges[i] = charge;
+        let entry = entries.len();
+        entries.push((new_id("ent"), s.request_id.as_str()));
+        for (account, amount) in [(payer_account, -charge), (provider_account(&s.provider_id), charge - fee), (FEES.to_owned(), fee)] {
+            if amount != 0 {
+                lines.push((entry, account, amount));
+            }
+        }
+    }
+    if entries.is_empty() {
+        return Ok(charges);
+    }
+    let memo = if kind == "usage" { "tokens delivered" } else { "reserved capacity" };
+    let entry_rows: Vec<Vec<Param<'_>>> = entries
+        .iter()
+        .map(|(id, request)| vec![Param::Str(id), Param::Str(kind), Param::Str(request), Param::Str(memo), Param::Int(now)])
+        .collect();
+    let line_rows: Vec<Vec<Param<'_>>> =
+        lines.iter().map(|(e, account, amount)| vec![Param::Str(&entries[*e].0), Param::Str(account), Param::Int(*amount)]).collect();
+    post_lines(tx, &entry_rows, &line_rows, known).await?;
+    Ok(charges)
+}
+
+/// Inserts entries and their lines, creates accounts seen for the first time, and
+/// applies each account's summed delta to its cached balance in one statement.
+async fn post_lines(
+    tx: &mut Transaction<'_, Any>,
+    entries: &[Vec<Param<'_>>],
+    lines: &[Vec<Param<'_>>],
+    known: &mut Known,
+) -> Result<(), sqlx::Error> {
+    let mut deltas: Vec<(&str, Micros)> = Vec::new();
+    for line in lines {
+        let (Param::Str(account), Param::Int(amount)) = (&line[1], &line[2]) else {
+            return Err(sqlx::Error::Protocol("ledger line without account and amount".into()));
+        };
+        match deltas.iter_mut().find(|(a, _)| a == account) {
+            Some((_, d)) => *d += amount,
+            None => deltas.push((account, *amount)),
+        }
+    }
+    let sum: i128 = lines.iter().map(|l| if let Param::Int(a) = l[2] { i128::from(a) } else { 0 }).sum();
+    if sum != 0 {
+        return Err(sqlx::Error::Protocol(format!("unbalanced ledger batch: lines sum to {sum}")));
+    }
+    let now = now_ms();
+    let new_accounts: Vec<(&str, String, Option<String>)> = deltas
+        .iter()
+        .filter(|(a, _)| !known.accounts.contains(*a))
+        .map(|(a, _)| {
+            let (kind, owner) = account_kind(a);
+            (*a, kind, owner)
+        })
+        .collect();
+    if !new_accounts.is_empty() {
+        let rows: Vec<Vec<Param<'_>>> = new_accounts
+            .iter()
+            .map(|(id, kind, owner)| vec![Param::Str(id), Param::Str(kind), Param::OptStr(owner.as_deref()), Param::Int(now)])
+            .collect();
+        insert_rows(tx, "INSERT INTO accounts (id, kind, owner_id, created_at) VALUES", " ON CONFLICT (id) DO NOTHING", &rows).await?;
+        known.pending.extend(new_accounts.iter().map(|(a, _, _)| (*a).to_owned()));
+    }
+    insert_rows(tx, "INSERT INTO ledger_entries (id, kind, request_id, memo, created_at) VALUES", "", entries).await?;
+    insert_rows(tx, "INSERT INTO ledger_lines (entry_id, account_id, amount) VALUES", "", lines).await?;
+    for chunk in deltas.chunks(32) {
+        let mut sql = String::from("UPDATE accounts SET posted = posted + CASE id");
+        for i in 0..chunk.len() {
+            sql.push_str(&format!(" WHEN ${} THEN CAST(${} AS BIGINT)", 2 * i + 1, 2 * i + 2));
+        }
+        sql.push_str(" ELSE 0 END WHERE id IN (");
+        sql.push_str(&(0..chunk.len()).map(|i| format!("${}", 2 * i + 1)).collect::<Vec<_>>().join(", "));
+        sql.push(')');
+        let mut q = sqlx::query(&sql);
+        for (account, delta) in chunk {
+            q = q.bind(*account).bind(*delta);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// An account id's kind and owner: `user:u1` → (`user`, `u1`); `platform:fees` → itself.
+fn account_kind(id: &str) -> (String, Option<String>) {
+    match id.split_once(':') {
+        Some((kind, owner)) if kind != "platform" => (kind.to_owned(), Some(owner.to_owned())),
+        _ => (id.to_owned(), None),
     }
 }
 
-async fn release(tx: &mut Transaction<'_, Any>, hold: &Hold, status: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("UPDATE holds SET status = $1, resolved_at = $2 WHERE id = $3 AND status = 'held'")
-        .bind(status)
-        .bind(now_ms())
-        .bind(&hold.id)
-        .execute(&mut **tx)
-        .await?;
-    if done.rows_affected() == 0 {
-        return Ok(false);
+/// Closes the still-open hold rows among `ids` with `status` and gives their funds
+/// back to the accounts' available balance. Returns the ids it closed.
+async fn release_rows(tx: &mut Transaction<'_, Any>, ids: &[&str], status: &str) -> Result<Vec<String>, sqlx::Error> {
+    let mut closed = Vec::new();
+    for chunk in ids.chunks(64) {
+        let sql = format!(
+            "UPDATE holds SET status = $1, resolved_at = $2 WHERE status = 'held' AND id IN ({}) RETURNING id, account_id, amount",
+            placeholders(3, chunk.len())
+        );
+        let mut q = sqlx::query(&sql).bind(status).bind(now_ms());
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            let (id, account, amount): (String, String, i64) = (row.try_get("id")?, row.try_get("account_id")?, row.try_get("amount")?);
+            sqlx::query("UPDATE accounts SET held = held - $1 WHERE id = $2").bind(amount).bind(&account).execute(&mut **tx).await?;
+            closed.push(id);
+        }
     }
-    sqlx::query("UPDATE accounts SET held = held - $1 WHERE id = $2")
-        .bind(hold.amount)
-        .bind(&hold.account_id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(true)
+    Ok(closed)
 }
 
 impl Ledger {
@@ -250,8 +407,48 @@ impl Ledger {
         Self { store }
     }
 
-    /// Reserves `amount` on `account`; `None` when the available balance is too small.
+    /// Reserves `amount` on `account` for one request; `None` when the available balance
+    /// is too small. In memory on SQLite (one database read, no write), a row on PostgreSQL.
     pub async fn hold(&self, account: &str, amount: Micros, request_id: &str, key_id: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
+        match &self.store.book {
+            Some(book) => self.hold_in(book, account, amount, key_id).await,
+            None => self.insert_hold(account, amount, request_id, key_id).await,
+        }
+    }
+
+    async fn hold_in(&self, book: &HoldBook, account: &str, amount: Micros, key_id: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
+        if amount <= 0 {
+            return Err(sqlx::Error::Protocol(format!("hold amount must be positive, got {amount}")));
+        }
+        let mark = book.mark(account);
+        let unheld: Option<i64> = sqlx::query_scalar("SELECT posted - held FROM accounts WHERE id = $1")
+            .bind(account)
+            .fetch_optional(&self.store.read)
+            .await?;
+        Ok(book.try_hold(account, key_id, amount, unheld.unwrap_or(0), mark))
+    }
+
+    /// A hold written to the `holds` table: survives restarts (reservations) and is
+    /// seen by every replica. On SQLite it also counts the book's holds.
+    pub async fn hold_durable(&self, account: &str, amount: Micros, request_id: &str, key_id: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
+        // On SQLite the amount is first reserved in the book, against the book's own
+        // holds, then written as a row; the book's reservation is dropped only after
+        // the row committed, so the funds are always counted at least once.
+        let staged = match &self.store.book {
+            Some(book) => match self.hold_in(book, account, amount, key_id).await? {
+                Some(h) => Some(h),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let durable = self.insert_hold(account, amount, request_id, key_id).await;
+        if let (Some(book), Some(staged)) = (&self.store.book, &staged) {
+            book.finish(staged, 0);
+        }
+        durable
+    }
+
+    async fn insert_hold(&self, account: &str, amount: Micros, request_id: &str, key_id: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
         if amount <= 0 {
             // A hold reserves funds; a negative one would create them.
             return Err(sqlx::Error::Protocol(format!("hold amount must be positive, got {amount}")));
@@ -265,7 +462,7 @@ impl Ledger {
         if reserved.rows_affected() == 0 {
             return Ok(None);
         }
-        let hold = Hold { id: new_id("hold"), account_id: account.to_owned(), amount };
+        let hold = Hold { id: new_id("hold"), account_id: account.to_owned(), amount, in_memory: false };
         sqlx::query("INSERT INTO holds (id, account_id, amount, status, request_id, created_at, key_id) VALUES ($1, $2, $3, 'held', $4, $5, $6)")
             .bind(&hold.id)
             .bind(account)
@@ -296,12 +493,15 @@ impl Ledger {
     pub async fn balance(&self, account: &str) -> Result<Balance, sqlx::Error> {
         let row = sqlx::query("SELECT posted, held FROM accounts WHERE id = $1")
             .bind(account)
-            .fetch_optional(&self.store.pool)
+            .fetch_optional(&self.store.read)
             .await?;
-        let (posted, held) = match row {
+        let (posted, mut held) = match row {
             Some(r) => (r.try_get::<i64, _>("posted")?, r.try_get::<i64, _>("held")?),
             None => (0, 0),
         };
+        if let Some(book) = &self.store.book {
+            held += book.held(account);
+        }
         Ok(Balance { posted, held, available: posted - held })
     }
 
@@ -310,30 +510,32 @@ impl Ledger {
         let spent: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND payer = 'user'")
             .bind(key_id)
             .bind(since_ms)
-            .fetch_one(&self.store.pool)
+            .fetch_one(&self.store.read)
             .await?;
         let held: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE key_id = $1 AND status = 'held'")
             .bind(key_id)
-            .fetch_one(&self.store.pool)
+            .fetch_one(&self.store.read)
             .await?;
-        Ok(spent + held)
+        let in_memory = self.store.book.as_ref().map_or(0, |b| b.held_by_key(key_id));
+        Ok(spent + held + in_memory)
     }
 
-    /// Voids holds older than `max_age_ms`: their requests died with a process.
+    /// Voids holds older than `max_age_ms`: their requests died with a process (rows) or
+    /// without finishing (in memory).
     pub async fn sweep_stale_holds(&self, max_age_ms: i64) -> Result<u64, sqlx::Error> {
-        let rows = sqlx::query("SELECT id, account_id, amount FROM holds WHERE status = 'held' AND created_at < $1")
-            .bind(now_ms() - max_age_ms)
-            .fetch_all(&self.store.pool)
-            .await?;
-        let mut voided = 0;
-        for r in rows {
-            let hold = Hold { id: r.try_get("id")?, account_id: r.try_get("account_id")?, amount: r.try_get("amount")? };
-            let mut tx = self.store.pool.begin().await?;
-            if release(&mut tx, &hold, "voided").await? {
-                voided += 1;
-            }
-            tx.commit().await?;
-        }
+        let swept = self.store.book.as_ref().map_or(0, |b| b.sweep(max_age_ms));
+        // A reservation's hold lives as long as its lease, which may be longer than the TTL.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM holds WHERE status = 'held' AND created_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.hold_id = holds.id AND r.status = 'active')",
+        )
+        .bind(now_ms() - max_age_ms)
+        .fetch_all(&self.store.pool)
+        .await?;
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut tx = self.store.pool.begin().await?;
+        let voided = swept + release_rows(&mut tx, &ids, "voided").await?.len() as u64;
+        tx.commit().await?;
         Ok(voided)
     }
 

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod holds;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;

@@ -80,7 +80,7 @@ pub async fn create(
     let account = ledger::user_account(&key.user_id);
     let hold = state
         .ledger
-        .hold(&account, max_cost, &id, Some(&key.key_id))
+        .hold_durable(&account, max_cost, &id, Some(&key.key_id))
         .await?
         .ok_or(ApiError::InsufficientQuota { needed: max_cost, available: state.ledger.balance(&account).await?.available })?;
     // One active reservation per provider: the insert re-checks under the database's lock.
@@ -116,7 +116,7 @@ pub async fn create(
 
 async fn void(state: &AppState, hold: Hold) -> Result<(), sqlx::Error> {
     let mut tx = state.store.pool.begin().await?;
-    ledger::apply(&mut tx, &Billing::Void(hold)).await?;
+    ledger::apply(&mut tx, &Billing::Void(hold), "reservation", None).await?;
     tx.commit().await
 }
 
@@ -167,7 +167,7 @@ pub async fn finish(state: &AppState, id: &str, user_id: Option<&str>, at: i64) 
         return Err(ApiError::Conflict(format!("reservation {id} has already ended")));
     }
     let (starts, ends): (i64, i64) = (row.try_get("starts_at")?, row.try_get("ends_at")?);
-    let hold = Hold { id: row.try_get("hold_id")?, account_id: row.try_get("account_id")?, amount: row.try_get("amount")? };
+    let hold = Hold { id: row.try_get("hold_id")?, account_id: row.try_get("account_id")?, amount: row.try_get("amount")?, in_memory: false };
     let charge = lease_cost(row.try_get("price_per_hour_micros")?, at.min(ends) - starts).min(hold.amount);
     let mut tx = state.store.pool.begin().await?;
     let moved = sqlx::query("UPDATE reservations SET status = 'released', released_at = $1, charged_micros = $2 WHERE id = $3 AND status = 'active'")
@@ -186,7 +186,7 @@ pub async fn finish(state: &AppState, id: &str, user_id: Option<&str>, at: i64) 
         charge,
         fee: ledger::fee(charge, state.config.platform_fee_bp),
     };
-    ledger::apply_as(&mut tx, &Billing::Settle(settlement), "reservation").await?;
+    ledger::apply(&mut tx, &Billing::Settle(settlement), "reservation", None).await?;
     tx.commit().await?;
     state.registry.reload().await?;
     Ok(())

@@ -26,8 +26,17 @@ pub enum Backend {
 
 #[derive(Clone)]
 pub struct Store {
+    /// Every write, and reads that belong to a write's transaction. SQLite: one
+    /// connection (one writer; see `connect`).
     pub pool: AnyPool,
+    /// Reads on the request path. SQLite: separate connections that only read, so a
+    /// read never queues behind the writer's batch (WAL readers never block). PostgreSQL:
+    /// the same pool as `pool`.
+    pub read: AnyPool,
     pub backend: Backend,
+    /// Request holds in memory: SQLite only, whose database belongs to one process
+    /// (`holds`). PostgreSQL, shared by replicas, keeps holds in the `holds` table.
+    pub book: Option<std::sync::Arc<crate::holds::HoldBook>>,
 }
 
 impl Store {
@@ -43,11 +52,10 @@ impl Store {
         };
         let options = AnyConnectOptions::from_str(&url)?;
         let pool_options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
-        let pool = match backend {
+        let store = match backend {
             Backend::Sqlite => {
-                pool_options
-                    .max_connections(1)
-                    .after_connect(|conn, _| {
+                let sqlite = |connections: u32| {
+                    pool_options.clone().max_connections(connections).after_connect(|conn, _| {
                         Box::pin(async move {
                             // WAL lets readers run beside the writer; NORMAL sync is
                             // durable across process crashes (not power loss), which is
@@ -59,12 +67,23 @@ impl Store {
                             Ok(())
                         })
                     })
-                    .connect_with(options)
-                    .await?
+                };
+                let pool = sqlite(1).connect_with(options.clone()).await?;
+                // An in-memory database exists once per connection: it reads through
+                // the writer's. A file gets reader connections, made lazily (after the
+                // writer created the file and set WAL mode).
+                let read = if url.contains(":memory:") || url.contains("mode=memory") {
+                    pool.clone()
+                } else {
+                    sqlite(4).min_connections(0).connect_lazy_with(options)
+                };
+                Self { pool, read, backend, book: Some(std::sync::Arc::default()) }
             }
-            Backend::Postgres => pool_options.max_connections(16).connect_with(options).await?,
+            Backend::Postgres => {
+                let pool = pool_options.max_connections(16).connect_with(options).await?;
+                Self { read: pool.clone(), pool, backend, book: None }
+            }
         };
-        let store = Self { pool, backend };
         store.migrate().await?;
         Ok(store)
     }
@@ -119,6 +138,48 @@ impl Store {
             .await?;
         Ok(self.setting(key).await?.unwrap_or_else(|| value.to_owned()))
     }
+}
+
+/// A bound value of a multi-row statement.
+pub enum Param<'a> {
+    Str(&'a str),
+    Int(i64),
+    /// Typed nulls: PostgreSQL refuses a text NULL for a BIGINT column.
+    OptStr(Option<&'a str>),
+    OptInt(Option<i64>),
+}
+
+/// `$start, $start+1, …` for `n` values.
+pub fn placeholders(start: usize, n: usize) -> String {
+    (start..start + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// One multi-row `INSERT` per chunk of `rows` (each row the same width).
+pub async fn insert_rows(tx: &mut sqlx::Transaction<'_, sqlx::Any>, head: &str, tail: &str, rows: &[Vec<Param<'_>>]) -> Result<(), sqlx::Error> {
+    // Modest statements: SQLite looks `$N` parameters up by name, which grows
+    // quadratically with the parameter count of one statement.
+    for chunk in rows.chunks(64) {
+        let mut sql = String::from(head);
+        let mut n = 1;
+        for (i, row) in chunk.iter().enumerate() {
+            sql.push_str(if i == 0 { " (" } else { ", (" });
+            sql.push_str(&placeholders(n, row.len()));
+            sql.push(')');
+            n += row.len();
+        }
+        sql.push_str(tail);
+        let mut q = sqlx::query(&sql);
+        for value in chunk.iter().flatten() {
+            q = match value {
+                Param::Str(s) => q.bind(*s),
+                Param::Int(v) => q.bind(*v),
+                Param::OptStr(v) => q.bind(*v),
+                Param::OptInt(v) => q.bind(*v),
+            };
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 fn strip_comments(statement: &str) -> String {

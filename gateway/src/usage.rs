@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::ledger::{Billing, Payer, Settlement};
+use crate::store::{insert_rows, Param, Store};
 
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
@@ -88,8 +89,6 @@ pub struct UsageWriter {
     pub handle: tokio::task::JoinHandle<()>,
 }
 
-const COLUMNS: usize = 17;
-
 pub fn spawn(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     store: Store,
@@ -101,6 +100,7 @@ pub fn spawn(
     let (store, metrics) = (store, metrics);
     let handle = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(batch_max);
+        let mut known = crate::ledger::Known::default();
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut batch, batch_max) => {
@@ -114,15 +114,15 @@ pub fn spawn(
                             match rx.try_recv() { Ok(r) => batch.push(r), Err(_) => break }
                         }
                     }
-                    write_batch(&store, &metrics, &mut batch).await;
+                    write_batch(&store, &metrics, &mut batch, &mut known).await;
                 }
                 () = stop.cancelled() => {
                     rx.close();
                     while let Some(r) = rx.recv().await {
                         batch.push(r);
-                        if batch.len() >= batch_max { write_batch(&store, &metrics, &mut batch).await; }
+                        if batch.len() >= batch_max { write_batch(&store, &metrics, &mut batch, &mut known).await; }
                     }
-                    write_batch(&store, &metrics, &mut batch).await;
+                    write_batch(&store, &metrics, &mut batch, &mut known).await;
                     break;
                 }
             }
@@ -131,18 +131,20 @@ pub fn spawn(
     (UsageSink { tx }, UsageWriter { handle })
 }
 
-async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &mut Vec<Completion>) {
+async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &mut Vec<Completion>, known: &mut crate::ledger::Known) {
     if batch.is_empty() {
         return;
     }
     let mut ok = false;
     for attempt in 0..5u32 {
-        match commit(store, batch).await {
+        match commit(store, batch, known).await {
             Ok(()) => {
+                known.committed();
                 ok = true;
                 break;
             }
             Err(e) => {
+                known.rolled_back();
                 tracing::warn!(error = %e, attempt, rows = batch.len(), "usage batch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             }
@@ -150,6 +152,20 @@ async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &m
     }
     if !ok {
         tracing::error!(rows = batch.len(), "usage batch could not be written");
+    }
+    if let Some(book) = &store.book {
+        // In-memory holds are released only now, after their charge committed (see
+        // `holds` for why the order matters); a batch that could not be written
+        // charged nothing.
+        for c in batch.iter() {
+            let hold = match &c.billing {
+                Some(Billing::Settle(Settlement { payer: Payer::User(hold), .. })) | Some(Billing::Void(hold)) => hold,
+                _ => continue,
+            };
+            if hold.in_memory {
+                book.finish(hold, if ok { c.record.cost_micros } else { 0 });
+            }
+        }
     }
     for c in batch.drain(..) {
         if ok {
@@ -164,62 +180,45 @@ async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &m
 }
 
 /// One transaction: every settlement of the batch, then every usage row.
-async fn commit(store: &Store, batch: &mut [Completion]) -> Result<(), sqlx::Error> {
+async fn commit(store: &Store, batch: &mut [Completion], known: &mut crate::ledger::Known) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
-    for c in batch.iter_mut() {
-        if let Some(billing) = &c.billing {
-            c.record.cost_micros = crate::ledger::apply(&mut tx, billing).await?;
+    let billings: Vec<Option<&Billing>> = batch.iter().map(|c| c.billing.as_ref()).collect();
+    let charges = crate::ledger::apply_batch(&mut tx, &billings, "usage", store.book.as_deref(), known).await?;
+    for (c, charge) in batch.iter_mut().zip(charges) {
+        if c.billing.is_some() {
+            c.record.cost_micros = charge;
         }
     }
-    let records: Vec<&UsageRecord> = batch.iter().map(|c| &c.record).collect();
-    // Modest statements: SQLite looks `$N` parameters up by name, which grows
-    // quadratically with the parameter count of one statement.
-    for chunk in records.chunks(64) {
-        insert(&mut tx, chunk).await?;
-    }
+    let rows: Vec<Vec<Param<'_>>> = batch.iter().map(|c| row(&c.record)).collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO usage_records (request_id, key_id, user_id, endpoint, model, provider_id, quality, \
+         prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error_code, created_at, cost_micros, payer, usage_source) VALUES",
+        " ON CONFLICT (request_id) DO NOTHING",
+        &rows,
+    )
+    .await?;
     tx.commit().await
 }
 
-async fn insert(tx: &mut sqlx::Transaction<'_, sqlx::Any>, batch: &[&UsageRecord]) -> Result<(), sqlx::Error> {
-    let mut sql = String::from(
-        "INSERT INTO usage_records (request_id, key_id, user_id, endpoint, model, provider_id, quality, \
-         prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error_code, created_at, cost_micros, payer, usage_source) VALUES ",
-    );
-    for i in 0..batch.len() {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push('(');
-        for c in 0..COLUMNS {
-            if c > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!("${}", i * COLUMNS + c + 1));
-        }
-        sql.push(')');
-    }
-    sql.push_str(" ON CONFLICT (request_id) DO NOTHING");
-    let mut query = sqlx::query(&sql);
-    for r in batch {
-        query = query
-            .bind(r.request_id.clone())
-            .bind(r.key_id.clone())
-            .bind(r.user_id.clone())
-            .bind(r.endpoint)
-            .bind(r.model.clone())
-            .bind(r.provider_id.clone())
-            .bind(r.quality.clone())
-            .bind(i64::from(r.prompt_tokens))
-            .bind(i64::from(r.completion_tokens))
-            .bind(r.ttft_us.map(|v| i64::try_from(v / 1000).unwrap_or(i64::MAX)))
-            .bind(i64::try_from(r.latency_ms).unwrap_or(i64::MAX))
-            .bind(r.status.as_str())
-            .bind(r.error_code.clone())
-            .bind(r.created_at)
-            .bind(r.cost_micros)
-            .bind(r.payer)
-            .bind(r.usage_source);
-    }
-    query.execute(&mut **tx).await?;
-    Ok(())
+fn row(r: &UsageRecord) -> Vec<Param<'_>> {
+    vec![
+        Param::Str(&r.request_id),
+        Param::OptStr(r.key_id.as_deref()),
+        Param::OptStr(r.user_id.as_deref()),
+        Param::Str(r.endpoint),
+        Param::Str(&r.model),
+        Param::OptStr(r.provider_id.as_deref()),
+        Param::Str(&r.quality),
+        Param::Int(i64::from(r.prompt_tokens)),
+        Param::Int(i64::from(r.completion_tokens)),
+        Param::OptInt(r.ttft_us.map(|v| i64::try_from(v / 1000).unwrap_or(i64::MAX))),
+        Param::Int(i64::try_from(r.latency_ms).unwrap_or(i64::MAX)),
+        Param::Str(r.status.as_str()),
+        Param::OptStr(r.error_code.as_deref()),
+        Param::Int(r.created_at),
+        Param::Int(r.cost_micros),
+        Param::OptStr(r.payer),
+        Param::Str(r.usage_source),
+    ]
 }
