@@ -535,9 +535,10 @@ async function quality(root) {
   root.append(h('h1', {}, 'Quality levels'), section('Levels', listBox), section('Add a custom level', form));
   async function load() {
     const list = (await api('/api/admin/quality-levels')).data;
-    clear(listBox).append(table(['Level', 'Multiplier', 'Latency ×', 'Cost ×', 'Max tokens', 'Priority', 'Min provider score', ''], list.map((l) => [
+    clear(listBox).append(table(['Level', 'Multiplier', 'Latency ×', 'Cost ×', 'Max tokens', 'Priority', 'Min provider score', 'Precision', ''], list.map((l) => [
       h('strong', {}, l.name), num(l.multiplier), num(l.latencyMultiplier), num(l.costMultiplier), num(l.maxTokens), num(l.priority),
-      l.minProviderScore == null ? '–' : num(l.minProviderScore), l.custom ? pill('custom') : pill('built-in', 'builtin')]), { id: 'quality-table' }));
+      l.minProviderScore == null ? '–' : num(l.minProviderScore), l.precision === 'full' ? 'full' : 'reduced allowed',
+      l.custom ? pill('custom') : pill('built-in', 'builtin')]), { id: 'quality-table' }));
   }
   await load();
 }

@@ -400,6 +400,9 @@ pub struct QualityLevelInfo {
     pub max_tokens: u32,
     pub priority: i32,
     pub min_provider_score: f64,
+    /// `full`: only providers that list `full` in `capabilities.precisions` serve the
+    /// level, asked for full precision; `reduced`: any provider, reduced precision allowed.
+    pub precision: openapi::platform::Precision,
     pub custom: bool,
 }
 

@@ -98,6 +98,8 @@ async fn register_upstream(state: &crate::AppState, upstream: &str) -> anyhow::R
                     max_concurrent_streams: 64,
                     supported_qualities: QUALITIES.iter().map(|q| (*q).to_owned()).collect(),
                     features: None,
+                    // An external server makes no claim: it serves its model as loaded.
+                    precisions: vec![openapi::platform::Precision::Full],
                 },
                 pricing: Pricing { per_token: 0.000_002, per_hour: 0.5, minimum_payout: 5.0 },
                 base_url: upstream.clone(),

@@ -37,6 +37,8 @@ struct Upstream<'a, T: Serialize> {
     request: &'a T,
     /// Worker queue priority from the quality tier.
     priority: i32,
+    /// The tier's precision: `full` is required, `reduced` is allowed.
+    precision: openapi::platform::Precision,
 }
 
 fn check_range(value: Option<f32>, min: f32, max: f32, param: &str) -> Result<(), ApiError> {
@@ -245,7 +247,7 @@ pub fn prepare_chat(
     request.safety_identifier = None;
     request.metadata = None;
     request.store = None;
-    let body = serde_json::to_vec(&Upstream { request: &*request, priority: level.priority })
+    let body = serde_json::to_vec(&Upstream { request: &*request, priority: level.priority, precision: level.precision.wire() })
         .map_err(|e| ApiError::Internal(format!("encode upstream request: {e}")))?;
     let choices = u32::from(request.n.unwrap_or(1).max(1));
     Ok((
@@ -348,7 +350,7 @@ pub async fn completions(
     request.stream_options = Some(ChatCompletionStreamOptions { include_usage: Some(true), ..Default::default() });
     request.max_tokens = Some(max_tokens);
     request.user = Some(state.pseudonym(&key.user_id));
-    let body = serde_json::to_vec(&Upstream { request: &request, priority: level.priority })
+    let body = serde_json::to_vec(&Upstream { request: &request, priority: level.priority, precision: level.precision.wire() })
         .map_err(|e| ApiError::Internal(format!("encode upstream request: {e}")))?;
     let dispatch = Dispatch {
         endpoint: Endpoint::Completions,

@@ -491,6 +491,7 @@ fn level_json(l: &crate::quality::QualityLevel) -> serde_json::Value {
         "maxTokens": l.max_tokens,
         "priority": l.priority,
         "minProviderScore": l.min_score,
+        "precision": l.precision.wire(),
         "custom": l.custom,
     })
 }

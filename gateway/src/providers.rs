@@ -92,6 +92,15 @@ impl Provider {
         self.streams.iter().any(|(m, q)| m == model && q == quality)
     }
 
+    /// Whether the provider may serve a request with this precision requirement: a
+    /// full-precision one only when it lists `full`; any other on whatever it runs.
+    pub fn meets(&self, precision: crate::quality::Precision) -> bool {
+        match precision {
+            crate::quality::Precision::Full => self.capabilities.precisions.contains(&openapi::platform::Precision::Full),
+            crate::quality::Precision::ReducedAllowed => true,
+        }
+    }
+
     pub fn info(&self, now: i64, stale_after_ms: i64, usage_flags: u64, score: f64) -> ProviderInfo {
         let mut streams: Vec<StreamControlInfo> = self
             .streams
@@ -230,7 +239,7 @@ impl Registry {
 
     pub async fn register(
         &self,
-        request: RegisterProviderRequest,
+        mut request: RegisterProviderRequest,
         status: ProviderStatus,
     ) -> Result<openapi::platform::RegisterProviderResponse, ProviderError> {
         let invalid = |message: &str, param: &'static str| ProviderError::Invalid { message: message.to_owned(), param };
@@ -245,6 +254,12 @@ impl Registry {
         if caps.max_concurrent_streams == 0 {
             return Err(invalid("capabilities.maxConcurrentStreams must be at least 1", "capabilities.maxConcurrentStreams"));
         }
+        // Unknown values are already refused when the body is parsed (naming the entry).
+        if caps.precisions.is_empty() {
+            return Err(invalid("capabilities.precisions must list at least one of full, reduced (or be left out: full)", "capabilities.precisions"));
+        }
+        request.capabilities.precisions.sort_unstable();
+        request.capabilities.precisions.dedup();
         // Prices: per token is stored per million tokens so sub-micro-USD prices keep precision.
         let per_mtok = usd_to_micros(request.pricing.per_token, 1e12, "pricing.perToken")?;
         let per_hour = usd_to_micros(request.pricing.per_hour, MICROS_PER_USD, "pricing.perHour")?;

@@ -1,6 +1,6 @@
 //! Quality tiers (DESIGN.md's table): what a tier changes on the provider side — the
-//! max-tokens cap, the worker queue priority, the minimum provider score — and what it
-//! costs. Custom levels are added at run time (admin API) and persisted; a custom level
+//! max-tokens cap, the worker queue priority, the minimum provider score, the numeric
+//! precision it requires — and what it costs. Custom levels are added at run time (admin API) and persisted; a custom level
 //! is served by providers streaming it by name or, failing that, their `standard` stream.
 
 use std::collections::HashMap;
@@ -24,9 +24,37 @@ pub struct QualityLevel {
     pub priority: i32,
     /// Only providers with at least this routing score serve the tier.
     pub min_score: f64,
+    /// The numeric precision the tier's requests need from the provider.
+    pub precision: Precision,
     /// The seed's general quality multiplier.
     pub multiplier: f64,
     pub custom: bool,
+}
+
+/// What a level requires of the provider's numerics (DESIGN.md: low and standard allow
+/// lower precision, high and ultra need full precision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Only providers that serve full precision qualify, and they are asked for it.
+    Full,
+    /// Any provider qualifies and may use its faster, reduced-precision kernels.
+    ReducedAllowed,
+}
+
+impl Precision {
+    /// The level's requirement from its general multiplier: full from `high` (1.5) up.
+    fn for_multiplier(multiplier: f64) -> Self {
+        if multiplier >= 1.5 { Self::Full } else { Self::ReducedAllowed }
+    }
+
+    /// The wire value: in level listings and in the body sent to providers, `reduced`
+    /// means reduced precision is allowed.
+    pub fn wire(self) -> openapi::platform::Precision {
+        match self {
+            Self::Full => openapi::platform::Precision::Full,
+            Self::ReducedAllowed => openapi::platform::Precision::Reduced,
+        }
+    }
 }
 
 /// The built-in tiers, lowest first.
@@ -47,13 +75,14 @@ pub fn builtin(name: &str) -> Option<QualityLevel> {
         max_tokens,
         priority,
         min_score,
+        precision: Precision::for_multiplier(multiplier),
         multiplier,
         custom: false,
     })
 }
 
-/// A custom level from the seed's fields. Priority and minimum score follow the
-/// general multiplier the way the built-ins do (1.0 → standard, 1.5 → high, 2.0 → ultra).
+/// A custom level from the seed's fields. Priority, minimum score and precision follow
+/// the general multiplier the way the built-ins do (1.0 → standard, 1.5 → high, 2.0 → ultra).
 pub fn custom(name: &str, multiplier: f64, latency_multiplier: f64, cost_multiplier: f64, max_tokens: u32) -> QualityLevel {
     QualityLevel {
         name: name.to_owned(),
@@ -63,6 +92,7 @@ pub fn custom(name: &str, multiplier: f64, latency_multiplier: f64, cost_multipl
         // Saturating: `add` rejects out-of-range multipliers, but only after this runs.
         priority: ((multiplier * 2.0).round() as i32).saturating_sub(1).clamp(0, 10),
         min_score: if multiplier >= 2.0 { 0.7 } else if multiplier >= 1.5 { 0.5 } else { 0.0 },
+        precision: Precision::for_multiplier(multiplier),
         multiplier,
         custom: true,
     }
@@ -191,5 +221,17 @@ mod tests {
         assert_eq!(turbo.min_score, 0.7);
         assert_eq!(turbo.cost_multiplier_bp, 30_000);
         assert_eq!(custom("eco", 1.0, 1.0, 0.5, 512).priority, 1);
+        assert_eq!(turbo.precision, Precision::Full);
+        assert_eq!(custom("eco", 1.0, 1.0, 0.5, 512).precision, Precision::ReducedAllowed);
+        assert_eq!(custom("edge", 1.5, 1.0, 1.5, 512).precision, Precision::Full);
+    }
+
+    #[test]
+    fn low_and_standard_allow_reduced_precision_high_and_ultra_need_full() {
+        let precision = |name| builtin(name).map(|l| l.precision);
+        assert_eq!(precision("low"), Some(Precision::ReducedAllowed));
+        assert_eq!(precision("standard"), Some(Precision::ReducedAllowed));
+        assert_eq!(precision("high"), Some(Precision::Full));
+        assert_eq!(precision("ultra"), Some(Precision::Full));
     }
 }

@@ -53,7 +53,7 @@ pub struct Dispatch {
     pub key: Arc<AuthedKey>,
     pub model: String,
     pub quality: String,
-    /// The resolved level (what it serves on, its minimum provider score).
+    /// The resolved level (what it serves on, its minimum provider score and precision).
     pub level: crate::quality::QualityLevel,
     /// The JSON body for the provider (stream and usage already forced on).
     pub body: Bytes,
@@ -482,6 +482,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         &snapshot,
         &dispatch.model,
         &routing::serve_on(&dispatch.level),
+        dispatch.level.precision,
         &dispatch.features,
         now_ms(),
         stale_ms,

@@ -1,4 +1,5 @@
-//! Provider selection: capability match → availability → power-of-two-choices on load.
+//! Provider selection: capability match (model, quality streams, precision, features,
+//! reservations) → availability → power-of-two-choices on load.
 //! Scoring (success rate, latency, uptime, price) comes with the routing issue.
 
 use std::collections::HashMap;
@@ -10,9 +11,11 @@ use rand::Rng;
 
 use crate::health::Weights;
 use crate::providers::Provider;
+use crate::quality::Precision;
 
 pub struct Candidates {
-    /// Live providers that serve the model at the quality and honour every feature.
+    /// Live providers that serve the model at the quality, meet its precision
+    /// requirement and honour every feature.
     pub eligible: Vec<Arc<Provider>>,
     /// Some live provider serves the model at all (any quality or feature set).
     pub model_known: bool,
@@ -20,10 +23,13 @@ pub struct Candidates {
     pub unsupported_feature: Option<&'static str>,
 }
 
+// The arguments are one request's routing inputs.
+#[allow(clippy::too_many_arguments)]
 pub fn candidates(
     providers: &HashMap<String, Arc<Provider>>,
     model: &str,
     qualities: &[&str],
+    precision: Precision,
     features: &[&'static str],
     now_ms: i64,
     stale_after_ms: i64,
@@ -42,7 +48,7 @@ pub fn candidates(
         if reserved_for != reservation {
             continue;
         }
-        if !qualities.iter().any(|q| p.serves(model, q)) {
+        if !qualities.iter().any(|q| p.serves(model, q)) || !p.meets(precision) {
             continue;
         }
         if let Some(missing) = features.iter().find(|f| !p.supports(f)) {
@@ -149,7 +155,8 @@ pub fn serve_on(level: &crate::quality::QualityLevel) -> Vec<&str> {
     if level.custom { vec![level.name.as_str(), "standard"] } else { vec![level.name.as_str()] }
 }
 
-/// Eligible providers for a level: capability match plus the level's minimum score.
+/// Eligible providers for a level: capability match (its streams and precision) plus
+/// the level's minimum score.
 // The arguments are one request's routing inputs, passed straight through to `candidates`.
 #[allow(clippy::too_many_arguments)]
 pub fn for_level(
@@ -162,7 +169,7 @@ pub fn for_level(
     reservation: Option<&str>,
     weights: &Weights,
 ) -> Candidates {
-    let mut found = candidates(providers, model, &serve_on(level), features, now_ms, stale_after_ms, reservation);
+    let mut found = candidates(providers, model, &serve_on(level), level.precision, features, now_ms, stale_after_ms, reservation);
     if level.min_score > 0.0 {
         let base = Baseline::of(found.eligible.iter());
         found.eligible.retain(|p| score(p, weights, &base) >= level.min_score);

@@ -36,10 +36,32 @@ pub struct Capabilities {
     /// Absent means "everything", as for a generic OpenAI-compatible server.
     #[serde(default)]
     pub features: Option<Vec<String>>,
+    /// The numeric precisions the provider can serve (see `Precision`). Absent means
+    /// `["full"]`: a provider that makes no claim serves its model as loaded, so it
+    /// gets every tier, including those that require full precision.
+    #[serde(default = "default_precisions")]
+    #[schema(min_items = 1)]
+    pub precisions: Vec<Precision>,
 }
 
 fn default_qualities() -> Vec<String> {
     ["low", "standard", "high", "ultra"].iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn default_precisions() -> Vec<Precision> {
+    vec![Precision::Full]
+}
+
+/// Numeric precision. `full`: the model's math as loaded (our worker: exact f32 on
+/// exactly dequantized weights). `reduced`: faster kernels whose results differ in
+/// rounding (our worker: fused quantized kernels). The gateway sends it to providers
+/// as the request body's `precision` (`reduced` there means reduced precision is
+/// allowed); a quality level's `precision` is what its requests require.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Full,
+    Reduced,
 }
 
 /// Prices in USD as the seed sends them; the gateway stores integer micro-USD.

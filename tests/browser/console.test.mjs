@@ -229,6 +229,7 @@ try {
   await page.click('#nav a[href="#/quality"]');
   await page.locator('#quality-table').waitFor();
   assert.match(await page.locator('#quality-table').textContent(), /ultra/);
+  assert.match(await page.locator('#quality-table').textContent(), /reduced allowed/);
   await noHorizontalOverflow(page, 'quality levels at 1280');
 
   step('sign out forgets the key');

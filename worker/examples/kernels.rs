@@ -5,21 +5,21 @@ use std::time::Instant;
 use worker::model::{BatchItem, LoadedModel};
 use worker::quant::{GgmlType, QMatrix};
 fn main() {
-    let mut m = LoadedModel::load(&worker::fetch::default_model_path(), false).unwrap();
-    if std::env::var("FAST").is_ok() { m.model.precision = worker::quant::Precision::Fast; }
+    let m = LoadedModel::load(&worker::fetch::default_model_path(), false).unwrap();
+    let precision = if std::env::var("FAST").is_ok() { worker::quant::Precision::Fast } else { worker::quant::Precision::Exact };
     let model = &m.model;
     for n in [1usize, 16] {
         let mut caches: Vec<_> = (0..n).map(|_| model.new_cache()).collect();
         let toks: Vec<[u32; 1]> = (0..n).map(|i| [100 + i as u32]).collect();
         for _ in 0..3 {
             let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true }).collect();
-            model.forward(&mut items);
+            model.forward(&mut items, precision);
         }
         let t = Instant::now();
         let iters = 10;
         for _ in 0..iters {
             let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true }).collect();
-            model.forward(&mut items);
+            model.forward(&mut items, precision);
         }
         println!("forward n={n}: {:.2} ms/step", t.elapsed().as_secs_f64() * 1e3 / iters as f64);
     }

@@ -58,6 +58,7 @@ fn run_streams(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Ve
                 prompt,
                 params: SamplingParams { max_tokens, ignore_eos: true, ..Default::default() },
                 priority: 0,
+                precision: engine.config.default_precision,
             })
         })
         .collect();

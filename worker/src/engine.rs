@@ -6,6 +6,11 @@
 //! token for those decoding, a chunk of prompt for those prefilling, so a long prompt
 //! never stalls the others for more than a chunk. A request whose receiver is gone
 //! (client disconnected) is dropped at the next step.
+//!
+//! Precision is per request: a step runs `Exact` when any sequence in it needs full
+//! precision, else `Fast`. Rows are independent of each other at one precision, so a
+//! full-precision request gets the same results alone or batched with reduced ones
+//! (which then run exact too, for those steps).
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -15,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::model::{BatchItem, KvCache, LoadedModel};
+use crate::quant::Precision;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::Utf8Stream;
 
@@ -26,11 +32,13 @@ pub struct EngineConfig {
     pub kv_budget_bytes: usize,
     /// Tokens per step spent on prompt processing (chunked prefill).
     pub prefill_chunk: usize,
+    /// Precision of requests that do not name one (the server's `precision` field).
+    pub default_precision: Precision,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_seqs: 32, kv_budget_bytes: 8 << 30, prefill_chunk: 256 }
+        EngineConfig { max_seqs: 32, kv_budget_bytes: 8 << 30, prefill_chunk: 256, default_precision: Precision::Exact }
     }
 }
 
@@ -71,6 +79,8 @@ pub struct GenRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub priority: i32,
+    /// `Exact` (full precision) makes every step this request is in run exact.
+    pub precision: Precision,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +95,20 @@ pub struct Stats {
     pub steps_total: AtomicU64,
     /// Requests accepted per queue priority (0..=10; the gateway maps quality tiers to it).
     pub requests_by_priority: [AtomicU64; 11],
+    /// Requests accepted that need full precision (the gateway's high and ultra tiers).
+    pub requests_full_precision: AtomicU64,
+    /// Requests accepted that allow reduced precision.
+    pub requests_reduced_precision: AtomicU64,
+}
+
+impl Stats {
+    /// The counter of requests accepted at `precision`.
+    pub fn requests_at(&self, precision: Precision) -> &AtomicU64 {
+        match precision {
+            Precision::Exact => &self.requests_full_precision,
+            Precision::Fast => &self.requests_reduced_precision,
+        }
+    }
 }
 
 struct Queued {
@@ -144,6 +168,7 @@ struct Seq {
     events: UnboundedSender<Event>,
     reserved: usize,
     finished: bool,
+    precision: Precision,
 }
 
 impl Engine {
@@ -180,13 +205,21 @@ impl Engine {
         let Ok(mut q) = self.shared.queue.lock() else { return rx };
         let id = q.next_id;
         q.next_id += 1;
-        let req_priority = req.priority;
-        tracing::info!(id, priority = req.priority, max_tokens = req.params.max_tokens, temperature = req.params.temperature, "request queued");
+        let (req_priority, req_precision) = (req.priority, req.precision);
+        tracing::info!(
+            id,
+            priority = req.priority,
+            precision = req.precision.api_name(),
+            max_tokens = req.params.max_tokens,
+            temperature = req.params.temperature,
+            "request queued"
+        );
         q.heap.push(Queued { priority: req.priority, id, req, events: tx });
         self.shared.stats.queued.store(q.heap.len(), Relaxed);
         self.shared.stats.requests_total.fetch_add(1, Relaxed);
         let slot = usize::try_from(req_priority.clamp(0, 10)).unwrap_or(0);
         self.shared.stats.requests_by_priority[slot].fetch_add(1, Relaxed);
+        self.shared.stats.requests_at(req_precision).fetch_add(1, Relaxed);
         drop(q);
         self.shared.wake.notify_one();
         rx
@@ -245,6 +278,7 @@ impl Engine {
                         events: item.events,
                         reserved: need,
                         finished: false,
+                        precision: item.req.precision,
                     });
                 }
                 stats.queued.store(q.heap.len(), Relaxed);
@@ -280,17 +314,24 @@ impl Engine {
     }
 
     /// One forward pass over all running sequences, then sampling. Finished
-    /// sequences close their channel (so the caller's `retain` drops them).
+    /// sequences close their channel (so the caller's `retain` drops them). The pass
+    /// is exact when any sequence in it needs full precision.
     fn step(&self, active: &mut [Seq]) {
         let decoding = active.iter().filter(|s| s.prefilled >= s.prompt.len()).count();
         let mut budget = self.config.prefill_chunk.saturating_sub(decoding).max(if decoding == 0 { 1 } else { 0 });
         let mut items = Vec::with_capacity(active.len());
         let mut owners = Vec::with_capacity(active.len());
+        let mut precision = Precision::Fast;
         for (i, s) in active.iter_mut().enumerate() {
-            if s.prefilled < s.prompt.len() {
-                if budget == 0 {
-                    continue;
-                }
+            let prefilling = s.prefilled < s.prompt.len();
+            // A sequence waiting for prefill budget is not in this pass.
+            if prefilling && budget == 0 {
+                continue;
+            }
+            if s.precision == Precision::Exact {
+                precision = Precision::Exact;
+            }
+            if prefilling {
                 let end = (s.prefilled + budget).min(s.prompt.len());
                 budget -= end - s.prefilled;
                 let done = end == s.prompt.len();
@@ -304,7 +345,7 @@ impl Engine {
                 owners.push(i);
             }
         }
-        let logits = self.model.model.forward(&mut items);
+        let logits = self.model.model.forward(&mut items, precision);
         drop(items);
         let ctx = self.context_length();
         let tok = &self.model.tokenizer;

@@ -51,7 +51,7 @@ enum Cmd {
         top_k: usize,
         #[arg(long)]
         seed: Option<u64>,
-        /// Exact f32 math on dequantized weights (slower).
+        /// Full precision: exact f32 math on dequantized weights (slower).
         #[arg(long)]
         exact: bool,
         #[arg(long, default_value = "native")]
@@ -115,8 +115,10 @@ enum Cmd {
 
 #[derive(clap::Args, Clone)]
 struct EngineArgs {
-    /// Exact f32 math on dequantized weights everywhere (slower); by default decode
-    /// uses the fused quantized kernels, which differ only in f32 rounding.
+    /// Requests that name no `precision` get full precision (exact f32 math on
+    /// dequantized weights, slower); by default they get reduced precision (the fused
+    /// quantized kernels, which differ only in f32 rounding). A request's own
+    /// `precision` (`full` or `reduced`, sent by the gateway per quality tier) wins.
     #[arg(long)]
     exact: bool,
     /// `native` (quantized CPU kernels) or `burn` (burn tensors: CUDA when built with
@@ -141,6 +143,7 @@ impl EngineArgs {
             max_seqs: self.max_seqs.max(1),
             kv_budget_bytes: self.kv_budget_mb << 20,
             prefill_chunk: self.prefill_chunk.max(1),
+            default_precision: precision(self.exact),
         }
     }
 }
@@ -151,10 +154,8 @@ enum Backend {
     Burn,
 }
 
-fn apply_precision(m: &mut Arc<LoadedModel>, exact: bool) {
-    if let Some(m) = Arc::get_mut(m) {
-        m.model.precision = if exact { Precision::Exact } else { Precision::Fast };
-    }
+fn precision(exact: bool) -> Precision {
+    if exact { Precision::Exact } else { Precision::Fast }
 }
 
 fn apply_backend(m: &mut Arc<LoadedModel>, backend: Backend) {
@@ -193,7 +194,6 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, exact, backend } => {
             let mut m = load(&model_path(model))?;
-            apply_precision(&mut m, exact);
             apply_backend(&mut m, backend);
             let text = if chat {
                 let tpl = m.chat_template.as_deref().context("the model has no chat template")?;
@@ -207,6 +207,7 @@ fn main() -> anyhow::Result<()> {
                 prompt: m.tokenizer.encode(&text),
                 params: SamplingParams { temperature, top_p, top_k, seed, max_tokens, ..Default::default() },
                 priority: 0,
+                precision: precision(exact),
             };
             let mut stdout = std::io::stdout();
             let (_, done) = generate_blocking(&engine, req, |t| {
@@ -220,7 +221,6 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { model, prompt_tokens, decode_tokens, streams, engine } => {
             let mut m = load(&model_path(model))?;
-            apply_precision(&mut m, engine.exact);
             apply_backend(&mut m, engine.backend);
             let mut cfg = engine.config();
             cfg.max_seqs = cfg.max_seqs.max(streams.iter().copied().max().unwrap_or(1));
@@ -246,7 +246,6 @@ fn main() -> anyhow::Result<()> {
             key_file,
         } => {
             let mut m = load(&model_path(model))?;
-            apply_precision(&mut m, engine.exact);
             apply_backend(&mut m, engine.backend);
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
             let engine = Engine::start(m, engine.config());

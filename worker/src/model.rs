@@ -4,7 +4,8 @@
 //!
 //! `forward` runs one step over a flattened batch of rows from many sequences, each
 //! with its own KV cache; every row's math is independent of what else is in the
-//! batch, so results are identical alone or batched.
+//! batch, so results at one precision are identical alone or batched. The precision
+//! is chosen per step by the caller (the engine: exact when any sequence needs it).
 
 use std::path::Path;
 
@@ -83,8 +84,6 @@ pub struct Model {
     /// cos/sin per (position, frequency), computed lazily up to the longest position seen.
     inv_freq: Vec<f32>,
     pub weight_bytes: usize,
-    /// `Exact` by default; servers switch to `Fast` for decode speed.
-    pub precision: Precision,
     /// When set, `forward` runs on burn (GPU with the `cuda` feature) instead of the
     /// native kernels.
     burn: Option<Box<dyn BurnForward>>,
@@ -281,7 +280,7 @@ impl Model {
                     [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.data.len()).sum::<usize>()
                 })
                 .sum::<usize>();
-        Model { config, embed, layers, norm, output, inv_freq, weight_bytes, precision: Precision::Exact, burn: None }
+        Model { config, embed, layers, norm, output, inv_freq, weight_bytes, burn: None }
     }
 
     /// Moves the forward pass onto burn's default backend (CUDA with the `cuda`
@@ -323,9 +322,10 @@ impl Model {
         }
     }
 
-    /// Runs one step. Each item appends its tokens to its cache; the returned vector
-    /// holds, for every item with `want_logits`, the logits of its last token.
-    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Vec<Vec<f32>> {
+    /// Runs one step at `precision`. Each item appends its tokens to its cache; the
+    /// returned vector holds, for every item with `want_logits`, the logits of its last
+    /// token. The burn path always runs f32 weights, which is `Exact`'s contract.
+    pub fn forward(&self, items: &mut [BatchItem<'_>], precision: Precision) -> Vec<Vec<f32>> {
         if let Some(b) = &self.burn {
             return items.iter_mut().filter_map(|it| b.forward_one(&self.config, &self.inv_freq, self, it)).collect();
         }
@@ -363,9 +363,9 @@ impl Model {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            layer.wq.matmul_with(&h, n, &mut q, self.precision);
-            layer.wk.matmul_with(&h, n, &mut k, self.precision);
-            layer.wv.matmul_with(&h, n, &mut v, self.precision);
+            layer.wq.matmul_with(&h, n, &mut q, precision);
+            layer.wk.matmul_with(&h, n, &mut k, precision);
+            layer.wv.matmul_with(&h, n, &mut v, precision);
             add_bias(&mut q, layer.bq.as_deref());
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
@@ -408,17 +408,17 @@ impl Model {
                     }
                 }
             });
-            layer.wo.matmul_with(&att, n, &mut o, self.precision);
+            layer.wo.matmul_with(&att, n, &mut o, precision);
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            layer.w_gate.matmul_with(&h, n, &mut g, self.precision);
-            layer.w_up.matmul_with(&h, n, &mut u, self.precision);
+            layer.w_gate.matmul_with(&h, n, &mut g, precision);
+            layer.w_up.matmul_with(&h, n, &mut u, precision);
             for (a, b) in g.iter_mut().zip(&u) {
                 *a = *a / (1.0 + (-*a).exp()) * b;
             }
-            layer.w_down.matmul_with(&g, n, &mut o, self.precision);
+            layer.w_down.matmul_with(&g, n, &mut o, precision);
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
@@ -447,7 +447,7 @@ impl Model {
         rms_norm(&xs, &self.norm, c.rms_eps, &mut hs);
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; m * c.vocab_size];
-        head.matmul_with(&hs, m, &mut logits, self.precision);
+        head.matmul_with(&hs, m, &mut logits, precision);
         logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect()
     }
 }

@@ -276,6 +276,25 @@ pub enum Precision {
     Fast,
 }
 
+impl Precision {
+    /// The name requests and the gateway use: `full` (exact) or `reduced` (fast).
+    pub fn api_name(self) -> &'static str {
+        match self {
+            Precision::Exact => "full",
+            Precision::Fast => "reduced",
+        }
+    }
+
+    /// The precision an API name stands for.
+    pub fn from_api_name(name: &str) -> Option<Precision> {
+        match name {
+            "full" => Some(Precision::Exact),
+            "reduced" => Some(Precision::Fast),
+            _ => None,
+        }
+    }
+}
+
 fn fused_kernel(m: &QMatrix, r0: usize, x: &[f32], sums: &[f32], n: usize, chunk: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {

@@ -150,6 +150,8 @@ impl GatewayClient {
                     "maxConcurrentStreams": engine.config.max_seqs,
                     "supportedQualities": cfg.qualities,
                     "features": crate::server::FEATURES,
+                    // Precision is chosen per request (`precision` in the body).
+                    "precisions": ["full", "reduced"],
                 },
                 "pricing": {
                     "perToken": cfg.per_token_usd,

@@ -22,6 +22,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::engine::{Engine, Event, FinishReason, GenRequest, TokenLogprob};
+use crate::quant::Precision;
 use crate::sampling::SamplingParams;
 
 /// The optional OpenAI request parameters this worker honours (announced to the gateway).
@@ -156,6 +157,8 @@ struct CommonParams {
     tools: Option<Vec<Value>>,
     response_format: Option<Value>,
     priority: Option<i32>,
+    /// `full` or `reduced` (an extension the gateway sends from the quality tier).
+    precision: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +287,12 @@ impl AppState {
             }
             Some(_) => return Err(ApiError::bad("stop must be a string or an array of up to 4 strings", "stop")),
         };
+        let precision = match &p.precision {
+            None | Some(Value::Null) => self.engine.config.default_precision,
+            Some(v) => v.as_str().and_then(Precision::from_api_name).ok_or_else(|| {
+                ApiError::bad("precision must be \"full\" or \"reduced\"", "precision")
+            })?,
+        };
         Ok(GenRequest {
             prompt,
             params: SamplingParams {
@@ -300,6 +309,7 @@ impl AppState {
                 logprobs,
             },
             priority: p.priority.unwrap_or(0),
+            precision,
         })
     }
 }
@@ -539,6 +549,11 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         if n > 0 {
             let _ = writeln!(out, "worker_requests_by_priority_total{{priority=\"{priority}\"}} {n}");
         }
+    }
+    let _ = writeln!(out, "# HELP worker_requests_by_precision_total Requests accepted per precision (full runs exact steps).\n# TYPE worker_requests_by_precision_total counter");
+    for precision in [Precision::Exact, Precision::Fast] {
+        let n = s.requests_at(precision).load(Relaxed);
+        let _ = writeln!(out, "worker_requests_by_precision_total{{precision=\"{}\"}} {n}", precision.api_name());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

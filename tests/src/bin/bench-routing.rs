@@ -12,7 +12,7 @@ use gateway::config::Config;
 use gateway::providers::{Load, Provider, ProviderStatus};
 use gateway::quality;
 use gateway::routing;
-use openapi::platform::{Capabilities, Pricing};
+use openapi::platform::{Capabilities, Precision, Pricing};
 
 fn provider(i: usize, now: i64) -> Arc<Provider> {
     let model = if i % 4 == 3 { "other-model" } else { "bench-model" };
@@ -37,6 +37,7 @@ fn provider(i: usize, now: i64) -> Arc<Provider> {
             max_concurrent_streams: 8,
             supported_qualities: vec!["standard".into()],
             features: None,
+            precisions: vec![Precision::Full, Precision::Reduced],
         },
         pricing: Pricing { per_token: 0.000_002, per_hour: 0.5, minimum_payout: 5.0 },
         price_per_mtok: 2_000_000 + i64::try_from(i % 13).unwrap_or(0) * 100_000,
@@ -64,7 +65,7 @@ fn main() {
                 let start = Instant::now();
                 let mut picked = 0usize;
                 for _ in 0..iterations {
-                    let found = routing::candidates(&providers, "bench-model", &routing::serve_on(&level), &[], now, 90_000, None);
+                    let found = routing::candidates(&providers, "bench-model", &routing::serve_on(&level), level.precision, &[], now, 90_000, None);
                     if routing::pick(&found.eligible, &[], &weights, now, level.min_score).is_some() {
                         picked += 1;
                     }

@@ -135,6 +135,13 @@ impl Gateway {
         if let Some(f) = features {
             caps["features"] = json!(f);
         }
+        self.add_provider_caps(mock, caps, qualities).await
+    }
+
+    /// Registers `mock` with these capabilities and puts it on line at the given
+    /// qualities of its first model.
+    async fn add_provider_caps(&self, mock: &MockProvider, caps: Value, qualities: &[&str]) -> (String, String) {
+        let model = caps["models"][0].as_str().unwrap().to_owned();
         let r = self
             .http
             .post(self.url("/api/gpu/register"))
@@ -1533,6 +1540,83 @@ async fn inproc_quality_levels_custom_fallback_and_adaptive() {
     // A custom level survives a restart of the level cache (it is persisted).
     gw.state.qualities.reload().await.unwrap();
     assert!(gw.state.qualities.get("turbo").is_some());
+}
+
+/// Precision per tier (DESIGN.md: low and standard allow reduced precision, high and
+/// ultra need full): what providers are asked for, who may serve, what registration
+/// accepts.
+#[tokio::test]
+async fn inproc_quality_levels_precision_reaches_providers_and_routes() {
+    let gw = Gateway::start().await;
+    let key = gw.create_key("premium").await;
+    let all = ["low", "standard", "high", "ultra"];
+    // Registration: an unknown precision names the entry, an empty list the field.
+    let register = |precisions: Value| {
+        gw.http.post(gw.url("/api/gpu/register")).json(&json!({"capabilities": {"models": ["m"], "maxConcurrentStreams": 2, "precisions": precisions},
+            "pricing": {"perToken": 0.000002}, "baseUrl": "http://127.0.0.1:9"})).send()
+    };
+    for (precisions, param) in [(json!(["full", "half"]), "capabilities.precisions[1]"), (json!([]), "capabilities.precisions"), (json!("full"), "capabilities.precisions")] {
+        let r = register(precisions.clone()).await.unwrap();
+        assert_eq!(r.status(), 400, "{precisions}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        assert_eq!(e["error"]["param"], param, "{precisions}: {e}");
+    }
+    // A provider that makes no claim serves full precision (its model as loaded), so
+    // it serves every tier; each tier's precision reaches it in the body.
+    let plain = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&plain, "mock-model", None, &all).await;
+    for (quality, precision) in [("low", "reduced"), ("standard", "reduced"), ("high", "full"), ("ultra", "full")] {
+        let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("hi"), "quality": quality})).await;
+        assert_eq!(r.status(), 200, "{quality}");
+        assert_eq!(plain.last_body().unwrap()["precision"], precision, "{quality}");
+    }
+    // The levels list says what each level requires; a custom level follows its multiplier.
+    for (name, multiplier) in [("eco", 1.0), ("turbo", 2.0)] {
+        let level = json!({"name": name, "multiplier": multiplier, "latencyMultiplier": 1.0, "costMultiplier": 1.0, "maxTokens": 64});
+        assert_eq!(gw.admin_post("/api/admin/quality-levels", level).await.status(), 201);
+    }
+    let levels: Value = gw.http.get(gw.url("/api/admin/quality-levels")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let listed: Vec<(&str, &str)> =
+        levels["data"].as_array().unwrap().iter().map(|l| (l["name"].as_str().unwrap(), l["precision"].as_str().unwrap())).collect();
+    assert_eq!(listed, [("low", "reduced"), ("standard", "reduced"), ("high", "full"), ("ultra", "full"), ("eco", "reduced"), ("turbo", "full")]);
+
+    // A second model served only at reduced precision, on line at every tier.
+    let reduced = spawn_mock(MockConfig { models: vec!["fast-model".into()], ..MockConfig::default() }).await.unwrap();
+    let caps = json!({"models": ["fast-model"], "maxConcurrentStreams": 64, "precisions": ["reduced"]});
+    let (reduced_id, _) = gw.add_provider_caps(&reduced, caps, &all).await;
+    let providers: Value = gw.http.get(gw.url("/api/admin/providers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let precisions_of = |id: &str| providers["data"].as_array().unwrap().iter().find(|p| p["id"] == id).unwrap()["capabilities"]["precisions"].clone();
+    assert_eq!(precisions_of(&reduced_id), json!(["reduced"]));
+    let r = gw.chat(&key, json!({"model": "fast-model", "messages": user("hi"), "quality": "low"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(reduced.last_body().unwrap()["precision"], "reduced");
+    // Full-precision levels (built-in or custom) have no provider for it...
+    for quality in ["high", "ultra", "turbo"] {
+        let r = gw.chat(&key, json!({"model": "fast-model", "messages": user("hi"), "quality": quality})).await;
+        assert_eq!(r.status(), 503, "{quality}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "no_provider_available");
+    }
+    assert_eq!(reduced.request_count(), 1, "a reduced-precision provider never gets a full-precision request");
+    // ...unless the request allows a fallback: the next tier down that allows reduced precision.
+    let r = gw.chat(&key, json!({"model": "fast-model", "messages": user("hi"), "quality": "ultra", "quality_fallback": true})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-quality-served"], "standard");
+    assert_eq!(reduced.last_body().unwrap()["precision"], "reduced");
+    assert_eq!(reduced.last_body().unwrap()["priority"], 1, "standard's parameters, not ultra's");
+
+    // With a full-precision provider beside it, every ultra request goes there.
+    let full = spawn_mock(MockConfig { models: vec!["fast-model".into()], ..MockConfig::default() }).await.unwrap();
+    let caps = json!({"models": ["fast-model"], "maxConcurrentStreams": 64, "precisions": ["full", "reduced"]});
+    gw.add_provider_caps(&full, caps, &all).await;
+    for _ in 0..10 {
+        let r = gw.chat(&key, json!({"model": "fast-model", "messages": user("hi"), "quality": "ultra"})).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(full.request_count(), 10);
+    assert!(full.bodies.lock().iter().all(|b| b["precision"] == "full"));
+    assert!(reduced.bodies.lock().iter().all(|b| b["precision"] == "reduced"));
+    assert_eq!(reduced.request_count(), 2);
 }
 
 /// Parses Prometheus text format: `name{labels} value` → (name with labels, value);

@@ -1,5 +1,5 @@
 //! The real worker (default model) behind the real gateway: quality tiers change what
-//! runs on the worker (its queue priority and max-tokens cap, visible in its metrics)
+//! runs on the worker (its queue priority, precision and max-tokens cap, visible in its metrics)
 //! and what is billed (0.8× for low, 2.0× for ultra).
 
 use std::time::Duration;
@@ -70,6 +70,9 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
     let metrics = http.get(format!("{worker_url}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("worker_requests_by_priority_total{priority=\"0\"} 1"), "{metrics}");
     assert!(metrics.contains("worker_requests_by_priority_total{priority=\"3\"} 1"), "{metrics}");
+    // ... and each tier's precision: low allows reduced, ultra requires full.
+    assert!(metrics.contains("worker_requests_by_precision_total{precision=\"reduced\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("worker_requests_by_precision_total{precision=\"full\"} 1\n"), "{metrics}");
     // Same greedy answer, billed at 0.8× and 2.0× of 2 µUSD per token.
     assert_eq!(usage[0]["total_tokens"], usage[1]["total_tokens"]);
     let tokens = usage[0]["total_tokens"].as_i64().unwrap();

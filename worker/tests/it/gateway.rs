@@ -111,6 +111,7 @@ async fn registers_streams_and_drains_on_sigterm() {
         assert_eq!(reg["capabilities"]["models"], json!(["smollm2-135m-instruct"]));
         assert_eq!(reg["capabilities"]["maxConcurrentStreams"], 32);
         assert!(reg["capabilities"]["features"].as_array().unwrap().contains(&json!("seed")));
+        assert_eq!(reg["capabilities"]["precisions"], json!(["full", "reduced"]), "precision is chosen per request");
         assert!(reg["pricing"]["perToken"].as_f64().unwrap() > 0.0);
         let starts: Vec<_> = calls.iter().filter(|c| c.0 == "/api/gpu/stream/start").collect();
         assert_eq!(starts.len(), 2);

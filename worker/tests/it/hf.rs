@@ -6,6 +6,7 @@ use std::process::Command;
 
 use worker::engine::{generate_blocking, Engine, EngineConfig, GenRequest};
 use worker::model::{BatchItem, LoadedModel};
+use worker::quant::Precision;
 use worker::sampling::SamplingParams;
 
 use crate::{model, model_path, parity::python};
@@ -31,7 +32,7 @@ fn safetensors_directory_matches_the_gguf() {
     let prompt = gguf.tokenizer.encode("The capital of France is");
     let last_logits = |m: &worker::model::Model| {
         let mut cache = m.new_cache();
-        m.forward(&mut [BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true }]).remove(0)
+        m.forward(&mut [BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true }], Precision::Exact).remove(0)
     };
     let (a, b) = (last_logits(&gguf.model), last_logits(&hf.model));
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
@@ -43,6 +44,6 @@ fn safetensors_directory_matches_the_gguf() {
         .unwrap();
     let prompt = hf.tokenizer.encode(&rendered);
     let engine = Engine::start(std::sync::Arc::new(hf), EngineConfig::default());
-    let req = GenRequest { prompt, params: SamplingParams { max_tokens: 40, ..Default::default() }, priority: 0 };
+    let req = GenRequest { prompt, params: SamplingParams { max_tokens: 40, ..Default::default() }, priority: 0, precision: Precision::Exact };
     assert_eq!(generate_blocking(&engine, req, |_| {}).0, "The capital of France is Paris.");
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use worker::model::{BatchItem, Model};
+use worker::quant::Precision;
 use worker::sampling::argmax;
 
 use crate::{model, model_path};
@@ -64,7 +65,7 @@ fn ours(m: &Model, tokens: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     let mut logits = Vec::new();
     for t in tokens {
         let mut items = [BatchItem { cache: &mut cache, tokens: std::slice::from_ref(t), want_logits: true }];
-        logits.push(m.forward(&mut items).remove(0));
+        logits.push(m.forward(&mut items, Precision::Exact).remove(0));
     }
     let mut greedy = Vec::new();
     let mut last = logits.last().cloned().unwrap();
@@ -72,7 +73,7 @@ fn ours(m: &Model, tokens: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
         let t = argmax(&last);
         greedy.push(t);
         let mut items = [BatchItem { cache: &mut cache, tokens: &[t], want_logits: true }];
-        last = m.forward(&mut items).remove(0);
+        last = m.forward(&mut items, Precision::Exact).remove(0);
     }
     (logits, greedy)
 }

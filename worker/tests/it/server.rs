@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use worker::engine::{Engine, EngineConfig};
+use worker::quant::Precision;
 use worker::server::{app, AppState};
 
 use crate::model;
@@ -129,6 +130,28 @@ async fn models_health_and_metrics() {
     assert!(v["memory"]["rssMb"].as_u64().unwrap() > 0);
     let (_, text) = call(&st, "GET", "/metrics", None).await;
     assert!(text.contains("worker_active_streams 0"), "{text}");
+}
+
+#[tokio::test]
+async fn precision_comes_from_the_body_else_the_configured_default() {
+    let m = model();
+    let id = m.default_model_id();
+    let st = AppState::new(Engine::start(m, EngineConfig { default_precision: Precision::Fast, ..Default::default() }), id);
+    for extra in [json!({"precision": "full"}), json!({"precision": "reduced"}), json!({})] {
+        let (status, text) = call(&st, "POST", "/v1/chat/completions", Some(capital_question(extra.clone()))).await;
+        assert_eq!(status, StatusCode::OK, "{extra}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "The capital of France is Paris.", "{extra}");
+    }
+    let (status, text) = call(&st, "POST", "/v1/chat/completions", Some(capital_question(json!({"precision": "half"})))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["param"], "precision");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    // The request without `precision` ran at the default (reduced); the refused one is not counted.
+    let (_, text) = call(&st, "GET", "/metrics", None).await;
+    assert!(text.contains("worker_requests_by_precision_total{precision=\"full\"} 1\n"), "{text}");
+    assert!(text.contains("worker_requests_by_precision_total{precision=\"reduced\"} 2\n"), "{text}");
 }
 
 #[tokio::test]
