@@ -1,5 +1,6 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` (F32/F16/BF16),
-//! `tokenizer.json` (byte-level BPE) and `tokenizer_config.json` (chat template).
+//! `tokenizer.json` (byte-level BPE, loaded by the `tokenize` crate) and
+//! `tokenizer_config.json` (chat template).
 //!
 //! Weights keep their file dtype and go through the same kernels as GGUF tensors.
 //! Hugging Face Llama checkpoints rotate (x[i], x[i + d/2]) pairs in RoPE, so the
@@ -12,7 +13,6 @@ use serde_json::Value;
 
 use crate::model::{slug, Config, Layer, LoadedModel, Model, ModelError};
 use crate::quant::{dequantize, GgmlType, QMatrix};
-use crate::tokenizer::Tokenizer;
 
 fn err(msg: impl Into<String>) -> ModelError {
     ModelError::Hf(msg.into())
@@ -149,10 +149,6 @@ fn llama3_rope_freqs(cfg: &Value, theta: f32, head_dim: usize) -> Option<Vec<f32
     )
 }
 
-fn token_string(v: &Value) -> Option<String> {
-    v.as_str().map(str::to_string).or_else(|| v["content"].as_str().map(str::to_string))
-}
-
 pub fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     let cfg = read_json(&dir.join("config.json"))?;
     let u = |k: &str| cfg[k].as_u64().map(|v| v as usize).ok_or_else(|| err(format!("config.json lacks {k}")));
@@ -215,35 +211,8 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     let rope_freqs = llama3_rope_freqs(&cfg, rope_theta, head_dim);
     let model = Model::from_parts(config, embed, layers, norm, output, rope_freqs);
 
-    let tok_json = read_json(&dir.join("tokenizer.json"))?;
+    let tokenizer = tokenize::hf::load(&dir.join("tokenizer.json"))?;
     let tok_cfg = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Value::Null);
-    let bos = token_string(&tok_cfg["bos_token"]);
-    let mut eos: Vec<String> = token_string(&tok_cfg["eos_token"]).into_iter().collect();
-    // config.json may name more end-of-sequence ids (Llama 3 lists several).
-    let vocab = &tok_json["model"]["vocab"];
-    let eos_ids: Vec<u64> = match &cfg["eos_token_id"] {
-        Value::Number(n) => n.as_u64().into_iter().collect(),
-        Value::Array(a) => a.iter().filter_map(Value::as_u64).collect(),
-        _ => Vec::new(),
-    };
-    for id in eos_ids {
-        let by_vocab = vocab.as_object().and_then(|m| m.iter().find(|(_, v)| v.as_u64() == Some(id)).map(|(k, _)| k.clone()));
-        let by_added = tok_json["added_tokens"]
-            .as_array()
-            .and_then(|a| a.iter().find(|t| t["id"].as_u64() == Some(id)))
-            .and_then(|t| t["content"].as_str().map(str::to_string));
-        if let Some(s) = by_added.or(by_vocab) {
-            if !eos.contains(&s) {
-                eos.push(s);
-            }
-        }
-    }
-    let add_bos = tok_cfg["add_bos_token"].as_bool().unwrap_or_else(|| {
-        // Llama 3 style: the post-processor template starts with the BOS token.
-        let single = tok_json["post_processor"]["single"].to_string();
-        bos.as_ref().is_some_and(|b| single.contains(b.as_str()))
-    });
-    let tokenizer = Tokenizer::from_hf_json(&tok_json, bos.as_deref(), &eos, add_bos)?;
     let chat_template = match &tok_cfg["chat_template"] {
         Value::String(s) => Some(s.clone()),
         Value::Array(a) => a

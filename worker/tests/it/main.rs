@@ -9,7 +9,6 @@ mod generation;
 mod hf;
 mod parity;
 mod server;
-mod tokenizer;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

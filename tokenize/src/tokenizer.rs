@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use fancy_regex::Regex;
 
-use crate::gguf::{Gguf, Value};
+use crate::gguf::{GgufError, GgufHeader, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -15,6 +15,12 @@ pub enum TokenizerError {
     Missing(&'static str),
     #[error("bad pre-tokenizer regex: {0}")]
     Regex(String),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} is not valid JSON: {message}")]
+    Json { path: String, message: String },
 }
 
 const GPT2_PATTERN: &str =
@@ -83,7 +89,7 @@ fn hf_patterns(pre: &serde_json::Value) -> Vec<String> {
 }
 
 /// GPT-2's reversible byte → printable char mapping.
-fn bytes_to_unicode() -> [char; 256] {
+pub(crate) fn bytes_to_unicode() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
@@ -99,13 +105,16 @@ fn bytes_to_unicode() -> [char; 256] {
     map
 }
 
-fn str_array(g: &Gguf, key: &'static str) -> Result<Vec<String>, TokenizerError> {
+fn str_array(g: &GgufHeader, key: &'static str) -> Result<Vec<String>, TokenizerError> {
     let arr = g.metadata.get(key).and_then(Value::as_array).ok_or(TokenizerError::Missing(key))?;
     Ok(arr.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect())
 }
 
 impl Tokenizer {
-    pub fn from_gguf(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
+    /// Builds the tokenizer from a GGUF header (`tokenizer.ggml.*` metadata); the worker
+    /// passes its whole model file, the gateway a header read on its own.
+    pub fn from_gguf<G: AsRef<GgufHeader> + ?Sized>(g: &G) -> Result<Tokenizer, TokenizerError> {
+        let g = g.as_ref();
         let model = g.get_str("tokenizer.ggml.model").unwrap_or("gpt2");
         if model != "gpt2" {
             return Err(TokenizerError::Model(model.to_string()));
@@ -268,12 +277,25 @@ impl Tokenizer {
         self.eos_set.contains(&t)
     }
 
-    /// Encodes text; special-token strings in it (e.g. `<|im_start|>`) become their ids.
+    /// Encodes a prompt: the BOS token when the model wants one, then `encode_text`.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
         if self.add_bos {
             out.extend(self.bos);
         }
+        self.encode_into(text, &mut out);
+        out
+    }
+
+    /// Encodes text as it stands, without a BOS token (e.g. to count the tokens of a
+    /// completion); special-token strings in it (e.g. `<|im_start|>`) become their ids.
+    pub fn encode_text(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.encode_into(text, &mut out);
+        out
+    }
+
+    fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
         let mut rest = text;
         'outer: while !rest.is_empty() {
             // Find the earliest special token occurrence.
@@ -287,17 +309,16 @@ impl Tokenizer {
             }
             match best {
                 Some((p, s, id)) => {
-                    self.encode_plain(&rest[..p], &mut out);
+                    self.encode_plain(&rest[..p], out);
                     out.push(id);
                     rest = &rest[p + s.len()..];
                 }
                 None => {
-                    self.encode_plain(rest, &mut out);
+                    self.encode_plain(rest, out);
                     break 'outer;
                 }
             }
         }
-        out
     }
 
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
