@@ -1,6 +1,7 @@
 //! Configuration: defaults → TOML file → environment (`GATEWAY_<KEY>`, plus the
 //! documented aliases `GPU_STREAMING_PORT`, `GATEWAY_DATABASE_URL`, `GATEWAY_ADMIN_KEY`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -153,6 +154,12 @@ pub struct Config {
     /// OTLP/HTTP collector (`http://collector:4318`): request spans are exported there.
     pub otel_endpoint: Option<String>,
     pub otel_service_name: String,
+    /// The tokenizer of each model id (TOML `[tokenizers]` `"model-id" = "PATH"`, or env
+    /// as an inline table): a `.gguf` file (its header alone is read), a Hugging Face
+    /// model directory or a `tokenizer.json`. The relay counts a model's delivered
+    /// tokens with it to check the provider's usage; models without one are counted
+    /// by content chunks.
+    pub tokenizers: BTreeMap<String, PathBuf>,
 }
 
 impl Default for Config {
@@ -210,6 +217,7 @@ impl Default for Config {
             ads_free_opt_out: false,
             otel_endpoint: None,
             otel_service_name: "gpu-streaming-gateway".to_owned(),
+            tokenizers: BTreeMap::new(),
         }
     }
 }
@@ -290,7 +298,7 @@ impl Config {
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
             "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
             "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
-            "otel_endpoint", "otel_service_name",
+            "otel_endpoint", "otel_service_name", "tokenizers",
         ];
         KEYS.contains(&key)
     }
@@ -356,6 +364,9 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("tls_cert", "tls_cert and tls_key must be given together");
         }
+        if self.tokenizers.keys().any(|model| model.trim().is_empty()) {
+            return invalid("tokenizers", "model ids must not be empty");
+        }
         if let Some(key) = &self.admin_key {
             if key.expose().len() < 16 {
                 return invalid("admin_key", "must be at least 16 characters");
@@ -365,9 +376,10 @@ impl Config {
     }
 }
 
-/// Environment values are TOML scalars when they parse as one (`3002`, `true`), strings otherwise.
+/// Environment values are TOML scalars when they parse as one (`3002`, `true`), arrays
+/// and inline tables when they start with `[` or `{`, strings otherwise.
 fn env_value(raw: &str) -> toml::Value {
-    if raw.trim_start().starts_with('[') {
+    if raw.trim_start().starts_with(['[', '{']) {
         if let Ok(table) = format!("v = {raw}").parse::<toml::Table>() {
             if let Some(v) = table.get("v") {
                 return v.clone();
@@ -428,6 +440,24 @@ mod tests {
         assert_eq!(config.volume_discounts, vec![VolumeDiscount { monthly_tokens: 1000, discount_bp: 500 }]);
         let bad = "[{ monthly_tokens = 1000, discount_bp = 50000 }]";
         assert!(Config::load_from(None, &env(&[("GATEWAY_VOLUME_DISCOUNTS", bad)])).is_err());
+    }
+
+    #[test]
+    fn tokenizers_from_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "[tokenizers]\n\"org/model:v1\" = \"/models/m.gguf\"\nsmall = \"/models/small\"\n").unwrap();
+        let config = Config::load_from(Some(&path), &[]).unwrap();
+        assert_eq!(config.tokenizers.get("org/model:v1"), Some(&PathBuf::from("/models/m.gguf")));
+        assert_eq!(config.tokenizers.get("small"), Some(&PathBuf::from("/models/small")));
+        let raw = r#"{ "smollm2-135m-instruct" = "/m/SmolLM2.gguf" }"#;
+        let config = Config::load_from(Some(&path), &env(&[("GATEWAY_TOKENIZERS", raw)])).unwrap();
+        assert_eq!(config.tokenizers.len(), 1, "env replaces the file's table");
+        assert_eq!(config.tokenizers["smollm2-135m-instruct"], PathBuf::from("/m/SmolLM2.gguf"));
+        let err = Config::load_from(None, &env(&[("GATEWAY_TOKENIZERS", r#"{ "" = "/x" }"#)])).unwrap_err();
+        assert!(err.to_string().contains("tokenizers"), "{err}");
+        let err = Config::load_from(None, &env(&[("GATEWAY_TOKENIZERS", "/just/a/path")])).unwrap_err();
+        assert!(err.to_string().contains("tokenizers"), "{err}");
     }
 
     #[test]

@@ -44,8 +44,12 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
     let model_id = match &options.upstream {
         Some(upstream) => register_upstream(&state, upstream).await?,
         None => {
-            let (child, model_id) = spawn_worker(&options, &base).await?;
+            let (child, model_id, model_path) = spawn_worker(&options, &base).await?;
             worker_child = Some(child);
+            // Count the worker's tokens with its model's own tokenizer (unless configured).
+            if !state.tokenizers.contains(&model_id) {
+                state.tokenizers.load_for(&model_id, &model_path)?;
+            }
             model_id
         }
     };
@@ -125,8 +129,9 @@ async fn register_upstream(state: &crate::AppState, upstream: &str) -> anyhow::R
     Ok(first)
 }
 
-/// Starts `worker serve` with the default model; the worker registers itself.
-async fn spawn_worker(options: &DemoOptions, gateway: &str) -> anyhow::Result<(tokio::process::Child, String)> {
+/// Starts `worker serve` with the default model; the worker registers itself. Returns
+/// the worker, the model id it serves and the model's path.
+async fn spawn_worker(options: &DemoOptions, gateway: &str) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
     let worker = match &options.worker_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("worker"),
@@ -160,7 +165,7 @@ async fn spawn_worker(options: &DemoOptions, gateway: &str) -> anyhow::Result<(t
         if let Ok(r) = client.get(format!("{public}/v1/models")).send().await {
             if let Ok(v) = r.json::<serde_json::Value>().await {
                 if let Some(id) = v["data"][0]["id"].as_str() {
-                    return Ok((child, id.to_owned()));
+                    return Ok((child, id.to_owned(), model));
                 }
             }
         }

@@ -7,6 +7,7 @@ pub mod api_spec;
 pub mod analytics;
 pub mod config;
 pub mod console;
+pub mod delivered;
 pub mod demo;
 pub mod error;
 pub mod extract;
@@ -30,6 +31,7 @@ pub mod server;
 pub mod simple_api;
 pub mod store;
 pub mod telemetry;
+pub mod tokenizers;
 pub mod usage;
 
 use std::sync::atomic::AtomicU64;
@@ -79,6 +81,8 @@ pub struct Inner {
     pub key_locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
     /// Ad inventory, auction and delivery tracking (the layer is `ads::layer`).
     pub ads: Arc<ads::Ads>,
+    /// Model tokenizers, for counting delivered tokens (config `tokenizers`).
+    pub tokenizers: Arc<tokenizers::Tokenizers>,
 }
 
 impl std::ops::Deref for AppState {

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use openapi::stream::{StreamChunk, Usage};
 
+use crate::delivered::{carries_token, Delivered};
 use crate::error::ApiError;
 use crate::keys::AuthedKey;
 use crate::providers::Provider;
@@ -161,7 +162,8 @@ struct Tracker {
     funding: Option<Funding>,
     started: Instant,
     reported: Option<Usage>,
-    counted_completion: u32,
+    /// What the provider delivered, counted by the gateway.
+    delivered: Delivered,
     body_bytes: u32,
     cost_multiplier_bp: u32,
     fee_bp: u32,
@@ -177,24 +179,23 @@ struct Tracker {
 }
 
 impl Tracker {
-    /// The usage that is billed: the provider's report when it is plausible, else our count.
+    /// The usage that is billed: the provider's report when it is plausible, else our
+    /// count (`delivered`: the model's tokenizer, or content chunks without one).
     fn billed_usage(&self) -> (Usage, &'static str) {
         let estimate = self.body_bytes / 3;
+        let counted = self.delivered.count();
         match self.reported {
-            // A token is at least one byte of text, and a chunk carries at least one token.
-            Some(u) if u.prompt_tokens <= self.body_bytes
-                && u.completion_tokens >= self.counted_completion
-                && u.completion_tokens <= self.counted_completion.saturating_mul(4).saturating_add(16) =>
-            {
+            // A prompt token is at least one byte of the request.
+            Some(u) if u.prompt_tokens <= self.body_bytes && self.delivered.plausible(u.completion_tokens) => {
                 (Usage { total_tokens: u.prompt_tokens + u.completion_tokens, cost: None, ..u }, "provider")
             }
             Some(u) => {
-                tracing::debug!(reported = ?u, counted = self.counted_completion, "implausible usage from provider; billing our own count");
+                tracing::debug!(reported = ?u, counted, by_tokenizer = self.delivered.by_tokenizer(), "implausible usage from provider; billing our own count");
                 let prompt = if u.prompt_tokens <= self.body_bytes { u.prompt_tokens } else { estimate };
-                (Usage { prompt_tokens: prompt, completion_tokens: self.counted_completion, total_tokens: prompt + self.counted_completion, cost: None }, "gateway_flagged")
+                (Usage { prompt_tokens: prompt, completion_tokens: counted, total_tokens: prompt + counted, cost: None }, "gateway_flagged")
             }
             None => (
-                Usage { prompt_tokens: estimate, completion_tokens: self.counted_completion, total_tokens: estimate + self.counted_completion, cost: None },
+                Usage { prompt_tokens: estimate, completion_tokens: counted, total_tokens: estimate + counted, cost: None },
                 "gateway",
             ),
         }
@@ -393,14 +394,12 @@ impl Relay {
         if let Some(u) = chunk.usage {
             self.tracker.reported = Some(u);
         }
-        let tokens = chunk.choices.iter().filter(|c| carries_token(c)).count();
-        if tokens > 0 {
+        if self.tracker.delivered.observe(chunk) > 0 {
             if let Some(record) = &mut self.tracker.record {
                 record.ttft_us.get_or_insert_with(|| {
                     u64::try_from(self.tracker.started.elapsed().as_micros()).unwrap_or(u64::MAX)
                 });
             }
-            self.tracker.counted_completion += u32::try_from(tokens).unwrap_or(u32::MAX);
         }
     }
 
@@ -442,15 +441,6 @@ impl Relay {
         tracing::warn!(provider = %self.slot.0.id, %message, "provider failed mid-stream");
         Event::Failed(message)
     }
-}
-
-fn carries_token(choice: &openapi::stream::ChunkChoice) -> bool {
-    choice.text.as_deref().is_some_and(|t| !t.is_empty())
-        || choice.delta.as_ref().is_some_and(|d| {
-            d.content.as_deref().is_some_and(|c| !c.is_empty())
-                || d.refusal.as_deref().is_some_and(|c| !c.is_empty())
-                || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
-        })
 }
 
 fn is_first_token_event(chunk: &StreamChunk) -> bool {
@@ -554,7 +544,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         }),
         started: dispatch.started,
         reported: None,
-        counted_completion: 0,
+        delivered: Delivered::new(state.tokenizers.get(&dispatch.model)),
         status: UsageStatus::Failed,
     };
     let mut tried: Vec<String> = Vec::new();

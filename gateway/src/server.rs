@@ -33,6 +33,8 @@ impl Running {
     }
 
     pub async fn start_with_store(config: Config, store: Store) -> anyhow::Result<Self> {
+        // A tokenizer that cannot be loaded stops the start, naming its config key.
+        let tokenizers = Arc::new(crate::tokenizers::Tokenizers::load(&config.tokenizers)?);
         let user_id_secret = match &config.user_id_secret {
             Some(s) => s.clone(),
             None => {
@@ -123,6 +125,7 @@ impl Running {
             user_id_secret,
             active_streams: Arc::new(AtomicU64::new(0)),
             ads,
+            tokenizers,
             key_locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
         });
         if state.config.health_check_secs > 0 {

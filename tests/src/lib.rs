@@ -35,6 +35,8 @@ pub struct MockConfig {
     pub omit_usage: bool,
     /// Report this many times the completion tokens really sent (a dishonest provider).
     pub overreport: Option<usize>,
+    /// Report exactly this many completion tokens (instead of one per word sent).
+    pub completion_tokens: Option<usize>,
     /// Fail every n-th request with a 500 before streaming (n = 3: a third of them).
     pub fail_every: Option<usize>,
     /// Die after two tokens on every request.
@@ -180,6 +182,7 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
     let slow = text.contains("[slow]");
     let delay = s.config.first_chunk_delay;
     let overreport = s.config.overreport.unwrap_or(1);
+    let exact_report = s.config.completion_tokens;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     s.provider.open_streams.fetch_add(1, Ordering::SeqCst);
     let provider = s.provider.clone();
@@ -225,7 +228,7 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
             return;
         }
         if include_usage {
-            let reported = n_tokens * overreport;
+            let reported = exact_report.unwrap_or(n_tokens * overreport);
             let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": reported, "total_tokens": prompt_tokens + reported});
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [], "usage": usage});
             if tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await.is_err() {

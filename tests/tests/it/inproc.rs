@@ -1491,6 +1491,100 @@ async fn inproc_chaos_traffic_shifts_to_the_healthy_provider() {
     gw.ledger_is_clean().await;
 }
 
+/// One provider's usage report against the gateway's count of the mock's reply, "The
+/// capital of France is Paris.": 7 tokens with the default model's tokenizer (The,
+/// Ġcapital, Ġof, ĠFrance, Ġis, ĠParis, .), 6 content chunks without one.
+struct UsageCase {
+    model: &'static str,
+    /// Whether the gateway has the model's tokenizer.
+    tokenizer: bool,
+    /// The provider's `completion_tokens` (`None`: no usage chunk).
+    reported: Option<usize>,
+    /// What is billed, and the usage source recorded.
+    billed: u64,
+    source: &'static str,
+}
+
+const USAGE_CASES: [UsageCase; 9] = [
+    // Honest providers are billed their own count, also when it differs from ours by
+    // an end-of-sequence token or so.
+    UsageCase { model: "tok-exact", tokenizer: true, reported: Some(7), billed: 7, source: "provider" },
+    UsageCase { model: "tok-with-eos", tokenizer: true, reported: Some(8), billed: 8, source: "provider" },
+    UsageCase { model: "tok-one-under", tokenizer: true, reported: Some(6), billed: 6, source: "provider" },
+    // Over-reporting that content chunks cannot catch (≤ 4 per chunk + 16) is caught by
+    // the tokenizer and billed on its count.
+    UsageCase { model: "tok-double", tokenizer: true, reported: Some(14), billed: 7, source: "gateway_flagged" },
+    UsageCase { model: "tok-chunk-max", tokenizer: true, reported: Some(40), billed: 7, source: "gateway_flagged" },
+    // Without a usage chunk the gateway's count is billed.
+    UsageCase { model: "tok-no-usage", tokenizer: true, reported: None, billed: 7, source: "gateway" },
+    UsageCase { model: "plain-no-usage", tokenizer: false, reported: None, billed: 6, source: "gateway" },
+    // Without a tokenizer the chunk count is the (looser) fallback.
+    UsageCase { model: "plain-double", tokenizer: false, reported: Some(14), billed: 14, source: "provider" },
+    UsageCase { model: "plain-over-max", tokenizer: false, reported: Some(41), billed: 6, source: "gateway_flagged" },
+];
+
+#[tokio::test]
+async fn inproc_usage_is_checked_against_the_models_tokenizer() {
+    let model_path = crate::real_worker::default_model_path().await;
+    let gw = Gateway::start_with(|c| {
+        for case in USAGE_CASES.iter().filter(|c| c.tokenizer) {
+            c.tokenizers.insert(case.model.to_owned(), model_path.clone());
+        }
+    })
+    .await;
+    let key = gw.create_key("premium").await;
+    let mut providers = HashMap::new();
+    for case in &USAGE_CASES {
+        let config = MockConfig {
+            models: vec![case.model.to_owned()],
+            completion_tokens: case.reported,
+            omit_usage: case.reported.is_none(),
+            ..MockConfig::default()
+        };
+        let mock = spawn_mock(config).await.unwrap();
+        let (provider, _) = gw.add_provider(&mock, case.model, None, &["standard"]).await;
+        providers.insert(provider, case);
+        let r = gw.chat(&key, json!({"model": case.model, "messages": user("What is the capital of France?")})).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "The capital of France is Paris.");
+        assert_eq!(v["usage"]["completion_tokens"], case.billed, "{}: billed completion tokens", case.model);
+    }
+    let rows: Vec<(String, String, i64)> = sqlx::query("SELECT model, usage_source, completion_tokens FROM usage_records")
+        .fetch_all(&gw.state.store.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get("model"), r.get("usage_source"), r.get("completion_tokens")))
+        .collect();
+    assert_eq!(rows.len(), USAGE_CASES.len());
+    for (model, source, tokens) in &rows {
+        let case = USAGE_CASES.iter().find(|c| c.model == model).unwrap();
+        assert_eq!((source.as_str(), u64::try_from(*tokens).unwrap()), (case.source, case.billed), "{model}");
+    }
+    // The admin sees each flag, and a flagged provider's honesty (and so its score) drops.
+    let listed: Value = gw.http.get(gw.url("/api/admin/providers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    for p in listed["data"].as_array().unwrap() {
+        let case = providers[p["id"].as_str().unwrap()];
+        let flagged = case.source == "gateway_flagged";
+        assert_eq!(p["usageFlags"], u64::from(flagged), "{}", case.model);
+        let honesty = p["health"]["honesty"].as_f64().unwrap();
+        // A request without a usage report says nothing about honesty.
+        assert_eq!(honesty < 1.0, flagged, "{}: honesty {honesty}", case.model);
+    }
+    gw.ledger_is_clean().await;
+}
+
+#[tokio::test]
+async fn inproc_a_tokenizer_that_cannot_be_loaded_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(fresh_database(&dir).await.0);
+    config.tokenizers.insert("mock-model".to_owned(), dir.path().join("missing.gguf"));
+    let store = Store::connect(&config.database_url).await.unwrap();
+    let err = Running::start_with_store(config, store).await.err().unwrap().to_string();
+    assert!(err.contains(r#"`tokenizers."mock-model"`"#) && err.contains("missing.gguf"), "{err}");
+}
+
 #[tokio::test]
 async fn inproc_repeated_client_request_ids_are_each_billed() {
     let (gw, _mock, key) = setup().await;

@@ -1,7 +1,9 @@
 //! The real worker (default model) behind the real gateway: quality tiers change what
 //! runs on the worker (its queue priority, precision and max-tokens cap, visible in its metrics)
-//! and what is billed (0.8× for low, 2.0× for ultra).
+//! and what is billed (0.8× for low, 2.0× for ultra); the worker's reported usage agrees
+//! with the gateway's count of the delivered text with the model's tokenizer.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -10,22 +12,42 @@ use tokio::process::Command;
 use crate::cli::{serve_with, ADMIN};
 use crate::sdk::{free_port, gateway_bin};
 
-#[tokio::test]
-async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() {
+/// The id the worker serves the default model under (its file name without the
+/// quantization suffix).
+const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
+
+/// The `worker` binary next to the gateway's.
+fn worker_bin() -> PathBuf {
     let worker = gateway_bin().unwrap().with_file_name("worker");
     assert!(worker.is_file(), "{} is missing: run scripts/test.sh", worker.display());
-    let fetched = Command::new(&worker).arg("fetch-model").output().await.unwrap();
+    worker
+}
+
+/// The default model's GGUF, fetched by `worker fetch-model` unless it is there already.
+pub(crate) async fn default_model_path() -> PathBuf {
+    let fetched = Command::new(worker_bin()).arg("fetch-model").output().await.unwrap();
     assert!(fetched.status.success(), "worker fetch-model failed: {}", String::from_utf8_lossy(&fetched.stderr));
-    let model_path = String::from_utf8_lossy(&fetched.stdout).lines().last().unwrap_or_default().trim().to_owned();
+    PathBuf::from(String::from_utf8_lossy(&fetched.stdout).lines().last().unwrap_or_default().trim())
+}
+
+#[tokio::test]
+async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() {
+    let worker = worker_bin();
+    let model_path = default_model_path().await;
 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
-    let _gateway = serve_with(dir.path(), port, &[]).await;
+    // The gateway counts the worker's tokens with the model's tokenizer (a TOML literal
+    // string: the path is taken as it is).
+    let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}' }}", model_path.display());
+    let _gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
     let base = format!("http://127.0.0.1:{port}");
     let worker_port = free_port().unwrap();
     let worker_url = format!("http://127.0.0.1:{worker_port}");
     let _worker = Command::new(&worker)
-        .args(["serve", "--model", &model_path, "--port", &worker_port.to_string(), "--host", "127.0.0.1"])
+        .args(["serve", "--model"])
+        .arg(&model_path)
+        .args(["--port", &worker_port.to_string(), "--host", "127.0.0.1"])
         .args(["--gateway", &base, "--public-url", &worker_url])
         .arg("--key-file")
         .arg(dir.path().join("provider.json"))
@@ -48,6 +70,7 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let model = model.expect("the worker registered and went on line at all four tiers");
+    assert_eq!(model, DEFAULT_MODEL_ID, "the model id the gateway has a tokenizer for");
     let key: Value = http.post(format!("{base}/api/admin/keys")).bearer_auth(ADMIN)
         .json(&json!({"name": "tiers", "tier": "premium"})).send().await.unwrap().json().await.unwrap();
     let r = http.post(format!("{base}/api/admin/users/{}/credit", key["userId"].as_str().unwrap())).bearer_auth(ADMIN)
@@ -79,4 +102,29 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
     let cost = |u: &Value| (u["cost"].as_f64().unwrap() * 1e6).round() as i64;
     assert_eq!(cost(&usage[0]), (tokens * 2 * 8 + 9) / 10, "low: 0.8×, rounded up");
     assert_eq!(cost(&usage[1]), tokens * 2 * 2, "ultra: 2.0×");
+
+    // The worker's reported completion tokens agree with the gateway's count of the
+    // delivered text with the model's tokenizer, so no request was flagged.
+    let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
+        .json(&json!({"model": model, "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}))
+        .send().await.unwrap();
+    let body = r.text().await.unwrap();
+    let (mut answer, mut reported) = (String::new(), None);
+    for data in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let v: Value = serde_json::from_str(data).unwrap();
+        answer.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or_default());
+        reported = v["usage"]["completion_tokens"].as_u64().or(reported);
+    }
+    assert!(answer.contains("Paris"), "{body}");
+    let counted = tokenize::load(&model_path).unwrap().encode_text(&answer).len() as u64;
+    // The worker also counts the end-of-sequence token it generated, which is no text.
+    assert_eq!(reported, Some(counted + 1), "{answer:?}: the worker's count against the tokenizer's");
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await.unwrap();
+    let sources: Vec<String> = sqlx::query_scalar("SELECT usage_source FROM usage_records ORDER BY created_at").fetch_all(&pool).await.unwrap();
+    assert_eq!(sources, ["provider"; 3], "every request billed on the worker's own report");
+    let providers: Value = http.get(format!("{base}/api/admin/providers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(providers["data"][0]["usageFlags"], 0);
+    assert_eq!(providers["data"][0]["health"]["honesty"], 1.0);
 }
