@@ -104,6 +104,8 @@ async fn register_upstream(state: &crate::AppState, upstream: &str) -> anyhow::R
                     features: None,
                     // An external server makes no claim: it serves its model as loaded.
                     precisions: vec![openapi::platform::Precision::Full],
+                    // Unknown: an external server gets HTTP/1.1, which every one speaks.
+                    http2: false,
                 },
                 pricing: Pricing { per_token: 0.000_002, per_hour: 0.5, minimum_payout: 5.0 },
                 base_url: upstream.clone(),

@@ -67,6 +67,9 @@ pub struct Inner {
     pub usage: UsageSink,
     pub ledger: ledger::Ledger,
     pub http: reqwest::Client,
+    /// For providers whose `http://` base URL speaks h2c (`capabilities.http2`): one
+    /// multiplexed connection instead of one per open stream.
+    pub h2c: reqwest::Client,
     pub user_id_secret: Secret,
     /// Streams being relayed right now (this replica).
     pub active_streams: Arc<AtomicU64>,
@@ -121,6 +124,30 @@ impl AppState {
             .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
             .build()
+    }
+
+    /// HTTP/2 with prior knowledge. Each open stream then costs the gateway a few
+    /// hundred bytes of HTTP/2 stream state instead of an HTTP/1.1 connection (~25 KB
+    /// of hyper buffers and a file descriptor); BENCHMARKS.md has the measurement.
+    pub fn h2c_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.provider_connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_prior_knowledge()
+            // A dead connection would take every stream on it along; pings find it.
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_while_idle(false)
+            .tcp_nodelay(true)
+            .build()
+    }
+
+    /// The client for a provider: h2c when its plain-HTTP server declares it.
+    pub fn client_for(&self, provider: &crate::providers::Provider) -> &reqwest::Client {
+        if provider.capabilities.http2 && provider.base_url.starts_with("http://") {
+            &self.h2c
+        } else {
+            &self.http
+        }
     }
 }
 

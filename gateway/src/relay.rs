@@ -91,7 +91,9 @@ struct SseReader {
 
 impl SseReader {
     fn new(body: ByteStream) -> Self {
-        Self { body, buf: BytesMut::with_capacity(4096) }
+        // Events are a few hundred bytes and an idle stream keeps its buffer: start small
+        // (it grows for a larger event).
+        Self { body, buf: BytesMut::with_capacity(512) }
     }
 
     /// The next data payload; `Ok(None)` at the end of the body.
@@ -679,7 +681,7 @@ async fn first_token(
 ) -> Result<(SseReader, VecDeque<Bytes>), AttemptError> {
     let url = format!("{}{}", provider.base_url, endpoint.path());
     let response = state
-        .http
+        .client_for(provider)
         .post(url)
         .header("content-type", "application/json")
         .header("accept", "text/event-stream")

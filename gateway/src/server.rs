@@ -1,7 +1,6 @@
 //! Running the gateway: state and background tasks, plain HTTP or HTTPS/WSS (rustls),
 //! and a graceful shutdown that lets open streams finish (bounded) and flushes usage.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -117,6 +116,7 @@ impl Running {
             queued: Arc::new(AtomicU64::new(0)),
             keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
             http,
+            h2c: AppState::h2c_client(&config)?,
             config,
             store: store.clone(),
             registry,
@@ -207,13 +207,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let config = running.state.config.clone();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let router = app(running.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let signalled = CancellationToken::new();
-    let signalled_tx = signalled.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; open streams may finish");
-        signalled_tx.cancel();
     };
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
@@ -228,26 +224,92 @@ pub async fn serve(
                 h.graceful_shutdown(Some(grace));
             });
             let std_listener = listener.into_std()?;
+            let router = app(running.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
             axum_server::from_tcp_rustls(std_listener, tls).handle(handle).serve(router).await?;
         }
-        _ => {
-            // Without TCP_NODELAY every SSE chunk after the first waits for the client's
-            // delayed ACK (~40 ms). (axum-server's acceptor already sets it for TLS.)
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let server = axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future();
-            tokio::select! {
-                r = server => r?,
-                () = async { signalled.cancelled().await; tokio::time::sleep(grace).await } => {
-                    tracing::warn!(grace_secs = grace.as_secs(), "streams still open after the grace period; closing them");
-                }
-            }
-        }
+        _ => serve_plain(listener, app(running.state.clone()), shutdown, grace).await,
     }
     running.finish().await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Plain HTTP/1.1: our own accept loop over hyper's HTTP/1 connection instead of
+/// `axum::serve`, for memory. An open stream is mostly connection state, and
+/// `axum::serve` (hyper-util's HTTP/1+2 auto connection) spends ~8 KB on each
+/// connection's task and lets the read buffer grow to 16 KB; this loop spawns the
+/// smaller HTTP/1-only connection future and caps the read buffer at 8 KB (hyper's
+/// minimum, which also bounds a request's head; bodies are read through it in pieces).
+/// BENCHMARKS.md has the before and after. Plaintext HTTP/2 (h2c prior knowledge) is
+/// not offered: OpenAI clients speak HTTP/1.1, and HTTPS (`--tls-cert`) keeps ALPN h2.
+async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    // The timer lets hyper enforce its 30 s limit on reading a request's head
+    // (slowloris); without one that limit is silently off.
+    http1.max_buf_size(8192).timer(TokioTimer::new());
+    // Connections watch `signal` to start their graceful shutdown and each hold a
+    // `closed` receiver, so the drain below waits until all of them have ended.
+    let (signal, _) = tokio::sync::watch::channel(());
+    let (closed_tx, closed) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Without TCP_NODELAY every SSE chunk after the first waits for the client's
+        // delayed ACK (~40 ms).
+        let _ = tcp.set_nodelay(true);
+        let service = router.clone().map_request(move |mut request: http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
+            request.map(axum::body::Body::new)
+        });
+        let connection = http1
+            .serve_connection(TokioIo::new(tcp), hyper_util::service::TowerToHyperService::new(service))
+            .with_upgrades();
+        let (mut stopping, closed) = (signal.subscribe(), closed.clone());
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stopping.changed() => {
+                    // Finish the request in flight (an open stream runs to its end),
+                    // then close instead of keeping the connection alive.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+            drop(closed);
+        });
+    }
+    drop(listener);
+    drop(closed);
+    let _ = signal.send(());
+    tokio::select! {
+        () = closed_tx.closed() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_secs = grace.as_secs(), "streams still open after the grace period; closing them");
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -42,6 +42,12 @@ pub struct Capabilities {
     #[serde(default = "default_precisions")]
     #[schema(min_items = 1)]
     pub precisions: Vec<Precision>,
+    /// The `http://` base URL also speaks HTTP/2 without TLS (h2c, prior knowledge):
+    /// the gateway then multiplexes its streams to the provider over one connection
+    /// instead of holding a connection per stream. `https://` URLs negotiate HTTP/2
+    /// by ALPN whatever this says. Absent means `false` (HTTP/1.1).
+    #[serde(default)]
+    pub http2: bool,
 }
 
 fn default_qualities() -> Vec<String> {

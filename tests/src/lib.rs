@@ -51,6 +51,8 @@ pub struct MockProvider {
     /// Streams that are open right now.
     pub open_streams: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
+    /// Requests that arrived over HTTP/2 (h2c), so a test can tell how the gateway called.
+    pub http2_requests: Arc<AtomicUsize>,
 }
 
 impl MockProvider {
@@ -81,17 +83,13 @@ pub async fn spawn_mock_on(addr: &str, mut config: MockConfig) -> anyhow::Result
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
-    // Real servers turn Nagle off for SSE; without it a chunk written right after another
-    // waits for the client's delayed ACK (~40 ms), which would swamp what the benchmark measures.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let provider = MockProvider {
         addr: local_addr,
         requests: Arc::default(),
         bodies: Arc::default(),
         open_streams: Arc::default(),
         cancelled: Arc::default(),
+        http2_requests: Arc::default(),
     };
     let shared = Shared { config, provider: provider.clone() };
     let app = Router::new()
@@ -100,10 +98,36 @@ pub async fn spawn_mock_on(addr: &str, mut config: MockConfig) -> anyhow::Result
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(shared);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    tokio::spawn(serve_mock(listener, app));
     Ok(provider)
+}
+
+/// HTTP/1.1 and h2c (prior knowledge) on one port, as `axum::serve` does, but with no
+/// cap on concurrent HTTP/2 streams (hyper's default is 200), so that a gateway that
+/// multiplexes can hold the benchmark's 10,000 open streams on one connection.
+async fn serve_mock(listener: tokio::net::TcpListener, app: Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt;
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(None);
+    let builder = Arc::new(builder);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        // Real servers turn Nagle off for SSE; without it a chunk written right after
+        // another waits for the client's delayed ACK (~40 ms), which would swamp what
+        // the benchmark measures.
+        let _ = tcp.set_nodelay(true);
+        let service = app.clone().map_request(|r: axum::http::Request<hyper::body::Incoming>| r.map(Body::new));
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
 }
 
 async fn models(State(s): State<Shared>) -> Json<Value> {
@@ -112,12 +136,20 @@ async fn models(State(s): State<Shared>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-async fn chat(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+async fn chat(State(s): State<Shared>, version: axum::http::Version, Json(body): Json<Value>) -> Response {
+    count_version(&s, version);
     respond(s, body, true).await
 }
 
-async fn completions(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+async fn completions(State(s): State<Shared>, version: axum::http::Version, Json(body): Json<Value>) -> Response {
+    count_version(&s, version);
     respond(s, body, false).await
+}
+
+fn count_version(s: &Shared, version: axum::http::Version) {
+    if version == axum::http::Version::HTTP_2 {
+        s.provider.http2_requests.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 fn last_user_text(body: &Value) -> String {

@@ -152,6 +152,10 @@ impl GatewayClient {
                     "features": crate::server::FEATURES,
                     // Precision is chosen per request (`precision` in the body).
                     "precisions": ["full", "reduced"],
+                    // `axum::serve` also speaks h2c on the same port, so the gateway can
+                    // multiplex our streams over one connection; hyper's HTTP/2 server
+                    // allows 200 concurrent streams on it, so only up to that many.
+                    "http2": engine.config.max_seqs <= 200,
                 },
                 "pricing": {
                     "perToken": cfg.per_token_usd,

@@ -11,7 +11,9 @@
 //! CPU and memory are read from its own `/proc/<pid>`.
 //!
 //! Every phase is bounded in count and time. Flags: `--quick` (shorter phases),
-//! `--rates 250,500,1000`, `--secs 10`, `--streams 10000`, `--gateway PATH` (another build).
+//! `--rates 250,500,1000`, `--secs 10`, `--streams 10000`, `--gateway PATH` (another build),
+//! `--upstream h2c|http1` (how the mock is registered: `capabilities.http2` or not;
+//! default h2c, as our worker registers).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -36,11 +38,13 @@ struct Options {
     stream_secs: u64,
     /// Another gateway binary to measure (an A/B of a change), instead of target/release/gateway.
     gateway: Option<PathBuf>,
+    /// Register the mock with `capabilities.http2` (the gateway multiplexes over h2c).
+    h2c: bool,
 }
 
 impl Options {
     fn parse() -> anyhow::Result<Self> {
-        let mut o = Self { rates: vec![250, 500, 1000], secs: 10, streams: 10_000, stream_rate: 200, stream_secs: 5, gateway: None };
+        let mut o = Self { rates: vec![250, 500, 1000], secs: 10, streams: 10_000, stream_rate: 200, stream_secs: 5, gateway: None, h2c: true };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -60,6 +64,13 @@ impl Options {
                 "--secs" => o.secs = args.next().context("--secs takes a number")?.parse()?,
                 "--streams" => o.streams = args.next().context("--streams takes a number")?.parse()?,
                 "--gateway" => o.gateway = Some(args.next().context("--gateway takes a path")?.into()),
+                "--upstream" => {
+                    o.h2c = match args.next().as_deref() {
+                        Some("h2c") => true,
+                        Some("http1") => false,
+                        _ => bail!("--upstream takes h2c or http1"),
+                    }
+                }
                 other => bail!("unknown argument {other}; see the top of tests/src/bin/bench-overhead.rs"),
             }
         }
@@ -114,7 +125,7 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&Path>) -> anyhow::Result<Setup> {
+async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&Path>, h2c: bool) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let mock_port = free_port()?;
     let mut mock = Command::new(release_bin("mock-provider")?)
@@ -169,7 +180,7 @@ async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&
         None,
         json!({
             "gpuInfo": {},
-            "capabilities": {"models": [MODEL], "maxConcurrentStreams": max_streams + 1_000},
+            "capabilities": {"models": [MODEL], "maxConcurrentStreams": max_streams + 1_000, "http2": h2c},
             "pricing": {"perToken": 0.000002},
             "baseUrl": mock_url,
         }),
@@ -569,20 +580,22 @@ fn machine() -> String {
 }
 
 async fn bench(options: Options) -> anyhow::Result<String> {
-    // 10,000 relayed streams hold 20,000 sockets in the gateway (client side and provider
-    // side), so raise the soft limit to the hard one; the children inherit it.
+    // A relayed stream holds the client's socket in the gateway and, over HTTP/1.1, one
+    // to the provider too (over h2c all streams share one): 10,000 streams may need
+    // 20,000 sockets, so raise the soft limit to the hard one; the children inherit it.
     let nofile = rlimit::increase_nofile_limit(u64::MAX).context("cannot raise RLIMIT_NOFILE")?;
-    let fd_budget = usize::try_from(nofile.saturating_sub(200) / 2).unwrap_or(usize::MAX);
+    let per_stream = if options.h2c { 1 } else { 2 };
+    let fd_budget = usize::try_from(nofile.saturating_sub(200) / per_stream).unwrap_or(usize::MAX);
     let streams = options.streams.min(fd_budget);
     if streams < options.streams {
         eprintln!(
-            "RLIMIT_NOFILE is {nofile} (hard); the gateway needs 2 sockets per relayed stream, so {streams} idle streams \
-             instead of {}",
+            "RLIMIT_NOFILE is {nofile} (hard); the gateway needs {per_stream} socket(s) per relayed stream, so {streams} \
+             idle streams instead of {}",
             options.streams
         );
     }
     let http = reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).tcp_nodelay(true).build()?;
-    let setup = start(&http, options.streams, options.gateway.as_deref()).await?;
+    let setup = start(&http, options.streams, options.gateway.as_deref(), options.h2c).await?;
     let gateway_pid = setup.gateway.id().context("the gateway has no pid")?;
     let mock_pid = setup.mock.id().context("the mock provider has no pid")?;
     let client = Client {
@@ -598,7 +611,8 @@ async fn bench(options: Options) -> anyhow::Result<String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    out.push_str(&format!("Run {now} on {} (RLIMIT_NOFILE {nofile}).\n\n", machine()));
+    let upstream = if options.h2c { "h2c (one multiplexed connection)" } else { "HTTP/1.1 (a connection per stream)" };
+    out.push_str(&format!("Run {now} on {} (RLIMIT_NOFILE {nofile}); gateway → mock over {upstream}.\n\n", machine()));
 
     eprintln!("warm-up");
     for target in [Target::Direct, Target::Gateway] {

@@ -543,6 +543,57 @@ async fn inproc_client_disconnect_cancels_upstream() {
     assert_eq!(rows[0].3, 1, "one token was delivered");
 }
 
+/// A provider that declares `capabilities.http2` is called over h2c: its streams share
+/// one connection, answers and usage are the same as over HTTP/1.1, and a client that
+/// leaves still cancels its upstream stream. One that does not declare it gets HTTP/1.1.
+#[tokio::test]
+async fn inproc_h2c_provider_multiplexes_streams() {
+    let gw = Gateway::start().await;
+    let h2 = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider_caps(&h2, json!({"models": ["mock-model"], "maxConcurrentStreams": 64, "http2": true}), &["standard"]).await;
+    let plain = spawn_mock(MockConfig { models: vec!["plain-model".into()], ..MockConfig::default() }).await.unwrap();
+    gw.add_provider(&plain, "plain-model", None, &["standard"]).await;
+    let key = gw.create_key("premium").await;
+
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("What is the capital of France?")})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "The capital of France is Paris.");
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+
+    // Several streams open at once, then each read to its end.
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("[slow]"), "stream": true})).await;
+        assert_eq!(r.status(), 200);
+        open.push(r);
+    }
+    for r in open {
+        let events = sse_events(&r.text().await.unwrap());
+        assert_eq!(events.last().unwrap(), "[DONE]");
+    }
+    assert_eq!(h2.http2_requests.load(Ordering::SeqCst), 6, "every request went over HTTP/2");
+
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": user("[idle]"), "stream": true})).await;
+    let mut body = r.bytes_stream();
+    assert!(String::from_utf8_lossy(&body.next().await.unwrap().unwrap()).contains("data:"));
+    assert_eq!(h2.open_streams.load(Ordering::SeqCst), 1);
+    drop(body);
+    wait_for("upstream cancellation over HTTP/2", || h2.open_streams.load(Ordering::SeqCst) == 0).await;
+    assert_eq!(h2.cancelled.load(Ordering::SeqCst), 1);
+
+    let r = gw.chat(&key, json!({"model": "plain-model", "messages": user("hi")})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(plain.request_count(), 1);
+    assert_eq!(plain.http2_requests.load(Ordering::SeqCst), 0, "no http2 capability, so HTTP/1.1");
+
+    let state = gw.shutdown().await;
+    let rows = usage_rows(&state).await;
+    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.iter().filter(|r| r.0 == "ok" && r.3 == 6).count(), 7);
+    assert_eq!(rows.iter().filter(|r| r.0 == "client_disconnected" && r.3 == 1).count(), 1);
+}
+
 #[tokio::test]
 async fn inproc_graceful_shutdown_lets_streams_finish_and_flushes_usage() {
     let (gw, _mock, key) = setup().await;
