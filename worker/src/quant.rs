@@ -1,9 +1,9 @@
 //! ggml tensor formats: block layouts, dequantization, and the matrix kernels that
 //! read quantized weights directly.
 //!
-//! The math is exact f32 on dequantized weights: a weight row is dequantized into a
-//! small f32 tile (in cache) and multiplied with f32 activations. Batched rows reuse
-//! each dequantized tile, which is what makes continuous batching pay off.
+//! The math is f32 on exactly dequantized weights: a few weight rows are dequantized
+//! into a small f32 tile (in cache) and multiplied with f32 activations. Batched rows
+//! reuse each dequantized tile, which is what makes continuous batching pay off.
 
 // The matrix kernels are compiled twice, once for AVX2+FMA, and dispatched at run
 // time; calling a `#[target_feature]` function needs `unsafe`. This is the measured
@@ -230,16 +230,12 @@ impl QMatrix {
         self.matmul_with(x, n, out, Precision::Exact);
     }
 
-    /// Like `matmul`; `Precision::Fast` lets Q4_0/Q4_1/Q8_0 use the fused kernels,
-    /// which differ from `Exact` only in f32 rounding.
+    /// Like `matmul`; `Precision::Fast` lets Q4_0/Q4_1/Q8_0 use the register-blocked
+    /// kernel, which sees the same dequantized weights as `Exact` and differs only in
+    /// the order its dot products are summed.
     pub fn matmul_with(&self, x: &[f32], n: usize, out: &mut [f32], precision: Precision) {
         let (rows, cols) = (self.rows, self.cols);
-        // Measured on AVX2, the fused kernels beat dequantize-to-tile at every batch
-        // size (about 27 vs 11 GMAC/s at 16 rows); a register-blocked tile kernel for
-        // large batches is future work.
         let fused = precision == Precision::Fast && matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
-        // Per-block sums of each activation row, for the fused kernels' offset terms.
-        let sums: Vec<f32> = if fused { x.chunks_exact(32).map(|b| b.iter().sum()).collect() } else { Vec::new() };
         debug_assert_eq!(x.len(), n * cols);
         debug_assert_eq!(out.len(), n * rows);
         // Results are produced weight-row-major (each task owns a block of weight
@@ -249,7 +245,7 @@ impl QMatrix {
         let rows_per_task = (rows / 16).clamp(TILE_ROWS, 256).div_ceil(TILE_ROWS) * TILE_ROWS;
         out_t.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, chunk)| {
             if fused {
-                fused_kernel(self, task * rows_per_task, x, &sums, n, chunk);
+                fused_kernel(self, task * rows_per_task, x, n, chunk);
             } else {
                 rows_kernel(self, task * rows_per_task, x, n, chunk);
             }
@@ -295,70 +291,273 @@ impl Precision {
     }
 }
 
-fn fused_kernel(m: &QMatrix, r0: usize, x: &[f32], sums: &[f32], n: usize, chunk: &mut [f32]) {
+/// Weight rows the blocked kernel dequantizes together into an f32 tile; every
+/// dequantized element is then used by all activation rows, so the decode work is
+/// shared by the whole batch instead of repeated per row.
+const BLOCK_ROWS: usize = 4;
+/// Activation rows of one micro-tile: its `BLOCK_ROWS × ACT_ROWS` accumulators (8
+/// f32 lanes each) stay in registers while the columns stream past. 4 × 2 measured
+/// fastest on Zen 4 among 4×3, 3×4, 2×4, 4×4, 5×2, 6×2 and 2×6 (more accumulators
+/// spill the 16 ymm registers).
+const ACT_ROWS: usize = 2;
+
+/// Block formats of the fast kernel as const generic tags, so each kernel is compiled
+/// once per format with no per-block branch.
+const FMT_Q4_0: u8 = 0;
+const FMT_Q4_1: u8 = 1;
+const FMT_Q8_0: u8 = 2;
+
+const fn fmt_block_bytes(fmt: u8) -> usize {
+    match fmt {
+        FMT_Q4_0 => 18,
+        FMT_Q4_1 => 20,
+        _ => 34,
+    }
+}
+
+/// The `Precision::Fast` kernel for the 32-element formats. It sees the same
+/// dequantized weights as `Exact`, and each (weight row, activation row) pair is
+/// reduced the same way wherever it sits in the batch or micro-tile: 8 lanes in
+/// column order, one fixed horizontal sum. So a row's result does not depend on
+/// which other rows share the batch.
+fn fused_kernel(m: &QMatrix, r0: usize, x: &[f32], n: usize, chunk: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: requires only AVX2 and FMA, confirmed present by `has_avx2_fma`.
-        unsafe { fused_kernel_avx2(m, r0, x, sums, n, chunk) };
+        // SAFETY: these require only AVX2 and FMA, confirmed present by `has_avx2_fma`.
+        unsafe {
+            match m.ty {
+                GgmlType::Q4_0 => avx2::fused_kernel::<FMT_Q4_0>(m, r0, x, n, chunk),
+                GgmlType::Q4_1 => avx2::fused_kernel::<FMT_Q4_1>(m, r0, x, n, chunk),
+                _ => avx2::fused_kernel::<FMT_Q8_0>(m, r0, x, n, chunk),
+            }
+        }
         return;
     }
-    fused_kernel_body::<false>(m, r0, x, sums, n, chunk);
+    fused_kernel_portable(m, r0, x, n, chunk);
 }
 
+/// The fast kernel with AVX2 and FMA intrinsics.
+///
+/// Loads and stores go through `read`/`write` (a packed-struct access) rather than
+/// `_mm256_loadu_ps`/`_mm256_storeu_ps`: those copy through `ptr::copy_nonoverlapping`,
+/// whose debug-build precondition check takes the destination's address and so
+/// forces every loaded vector through the stack. The dev profile (tests, `worker
+/// bench`) keeps debug assertions, where that made the kernel about 4× slower.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn fused_kernel_avx2(m: &QMatrix, r0: usize, x: &[f32], sums: &[f32], n: usize, chunk: &mut [f32]) {
-    fused_kernel_body::<true>(m, r0, x, sums, n, chunk);
-}
+mod avx2 {
+    use std::arch::x86_64::*;
 
-/// One weight row at a time, dotted with every activation row; each 32-element
-/// block contributes `d * sum(q * x)` (+ the min or -8 offset via `sums`).
-#[inline(always)]
-fn fused_kernel_body<const FMA: bool>(m: &QMatrix, r0: usize, x: &[f32], sums: &[f32], n: usize, chunk: &mut [f32]) {
-    let cols = m.cols;
-    let nb = cols / 32;
-    let rb = m.row_bytes();
-    let bb = m.ty.block_bytes();
-    for t in 0..chunk.len() / n {
-        let r = r0 + t;
-        let row = &m.data[r * rb..(r + 1) * rb];
-        let row_scales = &m.scales[r * nb..(r + 1) * nb];
-        for i in 0..n {
-            let xi = &x[i * cols..(i + 1) * cols];
-            let si = &sums[i * nb..(i + 1) * nb];
-            let mut acc = [0f32; 8];
-            let mut offset = 0f32;
-            for (((blk, xb), sx), &[d, min]) in row.chunks_exact(bb).zip(xi.chunks_exact(32)).zip(si).zip(row_scales) {
-                let mut s = [0f32; 8];
-                match m.ty {
-                    GgmlType::Q8_0 => {
-                        let q = &blk[2..34];
-                        for k in 0..8 {
-                            s[k] = (q[k] as i8 as f32) * xb[k]
-                                + (q[k + 8] as i8 as f32) * xb[k + 8]
-                                + (q[k + 16] as i8 as f32) * xb[k + 16]
-                                + (q[k + 24] as i8 as f32) * xb[k + 24];
-                        }
-                    }
-                    GgmlType::Q4_1 | GgmlType::Q4_0 => {
-                        let q = if m.ty == GgmlType::Q4_1 { &blk[4..20] } else { &blk[2..18] };
-                        for k in 0..8 {
-                            s[k] = ((q[k] & 15) as f32) * xb[k]
-                                + ((q[k + 8] & 15) as f32) * xb[k + 8]
-                                + ((q[k] >> 4) as f32) * xb[k + 16]
-                                + ((q[k + 8] >> 4) as f32) * xb[k + 24];
-                        }
-                        offset += if m.ty == GgmlType::Q4_1 { min * sx } else { -8.0 * d * sx };
-                    }
-                    _ => {}
-                }
-                for k in 0..8 {
-                    acc[k] = if FMA { d.mul_add(s[k], acc[k]) } else { acc[k] + d * s[k] };
+    use super::{fmt_block_bytes, QMatrix, ACT_ROWS, BLOCK_ROWS, FMT_Q4_0, FMT_Q4_1};
+
+    #[repr(C, packed)]
+    struct Unaligned<T>(T);
+
+    /// # Safety
+    /// `p` must be valid for reading `size_of::<T>()` bytes (any alignment).
+    #[inline(always)]
+    unsafe fn read<T: Copy>(p: *const T) -> T {
+        // SAFETY: the caller guarantees `p` is readable for a `T`; `Unaligned<T>` has
+        // alignment 1, so the read is valid at any address.
+        unsafe { (*p.cast::<Unaligned<T>>()).0 }
+    }
+
+    /// # Safety
+    /// `p` must be valid for writing 8 f32s (any alignment).
+    #[inline(always)]
+    unsafe fn write(p: *mut f32, v: __m256) {
+        // SAFETY: as for `read`.
+        unsafe { (*p.cast::<Unaligned<__m256>>()).0 = v };
+    }
+
+    /// Elements `8k..8k + 8` of the block at `blk`, exactly as `dequantize` computes
+    /// them (a product and a sum, not a fused multiply-add).
+    ///
+    /// # Safety
+    /// `blk` must point at a whole block of format `F`; `k < 4`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn decode8<const F: u8>(blk: *const u8, k: usize, d: __m256, min: __m256) -> __m256 {
+        // Q4_0/Q4_1: element j < 16 is the low nibble of quant byte j, element j + 16
+        // its high nibble. Q8_0: element j is quant byte j.
+        let q8 = |offset: usize| {
+            // SAFETY: the offsets below keep these 8 bytes inside the block: at most
+            // 2 + 8 + 8 = 18 (Q4_0), 4 + 8 + 8 = 20 (Q4_1), 2 + 24 + 8 = 34 (Q8_0).
+            _mm_cvtsi64_si128(unsafe { read(blk.add(offset).cast::<i64>()) })
+        };
+        match F {
+            FMT_Q4_0 | FMT_Q4_1 => {
+                let base = if F == FMT_Q4_1 { 4 } else { 2 };
+                let q = _mm256_cvtepu8_epi32(q8(base + 8 * (k % 2)));
+                let q = if k < 2 { _mm256_and_si256(q, _mm256_set1_epi32(0x0F)) } else { _mm256_srli_epi32::<4>(q) };
+                if F == FMT_Q4_1 {
+                    _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), min)
+                } else {
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))), d)
                 }
             }
-            chunk[t * n + i] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + offset;
+            _ => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8(2 + 8 * k))), d),
         }
     }
+
+    /// Writes weight-row-major results (`chunk[t * n + i]`) for the weight rows from
+    /// `r0` on. One activation row decodes in registers; a batch dequantizes
+    /// `BLOCK_ROWS` weight rows into a tile and runs register micro-tiles over it.
+    /// Both paths do the same operations per (weight row, activation row) pair.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn fused_kernel<const F: u8>(m: &QMatrix, r0: usize, x: &[f32], n: usize, chunk: &mut [f32]) {
+        if n == 1 {
+            single_row::<F>(m, r0, x, chunk);
+            return;
+        }
+        let cols = m.cols;
+        let nr = chunk.len() / n;
+        // Rows past the matrix's last tile keep zeros; their results are not stored.
+        let mut tile = vec![0f32; BLOCK_ROWS * cols];
+        for t0 in (0..nr).step_by(BLOCK_ROWS) {
+            let tr = BLOCK_ROWS.min(nr - t0);
+            for (t, out) in tile.chunks_exact_mut(cols).take(tr).enumerate() {
+                dequantize_row::<F>(m, r0 + t0 + t, out);
+            }
+            let mut i = 0;
+            while i < n {
+                let a = ACT_ROWS.min(n - i);
+                let mut dots = [[0f32; ACT_ROWS]; BLOCK_ROWS];
+                if a == ACT_ROWS {
+                    micro_tile::<ACT_ROWS>(&tile, &x[i * cols..(i + a) * cols], cols, &mut dots);
+                } else {
+                    micro_tile::<1>(&tile, &x[i * cols..(i + 1) * cols], cols, &mut dots);
+                }
+                for (t, d) in dots.iter().take(tr).enumerate() {
+                    chunk[(t0 + t) * n + i..(t0 + t) * n + i + a].copy_from_slice(&d[..a]);
+                }
+                i += a;
+            }
+        }
+    }
+
+    /// One activation row, decoded straight into registers (no tile to store and
+    /// reload). `BLOCK_ROWS` accumulators run interleaved for the FMA latency, on rows
+    /// a quarter of the chunk apart: each lane then walks consecutive rows, one long
+    /// sequential stream the hardware prefetcher follows. (Adjacent rows made short
+    /// streams it missed: the 49152-row output head took twice as long.)
+    #[target_feature(enable = "avx2,fma")]
+    fn single_row<const F: u8>(m: &QMatrix, r0: usize, x: &[f32], chunk: &mut [f32]) {
+        let nb = m.cols / 32;
+        let bb = fmt_block_bytes(F);
+        let x = &x[..nb * 32];
+        let nr = chunk.len();
+        let span = nr.div_ceil(BLOCK_ROWS);
+        for j in 0..span {
+            // Lanes past the chunk's end repeat its last row; their results are not stored.
+            let rows: [usize; BLOCK_ROWS] = std::array::from_fn(|t| (t * span + j).min(nr - 1));
+            let data: [&[u8]; BLOCK_ROWS] = rows.map(|t| &m.data[(r0 + t) * nb * bb..(r0 + t + 1) * nb * bb]);
+            let scales: [&[[f32; 2]]; BLOCK_ROWS] = rows.map(|t| &m.scales[(r0 + t) * nb..(r0 + t + 1) * nb]);
+            let mut acc = [_mm256_setzero_ps(); BLOCK_ROWS];
+            for (b, xb) in x.chunks_exact(32).enumerate() {
+                for k in 0..4 {
+                    // SAFETY: `xb` holds 32 f32s and `k < 4`.
+                    let xv = unsafe { read(xb.as_ptr().add(8 * k).cast::<__m256>()) };
+                    for t in 0..BLOCK_ROWS {
+                        let [d, min] = scales[t][b];
+                        // SAFETY: `b < nb`, so the block lies inside the row's `nb * bb` bytes.
+                        let w = unsafe {
+                            decode8::<F>(data[t].as_ptr().add(b * bb), k, _mm256_set1_ps(d), _mm256_set1_ps(min))
+                        };
+                        acc[t] = _mm256_fmadd_ps(w, xv, acc[t]);
+                    }
+                }
+            }
+            for (t, &acc) in acc.iter().enumerate() {
+                if t * span + j < nr {
+                    chunk[t * span + j] = hsum(acc);
+                }
+            }
+        }
+    }
+
+    /// Dequantizes row `r` into `out`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn dequantize_row<const F: u8>(m: &QMatrix, r: usize, out: &mut [f32]) {
+        let nb = m.cols / 32;
+        let bb = fmt_block_bytes(F);
+        let row = &m.data[r * nb * bb..(r + 1) * nb * bb];
+        let scales = &m.scales[r * nb..(r + 1) * nb];
+        for ((blk, y), &[d, min]) in row.chunks_exact(bb).zip(out[..nb * 32].chunks_exact_mut(32)).zip(scales) {
+            let (d, min) = (_mm256_set1_ps(d), _mm256_set1_ps(min));
+            for k in 0..4 {
+                // SAFETY: `blk` is one whole block and `y` holds 32 f32s.
+                unsafe { write(y.as_mut_ptr().add(8 * k), decode8::<F>(blk.as_ptr(), k, d, min)) };
+            }
+        }
+    }
+
+    /// `dots[t][k] = tile row t · x row k` for `BLOCK_ROWS` tile rows and `A`
+    /// activation rows (`x` holds `A` rows of `cols`).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn micro_tile<const A: usize>(tile: &[f32], x: &[f32], cols: usize, dots: &mut [[f32; ACT_ROWS]; BLOCK_ROWS]) {
+        assert!(cols % 8 == 0 && tile.len() >= BLOCK_ROWS * cols && x.len() >= A * cols);
+        let (w, xp) = (tile.as_ptr(), x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); A]; BLOCK_ROWS];
+        for c in (0..cols).step_by(8) {
+            for k in 0..A {
+                // SAFETY: `c + 8 <= cols`, and the assert above bounds `x` to `A` rows
+                // and `tile` to `BLOCK_ROWS` rows of `cols`.
+                let xv = unsafe { read(xp.add(k * cols + c).cast::<__m256>()) };
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    let wv = unsafe { read(w.add(t * cols + c).cast::<__m256>()) };
+                    acc[k] = _mm256_fmadd_ps(wv, xv, acc[k]);
+                }
+            }
+        }
+        for (d, acc) in dots.iter_mut().zip(&acc) {
+            for k in 0..A {
+                d[k] = hsum(acc[k]);
+            }
+        }
+    }
+
+    /// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+}
+
+/// The same blocking and lane layout without SIMD intrinsics (for CPUs without AVX2).
+fn fused_kernel_portable(m: &QMatrix, r0: usize, x: &[f32], n: usize, chunk: &mut [f32]) {
+    let cols = m.cols;
+    let nr = chunk.len() / n;
+    let mut tile = vec![0f32; BLOCK_ROWS * cols];
+    for t0 in (0..nr).step_by(BLOCK_ROWS) {
+        let tr = BLOCK_ROWS.min(nr - t0);
+        for (t, out) in tile.chunks_exact_mut(cols).take(tr).enumerate() {
+            dequantize_scaled(m, r0 + t0 + t, out);
+        }
+        for i in 0..n {
+            let xi = &x[i * cols..(i + 1) * cols];
+            for (t, w) in tile.chunks_exact(cols).take(tr).enumerate() {
+                let mut acc = [0f32; 8];
+                for (wc, xc) in w.chunks_exact(8).zip(xi.chunks_exact(8)) {
+                    for k in 0..8 {
+                        acc[k] += wc[k] * xc[k];
+                    }
+                }
+                chunk[(t0 + t) * n + i] = hsum8(&acc);
+            }
+        }
+    }
+}
+
+/// The horizontal sum in the order the AVX2 kernel uses.
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
 /// Whether this CPU has AVX2 and FMA (checked once).
@@ -535,6 +734,75 @@ mod tests {
             m.matmul_with(&x, 2, &mut fast, Precision::Fast);
             for (a, b) in exact.iter().zip(&fast) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{ty:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// A matrix of `rows` × `cols` in `ty` with varied quants, scales and mins.
+    fn test_matrix(ty: GgmlType, rows: usize, cols: usize) -> QMatrix {
+        let bb = ty.block_bytes();
+        let mut data: Vec<u8> = (0..rows * cols / 32 * bb).map(|i| (i * 37 % 251) as u8).collect();
+        for (b, blk) in data.chunks_exact_mut(bb).enumerate() {
+            blk[0..2].copy_from_slice(&f16::from_f32(0.002 * (1 + b % 7) as f32).to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                blk[2..4].copy_from_slice(&f16::from_f32(-0.01 * (b % 5) as f32).to_le_bytes());
+            }
+        }
+        QMatrix::new(ty, rows, cols, data)
+    }
+
+    fn test_activations(n: usize, cols: usize) -> Vec<f32> {
+        (0..n * cols).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0 + (i % 7) as f32 * 0.01).collect()
+    }
+
+    /// The blocked fast kernel against the exact path, with row and batch counts that
+    /// are not multiples of its tile sizes, and each batch row bit-identical to the
+    /// same row computed alone (what makes batched sampling reproducible).
+    #[test]
+    fn blocked_kernel_matches_exact_and_is_batch_invariant() {
+        let cols = 96;
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for rows in [1, 3, 4, 5, 13, 37] {
+                let m = test_matrix(ty, rows, cols);
+                for n in 1..=9 {
+                    let x = test_activations(n, cols);
+                    let (mut exact, mut fast) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                    m.matmul(&x, n, &mut exact);
+                    m.matmul_with(&x, n, &mut fast, Precision::Fast);
+                    for (a, b) in exact.iter().zip(&fast) {
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{ty:?} {rows}x{cols} n={n}: {a} vs {b}");
+                    }
+                    for i in 0..n {
+                        let mut alone = vec![0f32; rows];
+                        m.matmul_with(&x[i * cols..(i + 1) * cols], 1, &mut alone, Precision::Fast);
+                        assert_eq!(alone, fast[i * rows..(i + 1) * rows], "{ty:?} {rows}x{cols}: row {i} of {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The portable kernel (CPUs without AVX2) keeps the same contract.
+    #[test]
+    fn portable_blocked_kernel_matches_exact_and_is_batch_invariant() {
+        let (rows, cols) = (13, 64);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let m = test_matrix(ty, rows, cols);
+            let n = 5;
+            let x = test_activations(n, cols);
+            let mut exact = vec![0f32; n * rows];
+            m.matmul(&x, n, &mut exact);
+            // The kernel writes weight-row-major: out_t[r * n + i].
+            let mut fast_t = vec![0f32; rows * n];
+            fused_kernel_portable(&m, 0, &x, n, &mut fast_t);
+            for r in 0..rows {
+                for i in 0..n {
+                    let (a, b) = (exact[i * rows + r], fast_t[r * n + i]);
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{ty:?} r={r} i={i}: {a} vs {b}");
+                    let mut alone = vec![0f32; rows];
+                    fused_kernel_portable(&m, 0, &x[i * cols..(i + 1) * cols], 1, &mut alone);
+                    assert_eq!(alone[r], b, "{ty:?} r={r} i={i}");
+                }
             }
         }
     }
