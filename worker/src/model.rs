@@ -422,12 +422,18 @@ impl Model {
             layer.w_gate.matmul_with(&h, n, &mut g, precision);
             layer.w_up.matmul_with(&h, n, &mut u, precision);
             // SwiGLU is elementwise, so chunks split anywhere give the same results;
-            // its `exp`s were about 1% of a 16-row step, all on one core.
-            g.par_chunks_mut(SILU_CHUNK).zip(u.par_chunks(SILU_CHUNK)).for_each(|(gc, uc)| {
+            // its `exp`s were about 1% of a 16-row step, all on one core. A single
+            // chunk stays on this thread: handing it to the pool costs a wake-up.
+            let swiglu = |(gc, uc): (&mut [f32], &[f32])| {
                 for (a, b) in gc.iter_mut().zip(uc) {
                     *a = *a / (1.0 + (-*a).exp()) * b;
                 }
-            });
+            };
+            if g.len() > SILU_CHUNK {
+                g.par_chunks_mut(SILU_CHUNK).zip(u.par_chunks(SILU_CHUNK)).for_each(swiglu);
+            } else {
+                swiglu((&mut g, &u));
+            }
             layer.w_down.matmul_with(&g, n, &mut o, precision);
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
