@@ -140,6 +140,25 @@ impl Running {
                 }
             });
         }
+        // SQLite: the WAL is checkpointed here, off the request path (`Store::checkpoint`).
+        // Every 5 s: every second measured worse at 1,000 req/s (the checkpoints' fsyncs
+        // compete with the requests), every 5 s no worse than the writer's own.
+        if store.backend == crate::store::Backend::Sqlite {
+            let (checkpointing, stop_checkpoints) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            if let Err(e) = checkpointing.checkpoint().await {
+                                tracing::warn!(error = %e, "WAL checkpoint failed");
+                            }
+                        }
+                        () = stop_checkpoints.cancelled() => break,
+                    }
+                }
+            });
+        }
         let (expiring, stop_expiry) = (state.clone(), stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
