@@ -42,6 +42,8 @@ struct Book {
 #[derive(Default)]
 struct Tally {
     held: Micros,
+    /// The part of `held` whose settlement has begun (`begin_close`).
+    closing: Micros,
     /// Running total of charges whose holds were released after their commit.
     charged: Micros,
 }
@@ -88,13 +90,16 @@ impl HoldBook {
     /// The settlement of `hold` starts: `false` when the hold is gone (swept), in which
     /// case nothing may be charged. Repeatable (a retried batch asks again).
     pub fn begin_close(&self, hold: &Hold) -> bool {
-        match self.inner.lock().holds.get_mut(&hold.id) {
-            Some(open) => {
-                open.closing = true;
-                true
+        let mut book = self.inner.lock();
+        let Some(open) = book.holds.get_mut(&hold.id) else { return false };
+        if !open.closing {
+            open.closing = true;
+            let (account, amount) = (open.account.clone(), open.amount);
+            if let Some(tally) = book.accounts.get_mut(&account) {
+                tally.closing += amount;
             }
-            None => false,
         }
+        true
     }
 
     /// Releases `hold` after the transaction that charged `charged` of it committed (or
@@ -125,6 +130,14 @@ impl HoldBook {
         self.inner.lock().accounts.get(account).map_or(0, |t| t.held)
     }
 
+    /// Funds held here on `account` by holds whose settlement has not begun: what a
+    /// balance read from the database must subtract. A settling hold's charge may
+    /// already be in `posted` (it commits before the hold is released), so counting
+    /// its hold as well would show the charge twice, and a balance below zero.
+    pub fn held_unsettled(&self, account: &str) -> Micros {
+        self.inner.lock().accounts.get(account).map_or(0, |t| t.held - t.closing)
+    }
+
     /// Funds held here by requests of `key`.
     pub fn held_by_key(&self, key: &str) -> Micros {
         self.inner.lock().keys.get(key).copied().unwrap_or(0)
@@ -140,6 +153,9 @@ fn release(book: &mut Book, open: &Open, charged: Micros) {
     if let Some(tally) = book.accounts.get_mut(&open.account) {
         tally.held -= open.amount;
         tally.charged += charged;
+        if open.closing {
+            tally.closing -= open.amount;
+        }
     }
     if let Some(key) = &open.key {
         if let Some(held) = book.keys.get_mut(key) {
@@ -180,6 +196,24 @@ mod tests {
         // ... so the stale 100 must not buy 100: only 30 are left.
         assert!(book.try_hold("user:a", None, 31, 100, mark).is_none());
         assert!(book.try_hold("user:a", None, 30, 100, mark).is_some());
+    }
+
+    #[test]
+    fn a_settling_hold_is_not_subtracted_from_a_balance_twice() {
+        let book = HoldBook::default();
+        let m = book.mark("user:a");
+        let settling = book.try_hold("user:a", None, 80, 100, m).unwrap();
+        let open = book.try_hold("user:a", None, 20, 100, m).unwrap();
+        assert_eq!(book.held_unsettled("user:a"), 100);
+        // The settlement begins; its charge may now be committed (posted 100 → 30)
+        // before the hold is released, so a balance leaves the hold out: 30 − 20 ≥ 0.
+        assert!(book.begin_close(&settling));
+        assert!(book.begin_close(&settling), "asking again changes nothing");
+        assert_eq!((book.held("user:a"), book.held_unsettled("user:a")), (100, 20));
+        book.finish(&settling, 70);
+        assert_eq!((book.held("user:a"), book.held_unsettled("user:a")), (20, 20));
+        book.finish(&open, 0);
+        assert_eq!((book.held("user:a"), book.held_unsettled("user:a")), (0, 0));
     }
 
     #[test]

@@ -500,7 +500,9 @@ impl Ledger {
             None => (0, 0),
         };
         if let Some(book) = &self.store.book {
-            held += book.held(account);
+            // Holds being settled are left out: their charge may already be in
+            // `posted` (the writer releases a hold only after its commit).
+            held += book.held_unsettled(account);
         }
         Ok(Balance { posted, held, available: posted - held })
     }
