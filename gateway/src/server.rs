@@ -129,47 +129,31 @@ impl Running {
             key_locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
         });
         if state.config.health_check_secs > 0 {
-            let (checking, stop_checks) = (state.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(checking.config.health_check_secs));
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => check_providers(&checking).await,
-                        () = stop_checks.cancelled() => break,
-                    }
-                }
+            let checking = state.clone();
+            every(Duration::from_secs(checking.config.health_check_secs), stop.clone(), move || {
+                let checking = checking.clone();
+                async move { check_providers(&checking).await }
             });
         }
         // SQLite: the WAL is checkpointed here, off the request path (`Store::checkpoint`).
         // Every 5 s: every second measured worse at 1,000 req/s (the checkpoints' fsyncs
         // compete with the requests), every 5 s no worse than the writer's own.
         if store.backend == crate::store::Backend::Sqlite {
-            let (checkpointing, stop_checkpoints) = (store.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            if let Err(e) = checkpointing.checkpoint().await {
-                                tracing::warn!(error = %e, "WAL checkpoint failed");
-                            }
-                        }
-                        () = stop_checkpoints.cancelled() => break,
+            every(Duration::from_secs(5), stop.clone(), move || {
+                let store = store.clone();
+                async move {
+                    if let Err(e) = store.checkpoint().await {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
                     }
                 }
             });
         }
-        let (expiring, stop_expiry) = (state.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = crate::reservations::expire(&expiring).await {
-                            tracing::warn!(error = %e, "reservation expiry failed");
-                        }
-                    }
-                    () = stop_expiry.cancelled() => break,
+        let expiring = state.clone();
+        every(Duration::from_secs(5), stop.clone(), move || {
+            let expiring = expiring.clone();
+            async move {
+                if let Err(e) = crate::reservations::expire(&expiring).await {
+                    tracing::warn!(error = %e, "reservation expiry failed");
                 }
             }
         });
@@ -184,6 +168,23 @@ impl Running {
             tracing::error!(error = %e, "usage writer ended badly");
         }
     }
+}
+
+/// Runs `task` every `period` (the first time at once) until `stop` is cancelled.
+fn every<F, Fut>(period: Duration, stop: CancellationToken, mut task: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => task().await,
+                () = stop.cancelled() => break,
+            }
+        }
+    });
 }
 
 /// Active health checks: `GET {baseUrl}/health` of every provider with a stream on line,
