@@ -125,7 +125,7 @@ impl HoldBook {
         stale.len() as u64
     }
 
-    /// Funds held here on `account`.
+    /// Funds held here on `account`, settling holds included (what `try_hold` counts).
     pub fn held(&self, account: &str) -> Micros {
         self.inner.lock().accounts.get(account).map_or(0, |t| t.held)
     }

@@ -118,27 +118,27 @@ impl AppState {
     }
 
     pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(config.provider_connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .tcp_nodelay(true)
-            .build()
+        Self::provider_client(config).pool_max_idle_per_host(1024).build()
     }
 
     /// HTTP/2 with prior knowledge. Each open stream then costs the gateway a few
     /// hundred bytes of HTTP/2 stream state instead of an HTTP/1.1 connection (~25 KB
     /// of hyper buffers and a file descriptor); BENCHMARKS.md has the measurement.
     pub fn h2c_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(config.provider_connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(90))
+        Self::provider_client(config)
             .http2_prior_knowledge()
             // A dead connection would take every stream on it along; pings find it.
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_while_idle(false)
-            .tcp_nodelay(true)
             .build()
+    }
+
+    /// What both provider clients share: the connect timeout, idle pooling, no Nagle.
+    fn provider_client(config: &Config) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.provider_connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
     }
 
     /// The client for a provider: h2c when its plain-HTTP server declares it.
