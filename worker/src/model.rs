@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::burn_model::BurnForward;
 use crate::gguf::{Gguf, GgufError, TensorInfo};
-use crate::quant::{dot, GgmlType, Precision, QMatrix};
+use crate::quant::{dot, matmul_group, GgmlType, Precision, QMatrix};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +334,15 @@ impl Model {
         if let Some(b) = &self.burn {
             return items.iter_mut().filter_map(|it| b.forward_one(&self.config, &self.inv_freq, self, it)).collect();
         }
+        // A step has about 150 parallel regions. Forked from a thread outside the
+        // pool, each one sends this thread to sleep and wakes it again; run from a
+        // pool thread, the step forks and joins among the pool's own threads, which
+        // stay awake between regions. `scope` moves the call onto the pool (and runs
+        // it in place when already there).
+        rayon::scope(|_| self.forward_native(items, precision))
+    }
+
+    fn forward_native(&self, items: &mut [BatchItem<'_>], precision: Precision) -> Vec<Vec<f32>> {
         let c = &self.config;
         let (dim, hd, kvd) = (c.dim, c.head_dim, c.kv_dim());
         let qd = c.n_heads * hd;
@@ -369,9 +378,7 @@ impl Model {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            layer.wq.matmul_with(&h, n, &mut q, precision);
-            layer.wk.matmul_with(&h, n, &mut k, precision);
-            layer.wv.matmul_with(&h, n, &mut v, precision);
+            matmul_group(&[&layer.wq, &layer.wk, &layer.wv], &h, n, &mut [&mut q, &mut k, &mut v], precision);
             add_bias(&mut q, layer.bq.as_deref());
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
@@ -419,8 +426,7 @@ impl Model {
                 *a += b;
             }
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            layer.w_gate.matmul_with(&h, n, &mut g, precision);
-            layer.w_up.matmul_with(&h, n, &mut u, precision);
+            matmul_group(&[&layer.w_gate, &layer.w_up], &h, n, &mut [&mut g, &mut u], precision);
             // SwiGLU is elementwise, so chunks split anywhere give the same results;
             // its `exp`s were about 1% of a 16-row step, all on one core. A single
             // chunk stays on this thread: handing it to the pool costs a wake-up.

@@ -234,30 +234,54 @@ impl QMatrix {
     /// kernel, which sees the same dequantized weights as `Exact` and differs only in
     /// the order its dot products are summed.
     pub fn matmul_with(&self, x: &[f32], n: usize, out: &mut [f32], precision: Precision) {
-        let (rows, cols) = (self.rows, self.cols);
-        let fused = precision == Precision::Fast && matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
-        debug_assert_eq!(x.len(), n * cols);
-        debug_assert_eq!(out.len(), n * rows);
-        // Enough tasks for both cores, few enough that scheduling stays cheap.
-        let rows_per_task = (rows / 16).clamp(TILE_ROWS, 256).div_ceil(TILE_ROWS) * TILE_ROWS;
-        // Results are produced weight-row-major (each task owns a block of weight
-        // rows) and transposed afterwards.
-        let run = |out_t: &mut [f32]| {
-            out_t.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, chunk)| {
-                if fused {
-                    fused_kernel(self, task * rows_per_task, x, n, chunk);
-                } else {
-                    rows_kernel(self, task * rows_per_task, x, n, chunk);
-                }
-            });
+        matmul_group(&[self], x, n, &mut [out], precision);
+    }
+
+    fn fused(&self, precision: Precision) -> bool {
+        precision == Precision::Fast && matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    }
+
+    /// Weight rows per parallel task: enough tasks for both cores, few enough that
+    /// scheduling stays cheap.
+    fn rows_per_task(&self) -> usize {
+        (self.rows / 16).clamp(TILE_ROWS, 256).div_ceil(TILE_ROWS) * TILE_ROWS
+    }
+}
+
+/// `outs[j] = mats[j] · x` (each as `QMatrix::matmul_with`) for matrices that read
+/// the same activations (q/k/v, gate/up), as one parallel region: a step then waits
+/// for one fork-join per group instead of one per matrix. Every output element is
+/// computed by the same kernel call as alone, so results do not change.
+pub fn matmul_group(mats: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]], precision: Precision) {
+    debug_assert_eq!(mats.len(), outs.len());
+    // Results are produced weight-row-major (each task owns a block of weight rows)
+    // and transposed afterwards; one activation row's layout is the output's own.
+    let mut staged: Vec<Vec<f32>> =
+        if n == 1 { Vec::new() } else { mats.iter().map(|m| vec![0f32; m.rows * n]).collect() };
+    {
+        let targets: Vec<&mut [f32]> = if n == 1 {
+            outs.iter_mut().map(|o| &mut **o).collect()
+        } else {
+            staged.iter_mut().map(Vec::as_mut_slice).collect()
         };
-        // One activation row's weight-row-major layout is the output's own.
-        if n == 1 {
-            run(out);
-            return;
+        let mut tasks = Vec::new();
+        for (&m, out_t) in mats.iter().zip(targets) {
+            debug_assert_eq!(x.len(), n * m.cols);
+            debug_assert_eq!(out_t.len(), n * m.rows);
+            let rpt = m.rows_per_task();
+            let fused = m.fused(precision);
+            tasks.extend(out_t.chunks_mut(rpt * n).enumerate().map(|(task, chunk)| (m, fused, task * rpt, chunk)));
         }
-        let mut out_t = vec![0f32; rows * n];
-        run(&mut out_t);
+        tasks.into_par_iter().for_each(|(m, fused, r0, chunk)| {
+            if fused {
+                fused_kernel(m, r0, x, n, chunk);
+            } else {
+                rows_kernel(m, r0, x, n, chunk);
+            }
+        });
+    }
+    for ((m, out_t), out) in mats.iter().zip(&staged).zip(outs.iter_mut()) {
+        let rows = m.rows;
         // In blocks of weight rows, so that both sides stay in cache (the output
         // head's results are 3 MiB at 16 rows).
         for r0 in (0..rows).step_by(64) {
