@@ -55,7 +55,11 @@ impl Store {
         let store = match backend {
             Backend::Sqlite => {
                 let sqlite = |connections: u32, writer: bool| {
-                    pool_options.clone().max_connections(connections).after_connect(move |conn, _| {
+                    // No ping before each acquire: an embedded database's connection
+                    // cannot drop, and the ping is one more round trip to sqlx's
+                    // SQLite thread on every balance read and every settlement batch.
+                    let options = pool_options.clone().max_connections(connections).test_before_acquire(false);
+                    options.after_connect(move |conn, _| {
                         Box::pin(async move {
                             // WAL lets readers run beside the writer; NORMAL sync is
                             // durable across process crashes (not power loss), which is
