@@ -94,6 +94,11 @@ pub struct Config {
     pub usage_batch_max: usize,
     /// Extra wait before committing a batch (0: commit as soon as the last one is done).
     pub usage_flush_ms: u64,
+    /// SQLite: how often the WAL is checkpointed and started over (`Store::checkpoint`).
+    /// Each settlement commit appends ~15 pages (60 KB) to the WAL, so at 1,000 req/s
+    /// 100 ms keeps it near 7–14 MB; 1 s let it reach 64 MB and 5 s 340 MB, with a
+    /// longer stall at every checkpoint (BENCHMARKS.md).
+    pub sqlite_checkpoint_ms: u64,
     /// Platform fee on provider earnings, in basis points (1000 = 10%).
     pub platform_fee_bp: u32,
     /// Open holds older than this are voided (their request died with a process).
@@ -182,6 +187,7 @@ impl Default for Config {
             key_cache_ttl_secs: 60,
             usage_batch_max: 512,
             usage_flush_ms: 0,
+            sqlite_checkpoint_ms: 100,
             platform_fee_bp: 1_000,
             hold_ttl_secs: 3_600,
             topup_webhook_secret: None,
@@ -292,7 +298,7 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "redis_url", "score_weight_success", "score_weight_latency", "score_weight_uptime",
+            "usage_batch_max", "usage_flush_ms", "sqlite_checkpoint_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "redis_url", "score_weight_success", "score_weight_latency", "score_weight_uptime",
             "score_weight_price", "breaker_failures", "breaker_cooldown_ms", "health_check_secs", "queue_timeout_ms", "queue_max",
             "free_requests_per_minute", "free_tokens_per_minute", "premium_requests_per_minute",
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
@@ -333,6 +339,9 @@ impl Config {
         }
         if self.usage_batch_max == 0 {
             return invalid("usage_batch_max", "must be at least 1");
+        }
+        if self.sqlite_checkpoint_ms == 0 {
+            return invalid("sqlite_checkpoint_ms", "must be at least 1");
         }
         if self.payout_webhook_url.is_some() != self.payout_webhook_secret.is_some() {
             return invalid("payout_webhook_url", "payout_webhook_url and payout_webhook_secret must be given together");

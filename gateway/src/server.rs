@@ -136,10 +136,8 @@ impl Running {
             });
         }
         // SQLite: the WAL is checkpointed here, off the request path (`Store::checkpoint`).
-        // Every 5 s: every second measured worse at 1,000 req/s (the checkpoints' fsyncs
-        // compete with the requests), every 5 s no worse than the writer's own.
         if store.backend == crate::store::Backend::Sqlite {
-            every(Duration::from_secs(5), stop.clone(), move || {
+            every(Duration::from_millis(state.config.sqlite_checkpoint_ms), stop.clone(), move || {
                 let store = store.clone();
                 async move {
                     if let Err(e) = store.checkpoint().await {
