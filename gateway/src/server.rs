@@ -135,7 +135,8 @@ impl Running {
                 async move { check_providers(&checking).await }
             });
         }
-        // SQLite: the WAL is checkpointed here, off the request path (`Store::checkpoint`).
+        // SQLite: the WAL is checkpointed here, mostly off the writer's connection
+        // (`Store::checkpoint`).
         if store.backend == crate::store::Backend::Sqlite {
             every(Duration::from_millis(state.config.sqlite_checkpoint_ms), stop.clone(), move || {
                 let store = store.clone();

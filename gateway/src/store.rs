@@ -73,8 +73,8 @@ impl Store {
                                 // the commit that crosses 1,000 WAL pages, with an fsync,
                                 // and every request waiting for that batch's settlement
                                 // would wait for it too (p99 5.5 ms instead of 2.2–2.6 ms
-                                // at 250 req/s; BENCHMARKS.md). `checkpoint` runs on a
-                                // reader connection instead, off the request path.
+                                // at 250 req/s; BENCHMARKS.md). `checkpoint` does it
+                                // instead, mostly from a reader connection.
                                 conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                                 // When the WAL starts over after a burst, its file is cut
                                 // back to this size instead of keeping its high-water mark.
@@ -139,9 +139,9 @@ impl Store {
     }
 
     /// Copies the WAL's committed pages into the SQLite database file and lets the WAL
-    /// start over; the gateway calls it every few seconds (`server`), since the writer
-    /// connection never checkpoints on its own. Two passive checkpoints (they wait for
-    /// no one):
+    /// start over; the gateway calls it every `sqlite_checkpoint_ms` (`server`), since
+    /// the writer connection never checkpoints on its own. Two passive checkpoints
+    /// (they wait for no one):
     ///
     /// 1. on a reader connection, the bulk, while the writer goes on committing;
     /// 2. on the writer's own connection, what was committed meanwhile (a few pages).
