@@ -11,7 +11,7 @@
 use sqlx::{Any, Row, Transaction};
 
 use crate::holds::HoldBook;
-use crate::store::{insert_rows, new_id, now_ms, placeholders, Param, Store};
+use crate::store::{new_id, now_ms, placeholders, Param, Script, Store};
 
 pub const FEES: &str = "platform:fees";
 pub const AD_REVENUE: &str = "platform:ad_revenue";
@@ -181,7 +181,10 @@ pub async fn post_entry(
 /// `apply_batch`. Returns the charge.
 pub async fn apply(tx: &mut Transaction<'_, Any>, billing: &Billing, kind: &str, book: Option<&HoldBook>) -> Result<Micros, sqlx::Error> {
     let mut known = Known::default();
-    Ok(apply_batch(tx, &[Some(billing)], kind, book, &mut known).await?.first().copied().unwrap_or(0))
+    let mut script = Script::for_tx(tx);
+    let charge = apply_batch(tx, &[Some(billing)], kind, book, &mut known, &mut script).await?.first().copied().unwrap_or(0);
+    script.run(tx).await?;
+    Ok(charge)
 }
 
 /// Accounts known to exist (accounts are never deleted), so a batch need not insert
@@ -213,12 +216,17 @@ impl Known {
 /// `HoldBook::finish` once the transaction committed. A settlement whose request
 /// already has an entry of this `kind` is skipped: a batch retried after a commit whose
 /// acknowledgement was lost must not pay twice.
+///
+/// The reads (and the durable holds' releases) run in `tx` at once; the journal's
+/// inserts and the balance update go into `script`, which the caller runs in `tx`
+/// before it commits (together with its own writes: one round trip on SQLite).
 pub async fn apply_batch(
     tx: &mut Transaction<'_, Any>,
     billings: &[Option<&Billing>],
     kind: &str,
     book: Option<&HoldBook>,
     known: &mut Known,
+    script: &mut Script,
 ) -> Result<Vec<Micros>, sqlx::Error> {
     let mut charges = vec![0; billings.len()];
     let settled_ids: Vec<&str> = billings
@@ -310,18 +318,13 @@ pub async fn apply_batch(
         .collect();
     let line_rows: Vec<Vec<Param<'_>>> =
         lines.iter().map(|(e, account, amount)| vec![Param::Str(&entries[*e].0), Param::Str(account), Param::Int(*amount)]).collect();
-    post_lines(tx, &entry_rows, &line_rows, known).await?;
+    post_lines(script, &entry_rows, &line_rows, known)?;
     Ok(charges)
 }
 
-/// Inserts entries and their lines, creates accounts seen for the first time, and
-/// applies each account's summed delta to its cached balance in one statement.
-async fn post_lines(
-    tx: &mut Transaction<'_, Any>,
-    entries: &[Vec<Param<'_>>],
-    lines: &[Vec<Param<'_>>],
-    known: &mut Known,
-) -> Result<(), sqlx::Error> {
+/// Adds to `script` the inserts of entries and their lines and of accounts seen for the
+/// first time, and one update applying each account's summed delta to its cached balance.
+fn post_lines(script: &mut Script, entries: &[Vec<Param<'_>>], lines: &[Vec<Param<'_>>], known: &mut Known) -> Result<(), sqlx::Error> {
     let mut deltas: Vec<(&str, Micros)> = Vec::new();
     for line in lines {
         let (Param::Str(account), Param::Int(amount)) = (&line[1], &line[2]) else {
@@ -350,24 +353,23 @@ async fn post_lines(
             .iter()
             .map(|(id, kind, owner)| vec![Param::Str(id), Param::Str(kind), Param::OptStr(owner.as_deref()), Param::Int(now)])
             .collect();
-        insert_rows(tx, "INSERT INTO accounts (id, kind, owner_id, created_at) VALUES", " ON CONFLICT (id) DO NOTHING", &rows).await?;
+        script.insert_rows("INSERT INTO accounts (id, kind, owner_id, created_at) VALUES", " ON CONFLICT (id) DO NOTHING", &rows);
         known.pending.extend(new_accounts.iter().map(|(a, _, _)| (*a).to_owned()));
     }
-    insert_rows(tx, "INSERT INTO ledger_entries (id, kind, request_id, memo, created_at) VALUES", "", entries).await?;
-    insert_rows(tx, "INSERT INTO ledger_lines (entry_id, account_id, amount) VALUES", "", lines).await?;
+    script.insert_rows("INSERT INTO ledger_entries (id, kind, request_id, memo, created_at) VALUES", "", entries);
+    script.insert_rows("INSERT INTO ledger_lines (entry_id, account_id, amount) VALUES", "", lines);
     for chunk in deltas.chunks(32) {
-        let mut sql = String::from("UPDATE accounts SET posted = posted + CASE id");
-        for i in 0..chunk.len() {
-            sql.push_str(&format!(" WHEN ${} THEN CAST(${} AS BIGINT)", 2 * i + 1, 2 * i + 2));
-        }
-        sql.push_str(" ELSE 0 END WHERE id IN (");
-        sql.push_str(&(0..chunk.len()).map(|i| format!("${}", 2 * i + 1)).collect::<Vec<_>>().join(", "));
-        sql.push(')');
-        let mut q = sqlx::query(&sql);
-        for (account, delta) in chunk {
-            q = q.bind(*account).bind(*delta);
-        }
-        q.execute(&mut **tx).await?;
+        let params: Vec<Param<'_>> = chunk.iter().flat_map(|(account, delta)| [Param::Str(account), Param::Int(*delta)]).collect();
+        script.push(&params, |first| {
+            let mut sql = String::from("UPDATE accounts SET posted = posted + CASE id");
+            for i in 0..chunk.len() {
+                sql.push_str(&format!(" WHEN ${} THEN CAST(${} AS BIGINT)", first + 2 * i, first + 2 * i + 1));
+            }
+            sql.push_str(" ELSE 0 END WHERE id IN (");
+            sql.push_str(&(0..chunk.len()).map(|i| format!("${}", first + 2 * i)).collect::<Vec<_>>().join(", "));
+            sql.push(')');
+            sql
+        });
     }
     Ok(())
 }

@@ -197,32 +197,94 @@ pub fn placeholders(start: usize, n: usize) -> String {
     (start..start + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
-/// One multi-row `INSERT` per chunk of `rows` (each row the same width).
-pub async fn insert_rows(tx: &mut sqlx::Transaction<'_, sqlx::Any>, head: &str, tail: &str, rows: &[Vec<Param<'_>>]) -> Result<(), sqlx::Error> {
-    // Modest statements: SQLite looks `$N` parameters up by name, which grows
-    // quadratically with the parameter count of one statement.
-    for chunk in rows.chunks(64) {
-        let mut sql = String::from(head);
-        let mut n = 1;
-        for (i, row) in chunk.iter().enumerate() {
-            sql.push_str(if i == 0 { " (" } else { ", (" });
-            sql.push_str(&placeholders(n, row.len()));
-            sql.push(')');
-            n += row.len();
+/// An owned bound value of a `Script`.
+enum Value {
+    Str(String),
+    Int(i64),
+    OptStr(Option<String>),
+    OptInt(Option<i64>),
+}
+
+impl From<&Param<'_>> for Value {
+    fn from(p: &Param<'_>) -> Self {
+        match p {
+            Param::Str(s) => Value::Str((*s).to_owned()),
+            Param::Int(v) => Value::Int(*v),
+            Param::OptStr(v) => Value::OptStr(v.map(str::to_owned)),
+            Param::OptInt(v) => Value::OptInt(*v),
         }
-        sql.push_str(tail);
-        let mut q = sqlx::query(&sql);
-        for value in chunk.iter().flatten() {
-            q = match value {
-                Param::Str(s) => q.bind(*s),
-                Param::Int(v) => q.bind(*v),
-                Param::OptStr(v) => q.bind(*v),
-                Param::OptInt(v) => q.bind(*v),
-            };
-        }
-        q.execute(&mut **tx).await?;
     }
-    Ok(())
+}
+
+/// SQLite's limit on one query's `$N` (`SQLITE_MAX_VARIABLE_NUMBER`).
+const SQLITE_MAX_PARAMS: usize = 32_766;
+
+/// Writes of one transaction that return nothing, gathered and then sent in as few
+/// round trips as the backend allows. On SQLite they go as one multi-statement query:
+/// sqlx runs its statements in order on the connection's thread and binds `$N` by
+/// number across the whole text, so a settlement batch's inserts and updates cost one
+/// hand-off to that thread instead of one each. PostgreSQL's extended protocol takes
+/// one statement per query, so there they go one by one.
+pub struct Script {
+    one_query: bool,
+    queries: Vec<(String, Vec<Value>)>,
+}
+
+impl Script {
+    /// A script for the transaction's database.
+    pub fn for_tx(tx: &sqlx::Transaction<'_, sqlx::Any>) -> Self {
+        Self { one_query: tx.backend_name() == <sqlx::Sqlite as sqlx::Database>::NAME, queries: Vec::new() }
+    }
+
+    /// Adds a statement. `sql(first)` numbers its placeholders `$first`, `$first + 1`,
+    /// … in the order of `params`.
+    pub fn push<'p>(&mut self, params: impl IntoIterator<Item = &'p Param<'p>>, sql: impl FnOnce(usize) -> String) {
+        let values: Vec<Value> = params.into_iter().map(Value::from).collect();
+        match self.queries.last_mut() {
+            Some((text, bound)) if self.one_query && bound.len() + values.len() <= SQLITE_MAX_PARAMS => {
+                text.push_str(";\n");
+                text.push_str(&sql(bound.len() + 1));
+                bound.extend(values);
+            }
+            _ => self.queries.push((sql(1), values)),
+        }
+    }
+
+    /// One multi-row `INSERT` per 64 `rows` (each row the same width): SQLite looks
+    /// `$N` parameters up by name, which grows quadratically with one statement's
+    /// parameter count.
+    pub fn insert_rows(&mut self, head: &str, tail: &str, rows: &[Vec<Param<'_>>]) {
+        for chunk in rows.chunks(64) {
+            self.push(chunk.iter().flatten(), |first| {
+                let mut sql = String::from(head);
+                let mut n = first;
+                for (i, row) in chunk.iter().enumerate() {
+                    sql.push_str(if i == 0 { " (" } else { ", (" });
+                    sql.push_str(&placeholders(n, row.len()));
+                    sql.push(')');
+                    n += row.len();
+                }
+                sql.push_str(tail);
+                sql
+            });
+        }
+    }
+
+    pub async fn run(self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), sqlx::Error> {
+        for (sql, values) in &self.queries {
+            let mut q = sqlx::query(sql);
+            for value in values {
+                q = match value {
+                    Value::Str(s) => q.bind(s.as_str()),
+                    Value::Int(v) => q.bind(*v),
+                    Value::OptStr(v) => q.bind(v.as_deref()),
+                    Value::OptInt(v) => q.bind(*v),
+                };
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
 }
 
 fn strip_comments(statement: &str) -> String {
@@ -256,6 +318,30 @@ mod tests {
         let (frames, copied) = store.checkpoint().await?.unwrap_or_default();
         assert!(frames > 0, "the writes are in the WAL");
         assert_eq!(frames, copied, "a passive checkpoint with no other reader copies all of them");
+        Ok(())
+    }
+
+    /// On SQLite a script's statements go as one query, each bound to its own values.
+    #[tokio::test]
+    async fn a_script_is_one_query_on_sqlite_with_each_statements_values() -> Result<(), sqlx::Error> {
+        let dir = tempfile::tempdir().map_err(sqlx::Error::Io)?;
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await?;
+        let mut tx = store.pool.begin().await?;
+        let mut script = Script::for_tx(&tx);
+        let keys: Vec<String> = (0..70).map(|i| format!("k{i}")).collect();
+        let rows: Vec<Vec<Param<'_>>> = keys.iter().map(|k| vec![Param::Str(k), Param::Str("v")]).collect();
+        script.insert_rows("INSERT INTO settings (key, value) VALUES", "", &rows);
+        script.push(&[Param::Str("changed"), Param::Str("k69")], |first| {
+            format!("UPDATE settings SET value = ${} WHERE key = ${}", first, first + 1)
+        });
+        assert_eq!(script.queries.len(), 1, "70 rows (two INSERTs) and an UPDATE in one query");
+        script.run(&mut tx).await?;
+        tx.commit().await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM settings WHERE key LIKE 'k%'").fetch_one(&store.pool).await?;
+        assert_eq!(n, 70);
+        assert_eq!(store.setting("k0").await?.as_deref(), Some("v"));
+        assert_eq!(store.setting("k68").await?.as_deref(), Some("v"));
+        assert_eq!(store.setting("k69").await?.as_deref(), Some("changed"));
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Billing, Payer, Settlement};
-use crate::store::{insert_rows, Param, Store};
+use crate::store::{Param, Script, Store};
 
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
@@ -183,21 +183,21 @@ async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &m
 async fn commit(store: &Store, batch: &mut [Completion], known: &mut crate::ledger::Known) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
     let billings: Vec<Option<&Billing>> = batch.iter().map(|c| c.billing.as_ref()).collect();
-    let charges = crate::ledger::apply_batch(&mut tx, &billings, "usage", store.book.as_deref(), known).await?;
+    let mut script = Script::for_tx(&tx);
+    let charges = crate::ledger::apply_batch(&mut tx, &billings, "usage", store.book.as_deref(), known, &mut script).await?;
     for (c, charge) in batch.iter_mut().zip(charges) {
         if c.billing.is_some() {
             c.record.cost_micros = charge;
         }
     }
     let rows: Vec<Vec<Param<'_>>> = batch.iter().map(|c| row(&c.record)).collect();
-    insert_rows(
-        &mut tx,
+    script.insert_rows(
         "INSERT INTO usage_records (request_id, key_id, user_id, endpoint, model, provider_id, quality, \
          prompt_tokens, completion_tokens, ttft_ms, latency_ms, status, error_code, created_at, cost_micros, payer, usage_source) VALUES",
         " ON CONFLICT (request_id) DO NOTHING",
         &rows,
-    )
-    .await?;
+    );
+    script.run(&mut tx).await?;
     tx.commit().await
 }
 
