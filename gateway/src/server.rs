@@ -58,49 +58,48 @@ impl Running {
         let reload_qualities = qualities.clone();
         let ads = crate::ads::Ads::load(store.clone(), &config).await?;
         let reload_ads = ads.clone();
-        let stop_refresh = stop.clone();
         let sweeper = crate::ledger::Ledger::new(store.clone());
         let payouts = crate::payments::Payments::new(store.clone());
         // One client (one connection pool) for providers and the payout service.
         let http = AppState::http_client(&config)?;
         let connector_http = http.clone();
-        let connector_config = config.clone();
+        let connector_config = Arc::new(config.clone());
         let hold_ttl_ms = i64::try_from(config.hold_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let mut sweeps = 0u64;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(refresh);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = reg.reload().await {
-                            tracing::warn!(error = %e, "provider reload failed");
-                        }
-                        if let Err(e) = reload_qualities.reload().await {
-                            tracing::warn!(error = %e, "quality level reload failed");
-                        }
-                        if let Err(e) = reload_ads.reload().await {
-                            tracing::warn!(error = %e, "ad inventory reload failed");
-                        }
-                        sweeps += 1;
-                        if sweeps % 12 == 1 {
-                            match sweeper.sweep_stale_holds(hold_ttl_ms).await {
-                                Ok(0) => {}
-                                Ok(n) => tracing::warn!(voided = n, "voided stale holds"),
-                                Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
-                            }
-                            match payouts.auto_payouts().await {
-                                Ok(made) if !made.is_empty() => {
-                                    tracing::info!(count = made.len(), "automatic payouts requested");
-                                    for w in made {
-                                        crate::payout_connector::dispatch(connector_http.clone(), &connector_config, payouts.clone(), w);
-                                    }
-                                }
-                                Ok(_) => {}
-                                Err(e) => tracing::warn!(error = %e, "automatic payouts failed"),
-                            }
+        every(refresh, stop.clone(), move || {
+            // Stale holds and automatic payouts every 12th refresh.
+            sweeps += 1;
+            let sweep = sweeps % 12 == 1;
+            let (reg, qualities, ads) = (reg.clone(), reload_qualities.clone(), reload_ads.clone());
+            let (sweeper, payouts, http, config) =
+                (sweeper.clone(), payouts.clone(), connector_http.clone(), connector_config.clone());
+            async move {
+                if let Err(e) = reg.reload().await {
+                    tracing::warn!(error = %e, "provider reload failed");
+                }
+                if let Err(e) = qualities.reload().await {
+                    tracing::warn!(error = %e, "quality level reload failed");
+                }
+                if let Err(e) = ads.reload().await {
+                    tracing::warn!(error = %e, "ad inventory reload failed");
+                }
+                if !sweep {
+                    return;
+                }
+                match sweeper.sweep_stale_holds(hold_ttl_ms).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(voided = n, "voided stale holds"),
+                    Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
+                }
+                match payouts.auto_payouts().await {
+                    Ok(made) if !made.is_empty() => {
+                        tracing::info!(count = made.len(), "automatic payouts requested");
+                        for w in made {
+                            crate::payout_connector::dispatch(http.clone(), &config, payouts.clone(), w);
                         }
                     }
-                    () = stop_refresh.cancelled() => break,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "automatic payouts failed"),
                 }
             }
         });
