@@ -11,7 +11,7 @@
 use sqlx::{Any, Row, Transaction};
 
 use crate::holds::HoldBook;
-use crate::store::{new_id, now_ms, placeholders, Param, Script, Store};
+use crate::store::{new_id, now_ms, placeholders, Param, Script, Store, WriteTx};
 
 pub const FEES: &str = "platform:fees";
 pub const AD_REVENUE: &str = "platform:ad_revenue";
@@ -181,9 +181,10 @@ pub async fn post_entry(
 /// `apply_batch`. Returns the charge.
 pub async fn apply(tx: &mut Transaction<'_, Any>, billing: &Billing, kind: &str, book: Option<&HoldBook>) -> Result<Micros, sqlx::Error> {
     let mut known = Known::default();
-    let mut script = Script::for_tx(tx);
-    let charge = apply_batch(tx, &[Some(billing)], kind, book, &mut known, &mut script).await?.first().copied().unwrap_or(0);
-    script.run(tx).await?;
+    let mut tx = WriteTx::Sqlx(tx);
+    let mut script = Script::for_tx(&tx);
+    let charge = apply_batch(&mut tx, &[Some(billing)], kind, book, &mut known, &mut script).await?.first().copied().unwrap_or(0);
+    tx.run(script).await?;
     Ok(charge)
 }
 
@@ -221,7 +222,7 @@ impl Known {
 /// inserts and the balance update go into `script`, which the caller runs in `tx`
 /// before it commits (together with its own writes: one round trip on SQLite).
 pub async fn apply_batch(
-    tx: &mut Transaction<'_, Any>,
+    tx: &mut WriteTx<'_, '_>,
     billings: &[Option<&Billing>],
     kind: &str,
     book: Option<&HoldBook>,
@@ -239,11 +240,8 @@ pub async fn apply_batch(
     let mut done = std::collections::HashSet::new();
     for chunk in settled_ids.chunks(64) {
         let sql = format!("SELECT request_id FROM ledger_entries WHERE kind = $1 AND request_id IN ({})", placeholders(2, chunk.len()));
-        let mut q = sqlx::query_scalar::<_, String>(&sql).bind(kind);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        done.extend(q.fetch_all(&mut **tx).await?);
+        let params: Vec<Param<'_>> = std::iter::once(Param::Str(kind)).chain(chunk.iter().map(|id| Param::Str(id))).collect();
+        done.extend(tx.fetch_all::<String>(&sql, &params).await?);
     }
     // Release the holds; only a hold still open may be charged. A hold named twice in
     // one batch is resolved by its first item, as if the items ran one by one.
@@ -384,20 +382,17 @@ fn account_kind(id: &str) -> (String, Option<String>) {
 
 /// Closes the still-open hold rows among `ids` with `status` and gives their funds
 /// back to the accounts' available balance. Returns the ids it closed.
-async fn release_rows(tx: &mut Transaction<'_, Any>, ids: &[&str], status: &str) -> Result<Vec<String>, sqlx::Error> {
+async fn release_rows(tx: &mut WriteTx<'_, '_>, ids: &[&str], status: &str) -> Result<Vec<String>, sqlx::Error> {
     let mut closed = Vec::new();
     for chunk in ids.chunks(64) {
         let sql = format!(
             "UPDATE holds SET status = $1, resolved_at = $2 WHERE status = 'held' AND id IN ({}) RETURNING id, account_id, amount",
             placeholders(3, chunk.len())
         );
-        let mut q = sqlx::query(&sql).bind(status).bind(now_ms());
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut **tx).await? {
-            let (id, account, amount): (String, String, i64) = (row.try_get("id")?, row.try_get("account_id")?, row.try_get("amount")?);
-            sqlx::query("UPDATE accounts SET held = held - $1 WHERE id = $2").bind(amount).bind(&account).execute(&mut **tx).await?;
+        let params: Vec<Param<'_>> =
+            [Param::Str(status), Param::Int(now_ms())].into_iter().chain(chunk.iter().map(|id| Param::Str(id))).collect();
+        for (id, account, amount) in tx.fetch_all::<(String, String, i64)>(&sql, &params).await? {
+            tx.execute("UPDATE accounts SET held = held - $1 WHERE id = $2", &[Param::Int(amount), Param::Str(&account)]).await?;
             closed.push(id);
         }
     }
@@ -538,7 +533,7 @@ impl Ledger {
         .await?;
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut tx = self.store.pool.begin().await?;
-        let voided = swept + release_rows(&mut tx, &ids, "voided").await?.len() as u64;
+        let voided = swept + release_rows(&mut WriteTx::Sqlx(&mut tx), &ids, "voided").await?.len() as u64;
         tx.commit().await?;
         Ok(voided)
     }

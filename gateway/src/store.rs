@@ -37,6 +37,9 @@ pub struct Store {
     /// Request holds in memory: SQLite only, whose database belongs to one process
     /// (`holds`). PostgreSQL, shared by replicas, keeps holds in the `holds` table.
     pub book: Option<std::sync::Arc<crate::holds::HoldBook>>,
+    /// SQLite file only: the connection the request-end writer commits its batches on
+    /// (`begin_direct`).
+    direct: Option<std::sync::Arc<Direct>>,
 }
 
 impl Store {
@@ -93,15 +96,32 @@ impl Store {
                 } else {
                     sqlite(4, false).min_connections(0).connect_lazy_with(options)
                 };
-                Self { pool, read, backend, book: Some(std::sync::Arc::default()) }
+                Self { pool, read, backend, book: Some(std::sync::Arc::default()), direct: None }
             }
             Backend::Postgres => {
                 let pool = pool_options.max_connections(16).connect_with(options).await?;
-                Self { read: pool.clone(), pool, backend, book: None }
+                Self { read: pool.clone(), pool, backend, book: None, direct: None }
             }
         };
         store.migrate().await?;
+        if backend == Backend::Sqlite && !url.contains(":memory:") && !url.contains("mode=memory") {
+            let path = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?.get_filename().to_owned();
+            let direct = Direct::open(&path).map_err(direct_error)?;
+            return Ok(Self { direct: Some(std::sync::Arc::new(direct)), ..store });
+        }
         Ok(store)
+    }
+
+    /// Begins a write transaction on the direct connection (SQLite files only; `None`
+    /// elsewhere). It first takes the sqlx writer's one connection, so no other write
+    /// runs meanwhile: SQLite has one writer, and two would sleep in its busy handler.
+    pub async fn begin_direct(&self) -> Result<Option<DirectTx<'_>>, sqlx::Error> {
+        let Some(direct) = &self.direct else { return Ok(None) };
+        let writer = self.pool.acquire().await?;
+        let mut tx = DirectTx { direct, _writer: writer, open: false };
+        tx.call(|c| c.execute_batch("BEGIN IMMEDIATE"))?;
+        tx.open = true;
+        Ok(Some(tx))
     }
 
     async fn migrate(&self) -> Result<(), sqlx::Error> {
@@ -231,9 +251,14 @@ pub struct Script {
 }
 
 impl Script {
-    /// A script for the transaction's database.
-    pub fn for_tx(tx: &sqlx::Transaction<'_, sqlx::Any>) -> Self {
-        Self { one_query: tx.backend_name() == <sqlx::Sqlite as sqlx::Database>::NAME, queries: Vec::new() }
+    /// A script for the transaction's database. The direct connection prepares one
+    /// statement at a time (and has no hand-offs to save), so there they stay apart.
+    pub fn for_tx(tx: &WriteTx<'_, '_>) -> Self {
+        let one_query = match tx {
+            WriteTx::Sqlx(tx) => tx.backend_name() == <sqlx::Sqlite as sqlx::Database>::NAME,
+            WriteTx::Direct(_) => false,
+        };
+        Self { one_query, queries: Vec::new() }
     }
 
     /// Adds a statement. `sql(first)` numbers its placeholders `$first`, `$first + 1`,
@@ -287,6 +312,203 @@ impl Script {
     }
 }
 
+/// A second connection to an SQLite file, on which the request-end writer commits a
+/// whole settlement batch (begin, the idempotency read, the inserts and updates,
+/// commit) in one call on its own task's thread: through sqlx each statement is a
+/// hand-off to sqlx's per-connection SQLite thread and back, four per batch, and on a
+/// busy machine each hand-off waits for a thread to be scheduled (p50 ~100 µs, p99
+/// over 1 ms at 1,000 req/s; BENCHMARKS.md). It is opened after the migrations and
+/// set up as the sqlx writer is: it never checkpoints (`checkpoint` does).
+pub struct Direct {
+    conn: std::sync::Mutex<rusqlite::Connection>,
+}
+
+impl Direct {
+    fn open(path: &std::path::Path) -> rusqlite::Result<Self> {
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", 67_108_864)?;
+        // A batch's statements differ in their row counts; keep the common ones prepared.
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Self { conn: std::sync::Mutex::new(conn) })
+    }
+}
+
+/// An open transaction on `Direct`; dropped without `commit`, it rolls back.
+pub struct DirectTx<'s> {
+    direct: &'s Direct,
+    /// The sqlx writer's connection, held for the transaction's life (`begin_direct`).
+    _writer: sqlx::pool::PoolConnection<sqlx::Any>,
+    open: bool,
+}
+
+impl DirectTx<'_> {
+    fn call<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>) -> Result<T, sqlx::Error> {
+        let conn = self.direct.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&conn).map_err(direct_error)
+    }
+
+    pub fn commit(mut self) -> Result<(), sqlx::Error> {
+        self.call(|c| c.execute_batch("COMMIT"))?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for DirectTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            if let Err(e) = self.call(|c| c.execute_batch("ROLLBACK")) {
+                tracing::error!(error = %e, "could not roll back the direct connection's transaction");
+            }
+        }
+    }
+}
+
+fn direct_error(e: rusqlite::Error) -> sqlx::Error {
+    sqlx::Error::AnyDriverError(Box::new(e))
+}
+
+/// Binds `values` to `statement` by the number in each `$N` placeholder, as sqlx does.
+fn bind_direct<V: rusqlite::ToSql>(statement: &mut rusqlite::Statement<'_>, values: &[V]) -> rusqlite::Result<()> {
+    for i in 1..=statement.parameter_count() {
+        let name = statement.parameter_name(i).unwrap_or_default();
+        let n = name.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()).filter(|n| *n >= 1);
+        let Some(n) = n else { return Err(rusqlite::Error::InvalidParameterName(name.to_owned())) };
+        let value = values.get(n - 1).ok_or(rusqlite::Error::InvalidParameterCount(n, values.len()))?;
+        statement.raw_bind_parameter(i, value)?;
+    }
+    Ok(())
+}
+
+/// A write transaction that the ledger's batch runs in: sqlx's, or the direct
+/// connection's, whose calls finish before they return (the futures never wait).
+pub enum WriteTx<'t, 'c> {
+    Sqlx(&'t mut sqlx::Transaction<'c, sqlx::Any>),
+    Direct(&'t mut DirectTx<'c>),
+}
+
+/// A row type `WriteTx::fetch_all` can return from either connection.
+pub trait Fetch: Sized {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error>;
+    fn from_direct(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
+}
+
+impl Fetch for String {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        sqlx::Row::try_get(row, 0)
+    }
+
+    fn from_direct(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        row.get(0)
+    }
+}
+
+impl Fetch for (String, String, i64) {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok((sqlx::Row::try_get(row, 0)?, sqlx::Row::try_get(row, 1)?, sqlx::Row::try_get(row, 2)?))
+    }
+
+    fn from_direct(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+    }
+}
+
+impl WriteTx<'_, '_> {
+    /// Runs a query that returns rows (`UPDATE … RETURNING` included).
+    pub async fn fetch_all<T: Fetch>(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<T>, sqlx::Error> {
+        match self {
+            WriteTx::Sqlx(tx) => {
+                let mut q = sqlx::query(sql);
+                for p in params {
+                    q = bind_param(q, p);
+                }
+                q.fetch_all(&mut ***tx).await?.iter().map(T::from_any).collect()
+            }
+            WriteTx::Direct(tx) => tx.call(|c| {
+                let mut statement = c.prepare_cached(sql)?;
+                bind_direct(&mut statement, params)?;
+                let mut rows = statement.raw_query();
+                let mut out = Vec::new();
+                while let Some(row) = rows.next()? {
+                    out.push(T::from_direct(row)?);
+                }
+                Ok(out)
+            }),
+        }
+    }
+
+    /// Runs a statement that returns nothing.
+    pub async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), sqlx::Error> {
+        match self {
+            WriteTx::Sqlx(tx) => {
+                let mut q = sqlx::query(sql);
+                for p in params {
+                    q = bind_param(q, p);
+                }
+                q.execute(&mut ***tx).await.map(drop)
+            }
+            WriteTx::Direct(tx) => tx.call(|c| {
+                let mut statement = c.prepare_cached(sql)?;
+                bind_direct(&mut statement, params)?;
+                statement.raw_execute().map(drop)
+            }),
+        }
+    }
+
+    /// Runs `script`'s statements in order.
+    pub async fn run(&mut self, script: Script) -> Result<(), sqlx::Error> {
+        match self {
+            WriteTx::Sqlx(tx) => script.run(tx).await,
+            WriteTx::Direct(tx) => tx.call(|c| {
+                for (sql, values) in &script.queries {
+                    let mut statement = c.prepare_cached(sql)?;
+                    bind_direct(&mut statement, values)?;
+                    statement.raw_execute()?;
+                }
+                Ok(())
+            }),
+        }
+    }
+}
+
+fn bind_param<'q>(q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>, p: &Param<'q>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    match *p {
+        Param::Str(s) => q.bind(s),
+        Param::Int(v) => q.bind(v),
+        Param::OptStr(v) => q.bind(v),
+        Param::OptInt(v) => q.bind(v),
+    }
+}
+
+impl rusqlite::ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Param::Str(s) => s.to_sql(),
+            Param::Int(v) => v.to_sql(),
+            Param::OptStr(v) => v.to_sql(),
+            Param::OptInt(v) => v.to_sql(),
+        }
+    }
+}
+
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Value::Str(s) => s.to_sql(),
+            Value::Int(v) => v.to_sql(),
+            Value::OptStr(v) => v.to_sql(),
+            Value::OptInt(v) => v.to_sql(),
+        }
+    }
+}
+
 fn strip_comments(statement: &str) -> String {
     statement.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n").trim().to_owned()
 }
@@ -327,7 +549,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(sqlx::Error::Io)?;
         let store = Store::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await?;
         let mut tx = store.pool.begin().await?;
-        let mut script = Script::for_tx(&tx);
+        let mut script = Script::for_tx(&WriteTx::Sqlx(&mut tx));
         let keys: Vec<String> = (0..70).map(|i| format!("k{i}")).collect();
         let rows: Vec<Vec<Param<'_>>> = keys.iter().map(|k| vec![Param::Str(k), Param::Str("v")]).collect();
         script.insert_rows("INSERT INTO settings (key, value) VALUES", "", &rows);
@@ -342,6 +564,46 @@ mod tests {
         assert_eq!(store.setting("k0").await?.as_deref(), Some("v"));
         assert_eq!(store.setting("k68").await?.as_deref(), Some("v"));
         assert_eq!(store.setting("k69").await?.as_deref(), Some("changed"));
+        Ok(())
+    }
+
+    /// On an SQLite file a direct transaction's calls finish before they return (no
+    /// hand-off to another thread), sqlx's writer waits while it is open, and one dropped
+    /// without a commit leaves nothing behind.
+    #[tokio::test]
+    async fn a_direct_transaction_never_waits_and_excludes_the_sqlx_writer() -> Result<(), sqlx::Error> {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().map_err(sqlx::Error::Io)?;
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await?;
+        let insert = "INSERT INTO settings (key, value) VALUES ($1, $2)";
+        let mut tx = store.begin_direct().await?.expect("a file database has a direct connection");
+        {
+            let mut w = WriteTx::Direct(&mut tx);
+            w.execute(insert, &[Param::Str("a"), Param::Str("1")]).now_or_never().expect("ready at once")?;
+            let mut script = Script::for_tx(&w);
+            let keys: Vec<String> = (0..70).map(|i| format!("k{i}")).collect();
+            let rows: Vec<Vec<Param<'_>>> = keys.iter().map(|k| vec![Param::Str(k), Param::Str("v")]).collect();
+            script.insert_rows("INSERT INTO settings (key, value) VALUES", "", &rows);
+            script.push(&[Param::Str("2"), Param::Str("a")], |first| format!("UPDATE settings SET value = ${first} WHERE key = ${}", first + 1));
+            w.run(script).now_or_never().expect("ready at once")?;
+            let got: Vec<(String, String, i64)> = w
+                .fetch_all("SELECT key, value, LENGTH(key) FROM settings WHERE key IN ($2, $1) ORDER BY key", &[Param::Str("k7"), Param::Str("a")])
+                .now_or_never()
+                .expect("ready at once")?;
+            assert_eq!(got, [("a".to_owned(), "2".to_owned(), 1), ("k7".to_owned(), "v".to_owned(), 2)]);
+        }
+        let blocked = tokio::time::timeout(std::time::Duration::from_millis(100), sqlx::query(insert).bind("b").bind("1").execute(&store.pool)).await;
+        assert!(blocked.is_err(), "the sqlx writer waits while a direct transaction is open");
+        tx.commit()?;
+        sqlx::query(insert).bind("b").bind("1").execute(&store.pool).await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM settings WHERE key = 'a' OR key LIKE 'k%'").fetch_one(&store.read).await?;
+        assert_eq!(n, 71);
+
+        let mut tx = store.begin_direct().await?.expect("direct");
+        WriteTx::Direct(&mut tx).execute(insert, &[Param::Str("gone"), Param::Str("1")]).now_or_never().expect("ready at once")?;
+        drop(tx);
+        assert_eq!(store.setting("gone").await?, None, "dropped without a commit: rolled back");
+        sqlx::query(insert).bind("c").bind("1").execute(&store.pool).await?;
         Ok(())
     }
 

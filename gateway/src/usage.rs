@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Billing, Payer, Settlement};
-use crate::store::{Param, Script, Store};
+use crate::store::{Param, Script, Store, WriteTx};
 
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
@@ -179,12 +179,24 @@ async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &m
     }
 }
 
-/// One transaction: every settlement of the batch, then every usage row.
+/// One transaction for the batch: every settlement, then every usage row. On an SQLite
+/// file it runs on the direct connection, the whole batch in this one call without
+/// waiting on another thread (`store::Direct`); elsewhere through sqlx.
 async fn commit(store: &Store, batch: &mut [Completion], known: &mut crate::ledger::Known) -> Result<(), sqlx::Error> {
+    if let Some(mut tx) = store.begin_direct().await? {
+        write(&mut WriteTx::Direct(&mut tx), store, batch, known).await?;
+        return tx.commit();
+    }
     let mut tx = store.pool.begin().await?;
+    write(&mut WriteTx::Sqlx(&mut tx), store, batch, known).await?;
+    tx.commit().await
+}
+
+/// The batch's settlements and usage rows.
+async fn write(tx: &mut WriteTx<'_, '_>, store: &Store, batch: &mut [Completion], known: &mut crate::ledger::Known) -> Result<(), sqlx::Error> {
     let billings: Vec<Option<&Billing>> = batch.iter().map(|c| c.billing.as_ref()).collect();
-    let mut script = Script::for_tx(&tx);
-    let charges = crate::ledger::apply_batch(&mut tx, &billings, "usage", store.book.as_deref(), known, &mut script).await?;
+    let mut script = Script::for_tx(tx);
+    let charges = crate::ledger::apply_batch(tx, &billings, "usage", store.book.as_deref(), known, &mut script).await?;
     for (c, charge) in batch.iter_mut().zip(charges) {
         if c.billing.is_some() {
             c.record.cost_micros = charge;
@@ -197,8 +209,7 @@ async fn commit(store: &Store, batch: &mut [Completion], known: &mut crate::ledg
         " ON CONFLICT (request_id) DO NOTHING",
         &rows,
     );
-    script.run(&mut tx).await?;
-    tx.commit().await
+    tx.run(script).await
 }
 
 fn row(r: &UsageRecord) -> Vec<Param<'_>> {
