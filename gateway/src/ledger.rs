@@ -88,13 +88,13 @@ pub fn price_discounted(tokens: u64, per_mtok: Micros, multiplier_bp: u32, disco
 
 /// Tokens a user was billed for since `since_ms` (for volume discounts).
 pub async fn user_tokens_since(store: &Store, user_id: &str, since_ms: i64) -> Result<u64, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) FROM usage_records WHERE user_id = $1 AND created_at >= $2 AND payer = 'user'",
-    )
-    .bind(user_id)
-    .bind(since_ms)
-    .fetch_one(&store.read)
-    .await?;
+    let n: i64 = store
+        .read_one(
+            "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) FROM usage_records WHERE user_id = $1 AND created_at >= $2 AND payer = 'user'",
+            &[Param::Str(user_id), Param::Int(since_ms)],
+        )
+        .await?
+        .unwrap_or(0);
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
@@ -418,10 +418,7 @@ impl Ledger {
             return Err(sqlx::Error::Protocol(format!("hold amount must be positive, got {amount}")));
         }
         let mark = book.mark(account);
-        let unheld: Option<i64> = sqlx::query_scalar("SELECT posted - held FROM accounts WHERE id = $1")
-            .bind(account)
-            .fetch_optional(&self.store.read)
-            .await?;
+        let unheld: Option<i64> = self.store.read_one("SELECT posted - held FROM accounts WHERE id = $1", &[Param::Str(account)]).await?;
         Ok(book.try_hold(account, key_id, amount, unheld.unwrap_or(0), mark))
     }
 
@@ -488,14 +485,8 @@ impl Ledger {
     }
 
     pub async fn balance(&self, account: &str) -> Result<Balance, sqlx::Error> {
-        let row = sqlx::query("SELECT posted, held FROM accounts WHERE id = $1")
-            .bind(account)
-            .fetch_optional(&self.store.read)
-            .await?;
-        let (posted, mut held) = match row {
-            Some(r) => (r.try_get::<i64, _>("posted")?, r.try_get::<i64, _>("held")?),
-            None => (0, 0),
-        };
+        let (posted, mut held) =
+            self.store.read_one("SELECT posted, held FROM accounts WHERE id = $1", &[Param::Str(account)]).await?.unwrap_or((0, 0));
         if let Some(book) = &self.store.book {
             // Holds being settled are left out: their charge may already be in
             // `posted` (the writer releases a hold only after its commit).
@@ -506,15 +497,19 @@ impl Ledger {
 
     /// What a key has spent since `since_ms` plus what it holds right now.
     pub async fn key_commitments(&self, key_id: &str, since_ms: i64) -> Result<Micros, sqlx::Error> {
-        let spent: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND payer = 'user'")
-            .bind(key_id)
-            .bind(since_ms)
-            .fetch_one(&self.store.read)
-            .await?;
-        let held: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE key_id = $1 AND status = 'held'")
-            .bind(key_id)
-            .fetch_one(&self.store.read)
-            .await?;
+        let spent: i64 = self
+            .store
+            .read_one(
+                "SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND payer = 'user'",
+                &[Param::Str(key_id), Param::Int(since_ms)],
+            )
+            .await?
+            .unwrap_or(0);
+        let held: i64 = self
+            .store
+            .read_one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE key_id = $1 AND status = 'held'", &[Param::Str(key_id)])
+            .await?
+            .unwrap_or(0);
         let in_memory = self.store.book.as_ref().map_or(0, |b| b.held_by_key(key_id));
         Ok(spent + held + in_memory)
     }

@@ -112,6 +112,23 @@ impl Store {
         Ok(store)
     }
 
+    /// The first row of a read on the request path (`read`'s job): on an SQLite file
+    /// on one of `Direct`'s reader connections, inline on the caller's thread (a
+    /// hand-off to sqlx's SQLite thread and back costs more than the read); elsewhere
+    /// on the `read` pool.
+    pub async fn read_one<T: Fetch>(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<T>, sqlx::Error> {
+        match &self.direct {
+            Some(direct) => direct.read(sql, params).map_err(direct_error),
+            None => {
+                let mut q = sqlx::query(sql);
+                for p in params {
+                    q = bind_param(q, p);
+                }
+                q.fetch_optional(&self.read).await?.as_ref().map(T::from_any).transpose()
+            }
+        }
+    }
+
     /// Begins a write transaction on the direct connection (SQLite files only; `None`
     /// elsewhere). It first takes the sqlx writer's one connection, so no other write
     /// runs meanwhile: SQLite has one writer, and two would sleep in its busy handler.
@@ -319,9 +336,17 @@ impl Script {
 /// busy machine each hand-off waits for a thread to be scheduled (p50 ~100 µs, p99
 /// over 1 ms at 1,000 req/s; BENCHMARKS.md). It is opened after the migrations and
 /// set up as the sqlx writer is: it never checkpoints (`checkpoint` does).
+///
+/// It also keeps read-only connections for `Store::read_one`, for the same reason.
 pub struct Direct {
     conn: std::sync::Mutex<rusqlite::Connection>,
+    path: std::path::PathBuf,
+    /// Idle reader connections; a read takes one (or opens one) and puts it back.
+    readers: std::sync::Mutex<Vec<rusqlite::Connection>>,
 }
+
+/// Idle reader connections kept (more may be open while reads overlap).
+const DIRECT_READERS: usize = 4;
 
 impl Direct {
     fn open(path: &std::path::Path) -> rusqlite::Result<Self> {
@@ -329,6 +354,11 @@ impl Direct {
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
+        Self::set_up(&conn)?;
+        Ok(Self { conn: std::sync::Mutex::new(conn), path: path.to_owned(), readers: std::sync::Mutex::default() })
+    }
+
+    fn set_up(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -336,7 +366,33 @@ impl Direct {
         conn.pragma_update(None, "journal_size_limit", 67_108_864)?;
         // A batch's statements differ in their row counts; keep the common ones prepared.
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Self { conn: std::sync::Mutex::new(conn) })
+        Ok(())
+    }
+
+    fn read<T: Fetch>(&self, sql: &str, params: &[Param<'_>]) -> rusqlite::Result<Option<T>> {
+        let idle = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => {
+                let c = rusqlite::Connection::open_with_flags(
+                    &self.path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                Self::set_up(&c)?;
+                c
+            }
+        };
+        let row = {
+            let mut statement = conn.prepare_cached(sql)?;
+            bind_direct(&mut statement, params)?;
+            let mut rows = statement.raw_query();
+            rows.next()?.map(T::from_direct).transpose()?
+        };
+        let mut readers = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if readers.len() < DIRECT_READERS {
+            readers.push(conn);
+        }
+        Ok(row)
     }
 }
 
@@ -407,6 +463,26 @@ impl Fetch for String {
 
     fn from_direct(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         row.get(0)
+    }
+}
+
+impl Fetch for i64 {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        sqlx::Row::try_get(row, 0)
+    }
+
+    fn from_direct(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        row.get(0)
+    }
+}
+
+impl Fetch for (i64, i64) {
+    fn from_any(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok((sqlx::Row::try_get(row, 0)?, sqlx::Row::try_get(row, 1)?))
+    }
+
+    fn from_direct(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok((row.get(0)?, row.get(1)?))
     }
 }
 
@@ -592,12 +668,18 @@ mod tests {
                 .expect("ready at once")?;
             assert_eq!(got, [("a".to_owned(), "2".to_owned(), 1), ("k7".to_owned(), "v".to_owned(), 2)]);
         }
+        // A request-path read does not wait for the open transaction: it sees the last commit.
+        let before: Option<i64> = store.read_one("SELECT COUNT(*) FROM settings WHERE key = $1", &[Param::Str("a")]).now_or_never().expect("ready at once")?;
+        assert_eq!(before, Some(0));
         let blocked = tokio::time::timeout(std::time::Duration::from_millis(100), sqlx::query(insert).bind("b").bind("1").execute(&store.pool)).await;
         assert!(blocked.is_err(), "the sqlx writer waits while a direct transaction is open");
         tx.commit()?;
         sqlx::query(insert).bind("b").bind("1").execute(&store.pool).await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM settings WHERE key = 'a' OR key LIKE 'k%'").fetch_one(&store.read).await?;
         assert_eq!(n, 71);
+        let after: Option<(i64, i64)> =
+            store.read_one("SELECT COUNT(*), SUM(LENGTH(value)) FROM settings WHERE key IN ($1, $2)", &[Param::Str("a"), Param::Str("b")]).await?;
+        assert_eq!(after, Some((2, 2)));
 
         let mut tx = store.begin_direct().await?.expect("direct");
         WriteTx::Direct(&mut tx).execute(insert, &[Param::Str("gone"), Param::Str("1")]).now_or_never().expect("ready at once")?;
