@@ -18,6 +18,21 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_ads.sql")),
 ];
 
+/// Every SQLite connection's set-up, sqlx's and `Direct`'s. WAL lets readers run
+/// beside the writer; NORMAL sync is durable across process crashes (not power loss),
+/// which is what an embedded single-node store promises.
+const SQLITE_PRAGMAS: &[&str] =
+    &["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL", "PRAGMA busy_timeout = 5000", "PRAGMA foreign_keys = ON"];
+
+/// And a writing connection's:
+/// - it never checkpoints: SQLite would do it inside the commit that crosses 1,000 WAL
+///   pages, with an fsync, and every request waiting for that batch's settlement would
+///   wait for it too (p99 5.5 ms instead of 2.2–2.6 ms at 250 req/s; BENCHMARKS.md).
+///   `Store::checkpoint` does it instead, mostly from a reader connection;
+/// - when the WAL starts over after a burst, its file is cut back to 64 MiB instead of
+///   keeping its high-water mark.
+const SQLITE_WRITER_PRAGMAS: &[&str] = &["PRAGMA wal_autocheckpoint = 0", "PRAGMA journal_size_limit = 67108864"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -64,24 +79,9 @@ impl Store {
                     let options = pool_options.clone().max_connections(connections).test_before_acquire(false);
                     options.after_connect(move |conn, _| {
                         Box::pin(async move {
-                            // WAL lets readers run beside the writer; NORMAL sync is
-                            // durable across process crashes (not power loss), which is
-                            // what an embedded single-node store promises.
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
-                            conn.execute("PRAGMA busy_timeout = 5000").await?;
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
-                            if writer {
-                                // The writer never checkpoints: SQLite would do it inside
-                                // the commit that crosses 1,000 WAL pages, with an fsync,
-                                // and every request waiting for that batch's settlement
-                                // would wait for it too (p99 5.5 ms instead of 2.2–2.6 ms
-                                // at 250 req/s; BENCHMARKS.md). `checkpoint` does it
-                                // instead, mostly from a reader connection.
-                                conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                                // When the WAL starts over after a burst, its file is cut
-                                // back to this size instead of keeping its high-water mark.
-                                conn.execute("PRAGMA journal_size_limit = 67108864").await?;
+                            let writes: &[&str] = if writer { SQLITE_WRITER_PRAGMAS } else { &[] };
+                            for pragma in SQLITE_PRAGMAS.iter().chain(writes) {
+                                conn.execute(*pragma).await?;
                             }
                             Ok(())
                         })
@@ -119,13 +119,7 @@ impl Store {
     pub async fn read_one<T: Fetch>(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<T>, sqlx::Error> {
         match &self.direct {
             Some(direct) => direct.read(sql, params).map_err(direct_error),
-            None => {
-                let mut q = sqlx::query(sql);
-                for p in params {
-                    q = bind_param(q, p);
-                }
-                q.fetch_optional(&self.read).await?.as_ref().map(T::from_any).transpose()
-            }
+            None => sqlx_query(sql, params).fetch_optional(&self.read).await?.as_ref().map(T::from_any).transpose(),
         }
     }
 
@@ -253,6 +247,17 @@ impl From<&Param<'_>> for Value {
     }
 }
 
+impl Value {
+    fn as_param(&self) -> Param<'_> {
+        match self {
+            Value::Str(s) => Param::Str(s),
+            Value::Int(v) => Param::Int(*v),
+            Value::OptStr(v) => Param::OptStr(v.as_deref()),
+            Value::OptInt(v) => Param::OptInt(*v),
+        }
+    }
+}
+
 /// SQLite's limit on one query's `$N` (`SQLITE_MAX_VARIABLE_NUMBER`).
 const SQLITE_MAX_PARAMS: usize = 32_766;
 
@@ -314,16 +319,8 @@ impl Script {
 
     pub async fn run(self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), sqlx::Error> {
         for (sql, values) in &self.queries {
-            let mut q = sqlx::query(sql);
-            for value in values {
-                q = match value {
-                    Value::Str(s) => q.bind(s.as_str()),
-                    Value::Int(v) => q.bind(*v),
-                    Value::OptStr(v) => q.bind(v.as_deref()),
-                    Value::OptInt(v) => q.bind(*v),
-                };
-            }
-            q.execute(&mut **tx).await?;
+            let params: Vec<Param<'_>> = values.iter().map(Value::as_param).collect();
+            sqlx_query(sql, &params).execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -354,16 +351,16 @@ impl Direct {
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        Self::set_up(&conn)?;
+        Self::set_up(&conn, SQLITE_WRITER_PRAGMAS)?;
         Ok(Self { conn: std::sync::Mutex::new(conn), path: path.to_owned(), readers: std::sync::Mutex::default() })
     }
 
-    fn set_up(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        conn.pragma_update(None, "journal_size_limit", 67_108_864)?;
+    /// The sqlx connections' pragmas (`writes`: a writer's too). Some answer with a
+    /// row, so each is stepped once rather than executed.
+    fn set_up(conn: &rusqlite::Connection, writes: &[&str]) -> rusqlite::Result<()> {
+        for pragma in SQLITE_PRAGMAS.iter().chain(writes) {
+            conn.prepare(pragma)?.raw_query().next()?;
+        }
         // A batch's statements differ in their row counts; keep the common ones prepared.
         conn.set_prepared_statement_cache_capacity(64);
         Ok(())
@@ -378,16 +375,11 @@ impl Direct {
                     &self.path,
                     rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
-                Self::set_up(&c)?;
+                Self::set_up(&c, &[])?;
                 c
             }
         };
-        let row = {
-            let mut statement = conn.prepare_cached(sql)?;
-            bind_direct(&mut statement, params)?;
-            let mut rows = statement.raw_query();
-            rows.next()?.map(T::from_direct).transpose()?
-        };
+        let row = prepare_direct(&conn, sql, params)?.raw_query().next()?.map(T::from_direct).transpose()?;
         let mut readers = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if readers.len() < DIRECT_READERS {
             readers.push(conn);
@@ -431,8 +423,10 @@ fn direct_error(e: rusqlite::Error) -> sqlx::Error {
     sqlx::Error::AnyDriverError(Box::new(e))
 }
 
-/// Binds `values` to `statement` by the number in each `$N` placeholder, as sqlx does.
-fn bind_direct<V: rusqlite::ToSql>(statement: &mut rusqlite::Statement<'_>, values: &[V]) -> rusqlite::Result<()> {
+/// `sql`, prepared (or taken from the connection's cache) with `values` bound by the
+/// number in each `$N` placeholder, as sqlx binds them.
+fn prepare_direct<'c>(conn: &'c rusqlite::Connection, sql: &str, values: &[Param<'_>]) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+    let mut statement = conn.prepare_cached(sql)?;
     for i in 1..=statement.parameter_count() {
         let name = statement.parameter_name(i).unwrap_or_default();
         let n = name.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()).filter(|n| *n >= 1);
@@ -440,7 +434,17 @@ fn bind_direct<V: rusqlite::ToSql>(statement: &mut rusqlite::Statement<'_>, valu
         let value = values.get(n - 1).ok_or(rusqlite::Error::InvalidParameterCount(n, values.len()))?;
         statement.raw_bind_parameter(i, value)?;
     }
-    Ok(())
+    Ok(statement)
+}
+
+/// `sql` with `params` bound, for sqlx.
+fn sqlx_query<'q>(sql: &'q str, params: &[Param<'q>]) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    params.iter().fold(sqlx::query(sql), |q, p| match *p {
+        Param::Str(s) => q.bind(s),
+        Param::Int(v) => q.bind(v),
+        Param::OptStr(v) => q.bind(v),
+        Param::OptInt(v) => q.bind(v),
+    })
 }
 
 /// A write transaction that the ledger's batch runs in: sqlx's, or the direct
@@ -500,16 +504,9 @@ impl WriteTx<'_, '_> {
     /// Runs a query that returns rows (`UPDATE … RETURNING` included).
     pub async fn fetch_all<T: Fetch>(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<T>, sqlx::Error> {
         match self {
-            WriteTx::Sqlx(tx) => {
-                let mut q = sqlx::query(sql);
-                for p in params {
-                    q = bind_param(q, p);
-                }
-                q.fetch_all(&mut ***tx).await?.iter().map(T::from_any).collect()
-            }
+            WriteTx::Sqlx(tx) => sqlx_query(sql, params).fetch_all(&mut ***tx).await?.iter().map(T::from_any).collect(),
             WriteTx::Direct(tx) => tx.call(|c| {
-                let mut statement = c.prepare_cached(sql)?;
-                bind_direct(&mut statement, params)?;
+                let mut statement = prepare_direct(c, sql, params)?;
                 let mut rows = statement.raw_query();
                 let mut out = Vec::new();
                 while let Some(row) = rows.next()? {
@@ -523,18 +520,8 @@ impl WriteTx<'_, '_> {
     /// Runs a statement that returns nothing.
     pub async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), sqlx::Error> {
         match self {
-            WriteTx::Sqlx(tx) => {
-                let mut q = sqlx::query(sql);
-                for p in params {
-                    q = bind_param(q, p);
-                }
-                q.execute(&mut ***tx).await.map(drop)
-            }
-            WriteTx::Direct(tx) => tx.call(|c| {
-                let mut statement = c.prepare_cached(sql)?;
-                bind_direct(&mut statement, params)?;
-                statement.raw_execute().map(drop)
-            }),
+            WriteTx::Sqlx(tx) => sqlx_query(sql, params).execute(&mut ***tx).await.map(drop),
+            WriteTx::Direct(tx) => tx.call(|c| prepare_direct(c, sql, params)?.raw_execute().map(drop)),
         }
     }
 
@@ -544,22 +531,12 @@ impl WriteTx<'_, '_> {
             WriteTx::Sqlx(tx) => script.run(tx).await,
             WriteTx::Direct(tx) => tx.call(|c| {
                 for (sql, values) in &script.queries {
-                    let mut statement = c.prepare_cached(sql)?;
-                    bind_direct(&mut statement, values)?;
-                    statement.raw_execute()?;
+                    let params: Vec<Param<'_>> = values.iter().map(Value::as_param).collect();
+                    prepare_direct(c, sql, &params)?.raw_execute()?;
                 }
                 Ok(())
             }),
         }
-    }
-}
-
-fn bind_param<'q>(q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>, p: &Param<'q>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    match *p {
-        Param::Str(s) => q.bind(s),
-        Param::Int(v) => q.bind(v),
-        Param::OptStr(v) => q.bind(v),
-        Param::OptInt(v) => q.bind(v),
     }
 }
 
@@ -570,17 +547,6 @@ impl rusqlite::ToSql for Param<'_> {
             Param::Int(v) => v.to_sql(),
             Param::OptStr(v) => v.to_sql(),
             Param::OptInt(v) => v.to_sql(),
-        }
-    }
-}
-
-impl rusqlite::ToSql for Value {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        match self {
-            Value::Str(s) => s.to_sql(),
-            Value::Int(v) => v.to_sql(),
-            Value::OptStr(v) => v.to_sql(),
-            Value::OptInt(v) => v.to_sql(),
         }
     }
 }
