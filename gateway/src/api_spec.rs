@@ -99,7 +99,7 @@ pub const SIGNATURE: &str = "signature";
         crate::payments_api::payout_webhook,
     ),
     components(schemas(openapi::stream::StreamChunk)),
-    modifiers(&Security),
+    modifiers(&Security, &HeadLimit),
     tags(
         (name = "openai", description = "The OpenAI-compatible API (user keys)."),
         (name = "llm", description = "The simple API and the caller's own account (user keys)."),
@@ -143,6 +143,39 @@ impl Modify for Security {
                 "`sha256=<hex>`: HMAC-SHA256 of the raw body with the webhook's shared secret.",
             ))),
         );
+    }
+}
+
+/// Adds hyper's 431 to every operation: a request whose line and headers together pass
+/// [`crate::server::MAX_HEAD_BYTES`] on the plain listener is refused before it reaches
+/// a handler, so no handler's attribute can list it.
+struct HeadLimit;
+
+impl Modify for HeadLimit {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::Operation;
+        use utoipa::openapi::ResponseBuilder;
+        let description = format!(
+            "The request line and headers together are over {} KB (plain HTTP); the server \
+             answers before routing, with an empty body.",
+            crate::server::MAX_HEAD_BYTES / 1024
+        );
+        let response = ResponseBuilder::new().description(description).build();
+        for item in openapi.paths.paths.values_mut() {
+            let operations: [&mut Option<Operation>; 8] = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for operation in operations.into_iter().flatten() {
+                operation.responses.responses.insert("431".to_owned(), response.clone().into());
+            }
+        }
     }
 }
 

@@ -255,6 +255,10 @@ pub async fn serve(
     Ok(())
 }
 
+/// The plain listener's read buffer cap, which is also the most a request's line and
+/// headers may take: a larger head gets hyper's 431 (documented on every operation).
+pub const MAX_HEAD_BYTES: usize = 8192;
+
 /// Plain HTTP/1.1: our own accept loop over hyper's HTTP/1 connection instead of
 /// `axum::serve`, for memory. An open stream is mostly connection state, and
 /// `axum::serve` (hyper-util's HTTP/1+2 auto connection) spends ~8 KB on each
@@ -275,7 +279,7 @@ async fn serve_plain(
     let mut http1 = hyper::server::conn::http1::Builder::new();
     // The timer lets hyper enforce its 30 s limit on reading a request's head
     // (slowloris); without one that limit is silently off.
-    http1.max_buf_size(8192).timer(TokioTimer::new());
+    http1.max_buf_size(MAX_HEAD_BYTES).timer(TokioTimer::new());
     // Connections watch `signal` to start their graceful shutdown and each hold a
     // `closed` receiver, so the drain below waits until all of them have ended.
     let (signal, _) = tokio::sync::watch::channel(());

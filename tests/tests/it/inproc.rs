@@ -401,6 +401,14 @@ async fn inproc_errors_have_openai_shape() {
     let r = limited.http.post(limited.url("/v1/chat/completions")).bearer_auth(&lkey).json(&big).send().await.unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "request_too_large");
+    // A head over the plain listener's cap is refused before routing, with the 431 that
+    // every operation in the OpenAPI document lists.
+    let long_query = "x".repeat(gateway::server::MAX_HEAD_BYTES);
+    let r = gw.http.get(gw.url(&format!("/v1/models?q={long_query}"))).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 431);
+    let doc = gateway::api_spec::document();
+    let models = doc.paths.paths.get("/v1/models").and_then(|item| item.get.as_ref()).expect("GET /v1/models is documented");
+    assert!(models.responses.responses.contains_key("431"), "431 is documented");
     let r = gw.http.get(gw.url("/v1/nothing-here")).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
