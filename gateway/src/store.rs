@@ -53,7 +53,7 @@ pub struct Store {
     /// (`holds`). PostgreSQL, shared by replicas, keeps holds in the `holds` table.
     pub book: Option<std::sync::Arc<crate::holds::HoldBook>>,
     /// SQLite file only: the connection the request-end writer commits its batches on
-    /// (`begin_direct`).
+    /// (`lease_writer`).
     direct: Option<std::sync::Arc<Direct>>,
 }
 
@@ -123,16 +123,16 @@ impl Store {
         }
     }
 
-    /// Begins a write transaction on the direct connection (SQLite files only; `None`
-    /// elsewhere). It first takes the sqlx writer's one connection, so no other write
-    /// runs meanwhile: SQLite has one writer, and two would sleep in its busy handler.
-    pub async fn begin_direct(&self) -> Result<Option<DirectTx<'_>>, sqlx::Error> {
+    /// Takes the sqlx writer's one connection and with it the right to write on the
+    /// direct connection (SQLite files only; `None` elsewhere): SQLite has one writer,
+    /// and two would sleep in its busy handler. The request-end writer keeps the lease
+    /// across back-to-back batches (`usage`), because each time sqlx gets its
+    /// connection back it pings it on its SQLite thread first, a hand-off that the
+    /// next batch would wait for.
+    pub async fn lease_writer(&self) -> Result<Option<WriterLease>, sqlx::Error> {
         let Some(direct) = &self.direct else { return Ok(None) };
         let writer = self.pool.acquire().await?;
-        let mut tx = DirectTx { direct, _writer: writer, open: false };
-        tx.call(|c| c.execute_batch("BEGIN IMMEDIATE"))?;
-        tx.open = true;
-        Ok(Some(tx))
+        Ok(Some(WriterLease { direct: std::sync::Arc::clone(direct), _writer: writer }))
     }
 
     async fn migrate(&self) -> Result<(), sqlx::Error> {
@@ -188,12 +188,14 @@ impl Store {
         if self.backend != Backend::Sqlite {
             return Ok(None);
         }
-        let mut frames = (0, 0);
-        for pool in [&self.read, &self.pool] {
-            let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(pool).await?;
-            frames = (row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)?);
-        }
-        Ok(Some(frames))
+        let frames = |row: sqlx::any::AnyRow| Ok::<_, sqlx::Error>((row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)?));
+        frames(sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.read).await?)?;
+        // The request-end writer gives its lease back after its batch when it sees
+        // this one waiting for the writer (`WriterLease::wanted`).
+        let waiting = self.direct.as_ref().map(|d| Waiting::on(&d.writer_wanted));
+        let mut writer = self.pool.acquire().await?;
+        drop(waiting);
+        Ok(Some(frames(sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *writer).await?)?))
     }
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
@@ -340,6 +342,8 @@ pub struct Direct {
     path: std::path::PathBuf,
     /// Idle reader connections; a read takes one (or opens one) and puts it back.
     readers: std::sync::Mutex<Vec<rusqlite::Connection>>,
+    /// Tasks waiting to take the sqlx writer's connection from a `WriterLease`.
+    writer_wanted: std::sync::atomic::AtomicUsize,
 }
 
 /// Idle reader connections kept (more may be open while reads overlap).
@@ -352,7 +356,7 @@ impl Direct {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         Self::set_up(&conn, SQLITE_WRITER_PRAGMAS)?;
-        Ok(Self { conn: std::sync::Mutex::new(conn), path: path.to_owned(), readers: std::sync::Mutex::default() })
+        Ok(Self { conn: std::sync::Mutex::new(conn), path: path.to_owned(), readers: std::sync::Mutex::default(), writer_wanted: Default::default() })
     }
 
     /// The sqlx connections' pragmas (`writes`: a writer's too). Some answer with a
@@ -388,11 +392,46 @@ impl Direct {
     }
 }
 
+/// The sqlx writer's connection, held so that `Direct` may write (`Store::lease_writer`).
+pub struct WriterLease {
+    direct: std::sync::Arc<Direct>,
+    _writer: sqlx::pool::PoolConnection<sqlx::Any>,
+}
+
+/// Counts a task waiting for the sqlx writer while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl WriterLease {
+    /// Whether the checkpoint waits for this lease (its holder should give it back).
+    pub fn wanted(&self) -> bool {
+        self.direct.writer_wanted.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// Begins a write transaction on the direct connection.
+    pub fn begin(&self) -> Result<DirectTx<'_>, sqlx::Error> {
+        let mut tx = DirectTx { direct: &self.direct, open: false };
+        tx.call(|c| c.execute_batch("BEGIN IMMEDIATE"))?;
+        tx.open = true;
+        Ok(tx)
+    }
+}
+
 /// An open transaction on `Direct`; dropped without `commit`, it rolls back.
 pub struct DirectTx<'s> {
     direct: &'s Direct,
-    /// The sqlx writer's connection, held for the transaction's life (`begin_direct`).
-    _writer: sqlx::pool::PoolConnection<sqlx::Any>,
     open: bool,
 }
 
@@ -618,7 +657,8 @@ mod tests {
         let dir = tempfile::tempdir().map_err(sqlx::Error::Io)?;
         let store = Store::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await?;
         let insert = "INSERT INTO settings (key, value) VALUES ($1, $2)";
-        let mut tx = store.begin_direct().await?.expect("a file database has a direct connection");
+        let lease = store.lease_writer().await?.expect("a file database has a direct connection");
+        let mut tx = lease.begin()?;
         {
             let mut w = WriteTx::Direct(&mut tx);
             w.execute(insert, &[Param::Str("a"), Param::Str("1")]).now_or_never().expect("ready at once")?;
@@ -640,6 +680,9 @@ mod tests {
         let blocked = tokio::time::timeout(std::time::Duration::from_millis(100), sqlx::query(insert).bind("b").bind("1").execute(&store.pool)).await;
         assert!(blocked.is_err(), "the sqlx writer waits while a direct transaction is open");
         tx.commit()?;
+        let blocked = tokio::time::timeout(std::time::Duration::from_millis(100), sqlx::query(insert).bind("b").bind("1").execute(&store.pool)).await;
+        assert!(blocked.is_err(), "the sqlx writer waits as long as the lease is held");
+        drop(lease);
         sqlx::query(insert).bind("b").bind("1").execute(&store.pool).await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM settings WHERE key = 'a' OR key LIKE 'k%'").fetch_one(&store.read).await?;
         assert_eq!(n, 71);
@@ -647,11 +690,39 @@ mod tests {
             store.read_one("SELECT COUNT(*), SUM(LENGTH(value)) FROM settings WHERE key IN ($1, $2)", &[Param::Str("a"), Param::Str("b")]).await?;
         assert_eq!(after, Some((2, 2)));
 
-        let mut tx = store.begin_direct().await?.expect("direct");
+        let lease = store.lease_writer().await?.expect("direct");
+        let mut tx = lease.begin()?;
         WriteTx::Direct(&mut tx).execute(insert, &[Param::Str("gone"), Param::Str("1")]).now_or_never().expect("ready at once")?;
         drop(tx);
+        drop(lease);
         assert_eq!(store.setting("gone").await?, None, "dropped without a commit: rolled back");
         sqlx::query(insert).bind("c").bind("1").execute(&store.pool).await?;
+        Ok(())
+    }
+
+    /// The checkpoint's writer-side step waits for a held lease and says so, so the
+    /// request-end writer can give the lease back after its batch.
+    #[tokio::test]
+    async fn a_checkpoint_waiting_for_the_writer_marks_the_lease_wanted() -> Result<(), sqlx::Error> {
+        let dir = tempfile::tempdir().map_err(sqlx::Error::Io)?;
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await?;
+        let lease = store.lease_writer().await?.expect("a file database has a direct connection");
+        assert!(!lease.wanted());
+        let checkpoint = tokio::spawn({
+            let store = store.clone();
+            async move { store.checkpoint().await }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !lease.wanted() {
+            assert!(std::time::Instant::now() < deadline, "the checkpoint never asked for the writer");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(!checkpoint.is_finished(), "the checkpoint waits while the lease is held");
+        drop(lease);
+        let frames = checkpoint.await.map_err(|e| sqlx::Error::Protocol(e.to_string()))??;
+        assert!(frames.is_some());
+        let again = store.lease_writer().await?.expect("direct");
+        assert!(!again.wanted(), "nobody waits once the checkpoint has the writer");
         Ok(())
     }
 

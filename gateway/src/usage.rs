@@ -7,10 +7,11 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Billing, Payer, Settlement};
-use crate::store::{Param, Script, Store, WriteTx};
+use crate::store::{Param, Script, Store, WriteTx, WriterLease};
 
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
@@ -101,6 +102,7 @@ pub fn spawn(
     let handle = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(batch_max);
         let mut known = crate::ledger::Known::default();
+        let mut lease = Lease::default();
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut batch, batch_max) => {
@@ -114,15 +116,22 @@ pub fn spawn(
                             match rx.try_recv() { Ok(r) => batch.push(r), Err(_) => break }
                         }
                     }
-                    write_batch(&store, &metrics, &mut batch, &mut known).await;
+                    write_batch(&store, &metrics, &mut batch, &mut known, &mut lease).await;
+                    lease.idle_since = Instant::now();
+                    if lease.held_since.elapsed() >= LEASE_MAX || lease.writer.as_ref().is_some_and(WriterLease::wanted) {
+                        lease.writer = None;
+                    }
+                }
+                () = tokio::time::sleep_until(lease.idle_since + LEASE_IDLE), if lease.writer.is_some() => {
+                    lease.writer = None;
                 }
                 () = stop.cancelled() => {
                     rx.close();
                     while let Some(r) = rx.recv().await {
                         batch.push(r);
-                        if batch.len() >= batch_max { write_batch(&store, &metrics, &mut batch, &mut known).await; }
+                        if batch.len() >= batch_max { write_batch(&store, &metrics, &mut batch, &mut known, &mut lease).await; }
                     }
-                    write_batch(&store, &metrics, &mut batch, &mut known).await;
+                    write_batch(&store, &metrics, &mut batch, &mut known, &mut lease).await;
                     break;
                 }
             }
@@ -131,13 +140,33 @@ pub fn spawn(
     (UsageSink { tx }, UsageWriter { handle })
 }
 
-async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &mut Vec<Completion>, known: &mut crate::ledger::Known) {
+/// The writer's hold on `Store::lease_writer` (SQLite files). Back-to-back batches
+/// share one lease; it goes back to the pool after `LEASE_IDLE` without a batch, after
+/// the batch that ends `LEASE_MAX` of holding it (the gateway's other writes: keys,
+/// heartbeats, payouts, wait at most about that long), or after the batch during which
+/// the WAL checkpoint began to wait for it (`Store::checkpoint`).
+struct Lease {
+    writer: Option<WriterLease>,
+    held_since: Instant,
+    idle_since: Instant,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Self { writer: None, held_since: Instant::now(), idle_since: Instant::now() }
+    }
+}
+
+const LEASE_IDLE: Duration = Duration::from_millis(5);
+const LEASE_MAX: Duration = Duration::from_millis(25);
+
+async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &mut Vec<Completion>, known: &mut crate::ledger::Known, lease: &mut Lease) {
     if batch.is_empty() {
         return;
     }
     let mut ok = false;
     for attempt in 0..5u32 {
-        match commit(store, batch, known).await {
+        match commit(store, lease, batch, known).await {
             Ok(()) => {
                 known.committed();
                 ok = true;
@@ -145,6 +174,8 @@ async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &m
             }
             Err(e) => {
                 known.rolled_back();
+                // Other writers may go first while this one waits to retry.
+                lease.writer = None;
                 tracing::warn!(error = %e, attempt, rows = batch.len(), "usage batch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             }
@@ -182,8 +213,13 @@ async fn write_batch(store: &Store, metrics: &crate::metrics::Metrics, batch: &m
 /// One transaction for the batch: every settlement, then every usage row. On an SQLite
 /// file it runs on the direct connection, the whole batch in this one call without
 /// waiting on another thread (`store::Direct`); elsewhere through sqlx.
-async fn commit(store: &Store, batch: &mut [Completion], known: &mut crate::ledger::Known) -> Result<(), sqlx::Error> {
-    if let Some(mut tx) = store.begin_direct().await? {
+async fn commit(store: &Store, lease: &mut Lease, batch: &mut [Completion], known: &mut crate::ledger::Known) -> Result<(), sqlx::Error> {
+    if lease.writer.is_none() {
+        lease.writer = store.lease_writer().await?;
+        lease.held_since = Instant::now();
+    }
+    if let Some(writer) = &lease.writer {
+        let mut tx = writer.begin()?;
         write(&mut WriteTx::Direct(&mut tx), store, batch, known).await?;
         return tx.commit();
     }
