@@ -188,14 +188,14 @@ impl Store {
         if self.backend != Backend::Sqlite {
             return Ok(None);
         }
-        let frames = |row: sqlx::any::AnyRow| Ok::<_, sqlx::Error>((row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)?));
-        frames(sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.read).await?)?;
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.read).await?;
         // The request-end writer gives its lease back after its batch when it sees
         // this one waiting for the writer (`WriterLease::wanted`).
         let waiting = self.direct.as_ref().map(|d| Waiting::on(&d.writer_wanted));
         let mut writer = self.pool.acquire().await?;
         drop(waiting);
-        Ok(Some(frames(sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *writer).await?)?))
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *writer).await?;
+        Ok(Some((row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)?)))
     }
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
