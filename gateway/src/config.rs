@@ -156,6 +156,9 @@ pub struct Config {
     pub ads_provider_share_bp: u32,
     /// Whether free-tier keys may opt out of ads (`ad_preferences.opt_out`).
     pub ads_free_opt_out: bool,
+    /// Stored Responses API answers (`store: true`) are deleted this many days after
+    /// they were made, and not served or replayed after that.
+    pub responses_retention_days: u32,
     /// OTLP/HTTP collector (`http://collector:4318`): request spans are exported there.
     pub otel_endpoint: Option<String>,
     pub otel_service_name: String,
@@ -221,6 +224,7 @@ impl Default for Config {
             ads_reserve_cpm_micros: 100_000,
             ads_provider_share_bp: 2_000,
             ads_free_opt_out: false,
+            responses_retention_days: 30,
             otel_endpoint: None,
             otel_service_name: "gpu-streaming-gateway".to_owned(),
             tokenizers: BTreeMap::new(),
@@ -304,7 +308,7 @@ impl Config {
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
             "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
             "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
-            "otel_endpoint", "otel_service_name", "tokenizers",
+            "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
         ];
         KEYS.contains(&key)
     }
@@ -339,6 +343,9 @@ impl Config {
         }
         if self.usage_batch_max == 0 {
             return invalid("usage_batch_max", "must be at least 1");
+        }
+        if self.responses_retention_days == 0 {
+            return invalid("responses_retention_days", "must be at least 1 (use `store: false` on requests to keep nothing)");
         }
         if self.sqlite_checkpoint_ms == 0 {
             return invalid("sqlite_checkpoint_ms", "must be at least 1");

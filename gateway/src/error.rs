@@ -21,6 +21,9 @@ pub enum ApiError {
     ModelNotFound { model: String },
     #[error("{0}")]
     NotFound(String),
+    /// A resource the request names (`param`) does not exist for this caller.
+    #[error("{message}")]
+    NotFoundParam { message: String, param: Option<String> },
     #[error("{0}")]
     Conflict(String),
     #[error("You exceeded your current quota: this request may cost up to ${:.6} but ${:.6} is available. Add credit and try again.", *needed as f64 / 1e6, *available as f64 / 1e6)]
@@ -58,7 +61,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
-            Self::ModelNotFound { .. } | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::ModelNotFound { .. } | Self::NotFound(_) | Self::NotFoundParam { .. } => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::InsufficientQuota { .. } | Self::SpendingLimit { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoProvider { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -81,6 +84,7 @@ impl ApiError {
             Self::PermissionDenied(_) => ("permission_error", Some("permission_denied".into()), None),
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found".into()), Some("model".into())),
             Self::NotFound(_) => ("invalid_request_error", Some("not_found".into()), None),
+            Self::NotFoundParam { param, .. } => ("invalid_request_error", Some("not_found".into()), param.clone()),
             Self::Conflict(_) => ("invalid_request_error", Some("conflict".into()), None),
             Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota".into()), None),
             Self::SpendingLimit { .. } => ("insufficient_quota", Some("spending_limit_exceeded".into()), None),

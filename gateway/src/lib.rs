@@ -25,6 +25,7 @@ pub mod providers;
 pub mod quality;
 pub mod ratelimit;
 pub mod reservations;
+pub mod responses_api;
 pub mod relay;
 pub mod routing;
 pub mod server;
@@ -171,6 +172,8 @@ pub fn app(state: AppState) -> Router {
     let user_routes = Router::new()
         .merge(model_routes)
         .route("/api/llm/ad-preferences", axum::routing::put(ads::api::set_preferences))
+        .route("/v1/responses", post(responses_api::create_response))
+        .route("/v1/responses/{id}", get(responses_api::get_response).delete(responses_api::delete_response))
         .route("/v1/models", get(openai_api::list_models))
         .route("/v1/models/{*id}", get(openai_api::get_model))
         .route("/api/llm/inference", post(simple_api::inference))

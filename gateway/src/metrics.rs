@@ -68,9 +68,10 @@ pub struct HttpTotals {
 }
 
 /// The paths we label by name; everything else is `other` (bounded label cardinality).
-const PATHS: [&str; 12] = [
+const PATHS: [&str; 13] = [
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/v1/models",
     "/api/llm/inference",
     "/api/llm/ws",
@@ -86,7 +87,13 @@ const PATHS: [&str; 12] = [
 impl Metrics {
     pub fn record_http(&self, path: &str, status: u16, seconds: f64) {
         let label = PATHS.iter().find(|p| **p == path).copied().unwrap_or_else(|| {
-            if path.starts_with("/api/admin/") { "/api/admin/*" } else { "other" }
+            if path.starts_with("/api/admin/") {
+                "/api/admin/*"
+            } else if path.starts_with("/v1/responses/") {
+                "/v1/responses/*"
+            } else {
+                "other"
+            }
         });
         *self.http.lock().entry((label, status)).or_default() += 1;
         self.http_duration.observe(seconds);

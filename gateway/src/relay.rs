@@ -30,12 +30,14 @@ use crate::AppState;
 pub enum Endpoint {
     Chat,
     Completions,
+    /// `/v1/responses`, relayed to the provider as a chat completion.
+    Responses,
 }
 
 impl Endpoint {
     fn path(self) -> &'static str {
         match self {
-            Self::Chat => "/v1/chat/completions",
+            Self::Chat | Self::Responses => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
         }
     }
@@ -43,6 +45,7 @@ impl Endpoint {
         match self {
             Self::Chat => "chat.completions",
             Self::Completions => "completions",
+            Self::Responses => "responses",
         }
     }
 }

@@ -146,6 +146,19 @@ impl Running {
                 }
             });
         }
+        // Stored Responses API answers past `responses_retention_days` (reads already
+        // ignore them; this frees the rows).
+        let sweeping = state.clone();
+        every(Duration::from_secs(3_600), stop.clone(), move || {
+            let sweeping = sweeping.clone();
+            async move {
+                match crate::responses_api::sweep(&sweeping).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "expired stored responses deleted"),
+                    Err(e) => tracing::warn!(error = %e, "deleting expired stored responses failed"),
+                }
+            }
+        });
         let expiring = state.clone();
         every(Duration::from_secs(5), stop.clone(), move || {
             let expiring = expiring.clone();

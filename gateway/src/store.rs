@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_limits_reservations.sql")),
     (5, include_str!("../migrations/0005_quality_levels.sql")),
     (6, include_str!("../migrations/0006_ads.sql")),
+    (7, include_str!("../migrations/0007_responses.sql")),
 ];
 
 /// Every SQLite connection's set-up, sqlx's and `Direct`'s. WAL lets readers run

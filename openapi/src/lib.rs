@@ -9,5 +9,6 @@ pub mod error;
 pub mod openai;
 pub mod openai_schema;
 pub mod platform;
+pub mod responses;
 pub mod stream;
 pub use async_openai;

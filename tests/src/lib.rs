@@ -167,6 +167,19 @@ fn last_user_text(body: &Value) -> String {
 }
 
 /// Decrements the open-stream gauge and counts streams the client abandoned.
+/// Words in every message's text (or the prompt): the mock's prompt token count.
+fn prompt_words(body: &Value) -> usize {
+    if let Some(p) = body["prompt"].as_str() {
+        return p.split_whitespace().count();
+    }
+    let words = |v: &Value| match v {
+        Value::String(s) => s.split_whitespace().count(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).map(|t| t.split_whitespace().count()).sum(),
+        _ => 0,
+    };
+    body["messages"].as_array().map_or(0, |m| m.iter().map(|m| words(&m["content"])).sum())
+}
+
 struct StreamGuard {
     provider: MockProvider,
     finished: bool,
@@ -207,7 +220,15 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
     let max_tokens = body["max_tokens"].as_u64().map_or(REPLY.len(), |n| usize::try_from(n).unwrap_or(usize::MAX));
     let n_tokens = REPLY.len().min(max_tokens);
     let finish = if n_tokens < REPLY.len() { "length" } else { "stop" };
-    let prompt_tokens = text.split_whitespace().count().max(1);
+    // Every message counts (a replayed conversation costs more than its last turn).
+    let prompt_tokens = prompt_words(&body).max(1);
+    // `[tool]` in the user's text with tools offered: the answer is a call of the first
+    // tool, until the conversation carries its result.
+    let tool_call = chat
+        && text.contains("[tool]")
+        && body["tools"].as_array().is_some_and(|t| !t.is_empty())
+        && body["messages"].as_array().and_then(|m| m.last()).is_some_and(|m| m["role"] != "tool");
+    let tool_name = body["tools"][0]["function"]["name"].as_str().unwrap_or("f").to_owned();
     let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !s.config.omit_usage;
     let fail_mid = text.contains("[fail-mid]") || s.config.die_mid_stream;
     let idle = text.contains("[idle]");
@@ -235,6 +256,33 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
             tokio::time::sleep(delay).await;
         }
         if chat && tx.send(Ok(chunk(json!({"role": "assistant", "content": ""}), Value::Null))).await.is_err() {
+            return;
+        }
+        if tool_call {
+            let call = |function: Value| json!({"tool_calls": [{"index": 0, "id": "call_mock_1", "type": "function", "function": function}]});
+            let parts = [
+                call(json!({"name": tool_name, "arguments": ""})),
+                call(json!({"arguments": "{\"city\": "})),
+                call(json!({"arguments": "\"Paris\"}"})),
+                json!({}),
+            ];
+            let last = parts.len() - 1;
+            for (i, delta) in parts.into_iter().enumerate() {
+                let finish = if i == last { json!("tool_calls") } else { Value::Null };
+                if tx.send(Ok(chunk(delta, finish))).await.is_err() {
+                    return;
+                }
+            }
+            if include_usage {
+                let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3});
+                let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [], "usage": usage});
+                if tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await.is_err() {
+                    return;
+                }
+            }
+            if tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await.is_ok() {
+                guard.finished = true;
+            }
             return;
         }
         for (i, word) in REPLY.iter().take(n_tokens).enumerate() {

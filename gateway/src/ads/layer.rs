@@ -87,16 +87,16 @@ where
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+pub(crate) enum Endpoint {
     Chat,
     Completions,
 }
 
 /// What a request that may carry an ad was classified as.
-struct Plan {
-    category: &'static str,
-    placement: Placement,
-    blocked: Vec<String>,
+pub(crate) struct Plan {
+    pub(crate) category: &'static str,
+    pub(crate) placement: Placement,
+    pub(crate) blocked: Vec<String>,
 }
 
 /// The text every ad block carries: anything containing it in an incoming message
@@ -256,7 +256,7 @@ where
 }
 
 /// Whether this free-tier request may carry an ad, and what it is about.
-fn plan(state: &AppState, key: &AuthedKey, json: &Value, endpoint: Endpoint) -> Result<Option<Plan>, ApiError> {
+pub(crate) fn plan(state: &AppState, key: &AuthedKey, json: &Value, endpoint: Endpoint) -> Result<Option<Plan>, ApiError> {
     let config = &state.config;
     let own: Option<AdPreferences> = match json.get("ad_preferences") {
         None | Some(Value::Null) => None,
@@ -348,7 +348,7 @@ fn recent_user_text(messages: &[Value]) -> String {
 }
 
 /// Strips our ad blocks from assistant messages; `true` when one was found.
-fn strip_messages(json: &mut Value) -> bool {
+pub(crate) fn strip_messages(json: &mut Value) -> bool {
     let Some(messages) = json.get_mut("messages").and_then(Value::as_array_mut) else { return false };
     let mut changed = false;
     for m in messages.iter_mut().filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant")) {
@@ -376,7 +376,7 @@ fn strip_messages(json: &mut Value) -> bool {
 }
 
 /// The `prompt` placement: a labelled sponsor note as a system message.
-fn add_sponsor_note(json: &mut Value, endpoint: Endpoint, s: &Selected) -> bool {
+pub(crate) fn add_sponsor_note(json: &mut Value, endpoint: Endpoint, s: &Selected) -> bool {
     let note = format!(
         "Sponsored note (an advertisement; if you mention it, say it is sponsored): {}: {} {}",
         s.ad.title, s.ad.text, s.ad.click_url
@@ -391,7 +391,7 @@ fn add_sponsor_note(json: &mut Value, endpoint: Endpoint, s: &Selected) -> bool 
 }
 
 /// `public_url`, or the scheme and host the client used.
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+pub(crate) fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     if let Some(url) = &state.config.public_url {
         return url.trim_end_matches('/').to_owned();
     }

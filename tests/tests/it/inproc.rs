@@ -15,14 +15,14 @@ use sqlx::Row;
 use tests::{spawn_mock, MockConfig, MockProvider};
 use tokio::sync::oneshot;
 
-const ADMIN: &str = "admin-key-for-tests-0123";
+pub(crate) const ADMIN: &str = "admin-key-for-tests-0123";
 pub(crate) const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// One gateway with its own fresh database.
-struct Gateway {
+pub(crate) struct Gateway {
     base: String,
-    http: reqwest::Client,
-    state: AppState,
+    pub(crate) http: reqwest::Client,
+    pub(crate) state: AppState,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -58,11 +58,11 @@ fn test_config(url: String) -> Config {
 }
 
 impl Gateway {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
-    async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+    pub(crate) async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(fresh_database(&dir).await.0);
         tweak(&mut config);
@@ -78,16 +78,16 @@ impl Gateway {
         Self { base, http: reqwest::Client::new(), state, stop: Some(tx), done: Some(done), _dir: dir }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {
+    pub(crate) async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {
         self.http.post(self.url(path)).bearer_auth(ADMIN).json(&body).send().await.unwrap()
     }
 
     /// A key; premium keys come with $10 of credit so they can pay.
-    async fn create_key(&self, tier: &str) -> String {
+    pub(crate) async fn create_key(&self, tier: &str) -> String {
         let (key, user) = self.create_unfunded_key(tier).await;
         if tier == "premium" {
             self.credit(&user, 10_000_000).await;
@@ -96,7 +96,7 @@ impl Gateway {
     }
 
     /// `(key, user id)` with no credit.
-    async fn create_unfunded_key(&self, tier: &str) -> (String, String) {
+    pub(crate) async fn create_unfunded_key(&self, tier: &str) -> (String, String) {
         let r = self.admin_post("/api/admin/keys", json!({"name": "t", "tier": tier})).await;
         assert_eq!(r.status(), 201);
         let v: Value = r.json().await.unwrap();
@@ -105,13 +105,13 @@ impl Gateway {
         (key, v["userId"].as_str().unwrap().to_owned())
     }
 
-    async fn credit(&self, user: &str, micros: i64) -> Value {
+    pub(crate) async fn credit(&self, user: &str, micros: i64) -> Value {
         let r = self.admin_post(&format!("/api/admin/users/{user}/credit"), json!({"amountMicros": micros})).await;
         assert_eq!(r.status(), 200);
         r.json().await.unwrap()
     }
 
-    async fn balance(&self, account: &str) -> i64 {
+    pub(crate) async fn balance(&self, account: &str) -> i64 {
         sqlx::query_scalar::<_, i64>("SELECT posted FROM accounts WHERE id = $1")
             .bind(account)
             .fetch_optional(&self.state.store.pool)
@@ -120,17 +120,17 @@ impl Gateway {
             .unwrap_or(0)
     }
 
-    async fn ledger_is_clean(&self) {
+    pub(crate) async fn ledger_is_clean(&self) {
         let report = gateway::ledger::Ledger::new(self.state.store.clone()).check().await.unwrap();
         assert!(report.violations.is_empty(), "{:?}", report.violations);
     }
 
     /// Registers `mock` for `model` and puts it on line at the given qualities.
-    async fn add_provider(&self, mock: &MockProvider, model: &str, features: Option<Vec<&str>>, qualities: &[&str]) -> (String, String) {
+    pub(crate) async fn add_provider(&self, mock: &MockProvider, model: &str, features: Option<Vec<&str>>, qualities: &[&str]) -> (String, String) {
         self.add_provider_with(mock, model, features, qualities, 64).await
     }
 
-    async fn add_provider_with(&self, mock: &MockProvider, model: &str, features: Option<Vec<&str>>, qualities: &[&str], capacity: u32) -> (String, String) {
+    pub(crate) async fn add_provider_with(&self, mock: &MockProvider, model: &str, features: Option<Vec<&str>>, qualities: &[&str], capacity: u32) -> (String, String) {
         let mut caps = json!({"models": [model], "maxConcurrentStreams": capacity});
         if let Some(f) = features {
             caps["features"] = json!(f);
@@ -140,7 +140,7 @@ impl Gateway {
 
     /// Registers `mock` with these capabilities and puts it on line at the given
     /// qualities of its first model.
-    async fn add_provider_caps(&self, mock: &MockProvider, caps: Value, qualities: &[&str]) -> (String, String) {
+    pub(crate) async fn add_provider_caps(&self, mock: &MockProvider, caps: Value, qualities: &[&str]) -> (String, String) {
         let model = caps["models"][0].as_str().unwrap().to_owned();
         let r = self
             .http
@@ -178,7 +178,7 @@ impl Gateway {
         id
     }
 
-    async fn chat(&self, key: &str, body: Value) -> reqwest::Response {
+    pub(crate) async fn chat(&self, key: &str, body: Value) -> reqwest::Response {
         self.http.post(self.url("/v1/chat/completions")).bearer_auth(key).json(&body).send().await.unwrap()
     }
 
@@ -193,7 +193,7 @@ impl Gateway {
         self.state.clone()
     }
 
-    async fn usage_rows(&self) -> Vec<(String, String, i64, i64)> {
+    pub(crate) async fn usage_rows(&self) -> Vec<(String, String, i64, i64)> {
         usage_rows(&self.state).await
     }
 }
@@ -1821,11 +1821,11 @@ async fn inproc_metrics_after_traffic() {
 
 // --- ads ---------------------------------------------------------------------------------
 
-const TECH_QUESTION: &str = "How do I fix this Rust compiler error in my Python and Rust code?";
+pub(crate) const TECH_QUESTION: &str = "How do I fix this Rust compiler error in my Python and Rust code?";
 
 /// An advertiser with `credit` µUSD and one campaign on `technology`; returns
 /// `(advertiser id, campaign id)`.
-async fn ad_campaign(gw: &Gateway, credit: i64, campaign: Value) -> (String, String) {
+pub(crate) async fn ad_campaign(gw: &Gateway, credit: i64, campaign: Value) -> (String, String) {
     let r = gw.admin_post("/api/admin/advertisers", json!({"name": "Acme <b>Tools</b>"})).await;
     assert_eq!(r.status(), 201);
     let adv: Value = r.json().await.unwrap();
@@ -1852,7 +1852,7 @@ async fn ad_campaign(gw: &Gateway, credit: i64, campaign: Value) -> (String, Str
     (adv_id, c["id"].as_str().unwrap().to_owned())
 }
 
-async fn impressions(gw: &Gateway) -> Vec<(String, i64, Option<i64>, Option<String>)> {
+pub(crate) async fn impressions(gw: &Gateway) -> Vec<(String, i64, Option<i64>, Option<String>)> {
     sqlx::query("SELECT id, charged, clicked_at, provider_id FROM ad_impressions ORDER BY created_at")
         .fetch_all(&gw.state.store.pool)
         .await
@@ -1862,7 +1862,7 @@ async fn impressions(gw: &Gateway) -> Vec<(String, i64, Option<i64>, Option<Stri
         .collect()
 }
 
-async fn wait_impressions(gw: &Gateway, n: usize) -> Vec<(String, i64, Option<i64>, Option<String>)> {
+pub(crate) async fn wait_impressions(gw: &Gateway, n: usize) -> Vec<(String, i64, Option<i64>, Option<String>)> {
     for _ in 0..300 {
         let rows = impressions(gw).await;
         if rows.len() >= n {

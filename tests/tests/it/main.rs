@@ -11,4 +11,5 @@ mod ledger_props;
 mod observability;
 mod openapi_doc;
 mod real_worker;
+mod responses;
 mod sdk;

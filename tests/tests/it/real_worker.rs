@@ -127,4 +127,36 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
     let providers: Value = http.get(format!("{base}/api/admin/providers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     assert_eq!(providers["data"][0]["usageFlags"], 0);
     assert_eq!(providers["data"][0]["health"]["honesty"], 1.0);
+
+    // The Responses API with both official SDKs against the real model: a plain answer,
+    // then a streamed one continuing it with `previous_response_id`.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
+    let python = root.join(".venv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/test.sh", python.display());
+    for (program, script) in [
+        (python, "tests/sdk/python/responses_real_worker.py"),
+        (PathBuf::from("node"), "tests/sdk/node/responses-real-worker.mjs"),
+    ] {
+        let out = Command::new(&program)
+            .arg(script)
+            .current_dir(&root)
+            .env("GATEWAY_BASE_URL", format!("{base}/v1"))
+            .env("GATEWAY_API_KEY", &key)
+            .env("GATEWAY_MODEL", &model)
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let endpoints: Vec<String> =
+        sqlx::query_scalar("SELECT endpoint FROM usage_records WHERE endpoint = 'responses'").fetch_all(&pool).await.unwrap();
+    assert_eq!(endpoints.len(), 4, "two responses per SDK, each with its usage record");
 }
