@@ -214,7 +214,8 @@ pub struct ResponseObject {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub text: TextConfig,
-    #[schema(value_type = Object)]
+    /// As the request gave it, `auto` by default.
+    #[schema(value_type = ResponseToolChoice)]
     pub tool_choice: Value,
     #[schema(value_type = Vec<Object>)]
     pub tools: Vec<Value>,
