@@ -26,18 +26,41 @@ pub struct DemoOptions {
 
 const QUALITIES: [&str; 4] = ["low", "standard", "high", "ultra"];
 
-pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
+/// What a demo premium key's user is credited with, so paid requests can be tried.
+const PREMIUM_CREDIT_MICROS: i64 = 10_000_000;
+
+pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()> {
     let port = config.port;
     let base = format!("http://127.0.0.1:{port}");
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), port))
         .await
         .with_context(|| format!("cannot listen on {}:{port}", config.host))?;
+    // The console needs an admin key: a configured one is kept (and not printed), else
+    // the demo makes one for this run.
+    let admin_key = match &config.admin_key {
+        Some(_) => None,
+        None => {
+            let made = format!("adm-demo-{}", uuid::Uuid::new_v4().simple());
+            config.admin_key = Some(crate::config::Secret::new(made.clone()));
+            Some(made)
+        }
+    };
     let running = Running::start(config).await?;
     let state = running.state.clone();
+    // Both tiers at once: a free key (ads) and a premium key with credit (no ads).
     let key = state
         .keys
         .create(NewKey { name: "demo".into(), tier: Some(Tier::Free), ..NewKey::default() })
         .await?;
+    let premium = state
+        .keys
+        .create(NewKey { name: "demo-premium".into(), tier: Some(Tier::Premium), ..NewKey::default() })
+        .await?;
+    state
+        .ledger
+        .credit(&crate::ledger::user_account(&premium.user_id), PREMIUM_CREDIT_MICROS, "credit", "demo credit")
+        .await
+        .map_err(|e| anyhow::anyhow!("crediting the demo premium key: {e}"))?;
     // Serve first: a spawned worker registers itself over HTTP.
     let server = tokio::spawn(server::serve(running, listener, server::shutdown_signal()));
     let mut worker_child = None;
@@ -60,9 +83,12 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let admin = admin_key.as_deref().unwrap_or("(the configured GATEWAY_ADMIN_KEY)");
     let out = format!(
-        "\nGPU Streaming demo is up at {base}\n  model:    {model_id}\n  user key: {key}\n\nTry it:\n  curl {base}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"stream\":true}}'\n\nOpenAI SDKs: base_url={base}/v1 api_key={key}\nCtrl-C stops it.\n",
-        key = key.key
+        "\nGPU Streaming demo is up at {base}\n  model:       {model_id}\n  user key:    {key} (free tier: answers may end with a labelled ad)\n  premium key: {premium} (${credit:.2} of credit, no ads)\n  admin key:   {admin}\n  console:     {base}/admin (sign in with the admin key)\n\nTry it:\n  curl {base}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"stream\":true}}'\n\nOpenAI SDKs: base_url={base}/v1 api_key={key}\nCtrl-C stops it.\n",
+        key = key.key,
+        premium = premium.key,
+        credit = PREMIUM_CREDIT_MICROS as f64 / 1e6,
     );
     eprintln!("{out}");
     let result = server.await?;

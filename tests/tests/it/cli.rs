@@ -212,3 +212,64 @@ async fn cli_two_replicas_share_rate_limits_through_redis() {
     assert_eq!(ok[0] + ok[1], 10, "together the replicas admit the limit, no more: {ok:?}");
     assert!(ok[0] > 0 && ok[1] > 0, "both replicas served: {ok:?}");
 }
+
+/// `gateway demo` (here in front of the mock with `--upstream`) prints everything needed
+/// to try both tiers and open the console: a free key, a premium key with credit, an
+/// admin key that the admin API takes, and the console's URL.
+#[tokio::test]
+async fn demo_prints_keys_for_both_tiers_an_admin_key_and_the_console() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let mut child = Command::new(gateway_bin().unwrap())
+        .args(["demo", "--upstream", &mock.url()])
+        .env("GATEWAY_DATABASE_URL", db_url(dir.path()))
+        .env("GATEWAY_HOST", "127.0.0.1")
+        .env("GPU_STREAMING_PORT", port.to_string())
+        .env_remove("GATEWAY_ADMIN_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut printed = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("Ctrl-C stops it.") {
+                break;
+            }
+        }
+    });
+    read.await.expect("the demo printed its banner within 60 s");
+    let field = |label: &str| -> String {
+        let line = printed.lines().find(|l| l.trim_start().starts_with(label)).unwrap_or_else(|| panic!("no {label} in:\n{printed}"));
+        line.split_whitespace().nth(label.split_whitespace().count()).unwrap().to_owned()
+    };
+    let (free, premium, admin) = (field("user key:"), field("premium key:"), field("admin key:"));
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(printed.contains(&format!("{base}/admin")), "{printed}");
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{base}/api/admin/overview")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the printed admin key opens the admin API");
+    let r = http.get(format!("{base}/admin")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let keys: Value = http.get(format!("{base}/api/admin/keys")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    let tiers: Vec<&str> = keys["data"].as_array().unwrap().iter().map(|k| k["tier"].as_str().unwrap()).collect();
+    assert!(tiers.contains(&"free") && tiers.contains(&"premium"), "{keys}");
+    // Both keys answer; the premium one pays from its credit.
+    for key in [&free, &premium] {
+        let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(key)
+            .json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": "Hi"}]}))
+            .send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    let balance: Value = http.get(format!("{base}/api/llm/balance")).bearer_auth(&premium).send().await.unwrap().json().await.unwrap();
+    let left = balance["balance"].as_f64().unwrap();
+    assert!(left > 9.9 && left < 10.0, "{balance}");
+    let _ = child.start_kill();
+}
