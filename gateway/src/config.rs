@@ -156,6 +156,14 @@ pub struct Config {
     pub ads_provider_share_bp: u32,
     /// Whether free-tier keys may opt out of ads (`ad_preferences.opt_out`).
     pub ads_free_opt_out: bool,
+    /// The largest SSE event a provider may send, in bytes; a larger one ends its
+    /// stream with an error event (what was delivered is billed).
+    pub provider_max_event_bytes: usize,
+    /// The most a provider's response body may carry, in bytes.
+    pub provider_max_response_bytes: u64,
+    /// A request's stream ends after this many seconds, however steadily the provider
+    /// sends (the idle timeout only bounds the gaps).
+    pub request_deadline_secs: u64,
     /// Stored Responses API answers (`store: true`) are deleted this many days after
     /// they were made, and not served or replayed after that.
     pub responses_retention_days: u32,
@@ -224,6 +232,9 @@ impl Default for Config {
             ads_reserve_cpm_micros: 100_000,
             ads_provider_share_bp: 2_000,
             ads_free_opt_out: false,
+            provider_max_event_bytes: 1 << 20,
+            provider_max_response_bytes: 64 << 20,
+            request_deadline_secs: 600,
             responses_retention_days: 30,
             otel_endpoint: None,
             otel_service_name: "gpu-streaming-gateway".to_owned(),
@@ -308,6 +319,7 @@ impl Config {
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
             "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
             "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
+            "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
         ];
         KEYS.contains(&key)
@@ -343,6 +355,15 @@ impl Config {
         }
         if self.usage_batch_max == 0 {
             return invalid("usage_batch_max", "must be at least 1");
+        }
+        if self.provider_max_event_bytes < 1024 {
+            return invalid("provider_max_event_bytes", "must be at least 1024");
+        }
+        if self.provider_max_response_bytes < self.provider_max_event_bytes as u64 {
+            return invalid("provider_max_response_bytes", "must be at least provider_max_event_bytes");
+        }
+        if self.request_deadline_secs == 0 {
+            return invalid("request_deadline_secs", "must be at least 1");
         }
         if self.responses_retention_days == 0 {
             return invalid("responses_retention_days", "must be at least 1 (use `store: false` on requests to keep nothing)");

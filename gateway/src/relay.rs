@@ -86,17 +86,40 @@ pub enum Event {
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
+/// What a provider's stream may send: every provider may be hostile, so an event
+/// without an end or a stream without one cannot grow the gateway's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamBounds {
+    /// One SSE event (`provider_max_event_bytes`).
+    pub max_event: usize,
+    /// The whole response body (`provider_max_response_bytes`).
+    pub max_total: u64,
+}
+
+impl StreamBounds {
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self { max_event: config.provider_max_event_bytes, max_total: config.provider_max_response_bytes }
+    }
+}
+
 /// Splits a `text/event-stream` body into `data:` payloads.
 struct SseReader {
     body: ByteStream,
     buf: BytesMut,
+    /// The first `scanned` bytes of `buf` hold no event end: the next search starts
+    /// there (less the 3 bytes a `\r\n\r\n` could straddle), so a long event is not
+    /// rescanned from its start on every read.
+    scanned: usize,
+    /// Bytes read from the body so far.
+    total: u64,
+    bounds: StreamBounds,
 }
 
 impl SseReader {
-    fn new(body: ByteStream) -> Self {
+    fn new(body: ByteStream, bounds: StreamBounds) -> Self {
         // Events are a few hundred bytes and an idle stream keeps its buffer: start small
         // (it grows for a larger event).
-        Self { body, buf: BytesMut::with_capacity(512) }
+        Self { body, buf: BytesMut::with_capacity(512), scanned: 0, total: 0, bounds }
     }
 
     /// The next data payload; `Ok(None)` at the end of the body.
@@ -108,8 +131,17 @@ impl SseReader {
                     None => continue,
                 }
             }
+            if self.buf.len() > self.bounds.max_event {
+                return Err(format!("provider sent an event larger than {} bytes", self.bounds.max_event));
+            }
             match self.body.next().await {
-                Some(Ok(bytes)) => self.buf.extend_from_slice(&bytes),
+                Some(Ok(bytes)) => {
+                    self.total = self.total.saturating_add(bytes.len() as u64);
+                    if self.total > self.bounds.max_total {
+                        return Err(format!("provider's response grew larger than {} bytes", self.bounds.max_total));
+                    }
+                    self.buf.extend_from_slice(&bytes);
+                }
                 Some(Err(e)) => return Err(format!("provider stream broke: {e}")),
                 None => return Ok(None),
             }
@@ -119,7 +151,12 @@ impl SseReader {
     /// `Some(Some(data))` for an event with data, `Some(None)` for one without
     /// (comments, keep-alives), `None` when no complete event is buffered.
     fn take_event(&mut self) -> Option<Option<Bytes>> {
-        let (end, sep) = find_event_end(&self.buf)?;
+        let from = self.scanned.saturating_sub(3);
+        let Some((end, sep)) = find_event_end(&self.buf[from..]).map(|(end, sep)| (from + end, sep)) else {
+            self.scanned = self.buf.len();
+            return None;
+        };
+        self.scanned = 0;
         let event = self.buf.split_to(end + sep).freeze();
         let event = event.slice(..end);
         let mut data: Option<BytesMut> = None;
@@ -341,6 +378,8 @@ pub struct Relay {
     tracker: Tracker,
     slot: Slot,
     idle_timeout: Duration,
+    /// The request ends here whatever the provider does (`request_deadline_secs`).
+    deadline: Instant,
     finished: bool,
     active: Arc<std::sync::atomic::AtomicU64>,
     /// Breaker threshold and cool-down, for a failure mid-stream.
@@ -371,10 +410,14 @@ impl Relay {
         }
         let data = match self.pending.pop_front() {
             Some(d) => Ok(Some(d)),
-            None => match tokio::time::timeout(self.idle_timeout, self.reader.next_data()).await {
-                Ok(r) => r,
-                Err(_) => Err("provider stopped sending".to_owned()),
-            },
+            None => {
+                let left = self.deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(self.idle_timeout.min(left), self.reader.next_data()).await {
+                    Ok(r) => r,
+                    Err(_) if left <= self.idle_timeout => Err("provider went past the request deadline".to_owned()),
+                    Err(_) => Err("provider stopped sending".to_owned()),
+                }
+            }
         };
         match data {
             Ok(Some(data)) if data.as_ref() == b"[DONE]" => self.finish().await,
@@ -582,6 +625,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                     tracker,
                     slot,
                     idle_timeout: Duration::from_secs(config.idle_chunk_timeout_secs),
+                    deadline: dispatch.started + Duration::from_secs(config.request_deadline_secs),
                     finished: false,
                     active: state.active_streams.clone(),
                     breaker: (config.breaker_failures, config.breaker_cooldown()),
@@ -694,19 +738,22 @@ async fn first_token(
         .map_err(|e| AttemptError::Retry(format!("cannot reach provider: {}", without_url(&e))))?;
     let status = response.status();
     if !status.is_success() {
-        let text = response.text().await.unwrap_or_default();
+        let text = read_error_body(response).await;
         let parsed: Option<openapi::error::ErrorBody> = serde_json::from_str(&text).ok();
-        if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
+        // 401, 403, 405 and 415 say the provider cannot serve our (well-formed) call, and
+        // a 404 is about the model it registered: the provider's fault, counted against
+        // its breaker and score like a 5xx. Other 4xx judge the request itself.
+        let providers_fault = matches!(status.as_u16(), 401 | 403 | 404 | 405 | 408 | 415 | 429);
+        if status.is_client_error() && !providers_fault {
             let (message, param, code) = match parsed {
                 Some(b) => (b.error.message, b.error.param, b.error.code),
                 None => (format!("the provider rejected the request ({status})"), None, None),
             };
-            let status = if status.as_u16() == 404 { http::StatusCode::NOT_FOUND } else { http::StatusCode::BAD_REQUEST };
-            return Err(AttemptError::Rejected(ApiError::ProviderRejected { status, message, param, code }));
+            return Err(AttemptError::Rejected(ApiError::ProviderRejected { status: http::StatusCode::BAD_REQUEST, message, param, code }));
         }
         return Err(AttemptError::Retry(format!("provider answered {status}")));
     }
-    let mut reader = SseReader::new(Box::pin(response.bytes_stream()));
+    let mut reader = SseReader::new(Box::pin(response.bytes_stream()), StreamBounds::of(&state.config));
     let mut pending = VecDeque::new();
     loop {
         match reader.next_data().await {
@@ -729,6 +776,22 @@ async fn first_token(
             Err(e) => return Err(AttemptError::Retry(e)),
         }
     }
+}
+
+/// A provider's error body, read up to `MAX_ERROR_BODY` bytes: it is only parsed for
+/// its message, and a hostile provider could send an endless one.
+async fn read_error_body(response: reqwest::Response) -> String {
+    const MAX_ERROR_BODY: usize = 64 * 1024;
+    let mut body = response.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(Ok(bytes)) = body.next().await {
+        let room = MAX_ERROR_BODY - buf.len();
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if buf.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 fn without_url(e: &reqwest::Error) -> String {

@@ -232,6 +232,10 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
     let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !s.config.omit_usage;
     let fail_mid = text.contains("[fail-mid]") || s.config.die_mid_stream;
     let idle = text.contains("[idle]");
+    // Hostile providers: after the first word, an event that never ends (no blank
+    // line), or well-formed chunks that never stop; both until the client goes away.
+    let flood = text.contains("[flood]");
+    let endless = text.contains("[endless]");
     let slow = text.contains("[slow]");
     let delay = s.config.first_chunk_delay;
     let overreport = s.config.overreport.unwrap_or(1);
@@ -298,6 +302,24 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
             if idle {
                 // Hold the stream open until the client goes away.
                 tx.closed().await;
+                return;
+            }
+            if flood {
+                let junk = Bytes::from(vec![b'x'; 64 * 1024]);
+                for _ in 0..4096 {
+                    if tx.send(Ok(junk.clone())).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            if endless {
+                for _ in 0..100_000 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if tx.send(Ok(chunk(json!({"content": " and"}), Value::Null))).await.is_err() {
+                        return;
+                    }
+                }
                 return;
             }
             if slow {

@@ -1,0 +1,105 @@
+//! Hostile providers are bounded: an event without an end, a response without an end,
+//! a stream that never stops, and calls the provider refuses for its own reasons. Each
+//! ends with what the client can see (an error event or a failover) and a clean ledger.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tests::{spawn_mock, MockConfig};
+
+use crate::inproc::Gateway;
+
+/// Streams `text` on a premium key through one mock; returns the SSE body, the usage
+/// row's `(status, completion tokens)` and how long the stream took.
+async fn stream_through_one_mock(gw: &Gateway, text: &str) -> (String, (String, i64), Duration) {
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let key = gw.create_key("premium").await;
+    let started = Instant::now();
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": text}], "stream": true})).await;
+    assert_eq!(r.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(30), r.text()).await.expect("the stream ended").unwrap();
+    let took = started.elapsed();
+    let mut row = None;
+    for _ in 0..200 {
+        if let Some((status, _, _, completion)) = gw.usage_rows().await.into_iter().next() {
+            row = Some((status, completion));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.ledger_is_clean().await;
+    (body, row.expect("a usage row"), took)
+}
+
+/// Chunks that carried a word (the first chunk's empty `content` carries none).
+fn words(body: &str) -> i64 {
+    i64::try_from(body.matches("\"content\":\"").count() - body.matches("\"content\":\"\"").count()).unwrap()
+}
+
+fn last_error(body: &str) -> Value {
+    let last = body.split("\n\n").filter(|e| !e.trim().is_empty()).last().unwrap();
+    let v: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert!(v["error"].is_object(), "the stream ends with an error event: {last}");
+    v
+}
+
+#[tokio::test]
+async fn inproc_bounds_an_event_without_an_end_ends_the_stream_and_bills_what_was_delivered() {
+    // Defaults: events up to 1 MiB; the mock sends up to 256 MiB without a blank line.
+    let gw = Gateway::start().await;
+    let (body, (status, completion), _) = stream_through_one_mock(&gw, "[flood] hi").await;
+    assert!(body.contains("\"content\":\"The\""), "the first word was delivered: {}", &body[..body.len().min(300)]);
+    let e = last_error(&body);
+    assert!(e["error"]["message"].as_str().unwrap().contains("larger than 1048576 bytes"), "{e}");
+    assert_eq!(status, "provider_failed");
+    assert_eq!(completion, 1, "the delivered word is billed");
+}
+
+#[tokio::test]
+async fn inproc_bounds_a_response_without_an_end_stops_at_its_size_limit() {
+    let gw = Gateway::start_with(|c| {
+        c.provider_max_event_bytes = 1024;
+        c.provider_max_response_bytes = 8 * 1024;
+    })
+    .await;
+    let (body, (status, completion), _) = stream_through_one_mock(&gw, "[endless] hi").await;
+    let e = last_error(&body);
+    assert!(e["error"]["message"].as_str().unwrap().contains("larger than 8192 bytes"), "{e}");
+    assert_eq!(status, "provider_failed");
+    let delivered = words(&body);
+    assert!(delivered > 10, "{delivered} chunks");
+    assert_eq!(completion, delivered, "every delivered chunk is billed, nothing more");
+}
+
+#[tokio::test]
+async fn inproc_bounds_a_stream_that_never_stops_ends_at_the_request_deadline() {
+    let gw = Gateway::start_with(|c| c.request_deadline_secs = 1).await;
+    let (body, (status, completion), took) = stream_through_one_mock(&gw, "[endless] hi").await;
+    let e = last_error(&body);
+    assert!(e["error"]["message"].as_str().unwrap().contains("deadline"), "{e}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(status, "provider_failed");
+    assert_eq!(completion, words(&body));
+}
+
+#[tokio::test]
+async fn inproc_bounds_a_provider_that_refuses_our_call_is_failed_over_not_blamed_on_the_client() {
+    for code in [401, 403, 404, 405, 415] {
+        let gw = Gateway::start().await;
+        let refusing = spawn_mock(MockConfig { fail_status: Some(code), ..MockConfig::default() }).await.unwrap();
+        gw.add_provider(&refusing, "mock-model", None, &["standard"]).await;
+        let key = gw.create_key("premium").await;
+        // Alone, it fails as a provider failure (502), not as the client's bad request.
+        let r = gw.chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]})).await;
+        assert_eq!(r.status(), 502, "{code}");
+        // With a healthy provider beside it, every request is served.
+        let healthy = spawn_mock(MockConfig::default()).await.unwrap();
+        gw.add_provider(&healthy, "mock-model", None, &["standard"]).await;
+        for _ in 0..6 {
+            let r = gw.chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]})).await;
+            assert_eq!(r.status(), 200, "{code}");
+        }
+        gw.ledger_is_clean().await;
+    }
+}
