@@ -53,6 +53,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// A per-model price ceiling (`[price_bounds]`); a field left out is the global ceiling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceBound {
+    /// USD per token.
+    #[serde(default)]
+    pub per_token: Option<f64>,
+    /// USD per hour of reservation.
+    #[serde(default)]
+    pub per_hour: Option<f64>,
+}
+
 /// A bulk-usage discount: from `monthly_tokens` billed tokens in the calendar month on,
 /// a paying user's further requests cost `discount_bp` basis points less.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -156,6 +168,17 @@ pub struct Config {
     pub ads_provider_share_bp: u32,
     /// Whether free-tier keys may opt out of ads (`ad_preferences.opt_out`).
     pub ads_free_opt_out: bool,
+    /// The most a provider may ask per token (USD), unless `price_bounds` says otherwise
+    /// for a model it serves; a dearer registration is refused. Paying users are held and
+    /// free tokens are paid from ad revenue at these prices, so an unbounded one lets a
+    /// single registration price everyone else out or drain the platform.
+    pub price_ceiling_per_token: f64,
+    /// The most a provider may ask per hour of reservation (USD).
+    pub price_ceiling_per_hour: f64,
+    /// Per-model ceilings (TOML `[price_bounds]` `"model-id" = { per_token = 0.01 }`).
+    pub price_bounds: BTreeMap<String, PriceBound>,
+    /// The most concurrent streams a provider may claim (`capabilities.maxConcurrentStreams`).
+    pub max_provider_streams: u32,
     /// The largest SSE event a provider may send, in bytes; a larger one ends its
     /// stream with an error event (what was delivered is billed).
     pub provider_max_event_bytes: usize,
@@ -232,6 +255,10 @@ impl Default for Config {
             ads_reserve_cpm_micros: 100_000,
             ads_provider_share_bp: 2_000,
             ads_free_opt_out: false,
+            price_ceiling_per_token: 0.001,
+            price_ceiling_per_hour: 100.0,
+            price_bounds: BTreeMap::new(),
+            max_provider_streams: 1_024,
             provider_max_event_bytes: 1 << 20,
             provider_max_response_bytes: 64 << 20,
             request_deadline_secs: 600,
@@ -319,6 +346,7 @@ impl Config {
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
             "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
             "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
+            "price_ceiling_per_token", "price_ceiling_per_hour", "price_bounds", "max_provider_streams",
             "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
         ];
@@ -355,6 +383,16 @@ impl Config {
         }
         if self.usage_batch_max == 0 {
             return invalid("usage_batch_max", "must be at least 1");
+        }
+        let ceilings = [("price_ceiling_per_token", Some(self.price_ceiling_per_token)), ("price_ceiling_per_hour", Some(self.price_ceiling_per_hour))];
+        let overrides = self.price_bounds.values().flat_map(|b| [("price_bounds", b.per_token), ("price_bounds", b.per_hour)]);
+        for (key, v) in ceilings.into_iter().chain(overrides) {
+            if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                return invalid(key, "prices must be non-negative USD amounts");
+            }
+        }
+        if self.max_provider_streams == 0 {
+            return invalid("max_provider_streams", "must be at least 1");
         }
         if self.provider_max_event_bytes < 1024 {
             return invalid("provider_max_event_bytes", "must be at least 1024");
@@ -495,6 +533,28 @@ mod tests {
         assert!(err.to_string().contains("tokenizers"), "{err}");
         let err = Config::load_from(None, &env(&[("GATEWAY_TOKENIZERS", "/just/a/path")])).unwrap_err();
         assert!(err.to_string().contains("tokenizers"), "{err}");
+    }
+
+    #[test]
+    fn price_bounds_from_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "price_ceiling_per_token = 0.0005\n[price_bounds]\n\"big\" = { per_token = 0.01, per_hour = 500 }\n").unwrap();
+        let config = Config::load_from(Some(&path), &[]).unwrap();
+        assert_eq!(config.price_ceiling_per_token, 0.0005);
+        assert_eq!(config.price_bounds["big"], PriceBound { per_token: Some(0.01), per_hour: Some(500.0) });
+        let config = Config::load_from(None, &env(&[("GATEWAY_PRICE_BOUNDS", r#"{ "m" = { per_hour = 7 } }"#)])).unwrap();
+        assert_eq!(config.price_bounds["m"], PriceBound { per_token: None, per_hour: Some(7.0) });
+        for (key, raw) in [
+            ("GATEWAY_PRICE_BOUNDS", r#"{ "m" = { per_tokens = 1 } }"#),
+            ("GATEWAY_PRICE_BOUNDS", r#"{ "m" = { per_token = -1 } }"#),
+            ("GATEWAY_PRICE_CEILING_PER_HOUR", "-3"),
+            ("GATEWAY_MAX_PROVIDER_STREAMS", "0"),
+        ] {
+            let err = Config::load_from(None, &env(&[(key, raw)])).unwrap_err();
+            let named = key.trim_start_matches("GATEWAY_").to_ascii_lowercase();
+            assert!(err.to_string().contains(&named), "{key}={raw}: {err}");
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub async fn register(
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let request: RegisterProviderRequest = extract::parse(&headers, &body)?;
+    crate::providers::check_market(&state.config, &request)?;
     let status = match state.config.registration {
         Registration::Open => ProviderStatus::Active,
         // An admin may register providers that are active at once.

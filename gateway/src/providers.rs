@@ -160,6 +160,39 @@ fn usd_to_micros(usd: f64, scale: f64, param: &'static str) -> Result<i64, Provi
     Ok((usd * scale).round() as i64)
 }
 
+/// A registration's prices and capacity within the market's bounds (`config`): every
+/// model it serves must admit its prices (a `price_bounds` entry, else the global
+/// ceilings), and it may claim at most `max_provider_streams` streams.
+pub fn check_market(config: &crate::config::Config, request: &RegisterProviderRequest) -> Result<(), ProviderError> {
+    let caps = &request.capabilities;
+    if caps.max_concurrent_streams > config.max_provider_streams {
+        return Err(ProviderError::Invalid {
+            message: format!(
+                "capabilities.maxConcurrentStreams must be at most {} on this gateway, got {}",
+                config.max_provider_streams, caps.max_concurrent_streams
+            ),
+            param: "capabilities.maxConcurrentStreams",
+        });
+    }
+    let pricing = &request.pricing;
+    for model in &caps.models {
+        let bound = config.price_bounds.get(model).copied().unwrap_or_default();
+        let checks = [
+            ("pricing.perToken", pricing.per_token, bound.per_token.unwrap_or(config.price_ceiling_per_token), "per token"),
+            ("pricing.perHour", pricing.per_hour, bound.per_hour.unwrap_or(config.price_ceiling_per_hour), "per hour"),
+        ];
+        for (param, asked, ceiling, unit) in checks {
+            if asked > ceiling {
+                return Err(ProviderError::Invalid {
+                    message: format!("{param} {asked} is above this market's ceiling of {ceiling} USD {unit} for model {model}"),
+                    param,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Registry {
     pub async fn load(store: Store) -> Result<Self, sqlx::Error> {
         let registry = Self { store, providers: RwLock::new(Arc::new(HashMap::new())), reloading: tokio::sync::Mutex::new(()) };

@@ -154,6 +154,8 @@ async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&
         .env("GATEWAY_IDLE_CHUNK_TIMEOUT_SECS", "900")
         // The bench polls /health, which is limited per client IP.
         .env("GATEWAY_IP_REQUESTS_PER_MINUTE", "1000000")
+        // One mock provider carries all 10,000 idle streams.
+        .env("GATEWAY_MAX_PROVIDER_STREAMS", "100000")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

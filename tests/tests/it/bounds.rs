@@ -103,3 +103,47 @@ async fn inproc_bounds_a_provider_that_refuses_our_call_is_failed_over_not_blame
         gw.ledger_is_clean().await;
     }
 }
+
+/// A registration outside the market's bounds is refused naming the field: $999 per
+/// token, $1,000 per hour, 4e9 streams. A `[price_bounds]` entry lifts the ceiling for
+/// its model only.
+#[tokio::test]
+async fn inproc_bounds_registrations_outside_the_market_are_refused() {
+    let gw = Gateway::start_with(|c| {
+        c.price_bounds.insert("big-model".to_owned(), gateway::config::PriceBound { per_token: Some(0.01), per_hour: None });
+    })
+    .await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let register = |models: Value, streams: u64, pricing: Value| {
+        gw.http
+            .post(gw.url("/api/gpu/register"))
+            .json(&json!({"capabilities": {"models": models, "maxConcurrentStreams": streams}, "pricing": pricing, "baseUrl": mock.url()}))
+            .send()
+    };
+    let cases = [
+        (json!(["mock-model"]), 8, json!({"perToken": 999}), "pricing.perToken"),
+        (json!(["mock-model"]), 8, json!({"perToken": 0.0011}), "pricing.perToken"),
+        (json!(["mock-model"]), 8, json!({"perToken": 0.000002, "perHour": 1000}), "pricing.perHour"),
+        (json!(["mock-model"]), 4_000_000_000, json!({"perToken": 0.000002}), "capabilities.maxConcurrentStreams"),
+        (json!(["mock-model"]), 1_025, json!({"perToken": 0.000002}), "capabilities.maxConcurrentStreams"),
+        // The override is per model: a provider of both is held to the lower ceiling.
+        (json!(["big-model", "mock-model"]), 8, json!({"perToken": 0.005}), "pricing.perToken"),
+        (json!(["big-model"]), 8, json!({"perToken": 0.02}), "pricing.perToken"),
+    ];
+    for (models, streams, pricing, param) in cases {
+        let r = register(models.clone(), streams, pricing.clone()).await.unwrap();
+        assert_eq!(r.status(), 400, "{models} {streams} {pricing}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    let providers: Value = gw.http.get(gw.url("/api/admin/providers")).bearer_auth(crate::inproc::ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(providers["data"].as_array().unwrap().len(), 0, "nothing refused was registered");
+    // At the ceilings, and above the global one where the model's bound allows it.
+    for (models, streams, pricing) in [
+        (json!(["mock-model"]), 1_024, json!({"perToken": 0.001, "perHour": 100})),
+        (json!(["big-model"]), 8, json!({"perToken": 0.005})),
+    ] {
+        let r = register(models, streams, pricing).await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+}
