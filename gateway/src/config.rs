@@ -168,6 +168,10 @@ pub struct Config {
     pub ads_provider_share_bp: u32,
     /// Whether free-tier keys may opt out of ads (`ad_preferences.opt_out`).
     pub ads_free_opt_out: bool,
+    /// Let providers sit at private, loopback or link-local addresses and use `http://`
+    /// (a private deployment, the demo, the tests). Off, a `baseUrl` must be `https://`
+    /// to public addresses only, checked at registration and at every connection.
+    pub allow_private_providers: bool,
     /// The most a provider may ask per token (USD), unless `price_bounds` says otherwise
     /// for a model it serves; a dearer registration is refused. Paying users are held and
     /// free tokens are paid from ad revenue at these prices, so an unbounded one lets a
@@ -255,6 +259,7 @@ impl Default for Config {
             ads_reserve_cpm_micros: 100_000,
             ads_provider_share_bp: 2_000,
             ads_free_opt_out: false,
+            allow_private_providers: false,
             price_ceiling_per_token: 0.001,
             price_ceiling_per_hour: 100.0,
             price_bounds: BTreeMap::new(),
@@ -346,7 +351,7 @@ impl Config {
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
             "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
             "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
-            "price_ceiling_per_token", "price_ceiling_per_hour", "price_bounds", "max_provider_streams",
+            "allow_private_providers", "price_ceiling_per_token", "price_ceiling_per_hour", "price_bounds", "max_provider_streams",
             "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
         ];

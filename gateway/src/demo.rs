@@ -45,6 +45,8 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
             Some(made)
         }
     };
+    // The demo's provider is a local worker (or upstream) at a private address.
+    config.allow_private_providers = true;
     let running = Running::start(config).await?;
     let state = running.state.clone();
     // Both tiers at once: a free key (ads) and a premium key with credit (no ads).

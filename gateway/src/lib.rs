@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod delivered;
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -67,7 +68,10 @@ pub struct Inner {
     pub registry: Arc<Registry>,
     pub usage: UsageSink,
     pub ledger: ledger::Ledger,
+    /// Provider calls (`egress` rules apply).
     pub http: reqwest::Client,
+    /// The operator's own services (the payout webhook), which may be private.
+    pub webhooks: reqwest::Client,
     /// For providers whose `http://` base URL speaks h2c (`capabilities.http2`): one
     /// multiplexed connection instead of one per open stream.
     pub h2c: reqwest::Client,
@@ -118,6 +122,13 @@ impl AppState {
         }
     }
 
+    pub fn webhook_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.provider_connect_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+    }
+
     pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
         Self::provider_client(config).pool_max_idle_per_host(1024).build()
     }
@@ -134,12 +145,22 @@ impl AppState {
             .build()
     }
 
-    /// What both provider clients share: the connect timeout, idle pooling, no Nagle.
+    /// What both provider clients share: the connect timeout, idle pooling, no Nagle; no
+    /// redirects and no proxy from the environment (a provider must not steer the
+    /// gateway elsewhere), and, unless `allow_private_providers`, names resolved to
+    /// public addresses only (`egress`).
     fn provider_client(config: &Config) -> reqwest::ClientBuilder {
-        reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.provider_connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
+        if config.allow_private_providers {
+            builder
+        } else {
+            builder.dns_resolver(Arc::new(egress::PublicOnly))
+        }
     }
 
     /// The client for a provider: h2c when its plain-HTTP server declares it.

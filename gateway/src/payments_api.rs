@@ -90,7 +90,7 @@ pub async fn withdraw(State(state): State<AppState>, headers: HeaderMap, body: B
     let p = payments(&state);
     let w = p.withdraw(&request.provider_id, amount, request.method, key, false).await?;
     if w.status == "requested" && w.updated_at == w.created_at {
-        crate::payout_connector::dispatch(state.http.clone(), &state.config, p, w.clone());
+        crate::payout_connector::dispatch(state.webhooks.clone(), &state.config, p, w.clone());
     }
     Ok((StatusCode::CREATED, Json(w)))
 }
@@ -283,7 +283,7 @@ pub async fn admin_auto_payouts(State(state): State<AppState>) -> Result<Json<Va
     let p = payments(&state);
     let made = p.auto_payouts().await?;
     for w in &made {
-        crate::payout_connector::dispatch(state.http.clone(), &state.config, p.clone(), w.clone());
+        crate::payout_connector::dispatch(state.webhooks.clone(), &state.config, p.clone(), w.clone());
     }
     Ok(Json(json!({ "object": "list", "data": made })))
 }

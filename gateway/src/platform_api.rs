@@ -55,8 +55,11 @@ pub async fn register(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let request: RegisterProviderRequest = extract::parse(&headers, &body)?;
+    let mut request: RegisterProviderRequest = extract::parse(&headers, &body)?;
     crate::providers::check_market(&state.config, &request)?;
+    request.base_url = crate::egress::check_base_url(&request.base_url, state.config.allow_private_providers)
+        .await
+        .map_err(|m| ApiError::param(m, "baseUrl"))?;
     let status = match state.config.registration {
         Registration::Open => ProviderStatus::Active,
         // An admin may register providers that are active at once.

@@ -727,6 +727,7 @@ async fn first_token(
     body: Bytes,
 ) -> Result<(SseReader, VecDeque<Bytes>), AttemptError> {
     let url = format!("{}{}", provider.base_url, endpoint.path());
+    crate::egress::check_connect(&url, state.config.allow_private_providers).map_err(AttemptError::Retry)?;
     let response = state
         .client_for(provider)
         .post(url)

@@ -60,9 +60,11 @@ impl Running {
         let reload_ads = ads.clone();
         let sweeper = crate::ledger::Ledger::new(store.clone());
         let payouts = crate::payments::Payments::new(store.clone());
-        // One client (one connection pool) for providers and the payout service.
+        // One client (one connection pool) for providers; the payout service, which the
+        // operator configures and which may sit on a private network, has its own.
         let http = AppState::http_client(&config)?;
-        let connector_http = http.clone();
+        let webhooks = AppState::webhook_client(&config)?;
+        let connector_http = webhooks.clone();
         let connector_config = Arc::new(config.clone());
         let hold_ttl_ms = i64::try_from(config.hold_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let mut sweeps = 0u64;
@@ -115,6 +117,7 @@ impl Running {
             queued: Arc::new(AtomicU64::new(0)),
             keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
             http,
+            webhooks,
             h2c: AppState::h2c_client(&config)?,
             config,
             store: store.clone(),
@@ -204,25 +207,34 @@ where
 /// Active health checks: `GET {baseUrl}/health` of every provider with a stream on line,
 /// concurrently, 2 s each. The result feeds uptime; a failure also counts toward the
 /// circuit breaker.
+///
+/// Only active providers are checked, at most `HEALTH_CHECKS_AT_ONCE` at a time, so
+/// registrations cannot make the gateway send requests to many addresses at once.
 async fn check_providers(state: &AppState) {
+    use futures::StreamExt;
+    const HEALTH_CHECKS_AT_ONCE: usize = 16;
     let snapshot = state.registry.snapshot();
-    let checks = snapshot.values().filter(|p| !p.streams.is_empty()).map(|p| {
-        let (http, p) = (state.http.clone(), p.clone());
-        let (threshold, cooldown) = (state.config.breaker_failures, state.config.breaker_cooldown());
-        async move {
-            let ok = http
-                .get(format!("{}/health", p.base_url))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            p.load.health.record_check(ok);
-            if !ok {
-                p.load.health.record_failure(crate::store::now_ms(), threshold, cooldown);
+    let active = snapshot
+        .values()
+        .filter(|p| !p.streams.is_empty() && p.status == crate::providers::ProviderStatus::Active)
+        .cloned()
+        .collect::<Vec<_>>();
+    let allow_private = state.config.allow_private_providers;
+    futures::stream::iter(active)
+        .for_each_concurrent(HEALTH_CHECKS_AT_ONCE, |p| {
+            let http = state.http.clone();
+            let (threshold, cooldown) = (state.config.breaker_failures, state.config.breaker_cooldown());
+            async move {
+                let url = format!("{}/health", p.base_url);
+                let ok = crate::egress::check_connect(&url, allow_private).is_ok()
+                    && http.get(url).timeout(Duration::from_secs(2)).send().await.is_ok_and(|r| r.status().is_success());
+                p.load.health.record_check(ok);
+                if !ok {
+                    p.load.health.record_failure(crate::store::now_ms(), threshold, cooldown);
+                }
             }
-        }
-    });
-    futures::future::join_all(checks).await;
+        })
+        .await;
 }
 
 pub fn redact_url(url: &str) -> String {

@@ -125,6 +125,7 @@ async fn start_gateway(mock_url: &str, ads_on: bool, campaigns: usize, dir: &tem
     let config = Config {
         database_url: url.clone(),
         admin_key: Some(Secret::new(ADMIN)),
+        allow_private_providers: true,
         ads_enabled: ads_on,
         free_requests_per_minute: 1_000_000,
         health_check_secs: 0,

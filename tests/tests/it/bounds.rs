@@ -147,3 +147,59 @@ async fn inproc_bounds_registrations_outside_the_market_are_refused() {
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     }
 }
+
+/// Without `allow_private_providers`, a provider's base URL must be `https://` to public
+/// addresses: every spelling of an inside address, user info, a query and a name that
+/// resolves to loopback are refused at registration, naming `baseUrl`.
+#[tokio::test]
+async fn inproc_bounds_provider_urls_cannot_reach_inside() {
+    let gw = Gateway::start_with(|c| c.allow_private_providers = false).await;
+    for url in [
+        "http://169.254.169.254/latest/meta-data/?",
+        "https://169.254.169.254/latest/meta-data/",
+        "http://127.0.0.1:6379/",
+        "https://127.0.0.1:6379/",
+        "https://[::1]:5432/",
+        "https://[::ffff:127.0.0.1]:5432/",
+        "https://10.0.0.5:2375/",
+        "https://0.0.0.0/",
+        "https://2130706433/",
+        "https://localhost:8080/",
+        "https://user:pw@8.8.8.8/",
+        "https://8.8.8.8/v1?key=1",
+    ] {
+        let r = gw
+            .http
+            .post(gw.url("/api/gpu/register"))
+            .json(&json!({"capabilities": {"models": ["m"], "maxConcurrentStreams": 8}, "pricing": {"perToken": 0.000002}, "baseUrl": url}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{url}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], "baseUrl", "{url}: {e}");
+    }
+    let providers: Value = gw.http.get(gw.url("/api/admin/providers")).bearer_auth(crate::inproc::ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(providers["data"].as_array().unwrap().len(), 0);
+}
+
+/// A provider stored with an inside address (registered before the rules, or by a
+/// deployment that allowed it) is not called once the gateway refuses such addresses:
+/// the check also runs at every connection.
+#[tokio::test]
+async fn inproc_bounds_an_inside_address_is_refused_at_connection_too() {
+    let gw = Gateway::start_with(|c| c.allow_private_providers = false).await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let request: openapi::platform::RegisterProviderRequest = serde_json::from_value(
+        json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 8}, "pricing": {"perToken": 0.000002}, "baseUrl": mock.url()}),
+    )
+    .unwrap();
+    let created = gw.state.registry.register(request, gateway::providers::ProviderStatus::Active).await.unwrap();
+    gw.state.registry.start_stream(&created.provider_id, "mock-model", "standard").await.unwrap();
+    let key = gw.create_key("premium").await;
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(mock.request_count(), 0, "the gateway never connected");
+    assert!(gw.usage_rows().await.iter().all(|(_, _, _, completion)| *completion == 0));
+    gw.ledger_is_clean().await;
+}

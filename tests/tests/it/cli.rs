@@ -38,6 +38,8 @@ pub(crate) async fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> C
         .envs(env.iter().copied())
         .env("GATEWAY_DATABASE_URL", db_url(dir))
         .env("GATEWAY_ADMIN_KEY", ADMIN)
+        // The mock providers listen on 127.0.0.1.
+        .env("GATEWAY_ALLOW_PRIVATE_PROVIDERS", "true")
         .env("GATEWAY_HOST", "127.0.0.1")
         .env("GPU_STREAMING_PORT", port.to_string())
         .env("GATEWAY_SHUTDOWN_GRACE_SECS", "10")

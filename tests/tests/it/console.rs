@@ -149,6 +149,7 @@ async fn inproc_console_endpoints_report_what_happened() -> anyhow::Result<()> {
     let config = Config {
         database_url: crate::inproc::fresh_database(&dir).await.0,
         admin_key: Some(Secret::new(ADMIN)),
+        allow_private_providers: true,
         usage_flush_ms: 5,
         ..Config::default()
     };

@@ -49,6 +49,8 @@ fn test_config(url: String) -> Config {
     Config {
         database_url: url,
         admin_key: Some(Secret::new(ADMIN)),
+        // The mock providers listen on 127.0.0.1.
+        allow_private_providers: true,
         first_token_timeout_secs: 5,
         idle_chunk_timeout_secs: 5,
         usage_flush_ms: 5,

@@ -27,6 +27,8 @@ impl Served {
             .arg("serve")
             .env("GATEWAY_DATABASE_URL", format!("sqlite://{}", dir.join("gw.db").display()))
             .env("GATEWAY_ADMIN_KEY", admin_key)
+            // The mock providers listen on 127.0.0.1.
+            .env("GATEWAY_ALLOW_PRIVATE_PROVIDERS", "true")
             .env("GATEWAY_HOST", "127.0.0.1")
             .env("GPU_STREAMING_PORT", port.to_string())
             .envs(env.iter().copied())

@@ -64,6 +64,8 @@ impl Gateway {
             .arg("serve")
             .env("GATEWAY_DATABASE_URL", format!("sqlite://{}", dir.path().join("gw.db").display()))
             .env("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+            // The mock provider listens on 127.0.0.1.
+            .env("GATEWAY_ALLOW_PRIVATE_PROVIDERS", "true")
             .env("GATEWAY_HOST", "127.0.0.1")
             .env("GPU_STREAMING_PORT", port.to_string())
             .env("RUST_LOG", "info,sqlx=warn")
