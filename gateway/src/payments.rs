@@ -90,6 +90,10 @@ pub enum PaymentError {
     IdempotencyConflict,
     #[error("withdrawal {0} does not exist")]
     UnknownWithdrawal(String),
+    /// A suspended provider's balance is frozen (kept, not paid out) until an admin
+    /// approves it again.
+    #[error("provider {0} is suspended: its balance is frozen until an admin approves it again")]
+    Frozen(String),
     #[error("a withdrawal in state `{from}` cannot become `{to}`")]
     BadTransition { from: String, to: String },
     #[error(transparent)]
@@ -162,6 +166,11 @@ impl Payments {
                 let (w, hash) = existing;
                 return if hash == request_hash { Ok(w) } else { Err(PaymentError::IdempotencyConflict) };
             }
+        }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM providers WHERE id = $1").bind(provider_id).fetch_optional(&self.store.pool).await?;
+        if status.as_deref() == Some("suspended") {
+            return Err(PaymentError::Frozen(provider_id.to_owned()));
         }
         let settings = self.settings().await?;
         if amount < settings.minimum_withdrawal_micros {
@@ -288,7 +297,7 @@ impl Payments {
         let settings = self.settings().await?;
         let rows = sqlx::query(
             "SELECT p.id, p.minimum_payout_micros, a.posted - a.held AS available FROM providers p JOIN accounts a ON a.id = 'provider:' || p.id \
-             WHERE p.payout_method IS NOT NULL AND NOT EXISTS (SELECT 1 FROM withdrawals w WHERE w.provider_id = p.id AND w.status IN ('requested', 'processing'))",
+             WHERE p.payout_method IS NOT NULL AND p.status <> 'suspended' AND NOT EXISTS (SELECT 1 FROM withdrawals w WHERE w.provider_id = p.id AND w.status IN ('requested', 'processing'))",
         )
         .fetch_all(&self.store.pool)
         .await?;

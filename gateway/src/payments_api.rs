@@ -20,6 +20,7 @@ impl From<PaymentError> for ApiError {
             PaymentError::Insufficient => ApiError::param("insufficient available balance for this withdrawal", "amount"),
             PaymentError::IdempotencyConflict => ApiError::Conflict("this Idempotency-Key was used with a different request".into()),
             PaymentError::UnknownWithdrawal(id) => ApiError::NotFound(format!("withdrawal {id} does not exist")),
+            e @ PaymentError::Frozen(_) => ApiError::PermissionDenied(e.to_string()),
             e @ PaymentError::BadTransition { .. } => ApiError::Conflict(e.to_string()),
             PaymentError::Db(e) => e.into(),
         }
@@ -72,6 +73,7 @@ pub(crate) struct WithdrawRequest {
         (status = 201, description = "The withdrawal (or, for a repeated Idempotency-Key, the first one).", body = crate::payments::Withdrawal),
         (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
         (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 403, description = "The provider is suspended: its balance is frozen (kept) until an admin approves it again.", body = openapi::error::ErrorBody),
         (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
         (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
         (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),

@@ -1058,6 +1058,33 @@ async fn provider_with_earnings(gw: &Gateway, usd: i64) -> (String, String) {
     (id, key)
 }
 
+/// A suspended provider's balance is frozen, not lost: no withdrawal and no automatic
+/// payout until an admin approves it again.
+#[tokio::test]
+async fn inproc_payouts_a_suspended_provider_cannot_withdraw() {
+    let gw = Gateway::start().await;
+    let (id, pkey) = provider_with_earnings(&gw, 40).await;
+    let r = gw.http.put(gw.url("/api/payment/method")).bearer_auth(&pkey)
+        .json(&json!({"providerId": id, "method": {"type": "paypal", "email": "gpu@example.com"}})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = gw.admin_post(&format!("/api/admin/providers/{id}/suspend"), json!({})).await;
+    assert_eq!(r.status(), 200);
+    let withdraw = || gw.http.post(gw.url("/api/payment/withdraw")).bearer_auth(&pkey).json(&json!({"providerId": id, "amount": 10.0})).send();
+    let r = withdraw().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let e: Value = r.json().await.unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("frozen"), "{e}");
+    let r = gw.admin_post("/api/admin/payouts/auto", json!({})).await;
+    assert_eq!(r.status(), 200);
+    let made: Value = r.json().await.unwrap();
+    assert!(!made.to_string().contains(&id), "no automatic payout for a suspended provider: {made}");
+    assert_eq!(gw.balance(&format!("provider:{id}")).await, 40_000_000, "the balance is kept");
+    let r = gw.admin_post(&format!("/api/admin/providers/{id}/approve"), json!({})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(withdraw().await.unwrap().status(), 201);
+    gw.ledger_is_clean().await;
+}
+
 #[tokio::test]
 async fn inproc_payouts_withdraw_idempotent_state_machine() {
     let gw = Gateway::start().await;
