@@ -240,6 +240,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/gpu/stream/start", post(platform_api::stream_start))
         .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
         .route("/api/gpu/heartbeat", post(platform_api::heartbeat))
+        .route("/api/gpu/keys/rotate", post(platform_api::rotate_key))
         .route("/api/gpu/me", get(console::provider_me))
         .route("/admin", get(console::index))
         .route("/admin/", get(console::index))

@@ -142,6 +142,33 @@ pub async fn stream_stop(
 
 #[utoipa::path(
     post,
+    path = "/api/gpu/keys/rotate",
+    tag = "providers",
+    summary = "Replace the provider key",
+    request_body = openapi::platform::RotateKeyRequest,
+    security(("provider_key" = [])),
+    responses(
+        (status = 200, description = "The new key (shown once); the old one no longer works.", body = openapi::platform::RotatedKey),
+        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
+        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
+        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+    ),
+)]
+pub async fn rotate_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<openapi::platform::RotatedKey>, ApiError> {
+    let r: openapi::platform::RotateKeyRequest =
+        provider_body(&state, &headers, &body, |r: &openapi::platform::RotateKeyRequest| &r.provider_id).await?;
+    let provider_key = state.registry.rotate_key(&r.provider_id).await?;
+    tracing::info!(provider = %r.provider_id, "provider key rotated");
+    Ok(Json(openapi::platform::RotatedKey { provider_id: r.provider_id, provider_key }))
+}
+
+#[utoipa::path(
+    post,
     path = "/api/gpu/heartbeat",
     tag = "providers",
     summary = "Report liveness and load",

@@ -340,6 +340,20 @@ impl Registry {
         Ok(())
     }
 
+    /// Replaces a provider's key; the old one stops working at once. Returns the new one.
+    pub async fn rotate_key(&self, provider_id: &str) -> Result<String, ProviderError> {
+        let key = generate_secret("pk-");
+        let updated = sqlx::query("UPDATE providers SET key_hash = $1 WHERE id = $2")
+            .bind(hash_key(&key))
+            .bind(provider_id)
+            .execute(&self.store.pool)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(ProviderError::Unknown(provider_id.to_owned()));
+        }
+        Ok(key)
+    }
+
     pub async fn start_stream(&self, provider_id: &str, model: &str, quality: &str) -> Result<(), ProviderError> {
         // Another replica may have registered it moments ago.
         if self.get(provider_id).is_none() {

@@ -93,6 +93,21 @@ pub struct RegisterProviderResponse {
     pub status: String,
 }
 
+/// `POST /api/gpu/keys/rotate`: the provider whose key (the bearer) is replaced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotateKeyRequest {
+    pub provider_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotatedKey {
+    pub provider_id: String,
+    /// The new key, shown once; the old one stops working at once.
+    pub provider_key: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamControl {

@@ -203,3 +203,25 @@ async fn inproc_bounds_an_inside_address_is_refused_at_connection_too() {
     assert!(gw.usage_rows().await.iter().all(|(_, _, _, completion)| *completion == 0));
     gw.ledger_is_clean().await;
 }
+
+/// A provider can replace a leaked key: the old one stops working at once.
+#[tokio::test]
+async fn inproc_bounds_a_provider_key_can_be_rotated() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let (id, old) = gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let heartbeat = |key: String| {
+        gw.http.post(gw.url("/api/gpu/heartbeat")).bearer_auth(key).json(&json!({"providerId": id, "activeStreams": 0})).send()
+    };
+    assert_eq!(heartbeat(old.clone()).await.unwrap().status(), 200);
+    let r = gw.http.post(gw.url("/api/gpu/keys/rotate")).bearer_auth(&old).json(&json!({"providerId": id})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let new = v["providerKey"].as_str().unwrap().to_owned();
+    assert!(new.starts_with("pk-") && new != old);
+    assert_eq!(heartbeat(old.clone()).await.unwrap().status(), 401, "the old key no longer works");
+    assert_eq!(heartbeat(new.clone()).await.unwrap().status(), 200);
+    // Only the provider's own key rotates it.
+    let r = gw.http.post(gw.url("/api/gpu/keys/rotate")).bearer_auth(&old).json(&json!({"providerId": id})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}

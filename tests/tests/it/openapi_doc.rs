@@ -181,7 +181,7 @@ async fn openapi_schemathesis_finds_no_violations() -> anyhow::Result<()> {
     // last, so the others are tested with a key that works and a provider on line
     // instead of answering only 401, 404, or 503 while the provider is reserved.
     let destructive =
-        ["admin_revoke_key", "admin_delete_key", "admin_provider_suspend", "stream_stop", "create_reservation"];
+        ["admin_revoke_key", "admin_delete_key", "admin_provider_suspend", "stream_stop", "create_reservation", "rotate_key"];
     let mut main_run: Vec<String> = vec!["--max-time".into(), "100".into()];
     let mut last_run: Vec<String> = vec!["--max-time".into(), "15".into()];
     for id in destructive {
