@@ -168,6 +168,10 @@ pub struct Config {
     pub ads_provider_share_bp: u32,
     /// Whether free-tier keys may opt out of ads (`ad_preferences.opt_out`).
     pub ads_free_opt_out: bool,
+    /// Accept `?api_key=` on every user route, not only the WebSocket's.
+    pub allow_query_api_key: bool,
+    /// A WebSocket session is closed after this many seconds.
+    pub ws_max_session_secs: u64,
     /// Let providers sit at private, loopback or link-local addresses and use `http://`
     /// (a private deployment, the demo, the tests). Off, a `baseUrl` must be `https://`
     /// to public addresses only, checked at registration and at every connection.
@@ -259,6 +263,8 @@ impl Default for Config {
             ads_reserve_cpm_micros: 100_000,
             ads_provider_share_bp: 2_000,
             ads_free_opt_out: false,
+            allow_query_api_key: false,
+            ws_max_session_secs: 3_600,
             allow_private_providers: false,
             price_ceiling_per_token: 0.001,
             price_ceiling_per_hour: 100.0,
@@ -351,7 +357,7 @@ impl Config {
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
             "public_url", "ads_enabled", "ads_placement", "ads_prompt_placement", "ads_min_relevance",
             "ads_excluded_topics", "ads_reserve_cpm_micros", "ads_provider_share_bp", "ads_free_opt_out",
-            "allow_private_providers", "price_ceiling_per_token", "price_ceiling_per_hour", "price_bounds", "max_provider_streams",
+            "allow_query_api_key", "ws_max_session_secs", "allow_private_providers", "price_ceiling_per_token", "price_ceiling_per_hour", "price_bounds", "max_provider_streams",
             "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
         ];
@@ -395,6 +401,9 @@ impl Config {
             if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return invalid(key, "prices must be non-negative USD amounts");
             }
+        }
+        if self.ws_max_session_secs == 0 {
+            return invalid("ws_max_session_secs", "must be at least 1");
         }
         if self.max_provider_streams == 0 {
             return invalid("max_provider_streams", "must be at least 1");

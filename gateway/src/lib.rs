@@ -177,6 +177,11 @@ impl AppState {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// The user key a request presented, for handlers that must check it again later (a
+/// WebSocket re-checks it on every message, so a revoked key closes the socket).
+#[derive(Clone)]
+pub struct PresentedKey(pub String);
+
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
@@ -349,22 +354,33 @@ async fn not_found(request: Request<Body>) -> ApiError {
     ApiError::NotFound(format!("Unknown path: {} {}", request.method(), request.uri().path()))
 }
 
+/// The key a request presents: the bearer token, or `?api_key=` on the WebSocket route
+/// (browsers cannot set headers there) and elsewhere only with `allow_query_api_key`
+/// (a key in a URL ends up in logs and browser history).
+pub fn presented_key(config: &Config, request: &Request) -> Option<String> {
+    if let Some(b) = bearer(request.headers()) {
+        return Some(b.to_owned());
+    }
+    if request.uri().path() != "/api/llm/ws" && !config.allow_query_api_key {
+        return None;
+    }
+    request.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("api_key="))).map(str::to_owned)
+}
+
+/// A key's requests and tokens per minute: its own, else its tier's.
+pub fn rate_limits(config: &Config, key: &keys::AuthedKey) -> (u64, u64) {
+    let (rpm, tpm) = match key.tier {
+        keys::Tier::Free => (config.free_requests_per_minute, config.free_tokens_per_minute),
+        keys::Tier::Premium => (config.premium_requests_per_minute, config.premium_tokens_per_minute),
+    };
+    (u64::from(key.requests_per_minute.unwrap_or(rpm)), u64::from(key.tokens_per_minute.unwrap_or(tpm)))
+}
+
 async fn require_user_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let query_key = request
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("api_key=")))
-        .map(str::to_owned);
-    let presented = bearer(request.headers()).map(str::to_owned).or(query_key);
-    let Some(secret) = presented else { return ApiError::InvalidApiKey.into_response() };
+    let Some(secret) = presented_key(&state.config, &request) else { return ApiError::InvalidApiKey.into_response() };
     match state.keys.authenticate(&secret).await {
         Ok(Some(key)) => {
-            let (rpm, tpm) = match key.tier {
-                keys::Tier::Free => (state.config.free_requests_per_minute, state.config.free_tokens_per_minute),
-                keys::Tier::Premium => (state.config.premium_requests_per_minute, state.config.premium_tokens_per_minute),
-            };
-            let rpm = u64::from(key.requests_per_minute.unwrap_or(rpm));
-            let tpm = u64::from(key.tokens_per_minute.unwrap_or(tpm));
+            let (rpm, tpm) = rate_limits(&state.config, &key);
             let requests = match state.limiter.apply(&format!("k:{}:r", key.key_id), 1, rpm).await {
                 Ok(d) => d,
                 Err(e) => return ApiError::Internal(e.to_string()).into_response(),
@@ -376,6 +392,7 @@ async fn require_user_key(State(state): State<AppState>, mut request: Request, n
                 tokens_limit: tpm,
             });
             let mut response = if requests.allowed {
+                request.extensions_mut().insert(PresentedKey(secret));
                 request.extensions_mut().insert(key);
                 request.extensions_mut().insert(ctx.clone());
                 next.run(request).await

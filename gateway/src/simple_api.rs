@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::keys::AuthedKey;
+use crate::ratelimit::RateCtx;
 use crate::openai_api::{collect, models_for_status, prepare_chat};
 use crate::relay::{self, Event};
 use crate::store::{new_id, now_ms};
@@ -74,7 +75,7 @@ pub async fn inference(
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
-    rate: Option<Extension<Arc<crate::ratelimit::RateCtx>>>,
+    rate: Option<Extension<Arc<RateCtx>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<InferenceResponse>, ApiError> {
@@ -174,21 +175,71 @@ pub async fn websocket(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
     Extension(key): Extension<Arc<AuthedKey>>,
+    Extension(crate::PresentedKey(secret)): Extension<crate::PresentedKey>,
     headers: HeaderMap,
 ) -> Response {
-    ws.on_upgrade(move |socket| run_socket(socket, state, key, headers))
+    // A message is a request body: the same size limit.
+    let limit = state.config.max_body_bytes;
+    ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| run_socket(socket, state, key, secret, headers))
+}
+
+fn error_event(id: &Value, request_id: &str, error: &ApiError) -> Message {
+    let body = serde_json::to_value(error.body()).unwrap_or(Value::Null);
+    let mut data = json!({ "id": id, "requestId": request_id });
+    data["error"] = body["error"].clone();
+    event("error", data)
+}
+
+/// Every message on a socket is a request like any other: the key is checked again
+/// (a revoked key closes the socket) and the message counts against the key's
+/// requests per minute (its tokens are charged by the relay, as for HTTP).
+async fn admit(state: &AppState, key: &AuthedKey, secret: &str) -> Result<Arc<RateCtx>, (ApiError, bool)> {
+    match state.keys.authenticate(secret).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err((ApiError::InvalidApiKey, true)),
+        Err(e) => return Err((ApiError::from(e), false)),
+    }
+    let (rpm, tpm) = crate::rate_limits(&state.config, key);
+    let requests = state
+        .limiter
+        .apply(&format!("k:{}:r", key.key_id), 1, rpm)
+        .await
+        .map_err(|e| (ApiError::Internal(e.to_string()), false))?;
+    if !requests.allowed {
+        return Err((ApiError::RateLimited { what: "requests", retry_after: requests.retry_after }, false));
+    }
+    Ok(Arc::new(RateCtx {
+        requests,
+        tokens: parking_lot::Mutex::new(None),
+        tokens_key: format!("k:{}:t", key.key_id),
+        tokens_limit: tpm,
+    }))
 }
 
 fn event(name: &str, data: Value) -> Message {
     Message::Text(json!({ "event": name, "data": data }).to_string().into())
 }
 
-async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>, headers: HeaderMap) {
+async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>, secret: String, headers: HeaderMap) {
     let models: Vec<String> = models_for_status(&state).into_iter().map(|m| m.id).collect();
     if socket.send(event("connected", json!({ "models": models }))).await.is_err() {
         return;
     }
-    while let Some(Ok(message)) = socket.recv().await {
+    let ends = tokio::time::Instant::now() + std::time::Duration::from_secs(state.config.ws_max_session_secs);
+    loop {
+        let message = match tokio::time::timeout_at(ends, socket.recv()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(_) => return,
+            Err(_) => {
+                let error = ApiError::PermissionDenied(format!(
+                    "the session ended after ws_max_session_secs ({} s); open a new one",
+                    state.config.ws_max_session_secs
+                ));
+                let _ = socket.send(error_event(&Value::Null, "", &error)).await;
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+        };
         let text = match message {
             Message::Text(t) => t.to_string(),
             Message::Close(_) => return,
@@ -197,17 +248,24 @@ async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>,
         let request_id = new_id("req");
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let id = value.get("id").cloned().unwrap_or(Value::Null);
+        let rate = match admit(&state, &key, &secret).await {
+            Ok(rate) => rate,
+            Err((error, close)) => {
+                if socket.send(error_event(&id, &request_id, &error)).await.is_err() || close {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                continue;
+            }
+        };
         // Accept either the request itself or `{"event": "inference", "data": {...}}`.
         let payload = value.get("data").cloned().unwrap_or(value);
         let result = match serde_json::from_value::<InferenceRequest>(payload) {
-            Ok(request) => stream_one(&mut socket, &state, &key, &headers, &request_id, &id, request).await,
+            Ok(request) => stream_one(&mut socket, &state, &key, &headers, &request_id, &id, request, rate).await,
             Err(e) => Err(ApiError::invalid(format!("invalid inference message: {e}"), None)),
         };
         if let Err(error) = result {
-            let body = serde_json::to_value(error.body()).unwrap_or(Value::Null);
-            let mut data = json!({ "id": id, "requestId": request_id });
-            data["error"] = body["error"].clone();
-            if socket.send(event("error", data)).await.is_err() {
+            if socket.send(error_event(&id, &request_id, &error)).await.is_err() {
                 return;
             }
         }
@@ -222,9 +280,11 @@ async fn stream_one(
     request_id: &str,
     id: &Value,
     request: InferenceRequest,
+    rate: Arc<RateCtx>,
 ) -> Result<(), ApiError> {
     let (mut chat, ext) = to_chat(&request)?;
-    let (dispatch, _, _) = prepare_chat(state, key, request_id, headers, &mut chat, ext, Instant::now())?;
+    let (mut dispatch, _, _) = prepare_chat(state, key, request_id, headers, &mut chat, ext, Instant::now())?;
+    dispatch.rate = Some(rate);
     let mut relay = relay::open(state, dispatch).await?;
     let mut result = String::new();
     let mut finish_reason = None;

@@ -225,3 +225,100 @@ async fn inproc_bounds_a_provider_key_can_be_rotated() {
     let r = gw.http.post(gw.url("/api/gpu/keys/rotate")).bearer_auth(&old).json(&json!({"providerId": id})).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// The WebSocket is a door like any other: each message counts against the key's
+/// requests per minute, a revoked key closes the socket, messages are capped at the
+/// body limit, and a session ends after `ws_max_session_secs`.
+#[tokio::test]
+async fn inproc_bounds_the_websocket_counts_every_message_and_rechecks_the_key() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let gw = Gateway::start_with(|c| c.max_body_bytes = 64 * 1024).await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let v: Value = gw.admin_post("/api/admin/keys", json!({"name": "ws", "tier": "free", "requestsPerMinute": 3, "tokensPerMinute": 100000})).await.json().await.unwrap();
+    let (key, key_id) = (v["key"].as_str().unwrap().to_owned(), v["id"].as_str().unwrap().to_owned());
+    let ws_url = format!("{}/api/llm/ws?api_key={key}", gw.url("").replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    let next = |m: Message| -> Value { serde_json::from_str(m.to_text().unwrap()).unwrap() };
+    assert_eq!(next(ws.next().await.unwrap().unwrap())["event"], "connected");
+    // The upgrade was the first of 3 requests this minute: two messages are served, the
+    // rest refused (the socket stays open).
+    let mut outcomes = Vec::new();
+    for id in 0..4 {
+        ws.send(Message::Text(json!({"id": id, "prompt": "hi", "model": "mock-model"}).to_string().into())).await.unwrap();
+        loop {
+            let v = next(ws.next().await.unwrap().unwrap());
+            match v["event"].as_str().unwrap() {
+                "stream:token" => continue,
+                "stream:end" => outcomes.push("served".to_owned()),
+                "error" => outcomes.push(v["data"]["error"]["code"].as_str().unwrap().to_owned()),
+                other => panic!("{other}"),
+            }
+            break;
+        }
+    }
+    assert_eq!(outcomes, ["served", "served", "rate_limit_exceeded", "rate_limit_exceeded"]);
+    assert_eq!(mock.request_count(), 2);
+
+    // A message over the body limit closes the socket (the frame is refused).
+    let premium = gw.create_key("premium").await;
+    let premium_url = format!("{}/api/llm/ws?api_key={premium}", gw.url("").replace("http://", "ws://"));
+    let (mut ws2, _) = tokio_tungstenite::connect_async(&premium_url).await.unwrap();
+    let big = "x".repeat(128 * 1024);
+    let _ = ws2.send(Message::Text(big.into())).await;
+    let mut closed = false;
+    while let Some(m) = ws2.next().await {
+        if matches!(m, Err(_) | Ok(Message::Close(_))) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "an oversized message ends the session");
+
+    // Revoked while open: the next message is refused and the socket closed.
+    let r = gw.admin_post(&format!("/api/admin/keys/{key_id}/revoke"), json!({})).await;
+    assert_eq!(r.status(), 200);
+    ws.send(Message::Text(json!({"id": 9, "prompt": "hi", "model": "mock-model"}).to_string().into())).await.unwrap();
+    let v = next(ws.next().await.unwrap().unwrap());
+    assert_eq!(v["data"]["error"]["code"], "invalid_api_key", "{v}");
+    assert!(matches!(ws.next().await, Some(Ok(Message::Close(_))) | None | Some(Err(_))));
+    assert_eq!(mock.request_count(), 2);
+    gw.ledger_is_clean().await;
+}
+
+/// `?api_key=` is for the WebSocket only (browsers cannot set its headers); on other
+/// routes a key in the URL is refused unless `allow_query_api_key`.
+#[tokio::test]
+async fn inproc_bounds_query_keys_only_on_the_websocket() {
+    let gw = Gateway::start().await;
+    let key = gw.create_key("premium").await;
+    let r = gw.http.get(gw.url(&format!("/v1/models?api_key={key}"))).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let gw = Gateway::start_with(|c| c.allow_query_api_key = true).await;
+    let key = gw.create_key("premium").await;
+    let r = gw.http.get(gw.url(&format!("/v1/models?api_key={key}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn inproc_bounds_a_websocket_session_ends_after_its_limit() {
+    use futures::StreamExt;
+    let gw = Gateway::start_with(|c| c.ws_max_session_secs = 1).await;
+    let key = gw.create_key("premium").await;
+    let url = format!("{}/api/llm/ws?api_key={key}", gw.url("").replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let started = Instant::now();
+    let mut saw_error = false;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Ok(text) = m.to_text() {
+            saw_error |= text.contains("ws_max_session_secs");
+        }
+        if m.is_close() {
+            break;
+        }
+    }
+    assert!(saw_error, "the client is told why");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+}
