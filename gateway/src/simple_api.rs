@@ -261,7 +261,10 @@ async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>,
         // Accept either the request itself or `{"event": "inference", "data": {...}}`.
         let payload = value.get("data").cloned().unwrap_or(value);
         let result = match serde_json::from_value::<InferenceRequest>(payload) {
-            Ok(request) => stream_one(&mut socket, &state, &key, &headers, &request_id, &id, request, rate).await,
+            Ok(request) => match socket_dispatch(&state, &key, &headers, &request_id, &request, rate) {
+                Ok(dispatch) => stream_one(&mut socket, &state, &request_id, &id, dispatch).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(ApiError::invalid(format!("invalid inference message: {e}"), None)),
         };
         if let Err(error) = result {
@@ -272,19 +275,28 @@ async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>,
     }
 }
 
-async fn stream_one(
-    socket: &mut WebSocket,
+/// One socket message's request, ready for the relay, counted against `rate`.
+fn socket_dispatch(
     state: &AppState,
     key: &Arc<AuthedKey>,
     headers: &HeaderMap,
     request_id: &str,
-    id: &Value,
-    request: InferenceRequest,
+    request: &InferenceRequest,
     rate: Arc<RateCtx>,
-) -> Result<(), ApiError> {
-    let (mut chat, ext) = to_chat(&request)?;
+) -> Result<relay::Dispatch, ApiError> {
+    let (mut chat, ext) = to_chat(request)?;
     let (mut dispatch, _, _) = prepare_chat(state, key, request_id, headers, &mut chat, ext, Instant::now())?;
     dispatch.rate = Some(rate);
+    Ok(dispatch)
+}
+
+async fn stream_one(
+    socket: &mut WebSocket,
+    state: &AppState,
+    request_id: &str,
+    id: &Value,
+    dispatch: relay::Dispatch,
+) -> Result<(), ApiError> {
     let mut relay = relay::open(state, dispatch).await?;
     let mut result = String::new();
     let mut finish_reason = None;
