@@ -56,6 +56,12 @@ impl Delivered {
         Self { tokenizer, chunks: 0, text: BTreeMap::new(), tool_calls: BTreeMap::new(), tokens: OnceLock::new() }
     }
 
+    /// Choice deltas that carried output so far: a lower bound of the tokens delivered
+    /// (each carries at least one), cheap to read after every chunk.
+    pub fn chunks(&self) -> u32 {
+        self.chunks
+    }
+
     /// Whether completions are counted with the model's tokenizer.
     pub fn by_tokenizer(&self) -> bool {
         self.tokenizer.is_some()

@@ -218,12 +218,28 @@ struct Tracker {
     /// The token estimate charged to the rate limiter, corrected at the end.
     token_charge: Option<(Arc<Limiter>, String, u64, u32)>,
     status: UsageStatus,
+    /// The request's completion-token limit (all choices).
+    max_completion: u32,
+    /// The provider sent past that limit and the stream was cut.
+    overran: bool,
 }
 
 impl Tracker {
     /// The usage that is billed: the provider's report when it is plausible, else our
     /// count (`delivered`: the model's tokenizer, or content chunks without one).
     fn billed_usage(&self) -> (Usage, &'static str) {
+        let (mut usage, mut source) = self.reported_or_counted();
+        // Never more completion tokens than the request allowed, whoever counted them: a
+        // provider that ran past the limit is paid for the limit and flagged.
+        if usage.completion_tokens > self.max_completion || self.overran {
+            usage.completion_tokens = usage.completion_tokens.min(self.max_completion);
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+            source = "gateway_flagged";
+        }
+        (usage, source)
+    }
+
+    fn reported_or_counted(&self) -> (Usage, &'static str) {
         let estimate = self.body_bytes / 3;
         let counted = self.delivered.count();
         match self.reported {
@@ -371,6 +387,18 @@ async fn pick_or_wait(
     picked
 }
 
+/// Output chunks a provider may send past the request's `max_tokens` before its stream
+/// is cut (a chunk carries at least one token, so this never cuts an honest stream).
+const OVERRUN_SLACK: u32 = 16;
+
+/// What a cut stream still sends, in order.
+enum Cut {
+    /// The `length` finish chunk, and the stream's `id`/`object`/`created`/`model`.
+    Finish(Bytes, serde_json::Value),
+    Usage(serde_json::Value),
+    End,
+}
+
 /// A provider stream that has delivered its first token.
 pub struct Relay {
     reader: SseReader,
@@ -380,6 +408,11 @@ pub struct Relay {
     idle_timeout: Duration,
     /// The request ends here whatever the provider does (`request_deadline_secs`).
     deadline: Instant,
+    /// Chat (else legacy completions) chunks, for the chunks the gateway writes itself.
+    chat: bool,
+    /// Past `max_completion_tokens` + `OVERRUN_SLACK` output chunks the stream is cut:
+    /// what is left to send before the end.
+    cut: Option<Cut>,
     finished: bool,
     active: Arc<std::sync::atomic::AtomicU64>,
     /// Breaker threshold and cool-down, for a failure mid-stream.
@@ -408,6 +441,24 @@ impl Relay {
         if self.finished {
             return Event::Done;
         }
+        match self.cut.take() {
+            Some(Cut::Finish(data, head)) => {
+                self.cut = Some(Cut::Usage(head));
+                let chunk = serde_json::from_slice(&data).unwrap_or_default();
+                return Event::Chunk { data, chunk };
+            }
+            Some(Cut::Usage(mut head)) => {
+                // The provider's usage chunk will not come: ours, with the capped count.
+                self.cut = Some(Cut::End);
+                head["choices"] = serde_json::json!([]);
+                head["usage"] = serde_json::json!(self.usage());
+                let data = Bytes::from(head.to_string());
+                let chunk = serde_json::from_slice(&data).unwrap_or_default();
+                return Event::Chunk { data, chunk };
+            }
+            Some(Cut::End) => return self.finish().await,
+            None => {}
+        }
         let data = match self.pending.pop_front() {
             Some(d) => Ok(Some(d)),
             None => {
@@ -427,6 +478,9 @@ impl Relay {
                 }
                 Ok(chunk) => {
                     self.observe(&chunk);
+                    if self.tracker.delivered.chunks() > self.tracker.max_completion.saturating_add(OVERRUN_SLACK) {
+                        self.overrun(&chunk);
+                    }
                     let data = if chunk.usage.is_some() { self.with_cost(data) } else { data };
                     Event::Chunk { data, chunk }
                 }
@@ -449,6 +503,33 @@ impl Relay {
                 });
             }
         }
+    }
+
+    /// The provider sent more output than the request allows: the stream ends here
+    /// with a `length` finish and our usage chunk (billed up to the limit, the provider
+    /// flagged), and the provider's connection is dropped with the relay.
+    fn overrun(&mut self, chunk: &StreamChunk) {
+        self.tracker.overran = true;
+        tracing::warn!(provider = %self.slot.0.id, limit = self.tracker.max_completion, "provider went past max_tokens; stream cut");
+        let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+        let head = serde_json::json!({ "id": chunk.id, "object": object, "created": chunk.created, "model": chunk.model });
+        let mut indices: Vec<u32> = chunk.choices.iter().map(|c| c.index).collect();
+        if indices.is_empty() {
+            indices.push(0);
+        }
+        let choices: Vec<serde_json::Value> = indices
+            .into_iter()
+            .map(|index| {
+                if self.chat {
+                    serde_json::json!({ "index": index, "delta": {}, "finish_reason": "length", "logprobs": null })
+                } else {
+                    serde_json::json!({ "index": index, "text": "", "finish_reason": "length", "logprobs": null })
+                }
+            })
+            .collect();
+        let mut finish = head.clone();
+        finish["choices"] = serde_json::Value::Array(choices);
+        self.cut = Some(Cut::Finish(Bytes::from(finish.to_string()), head));
     }
 
     /// Adds `usage.cost` (USD) to the provider's usage chunk.
@@ -594,6 +675,8 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         reported: None,
         delivered: Delivered::new(state.tokenizers.get(&dispatch.model)),
         status: UsageStatus::Failed,
+        max_completion: dispatch.max_completion_tokens,
+        overran: false,
     };
     let mut tried: Vec<String> = Vec::new();
     let mut last_error: Option<AttemptError> = None;
@@ -626,6 +709,8 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
                     slot,
                     idle_timeout: Duration::from_secs(config.idle_chunk_timeout_secs),
                     deadline: dispatch.started + Duration::from_secs(config.request_deadline_secs),
+                    chat: dispatch.endpoint != Endpoint::Completions,
+                    cut: None,
                     finished: false,
                     active: state.active_streams.clone(),
                     breaker: (config.breaker_failures, config.breaker_cooldown()),

@@ -236,6 +236,7 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
     // line), or well-formed chunks that never stop; both until the client goes away.
     let flood = text.contains("[flood]");
     let endless = text.contains("[endless]");
+    let overrun = text.contains("[overrun]");
     let slow = text.contains("[slow]");
     let delay = s.config.first_chunk_delay;
     let overreport = s.config.overreport.unwrap_or(1);
@@ -311,6 +312,22 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
                         return;
                     }
                 }
+                return;
+            }
+            if overrun {
+                // Ignores `max_tokens`: 100 more words, an honest-looking finish and a
+                // usage report of everything.
+                for _ in 0..100 {
+                    if tx.send(Ok(chunk(json!({"content": " more"}), Value::Null))).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Ok(chunk(json!({}), json!("stop")))).await;
+                let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": 101, "total_tokens": prompt_tokens + 101});
+                let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [], "usage": usage});
+                let _ = tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await;
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+                guard.finished = true;
                 return;
             }
             if endless {

@@ -322,3 +322,43 @@ async fn inproc_bounds_a_websocket_session_ends_after_its_limit() {
     assert!(saw_error, "the client is told why");
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
 }
+
+/// A provider that ignores `max_tokens` is cut at the limit (+16 chunks of slack): the
+/// client sees a `length` finish and usage, the user pays and the provider earns for
+/// the limit only, and the provider is flagged.
+#[tokio::test]
+async fn inproc_bounds_a_provider_past_max_tokens_is_cut_and_paid_for_the_limit() {
+    let gw = Gateway::start().await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let key = gw.create_key("premium").await;
+    let r = gw
+        .chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "[overrun] hi"}], "max_tokens": 5,
+            "stream": true, "stream_options": {"include_usage": true}}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    let events: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(body.ends_with("data: [DONE]\n\n"));
+    let words = words(&body);
+    assert!(words <= 5 + 16 + 1, "{words} chunks relayed");
+    let finishes: Vec<&str> = events.iter().filter_map(|e| e["choices"][0]["finish_reason"].as_str()).collect();
+    assert_eq!(finishes, ["length"]);
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 5, "{usage}");
+    let flagged: String = sqlx::query_scalar("SELECT usage_source FROM usage_records").fetch_one(&gw.state.store.pool).await.unwrap();
+    assert_eq!(flagged, "gateway_flagged");
+    let (_, _, _, completion) = gw.usage_rows().await.into_iter().next().unwrap();
+    assert_eq!(completion, 5);
+    gw.ledger_is_clean().await;
+    // Not streamed: the same cut.
+    let r = gw.chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "[overrun] hi"}], "max_tokens": 5})).await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+}
