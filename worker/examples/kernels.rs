@@ -14,13 +14,13 @@ fn main() {
         let mut caches: Vec<_> = (0..n).map(|_| native::new_cache(model)).collect();
         let toks: Vec<[u32; 1]> = (0..n).map(|i| [100 + i as u32]).collect();
         for _ in 0..3 {
-            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true }).collect();
+            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true, all_logits: false }).collect();
             native::forward(model, &mut items, precision).unwrap();
         }
         let t = Instant::now();
         let iters = 10;
         for _ in 0..iters {
-            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true }).collect();
+            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true, all_logits: false }).collect();
             native::forward(model, &mut items, precision).unwrap();
         }
         println!("forward n={n}: {:.2} ms/step", t.elapsed().as_secs_f64() * 1e3 / iters as f64);

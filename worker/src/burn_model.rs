@@ -62,8 +62,8 @@ pub fn f32_weight_bytes(model: &Model) -> usize {
     let mats = |l: &crate::model::Layer| {
         [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.rows * m.cols).sum::<usize>()
     };
-    let elements = model.embed.rows * model.embed.cols
-        + model.output.as_ref().map_or(0, |o| o.rows * o.cols)
+    // The output head is its own copy even when tied to the embedding.
+    let elements = 2 * model.embed.rows * model.embed.cols
         + model.layers.iter().map(mats).sum::<usize>()
         + model.config.dim * (2 * model.config.n_layers + 1);
     elements * 4
@@ -160,9 +160,19 @@ fn dequantized<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(data, [m.rows, m.cols]), device)
 }
 
-/// `[rows, cols]` weights as a `[cols, rows]` tensor so that `x.matmul(w)` applies them.
+/// `[rows, cols]` weights as a contiguous `[cols, rows]` tensor so that `x.matmul(w)`
+/// applies them. Transposed on the host once: a transposed view made burn-ndarray copy
+/// every weight into a contiguous layout at every matmul.
 fn mat<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
-    dequantized::<B>(m, device).transpose()
+    let mut row = vec![0f32; m.cols];
+    let mut data = vec![0f32; m.rows * m.cols];
+    for r in 0..m.rows {
+        m.dequantize_row(r, &mut row);
+        for (c, v) in row.iter().enumerate() {
+            data[c * m.rows + r] = *v;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [m.cols, m.rows]), device)
 }
 
 impl<B: Backend> BurnModel<B> {
@@ -196,11 +206,9 @@ impl<B: Backend> BurnModel<B> {
             })
             .collect();
         let embed = dequantized::<B>(&model.embed, d);
-        // A tied output head is the embedding read transposed: a view, not a copy.
-        let head = match &model.output {
-            Some(o) => mat(o, d),
-            None => embed.clone().transpose(),
-        };
+        // A tied output head is a second, transposed copy of the embedding (a
+        // transposed view would be copied at every step's matmul instead).
+        let head = mat(model.output.as_ref().unwrap_or(&model.embed), d);
         let half = model.config.head_dim / 2;
         let (mut cos, mut sin) = (Vec::with_capacity(slot_len * half), Vec::with_capacity(slot_len * half));
         for p in 0..slot_len {
@@ -334,7 +342,7 @@ struct Plan {
     rows: usize,
     /// (row0, rows, seqs, len, gather offset in `ints`, visible offset in `ints`).
     groups: Vec<(usize, usize, usize, usize, usize, usize)>,
-    /// For every item with `want_logits`, in item order, its row in the logits batch.
+    /// Rows of logits that come down.
     logits_rows: usize,
 }
 
@@ -375,8 +383,10 @@ where
             }
         }
         let logits: Vec<i64> = (0..items.len())
-            .filter(|&i| items[i].want_logits && !items[i].tokens.is_empty())
-            .map(|i| (first_row[i] + items[i].tokens.len() - 1) as i64)
+            .flat_map(|i| {
+                let end = first_row[i] + items[i].tokens.len();
+                (end - items[i].logit_rows()..end).map(|r| r as i64)
+            })
             .collect();
         let mut ints = Vec::with_capacity(rows * 4);
         ints.extend_from_slice(&ids);

@@ -361,13 +361,13 @@ impl Engine {
                 let end = (s.prefilled + budget).min(s.prompt.len());
                 budget -= end - s.prefilled;
                 let done = end == s.prompt.len();
-                items.push(BatchItem { cache: &mut s.cache, tokens: &s.prompt[s.prefilled..end], want_logits: done });
+                items.push(BatchItem { cache: &mut s.cache, tokens: &s.prompt[s.prefilled..end], want_logits: done, all_logits: false });
                 s.prefilled = end;
                 if done {
                     owners.push(i);
                 }
             } else {
-                items.push(BatchItem { cache: &mut s.cache, tokens: &s.next, want_logits: true });
+                items.push(BatchItem { cache: &mut s.cache, tokens: &s.next, want_logits: true, all_logits: false });
                 owners.push(i);
             }
         }

@@ -11,7 +11,22 @@ use crate::quant::Precision;
 pub struct BatchItem<'a> {
     pub cache: &'a mut KvCache,
     pub tokens: &'a [u32],
+    /// Return the logits of the item's last token.
     pub want_logits: bool,
+    /// Return the logits of every token of the item instead (tests compare whole
+    /// prompts position by position in one step).
+    pub all_logits: bool,
+}
+
+impl BatchItem<'_> {
+    /// How many logit rows this item returns.
+    pub fn logit_rows(&self) -> usize {
+        match (self.all_logits, self.want_logits) {
+            (true, _) => self.tokens.len(),
+            (false, true) => self.tokens.len().min(1),
+            (false, false) => 0,
+        }
+    }
 }
 
 /// A sequence's attention keys and values: on the host for the native path, a slot of
@@ -120,7 +135,8 @@ pub trait Forward: Send + Sync {
 
     /// Runs one step at `precision` (the burn path always computes exact f32, which is
     /// `Exact`'s contract). Each item appends its tokens to its cache; the result holds,
-    /// for every item with `want_logits`, the logits of its last token, in item order.
+    /// in item order, the logits of each item's last token (`want_logits`) or of all its
+    /// tokens (`all_logits`).
     fn forward(&self, model: &Model, items: &mut [BatchItem<'_>], precision: Precision) -> Result<Vec<Vec<f32>>, StepError>;
 
     /// The device, with its free memory as of now.

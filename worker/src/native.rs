@@ -201,9 +201,8 @@ fn forward_native(model: &Model, items: &mut [BatchItem<'_>], precision: Precisi
     let mut row = 0;
     for it in items.iter() {
         row += it.tokens.len();
-        if it.want_logits && !it.tokens.is_empty() {
-            last_rows.push(row - 1);
-        }
+        let k = it.logit_rows();
+        last_rows.extend(row - k..row);
     }
     let m = last_rows.len();
     if m == 0 {

@@ -195,9 +195,9 @@ fn full_precision_request_is_identical_alone_and_batched_with_reduced_ones() {
 /// Logits after a prefill of `prompt`, then after one decode step: both kernel shapes.
 fn prefill_and_decode_logits(m: &worker::model::Model, prompt: &[u32], precision: Precision) -> [Vec<f32>; 2] {
     let mut cache = worker::native::new_cache(m);
-    let mut items = [worker::forward::BatchItem { cache: &mut cache, tokens: prompt, want_logits: true }];
+    let mut items = [worker::forward::BatchItem { cache: &mut cache, tokens: prompt, want_logits: true, all_logits: false }];
     let a = worker::native::forward(m, &mut items, precision).unwrap().remove(0);
-    let mut items = [worker::forward::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true }];
+    let mut items = [worker::forward::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true, all_logits: false }];
     let b = worker::native::forward(m, &mut items, precision).unwrap().remove(0);
     [a, b]
 }

@@ -66,7 +66,7 @@ fn ours(m: &Model, tokens: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     let mut cache = native::new_cache(m);
     let mut logits = Vec::new();
     for t in tokens {
-        let mut items = [BatchItem { cache: &mut cache, tokens: std::slice::from_ref(t), want_logits: true }];
+        let mut items = [BatchItem { cache: &mut cache, tokens: std::slice::from_ref(t), want_logits: true, all_logits: false }];
         logits.push(native::forward(m, &mut items, Precision::Exact).unwrap().remove(0));
     }
     let mut greedy = Vec::new();
@@ -74,7 +74,7 @@ fn ours(m: &Model, tokens: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     for _ in 0..steps {
         let t = argmax(&last);
         greedy.push(t);
-        let mut items = [BatchItem { cache: &mut cache, tokens: &[t], want_logits: true }];
+        let mut items = [BatchItem { cache: &mut cache, tokens: &[t], want_logits: true, all_logits: false }];
         last = native::forward(m, &mut items, Precision::Exact).unwrap().remove(0);
     }
     (logits, greedy)
