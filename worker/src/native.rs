@@ -53,7 +53,9 @@ pub fn forward(model: &Model, items: &mut [BatchItem<'_>], precision: Precision)
     rayon::scope(|_| forward_native(model, items, precision))
 }
 
+/// Keys and values per layer of a host cache.
 type HostKv<'a> = (&'a [Vec<f32>], &'a [Vec<f32>]);
+type HostKvMut<'a> = (&'a mut Vec<Vec<f32>>, &'a mut Vec<Vec<f32>>);
 
 fn host_kv(cache: &KvCache) -> Result<HostKv<'_>, StepError> {
     match &cache.store {
@@ -62,7 +64,7 @@ fn host_kv(cache: &KvCache) -> Result<HostKv<'_>, StepError> {
     }
 }
 
-fn host_kv_mut(cache: &mut KvCache) -> Result<(&mut Vec<Vec<f32>>, &mut Vec<Vec<f32>>), StepError> {
+fn host_kv_mut(cache: &mut KvCache) -> Result<HostKvMut<'_>, StepError> {
     match &mut cache.store {
         KvStore::Host { k, v } => Ok((k, v)),
         KvStore::Slot(_) => Err(StepError::WrongCache),
