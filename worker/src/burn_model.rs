@@ -1,23 +1,108 @@
-//! The same Llama-family forward pass written with burn tensors, generic over the
-//! backend: burn-cuda with the `cuda` feature (GPU), burn-ndarray otherwise.
+//! The forward pass on burn tensors, generic over the backend: burn-cuda with the
+//! `cuda` feature, burn-wgpu with `wgpu` (the check on Mesa's lavapipe), burn-ndarray
+//! on the CPU.
 //!
-//! Weights are dequantized to f32 device tensors at load time (exact f32 math, like
-//! `Precision::Exact`). Each sequence keeps its KV cache on the device; within an
-//! engine step, sequences run one after another (no cross-sequence batching on this
-//! path yet).
+//! Weights are dequantized to f32 device tensors at load (exact f32 math, which is
+//! `Precision::Exact`'s contract). One engine step is one batched pass: the rows of
+//! every sequence in the step (one per decoding sequence, a chunk per prefilling one)
+//! go through each layer together as `[rows, dim]`, so every weight is multiplied
+//! once per step. Token ids, positions and cache indices go up as one integer upload;
+//! the logits of the rows that want them come down as one read.
+//!
+//! The KV cache is device-resident and allocated once: per layer, keys and values are
+//! `[slots × slot_len, kv_dim]`, one slot per sequence the engine may run at once. A
+//! step writes its rows' keys and values in place (`scatter_nd` with assignment) and
+//! reads each sequence's prefix back with `select`; ragged lengths are masked in
+//! `module::attention`. Decoding sequences share one attention call, each prefill
+//! chunk has its own (its rows attend causally to the prefix and to each other). RoPE
+//! tables are built once on the device and indexed by position.
 
-use burn::tensor::activation::{silu, softmax};
+use std::sync::{Mutex, PoisonError};
+
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::model::{BatchItem, Config, Model};
-use crate::quant::QMatrix;
+use crate::forward::{BatchItem, DeviceInfo, Forward, KvCache, KvStore, SlotPool, StepError};
+use crate::model::{Config, Model};
+use crate::quant::{Precision, QMatrix};
 
-/// The backend `--backend burn` uses: CUDA when built with the `cuda` feature.
-#[cfg(feature = "cuda")]
-pub type DefaultBurnBackend = burn::backend::Cuda;
-#[cfg(not(feature = "cuda"))]
-pub type DefaultBurnBackend = burn::backend::NdArray;
+/// How much device cache to allocate.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Sequences that can hold a slot at once (the engine's `max_seqs`).
+    pub slots: usize,
+    /// Bytes of keys and values for all slots together (the engine's KV budget).
+    pub kv_budget_bytes: usize,
+}
+
+/// Why a model cannot be put on a device.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "the model does not fit on {device}: it needs {needed_mb} MiB (f32 weights {weights_mb} MiB + KV cache {kv_mb} MiB) but {free_mb} MiB is free; lower --kv-budget-mb or --max-seqs, or use a smaller model"
+    )]
+    DoesNotFit { device: String, needed_mb: u64, weights_mb: u64, kv_mb: u64, free_mb: u64 },
+    #[error(
+        "a KV budget of {budget_mb} MiB over {slots} slots leaves {slot_len} tokens per sequence, fewer than the {min} a request needs; raise --kv-budget-mb or lower --max-seqs"
+    )]
+    CacheTooSmall { budget_mb: u64, slots: usize, slot_len: usize, min: usize },
+    #[error("the {backend} backend failed while loading the model: {detail}")]
+    Backend { backend: &'static str, detail: String },
+}
+
+/// Fewest tokens a slot may hold: a slot shorter than a prompt chunk is a
+/// configuration mistake, not a useful cache.
+pub const MIN_SLOT_LEN: usize = 64;
+
+/// Bytes of f32 weights the burn path puts on the device for `model`.
+pub fn f32_weight_bytes(model: &Model) -> usize {
+    let mats = |l: &crate::model::Layer| {
+        [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.rows * m.cols).sum::<usize>()
+    };
+    // The output head is its own copy even when tied to the embedding.
+    let elements = 2 * model.embed.rows * model.embed.cols
+        + model.layers.iter().map(mats).sum::<usize>()
+        + model.config.dim * (2 * model.config.n_layers + 1);
+    elements * 4
+}
+
+/// Tokens per slot for `cache`, and the bytes the whole cache takes.
+pub fn cache_layout(cfg: &Config, cache: CacheConfig) -> Result<(usize, usize), LoadError> {
+    let per_token = cfg.kv_bytes_per_token();
+    let slots = cache.slots.max(1);
+    let slot_len = (cache.kv_budget_bytes / (slots * per_token).max(1)).min(cfg.context_length);
+    if slot_len < MIN_SLOT_LEN.min(cfg.context_length) {
+        return Err(LoadError::CacheTooSmall {
+            budget_mb: (cache.kv_budget_bytes >> 20) as u64,
+            slots,
+            slot_len,
+            min: MIN_SLOT_LEN,
+        });
+    }
+    Ok((slot_len, slots * slot_len * per_token))
+}
+
+/// Refuses a model whose weights and cache would not fit in `free_mb`.
+pub fn check_fits(model: &Model, cache: CacheConfig, device: &str, free_mb: Option<u64>) -> Result<(), LoadError> {
+    let (_, kv_bytes) = cache_layout(&model.config, cache)?;
+    let weights = f32_weight_bytes(model);
+    let Some(free_mb) = free_mb else { return Ok(()) };
+    let mb = |b: usize| (b as u64).div_ceil(1 << 20);
+    let needed_mb = mb(weights) + mb(kv_bytes);
+    if needed_mb > free_mb {
+        return Err(LoadError::DoesNotFit {
+            device: device.to_string(),
+            needed_mb,
+            weights_mb: mb(weights),
+            kv_mb: mb(kv_bytes),
+            free_mb,
+        });
+    }
+    Ok(())
+}
 
 struct Layer<B: Backend> {
     attn_norm: Tensor<B, 1>,
@@ -34,39 +119,73 @@ struct Layer<B: Backend> {
     w_down: Tensor<B, 2>,
 }
 
+/// The device cache: per layer, keys and values of every slot.
+struct DeviceCache<B: Backend> {
+    /// `None` while a step holds the tensors (and after a step that failed with them).
+    layers: Option<Vec<(Tensor<B, 2>, Tensor<B, 2>)>>,
+    /// Bumped whenever the cache is allocated anew: leases of older epochs are stale.
+    epoch: u64,
+}
+
 pub struct BurnModel<B: Backend> {
     device: B::Device,
+    info: DeviceInfo,
+    /// Current free memory of the device, for `/health` and heartbeats.
+    free_memory_mb: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+    cfg: Config,
+    /// `[vocab, dim]`: rows are gathered by token id.
+    embed: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
     norm: Tensor<B, 1>,
-    /// [dim, vocab]
+    /// `[dim, vocab]`.
     head: Tensor<B, 2>,
-}
-
-/// Per-sequence device KV cache: per layer ([kv_heads, len, head_dim] keys, values).
-struct DeviceKv<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
-}
-
-/// Object-safe view of a `BurnModel<B>` so `Model` can hold any backend.
-pub trait BurnForward: Send + Sync {
-    fn forward_one(&self, cfg: &Config, inv_freq: &[f32], model: &Model, item: &mut BatchItem<'_>) -> Option<Vec<f32>>;
+    /// RoPE cos and sin, `[slot_len, head_dim / 2]`.
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    cache: Mutex<DeviceCache<B>>,
+    pool: SlotPool,
+    slots: usize,
+    slot_len: usize,
 }
 
 fn vec1<B: Backend>(v: &[f32], device: &B::Device) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
 }
 
-/// `[rows, cols]` weights as a `[cols, rows]` tensor so that `x.matmul(w)` applies them.
-fn mat<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
+fn dequantized<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
     let mut data = vec![0f32; m.rows * m.cols];
     for r in 0..m.rows {
         m.dequantize_row(r, &mut data[r * m.cols..(r + 1) * m.cols]);
     }
-    Tensor::<B, 2>::from_data(TensorData::new(data, [m.rows, m.cols]), device).transpose()
+    Tensor::from_data(TensorData::new(data, [m.rows, m.cols]), device)
+}
+
+/// `[rows, cols]` weights as a contiguous `[cols, rows]` tensor so that `x.matmul(w)`
+/// applies them. Transposed on the host once: a transposed view made burn-ndarray copy
+/// every weight into a contiguous layout at every matmul.
+fn mat<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
+    let mut row = vec![0f32; m.cols];
+    let mut data = vec![0f32; m.rows * m.cols];
+    for r in 0..m.rows {
+        m.dequantize_row(r, &mut row);
+        for (c, v) in row.iter().enumerate() {
+            data[c * m.rows + r] = *v;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [m.cols, m.rows]), device)
 }
 
 impl<B: Backend> BurnModel<B> {
-    pub fn new(model: &Model, device: B::Device) -> BurnModel<B> {
+    /// Puts `model` on `device` (described by `info`) with a cache laid out by `cache`.
+    /// The caller has checked that it fits (`check_fits`).
+    pub fn new(
+        model: &Model,
+        device: B::Device,
+        info: DeviceInfo,
+        free_memory_mb: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+        cache: CacheConfig,
+    ) -> Result<BurnModel<B>, LoadError> {
+        let (slot_len, _) = cache_layout(&model.config, cache)?;
         let d = &device;
         let layers = model
             .layers
@@ -86,8 +205,65 @@ impl<B: Backend> BurnModel<B> {
                 w_down: mat(&l.w_down, d),
             })
             .collect();
+        let embed = dequantized::<B>(&model.embed, d);
+        // A tied output head is a second, transposed copy of the embedding (a
+        // transposed view would be copied at every step's matmul instead).
         let head = mat(model.output.as_ref().unwrap_or(&model.embed), d);
-        BurnModel { norm: vec1(&model.norm, d), layers, head, device }
+        let half = model.config.head_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(slot_len * half), Vec::with_capacity(slot_len * half));
+        for p in 0..slot_len {
+            for f in model.inv_freq.iter().take(half) {
+                let (s, c) = (p as f32 * f).sin_cos();
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        let cos = Tensor::from_data(TensorData::new(cos, [slot_len, half]), d);
+        let sin = Tensor::from_data(TensorData::new(sin, [slot_len, half]), d);
+        let slots = cache.slots.max(1);
+        let burn = BurnModel {
+            norm: vec1(&model.norm, d),
+            cfg: model.config.clone(),
+            embed,
+            layers,
+            head,
+            cos,
+            sin,
+            cache: Mutex::new(DeviceCache { layers: None, epoch: 0 }),
+            pool: SlotPool::new(slots),
+            slots,
+            slot_len,
+            info,
+            free_memory_mb,
+            device,
+        };
+        burn.allocate_cache(&mut burn.lock_cache());
+        let mut burn = burn;
+        burn.info.weights = match burn.embed.dtype() {
+            burn::tensor::DType::F32 => "f32",
+            burn::tensor::DType::F16 => "f16",
+            burn::tensor::DType::BF16 => "bf16",
+            _ => "other",
+        };
+        Ok(burn)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, DeviceCache<B>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Allocates the whole cache (zeros) under a new epoch.
+    fn allocate_cache(&self, cache: &mut DeviceCache<B>) {
+        let rows = self.slots * self.slot_len;
+        let kvd = self.cfg.kv_dim();
+        let zeros = || Tensor::<B, 2>::zeros([rows, kvd], &self.device);
+        cache.layers = Some((0..self.cfg.n_layers).map(|_| (zeros(), zeros())).collect());
+        cache.epoch += 1;
+    }
+
+    /// Slots and tokens per slot of the device cache.
+    pub fn cache_shape(&self) -> (usize, usize) {
+        (self.slots, self.slot_len)
     }
 
     fn rms_norm(x: Tensor<B, 2>, w: &Tensor<B, 1>, eps: f32) -> Tensor<B, 2> {
@@ -96,8 +272,8 @@ impl<B: Backend> BurnModel<B> {
         x.div(ms).mul(w.clone().unsqueeze_dim::<2>(0).expand([t, d]))
     }
 
-    /// Rotary embedding on `[t, heads, hd]` with host-computed cos/sin of shape [t, hd/2].
-    fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, neox: bool) -> Tensor<B, 3> {
+    /// Rotary embedding on `[t, heads, hd]` with per-row cos/sin of shape `[t, hd/2]`.
+    fn rope(x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, neox: bool) -> Tensor<B, 3> {
         let [t, h, hd] = x.dims();
         let half = hd / 2;
         let cos = cos.clone().unsqueeze_dim::<3>(1).expand([t, h, half]);
@@ -117,6 +293,19 @@ impl<B: Backend> BurnModel<B> {
             Tensor::cat(vec![a.unsqueeze_dim::<4>(3), b.unsqueeze_dim::<4>(3)], 3).reshape([t, h, hd])
         }
     }
+
+    /// `[n, L, kv_dim]` cache rows as `[n, heads, L, hd]`, each kv head repeated for
+    /// the query heads it serves (grouped-query attention).
+    fn heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        let c = &self.cfg;
+        let [n, len, _] = x.dims();
+        let group = c.n_heads / c.n_kv_heads.max(1);
+        x.reshape([n, len, c.n_kv_heads, c.head_dim])
+            .swap_dims(1, 2)
+            .unsqueeze_dim::<5>(2)
+            .expand([n, c.n_kv_heads, group, len, c.head_dim])
+            .reshape([n, c.n_heads, len, c.head_dim])
+    }
 }
 
 fn add_bias<B: Backend>(x: Tensor<B, 2>, b: &Option<Tensor<B, 1>>) -> Tensor<B, 2> {
@@ -129,83 +318,227 @@ fn add_bias<B: Backend>(x: Tensor<B, 2>, b: &Option<Tensor<B, 1>>) -> Tensor<B, 
     }
 }
 
-impl<B: Backend> BurnForward for BurnModel<B>
+/// One attention call of a step: decoding sequences together (`rows` = sequences,
+/// one query each), or one prefill chunk (`rows` = its tokens).
+struct AttnGroup<B: Backend> {
+    /// First row of the group in the step's row order, and its row count.
+    row0: usize,
+    rows: usize,
+    /// Sequences in the group (1 for a prefill chunk).
+    seqs: usize,
+    /// Cache rows each sequence reads, `[seqs × len]`, and `len`.
+    gather: Tensor<B, 1, Int>,
+    len: usize,
+    /// `true` where a query must not see a key: `[seqs, heads, queries, len]`.
+    mask: Tensor<B, 4, Bool>,
+}
+
+/// The host-side plan of a step: rows ordered decoding sequences first, then each
+/// prefill chunk; everything that goes up is in one integer buffer.
+struct Plan {
+    /// Token ids, positions, cache write rows, logits rows, then the groups' gather
+    /// rows and visible-key counts.
+    ints: Vec<i64>,
+    rows: usize,
+    /// (row0, rows, seqs, len, gather offset in `ints`, visible offset in `ints`).
+    groups: Vec<(usize, usize, usize, usize, usize, usize)>,
+    /// Rows of logits that come down.
+    logits_rows: usize,
+}
+
+impl<B: Backend> BurnModel<B>
 where
     B::Device: Send + Sync,
 {
-    fn forward_one(&self, c: &Config, inv_freq: &[f32], model: &Model, item: &mut BatchItem<'_>) -> Option<Vec<f32>> {
+    fn plan(&self, items: &[BatchItem<'_>], epoch: u64) -> Result<Plan, StepError> {
+        let mut slots = Vec::with_capacity(items.len());
+        for it in items {
+            match &it.cache.store {
+                KvStore::Slot(lease) if lease.epoch == epoch => slots.push(lease.index),
+                KvStore::Slot(_) => return Err(StepError::CacheLost),
+                KvStore::Host { .. } => return Err(StepError::WrongCache),
+            }
+            if it.cache.len + it.tokens.len() > self.slot_len {
+                return Err(StepError::Backend {
+                    backend: self.info.engine,
+                    detail: format!("a sequence of {} tokens exceeds the cache slot ({} tokens)", it.cache.len + it.tokens.len(), self.slot_len),
+                });
+            }
+        }
+        // Row order: single-token items (decoding) first, then multi-token chunks.
+        let single: Vec<usize> = (0..items.len()).filter(|&i| items[i].tokens.len() == 1).collect();
+        let multi: Vec<usize> = (0..items.len()).filter(|&i| items[i].tokens.len() > 1).collect();
+        let order: Vec<usize> = single.iter().chain(&multi).copied().collect();
+        let rows: usize = items.iter().map(|it| it.tokens.len()).sum();
+        let (mut ids, mut pos, mut write) = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let mut first_row = vec![0usize; items.len()];
+        for &i in &order {
+            first_row[i] = ids.len();
+            let it = &items[i];
+            for (j, &t) in it.tokens.iter().enumerate() {
+                let p = it.cache.len + j;
+                ids.push(i64::from(t.min(self.cfg.vocab_size.saturating_sub(1) as u32)));
+                pos.push(p as i64);
+                write.push((slots[i] * self.slot_len + p) as i64);
+            }
+        }
+        let logits: Vec<i64> = (0..items.len())
+            .flat_map(|i| {
+                let end = first_row[i] + items[i].tokens.len();
+                (end - items[i].logit_rows()..end).map(|r| r as i64)
+            })
+            .collect();
+        let mut ints = Vec::with_capacity(rows * 4);
+        ints.extend_from_slice(&ids);
+        ints.extend_from_slice(&pos);
+        ints.extend_from_slice(&write);
+        ints.extend_from_slice(&logits);
+        let mut groups = Vec::new();
+        if !single.is_empty() {
+            let len = single.iter().map(|&i| items[i].cache.len + 1).max().unwrap_or(1);
+            let g0 = ints.len();
+            for &i in &single {
+                let base = slots[i] * self.slot_len;
+                let last = items[i].cache.len;
+                // Positions past a sequence's end read its last row; the mask hides them.
+                ints.extend((0..len).map(|j| (base + j.min(last)) as i64));
+            }
+            let v0 = ints.len();
+            ints.extend(single.iter().map(|&i| (items[i].cache.len + 1) as i64));
+            groups.push((0, single.len(), single.len(), len, g0, v0));
+        }
+        for &i in &multi {
+            let it = &items[i];
+            let (t, past) = (it.tokens.len(), it.cache.len);
+            let len = past + t;
+            let base = slots[i] * self.slot_len;
+            let g0 = ints.len();
+            ints.extend((0..len).map(|j| (base + j) as i64));
+            let v0 = ints.len();
+            ints.extend((0..t).map(|j| (past + j + 1) as i64));
+            groups.push((first_row[i], t, 1, len, g0, v0));
+        }
+        Ok(Plan { ints, rows, groups, logits_rows: logits.len() })
+    }
+
+    fn step(&self, items: &mut [BatchItem<'_>], cache: &mut DeviceCache<B>) -> Result<Vec<Vec<f32>>, StepError> {
+        let c = &self.cfg;
+        let plan = self.plan(items, cache.epoch)?;
+        let n = plan.rows;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let (nh, hd, kvd) = (c.n_heads, c.head_dim, c.kv_dim());
         let dev = &self.device;
-        let t = item.tokens.len();
-        if t == 0 {
-            return None;
-        }
-        let past = item.cache.len;
-        let (dim, hd) = (c.dim, c.head_dim);
-        let (nh, nkv) = (c.n_heads, c.n_kv_heads);
-        let group = nh / nkv.max(1);
-        // Token embeddings are gathered on the host from the quantized table.
-        let mut emb = vec![0f32; t * dim];
-        for (r, &tok) in item.tokens.iter().enumerate() {
-            let tok = (tok as usize).min(c.vocab_size.saturating_sub(1));
-            model.embed.dequantize_row(tok, &mut emb[r * dim..(r + 1) * dim]);
-        }
-        let mut x = Tensor::<B, 2>::from_data(TensorData::new(emb, [t, dim]), dev);
-        let half = hd / 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
-        for p in past..past + t {
-            for f in inv_freq.iter().take(half) {
-                let (s, co) = (p as f32 * f).sin_cos();
-                cos.push(co);
-                sin.push(s);
+        // The one upload of the step.
+        let len = plan.ints.len();
+        let ints = Tensor::<B, 1, Int>::from_data(TensorData::new(plan.ints, [len]), dev);
+        let ids = ints.clone().narrow(0, 0, n);
+        let pos = ints.clone().narrow(0, n, n);
+        let write = ints.clone().narrow(0, 2 * n, n).reshape([n, 1]);
+        let groups: Vec<AttnGroup<B>> = plan
+            .groups
+            .iter()
+            .map(|&(row0, rows, seqs, len, g0, v0)| {
+                let queries = rows / seqs;
+                let gather = ints.clone().narrow(0, g0, seqs * len);
+                // Query q of sequence s sees keys 0..visible[s, q].
+                let visible = ints.clone().narrow(0, v0, rows).reshape([seqs, 1, queries, 1]).expand([seqs, 1, queries, len]);
+                let keys = Tensor::<B, 1, Int>::arange(0..len as i64, dev).reshape([1, 1, 1, len]).expand([seqs, 1, queries, len]);
+                let mask = keys.greater_equal(visible).expand([seqs, nh, queries, len]);
+                AttnGroup { row0, rows, seqs, gather, len, mask }
+            })
+            .collect();
+        let cos = self.cos.clone().select(0, pos.clone());
+        let sin = self.sin.clone().select(0, pos);
+        let mut x = self.embed.clone().select(0, ids);
+        // Taken for the step: a panic inside leaves the cache empty, and the next step
+        // allocates a new one.
+        let Some(old) = cache.layers.take() else { return Err(StepError::CacheLost) };
+        let mut kv = Vec::with_capacity(old.len());
+        for (layer, (kc, vc)) in self.layers.iter().zip(old) {
+            let h = Self::rms_norm(x.clone(), &layer.attn_norm, c.rms_eps);
+            let q = add_bias(h.clone().matmul(layer.wq.clone()), &layer.bq).reshape([n, nh, hd]);
+            let k = add_bias(h.clone().matmul(layer.wk.clone()), &layer.bk).reshape([n, c.n_kv_heads, hd]);
+            let v = add_bias(h.matmul(layer.wv.clone()), &layer.bv);
+            let q = Self::rope(q, &cos, &sin, c.rope_neox);
+            let k = Self::rope(k, &cos, &sin, c.rope_neox).reshape([n, kvd]);
+            // Written in place (the cache tensors are the only handles to their buffers),
+            // then read back with the prefix.
+            let kc = kc.scatter_nd(write.clone(), k, IndexingUpdateOp::Assign);
+            let vc = vc.scatter_nd(write.clone(), v, IndexingUpdateOp::Assign);
+            let mut outs = Vec::with_capacity(groups.len());
+            for g in &groups {
+                let queries = g.rows / g.seqs;
+                let qg = q.clone().narrow(0, g.row0, g.rows).reshape([g.seqs, queries, nh, hd]).swap_dims(1, 2);
+                let keys = self.heads(kc.clone().select(0, g.gather.clone()).reshape([g.seqs, g.len, kvd]));
+                let values = self.heads(vc.clone().select(0, g.gather.clone()).reshape([g.seqs, g.len, kvd]));
+                let o = attention(qg, keys, values, Some(g.mask.clone()), None, AttentionModuleOptions::default());
+                outs.push(o.swap_dims(1, 2).reshape([g.rows, nh * hd]));
             }
-        }
-        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [t, half]), dev);
-        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [t, half]), dev);
-        let total = past + t;
-        let mut mask = vec![0f32; t * total];
-        for i in 0..t {
-            for j in past + i + 1..total {
-                mask[i * total + j] = f32::NEG_INFINITY;
-            }
-        }
-        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [t, total]), dev).unsqueeze_dim::<3>(0).expand([nh, t, total]);
-        let scale = 1.0 / (hd as f32).sqrt();
-
-        let kv = item.cache.ext.get_or_insert_with(|| Box::new(DeviceKv::<B> { layers: Vec::new() }));
-        let kv = kv.downcast_mut::<DeviceKv<B>>()?;
-        kv.layers.resize_with(c.n_layers, || None);
-
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = BurnModel::<B>::rms_norm(x.clone(), &layer.attn_norm, c.rms_eps);
-            let q = add_bias(h.clone().matmul(layer.wq.clone()), &layer.bq).reshape([t, nh, hd]);
-            let k = add_bias(h.clone().matmul(layer.wk.clone()), &layer.bk).reshape([t, nkv, hd]);
-            let v = add_bias(h.matmul(layer.wv.clone()), &layer.bv).reshape([t, nkv, hd]);
-            let q = self.rope(q, &cos, &sin, c.rope_neox).swap_dims(0, 1); // [nh, t, hd]
-            let k = self.rope(k, &cos, &sin, c.rope_neox).swap_dims(0, 1); // [nkv, t, hd]
-            let v = v.swap_dims(0, 1);
-            let (k_all, v_all) = match kv.layers[l].take() {
-                Some((pk, pv)) => (Tensor::cat(vec![pk, k], 1), Tensor::cat(vec![pv, v], 1)),
-                None => (k, v),
-            };
-            kv.layers[l] = Some((k_all.clone(), v_all.clone()));
-            // Grouped-query attention: each kv head serves `group` query heads.
-            let k_rep = k_all.unsqueeze_dim::<4>(1).expand([nkv, group, total, hd]).reshape([nh, total, hd]);
-            let v_rep = v_all.unsqueeze_dim::<4>(1).expand([nkv, group, total, hd]).reshape([nh, total, hd]);
-            let scores = q.matmul(k_rep.swap_dims(1, 2)).mul_scalar(scale).add(mask.clone());
-            let att = softmax(scores, 2).matmul(v_rep); // [nh, t, hd]
-            let att = att.swap_dims(0, 1).reshape([t, nh * hd]);
+            let att = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(outs, 0) };
             x = x.add(att.matmul(layer.wo.clone()));
-            let h = BurnModel::<B>::rms_norm(x.clone(), &layer.ffn_norm, c.rms_eps);
-            let g = silu(h.clone().matmul(layer.w_gate.clone()));
-            let u = h.matmul(layer.w_up.clone());
-            x = x.add(g.mul(u).matmul(layer.w_down.clone()));
+            let h = Self::rms_norm(x.clone(), &layer.ffn_norm, c.rms_eps);
+            let gate = silu(h.clone().matmul(layer.w_gate.clone()));
+            let up = h.matmul(layer.w_up.clone());
+            x = x.add(gate.mul(up).matmul(layer.w_down.clone()));
+            kv.push((kc, vc));
         }
-        item.cache.len += t;
-        if !item.want_logits {
-            return None;
+        cache.layers = Some(kv);
+        for it in items.iter_mut() {
+            it.cache.len += it.tokens.len();
         }
-        let last = x.narrow(0, t - 1, 1);
-        let logits = BurnModel::<B>::rms_norm(last, &self.norm, c.rms_eps).matmul(self.head.clone());
-        logits.into_data().to_vec::<f32>().ok()
+        if plan.logits_rows == 0 {
+            return Ok(Vec::new());
+        }
+        let logits_at = ints.narrow(0, 3 * n, plan.logits_rows);
+        let last = x.select(0, logits_at);
+        let logits = Self::rms_norm(last, &self.norm, c.rms_eps).matmul(self.head.clone());
+        // The one read of the step.
+        let data = logits.try_into_data().map_err(|e| self.failed(format!("{e:?}")))?;
+        let flat = data.to_vec::<f32>().map_err(|e| self.failed(format!("{e:?}")))?;
+        Ok(flat.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+
+    fn failed(&self, detail: String) -> StepError {
+        StepError::Backend { backend: self.info.engine, detail }
+    }
+}
+
+impl<B: Backend> Forward for BurnModel<B>
+where
+    B::Device: Send + Sync,
+{
+    fn new_cache(&self, _model: &Model) -> Option<KvCache> {
+        let epoch = self.lock_cache().epoch;
+        self.pool.lease(epoch).map(KvCache::slot)
+    }
+
+    fn max_seq_len(&self, _model: &Model) -> usize {
+        self.slot_len
+    }
+
+    fn forward(&self, _model: &Model, items: &mut [BatchItem<'_>], _precision: Precision) -> Result<Vec<Vec<f32>>, StepError> {
+        let mut cache = self.lock_cache();
+        if cache.layers.is_none() {
+            // A failed step took the cache with it; sequences that had a slot in it fail
+            // on their next step (their lease's epoch is stale), new ones start clean.
+            tracing::warn!(engine = self.info.engine, "rebuilding the device KV cache after a failed step");
+            self.allocate_cache(&mut cache);
+        }
+        self.step(items, &mut cache)
+    }
+
+    fn device(&self) -> DeviceInfo {
+        let mut info = self.info.clone();
+        info.memory_free_mb = (self.free_memory_mb)();
+        info
+    }
+}
+
+impl<B: Backend> BurnModel<B> {
+    /// Free cache slots right now.
+    pub fn free_slots(&self) -> usize {
+        self.pool.free_slots()
     }
 }

@@ -11,15 +11,23 @@
 //! precision, else `Fast`. Rows are independent of each other at one precision, so a
 //! full-precision request gets the same results alone or batched with reduced ones
 //! (which then run exact too, for those steps).
+//!
+//! The scheduler does not know which forward pass runs (`forward::Forward`: the native
+//! CPU kernels or burn on a device). A step that fails (a backend error, or a panic
+//! such as a device out of memory) fails the requests in it with `Event::Error`; the
+//! others and the engine go on.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::model::{BatchItem, KvCache, LoadedModel};
+use crate::forward::{BatchItem, Forward, KvCache};
+use crate::model::LoadedModel;
+use crate::native::Native;
 use crate::quant::Precision;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::Utf8Stream;
@@ -73,6 +81,8 @@ pub enum Event {
     /// Sent before the text of each sampled token when the request asked for logprobs.
     Logprob(TokenLogprob),
     Done { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// The request failed in the engine (its step did not complete); nothing follows.
+    Error { message: String },
 }
 
 pub struct GenRequest {
@@ -93,6 +103,9 @@ pub struct Stats {
     pub completion_tokens_total: AtomicU64,
     pub cancelled_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Steps that failed, and the requests they took with them.
+    pub failed_steps_total: AtomicU64,
+    pub failed_requests_total: AtomicU64,
     /// Requests accepted per queue priority (0..=10; the gateway maps quality tiers to it).
     pub requests_by_priority: [AtomicU64; 11],
     /// Requests accepted that need full precision (the gateway's high and ultra tiers).
@@ -152,6 +165,8 @@ struct Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     pub model: Arc<LoadedModel>,
+    /// The forward pass steps run (native CPU kernels, or burn on a device).
+    pub forward: Arc<dyn Forward>,
     pub config: EngineConfig,
 }
 
@@ -172,14 +187,20 @@ struct Seq {
 }
 
 impl Engine {
+    /// Starts an engine on the native CPU forward pass.
     pub fn start(model: Arc<LoadedModel>, config: EngineConfig) -> Engine {
+        Engine::start_with(model, Arc::new(Native), config)
+    }
+
+    /// Starts an engine whose steps run on `forward`.
+    pub fn start_with(model: Arc<LoadedModel>, forward: Arc<dyn Forward>, config: EngineConfig) -> Engine {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
             stats: Stats::default(),
         });
-        let engine = Engine { shared, model, config };
+        let engine = Engine { shared, model, forward, config };
         let runner = engine.clone();
         std::thread::Builder::new()
             .name("engine".into())
@@ -193,9 +214,10 @@ impl Engine {
         &self.shared.stats
     }
 
-    /// Tokens a request may use in total (prompt plus completion).
+    /// Tokens a request may use in total (prompt plus completion): the model's
+    /// context, or a device cache slot when that is shorter.
     pub fn context_length(&self) -> usize {
-        self.model.model.config.context_length
+        self.model.model.config.context_length.min(self.forward.max_seq_len(&self.model.model))
     }
 
     /// Queues a request; events arrive on the returned receiver. Dropping the receiver
@@ -258,6 +280,8 @@ impl Engine {
                     if reserved + need > self.config.kv_budget_bytes && !active.is_empty() {
                         break;
                     }
+                    // A device cache with no free slot: the request waits.
+                    let Some(cache) = self.forward.new_cache(&self.model.model) else { break };
                     let Some(item) = q.heap.pop() else { break };
                     if item.events.is_closed() {
                         stats.cancelled_total.fetch_add(1, Relaxed);
@@ -273,7 +297,7 @@ impl Engine {
                         prefilled: 0,
                         next: [0],
                         generated: 0,
-                        cache: self.model.model.new_cache(),
+                        cache,
                         utf8: Utf8Stream::default(),
                         events: item.events,
                         reserved: need,
@@ -321,6 +345,7 @@ impl Engine {
         let mut budget = self.config.prefill_chunk.saturating_sub(decoding).max(if decoding == 0 { 1 } else { 0 });
         let mut items = Vec::with_capacity(active.len());
         let mut owners = Vec::with_capacity(active.len());
+        let mut stepped = Vec::with_capacity(active.len());
         let mut precision = Precision::Fast;
         for (i, s) in active.iter_mut().enumerate() {
             let prefilling = s.prefilled < s.prompt.len();
@@ -331,22 +356,29 @@ impl Engine {
             if s.precision == Precision::Exact {
                 precision = Precision::Exact;
             }
+            stepped.push(i);
             if prefilling {
                 let end = (s.prefilled + budget).min(s.prompt.len());
                 budget -= end - s.prefilled;
                 let done = end == s.prompt.len();
-                items.push(BatchItem { cache: &mut s.cache, tokens: &s.prompt[s.prefilled..end], want_logits: done });
+                items.push(BatchItem { cache: &mut s.cache, tokens: &s.prompt[s.prefilled..end], want_logits: done, all_logits: false });
                 s.prefilled = end;
                 if done {
                     owners.push(i);
                 }
             } else {
-                items.push(BatchItem { cache: &mut s.cache, tokens: &s.next, want_logits: true });
+                items.push(BatchItem { cache: &mut s.cache, tokens: &s.next, want_logits: true, all_logits: false });
                 owners.push(i);
             }
         }
-        let logits = self.model.model.forward(&mut items, precision);
+        let model = &self.model.model;
+        let result = catch_unwind(AssertUnwindSafe(|| self.forward.forward(model, &mut items, precision)));
         drop(items);
+        let logits = match result {
+            Ok(Ok(logits)) => logits,
+            Ok(Err(e)) => return self.fail_step(active, &stepped, e.to_string()),
+            Err(panic) => return self.fail_step(active, &stepped, crate::backend::panic_message(panic.as_ref())),
+        };
         let ctx = self.context_length();
         let tok = &self.model.tokenizer;
         for (i, mut l) in owners.into_iter().zip(logits) {
@@ -393,6 +425,20 @@ impl Engine {
         }
     }
 
+    /// Fails the sequences of a step that did not complete: their KV caches are in an
+    /// unknown state, so they end with an error (sequences not in the step go on).
+    fn fail_step(&self, active: &mut [Seq], stepped: &[usize], detail: String) {
+        let stats = &self.shared.stats;
+        stats.failed_steps_total.fetch_add(1, Relaxed);
+        tracing::error!(requests = stepped.len(), engine = self.forward.device().engine, "engine step failed: {detail}");
+        for &i in stepped {
+            let s = &mut active[i];
+            stats.failed_requests_total.fetch_add(1, Relaxed);
+            let _ = s.events.send(Event::Error { message: format!("The engine failed while generating this response: {detail}") });
+            s.finished = true;
+        }
+    }
+
     fn finish(&self, s: &mut Seq, reason: FinishReason, tail: String) {
         let mut reason = reason;
         let mut text = String::new();
@@ -429,7 +475,7 @@ pub fn generate_blocking(engine: &Engine, req: GenRequest, mut on_text: impl FnM
                 text.push_str(&t);
             }
             Event::Logprob(_) => {}
-            done @ Event::Done { .. } => return (text, done),
+            end @ (Event::Done { .. } | Event::Error { .. }) => return (text, end),
         }
     }
     (text, Event::Done { reason: FinishReason::Stop, prompt_tokens: 0, completion_tokens: 0 })

@@ -1,48 +1,63 @@
-//! What this machine has: GPU (from `nvidia-smi`) or CPU, and memory figures.
+//! The host: the CPU as a compute device, memory figures, and what registration
+//! says about the device the worker computes on.
 
-use std::process::Command;
+use serde::Serialize;
 
-#[derive(Debug, Clone, serde::Serialize)]
+use crate::forward::DeviceInfo;
+
+/// What the gateway is told about the hardware at registration (`gpuInfo`). `model`,
+/// `memoryMb`, `count` and `backend` are the fields the gateway has always read; the
+/// rest are optional extras. Every figure describes the device the worker computes
+/// on: a worker on the native CPU path reports the CPU and host RAM even on a machine
+/// with a GPU.
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuInfo {
     pub model: String,
     pub memory_mb: u64,
     pub count: u32,
+    /// `cpu`, `cuda` or `vulkan`: what the math runs on.
     pub backend: &'static str,
+    /// The engine: `native-cpu`, `burn-ndarray`, `burn-cuda` or `burn-wgpu`.
+    pub engine: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_memory_mb: Option<u64>,
 }
 
-/// GPU info from `nvidia-smi` when it is present and works, else the CPU.
-pub fn detect() -> GpuInfo {
-    if let Some(g) = nvidia_smi() {
-        return g;
+impl GpuInfo {
+    pub fn from_device(d: &DeviceInfo) -> GpuInfo {
+        GpuInfo {
+            model: d.name.clone(),
+            memory_mb: d.memory_total_mb.unwrap_or(0),
+            count: 1,
+            backend: d.kind,
+            engine: d.engine,
+            free_memory_mb: d.memory_free_mb,
+        }
     }
+}
+
+/// The CPU's model name and thread count, e.g. `AMD EPYC 7B13 (2 threads)`.
+pub fn cpu_name() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
         .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
         .unwrap_or_else(|| "CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    GpuInfo { model: format!("{model} ({cores} threads)"), memory_mb: total_memory_mb(), count: 1, backend: "cpu" }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model} ({cores} threads)")
 }
 
-fn nvidia_smi() -> Option<GpuInfo> {
-    let out = Command::new("nvidia-smi")
-        .args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
+/// The CPU as a compute device: host RAM is its memory.
+pub fn cpu_device(engine: &'static str) -> DeviceInfo {
+    DeviceInfo {
+        engine,
+        kind: "cpu",
+        name: cpu_name(),
+        weights: "quantized",
+        memory_total_mb: Some(total_memory_mb()),
+        memory_free_mb: Some(free_memory_mb()),
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let gpus: Vec<(String, u64)> = text
-        .lines()
-        .filter_map(|l| {
-            let (name, mem) = l.rsplit_once(',')?;
-            Some((name.trim().to_string(), mem.trim().parse().ok()?))
-        })
-        .collect();
-    let (name, mem) = gpus.first()?.clone();
-    Some(GpuInfo { model: name, memory_mb: mem, count: gpus.len() as u32, backend: "cuda" })
 }
 
 fn meminfo_kb(key: &str) -> Option<u64> {

@@ -1,15 +1,19 @@
 //! The GPU Streaming worker: the inference engine a GPU owner runs. It loads GGUF
 //! models, runs them with continuous batching, and serves the OpenAI API.
 
+pub mod backend;
 pub mod bench;
 pub mod burn_model;
 pub mod chat;
 pub mod engine;
 pub mod fetch;
+pub mod forward;
 pub mod gguf;
 pub mod hf;
 pub mod host;
+pub mod load;
 pub mod model;
+pub mod native;
 pub mod quant;
 pub mod registration;
 pub mod sampling;

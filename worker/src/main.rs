@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use worker::backend::{BackendChoice, BurnDevice};
+use worker::burn_model::CacheConfig;
 use worker::chat::{ChatMessage, ChatTemplate};
 use worker::engine::{generate_blocking, Engine, EngineConfig, Event, GenRequest};
 use worker::fetch;
@@ -51,11 +53,8 @@ enum Cmd {
         top_k: usize,
         #[arg(long)]
         seed: Option<u64>,
-        /// Full precision: exact f32 math on dequantized weights (slower).
-        #[arg(long)]
-        exact: bool,
-        #[arg(long, default_value = "native")]
-        backend: Backend,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Measure prompt and decode throughput, TTFT and memory; prints a Markdown table.
     Bench {
@@ -121,15 +120,23 @@ struct EngineArgs {
     /// `precision` (`full` or `reduced`, sent by the gateway per quality tier) wins.
     #[arg(long)]
     exact: bool,
-    /// `native` (quantized CPU kernels) or `burn` (burn tensors: CUDA when built with
-    /// `--features cuda`, ndarray on CPU otherwise; f32 weights).
-    #[arg(long, default_value = "native")]
-    backend: Backend,
+    /// `auto`: burn on CUDA when built with `--features cuda` and a CUDA device opens,
+    /// else the native CPU kernels (one log line says why). `native`: the quantized CPU
+    /// kernels. `burn`: burn tensors (f32 weights) on `--burn-device`, or an error
+    /// naming what is missing.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Where `--backend burn` computes: `cuda` (default in a `cuda` build), `wgpu`
+    /// (a Vulkan adapter, with `--features wgpu`) or `ndarray` (the CPU; default
+    /// otherwise).
+    #[arg(long, value_enum)]
+    burn_device: Option<BurnDevice>,
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 32)]
     max_seqs: usize,
     /// KV-cache memory budget in MiB (each admitted request reserves
-    /// min(prompt + max_tokens, context) tokens of f32 keys and values).
+    /// min(prompt + max_tokens, context) tokens of f32 keys and values). On burn the
+    /// whole budget is allocated on the device at start, one slot per sequence.
     #[arg(long, default_value_t = 8192)]
     kv_budget_mb: usize,
     /// Prompt tokens processed per step (chunked prefill).
@@ -148,23 +155,27 @@ impl EngineArgs {
     }
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Native,
-    Burn,
-}
-
 fn precision(exact: bool) -> Precision {
     if exact { Precision::Exact } else { Precision::Fast }
 }
 
-fn apply_backend(m: &mut Arc<LoadedModel>, backend: Backend) {
-    if backend == Backend::Burn {
-        if let Some(m) = Arc::get_mut(m) {
-            m.model.use_burn();
-        }
-    }
-    tracing::info!(backend = m.model.backend_name(), "model ready");
+/// Opens the backend the flags ask for and starts the engine on it, logging what
+/// computes and its memory.
+fn start_engine(m: Arc<LoadedModel>, args: &EngineArgs, cfg: EngineConfig) -> anyhow::Result<Engine> {
+    let burn_device = args.burn_device.unwrap_or_else(BurnDevice::default_for_build);
+    let cache = CacheConfig { slots: cfg.max_seqs, kv_budget_bytes: cfg.kv_budget_bytes };
+    let opened = worker::backend::open(&m.model, args.backend, burn_device, cache)?;
+    let d = &opened.device;
+    tracing::info!(
+        engine = d.engine,
+        kind = d.kind,
+        device = %d.name,
+        weights = d.weights,
+        memory_total_mb = d.memory_total_mb,
+        memory_free_mb = d.memory_free_mb,
+        "model ready"
+    );
+    Ok(Engine::start_with(m, opened.forward, cfg))
 }
 
 fn model_path(p: Option<PathBuf>) -> PathBuf {
@@ -192,9 +203,8 @@ fn main() -> anyhow::Result<()> {
             let path = fetch::fetch_default_model(&dir)?;
             println!("{}", path.display());
         }
-        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, exact, backend } => {
-            let mut m = load(&model_path(model))?;
-            apply_backend(&mut m, backend);
+        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, engine } => {
+            let m = load(&model_path(model))?;
             let text = if chat {
                 let tpl = m.chat_template.as_deref().context("the model has no chat template")?;
                 let tpl = ChatTemplate::new(tpl, "", "")?;
@@ -202,7 +212,9 @@ fn main() -> anyhow::Result<()> {
             } else {
                 prompt
             };
-            let engine = Engine::start(m.clone(), EngineConfig::default());
+            let cfg = engine.config();
+            let exact = engine.exact;
+            let engine = start_engine(m.clone(), &engine, cfg)?;
             let req = GenRequest {
                 prompt: m.tokenizer.encode(&text),
                 params: SamplingParams { temperature, top_p, top_k, seed, max_tokens, ..Default::default() },
@@ -215,16 +227,19 @@ fn main() -> anyhow::Result<()> {
                 let _ = stdout.flush();
             });
             println!();
-            if let Event::Done { reason, prompt_tokens, completion_tokens } = done {
-                tracing::info!(finish_reason = reason.as_str(), prompt_tokens, completion_tokens, "done");
+            match done {
+                Event::Done { reason, prompt_tokens, completion_tokens } => {
+                    tracing::info!(finish_reason = reason.as_str(), prompt_tokens, completion_tokens, "done");
+                }
+                Event::Error { message } => anyhow::bail!(message),
+                _ => {}
             }
         }
         Cmd::Bench { model, prompt_tokens, decode_tokens, streams, engine } => {
-            let mut m = load(&model_path(model))?;
-            apply_backend(&mut m, engine.backend);
+            let m = load(&model_path(model))?;
             let mut cfg = engine.config();
             cfg.max_seqs = cfg.max_seqs.max(streams.iter().copied().max().unwrap_or(1));
-            let engine = Engine::start(m, cfg);
+            let engine = start_engine(m, &engine, cfg)?;
             let report = worker::bench::run(&engine, &worker::bench::BenchConfig { prompt_tokens, decode_tokens, concurrency: streams });
             println!("{report}");
         }
@@ -245,10 +260,10 @@ fn main() -> anyhow::Result<()> {
             qualities,
             key_file,
         } => {
-            let mut m = load(&model_path(model))?;
-            apply_backend(&mut m, engine.backend);
+            let m = load(&model_path(model))?;
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
-            let engine = Engine::start(m, engine.config());
+            let cfg = engine.config();
+            let engine = start_engine(m, &engine, cfg)?;
             let gateway = gateway.map(|url| GatewayConfig {
                 url,
                 provider_key,

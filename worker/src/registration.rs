@@ -201,11 +201,17 @@ impl GatewayClient {
 
     pub async fn heartbeat(&self, engine: &Engine) -> Result<(), RegistrationError> {
         let s = engine.stats();
+        let device = engine.forward.device();
+        // `freeMemoryMb` is the compute device's (host RAM only for the CPU); `backend`,
+        // `engine` and `device` are optional extras the gateway may ignore.
         let body = json!({
             "providerId": self.creds.provider_id,
             "activeStreams": s.active.load(Relaxed),
             "queueLength": s.queued.load(Relaxed),
-            "freeMemoryMb": crate::host::free_memory_mb(),
+            "freeMemoryMb": device.memory_free_mb,
+            "backend": device.kind,
+            "engine": device.engine,
+            "device": device.name,
         });
         post(&self.http, format!("{}/api/gpu/heartbeat", self.creds.gateway), Some(&self.creds.provider_key), body)
             .await

@@ -56,7 +56,7 @@ pub async fn run(engine: Engine, model_id: String, cfg: ServeConfig) -> Result<(
 
     let gateway = match cfg.gateway {
         Some(g) => {
-            let gpu = crate::host::detect();
+            let gpu = crate::host::GpuInfo::from_device(&engine.forward.device());
             let client = Arc::new(GatewayClient::join(g, &engine, &model_id, &gpu).await?);
             tracing::info!(provider_id = %client.creds.provider_id, "on line at the gateway");
             let hb = client.clone();

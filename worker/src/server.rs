@@ -72,6 +72,9 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The OpenAI error `code` of a request whose engine step failed.
+pub const ENGINE_ERROR_CODE: &str = "engine_error";
+
 /// Errors at the HTTP edge, shaped like OpenAI's.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -85,6 +88,9 @@ pub enum ApiError {
     Draining,
     #[error("{0}")]
     Internal(String),
+    /// The engine step this request was in failed; the worker goes on serving.
+    #[error("{0}")]
+    Engine(String),
 }
 
 impl ApiError {
@@ -107,9 +113,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("worker_draining")),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            ApiError::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, Some(ENGINE_ERROR_CODE)),
         };
         match &self {
-            ApiError::Internal(_) => tracing::error!("{self}"),
+            ApiError::Internal(_) | ApiError::Engine(_) => tracing::error!("{self}"),
             _ => tracing::debug!("{self}"),
         }
         let body = json!({"error": {"message": self.to_string(), "type": ty, "param": param, "code": code}});
@@ -389,6 +396,7 @@ async fn respond(st: &AppState, req: GenRequest, p: &CommonParams, kind: Kind) -
                     "model": meta.model, "choices": [choice], "usage": usage}))
                 .into_response());
             }
+            Event::Error { message } => return Err(ApiError::Engine(message)),
         }
     }
     Err(ApiError::Internal("the engine stopped before finishing the request".into()))
@@ -483,6 +491,13 @@ fn sse_stream(
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;
                 }
+                // A failed stream ends with an error event and no `[DONE]`.
+                Some(Event::Error { message }) => {
+                    let err = json!({"error": {"message": message, "type": "server_error", "param": null,
+                        "code": ENGINE_ERROR_CODE}});
+                    st.pending.push_back(SseEvent::default().data(err.to_string()));
+                    st.done = true;
+                }
                 None => {
                     let err = json!({"error": {"message": "the engine stopped before finishing the request",
                         "type": "server_error", "param": null, "code": null}});
@@ -512,15 +527,27 @@ async fn get_model(State(st): State<AppState>, Path(id): Path<String>) -> Result
 async fn health(State(st): State<AppState>) -> Json<Value> {
     let s = st.engine.stats();
     let cfg = &st.engine.config;
+    let device = st.engine.forward.device();
     Json(json!({
         "status": if st.draining.load(Relaxed) { "draining" } else { "ok" },
         "model": st.model_id,
         "activeStreams": s.active.load(Relaxed),
         "queueLength": s.queued.load(Relaxed),
         "maxConcurrentStreams": cfg.max_seqs,
+        // What computes: never `cuda` for a process on the CPU.
+        "backend": {
+            "engine": device.engine,
+            "kind": device.kind,
+            "device": device.name,
+            "weights": device.weights,
+            "memoryTotalMb": device.memory_total_mb,
+            "memoryFreeMb": device.memory_free_mb,
+        },
+        "failedSteps": s.failed_steps_total.load(Relaxed),
         "memory": {
             "rssMb": crate::host::rss_mb(),
-            "freeMemoryMb": crate::host::free_memory_mb(),
+            // The compute device's free memory (host RAM for the CPU).
+            "freeMemoryMb": device.memory_free_mb,
             "kvReservedMb": s.kv_reserved_bytes.load(Relaxed) >> 20,
             "kvBudgetMb": cfg.kv_budget_bytes >> 20,
             "weightsMb": st.engine.model.model.weight_bytes >> 20,
@@ -539,6 +566,8 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     put("worker_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total.load(Relaxed));
     put("worker_cancelled_total", "counter", "Requests cancelled by the client.", s.cancelled_total.load(Relaxed));
     put("worker_engine_steps_total", "counter", "Batched forward passes.", s.steps_total.load(Relaxed));
+    put("worker_engine_failed_steps_total", "counter", "Forward passes that failed.", s.failed_steps_total.load(Relaxed));
+    put("worker_engine_failed_requests_total", "counter", "Requests failed by a failed forward pass.", s.failed_requests_total.load(Relaxed));
     put("worker_active_streams", "gauge", "Sequences in the running batch.", s.active.load(Relaxed) as u64);
     put("worker_queue_length", "gauge", "Requests waiting to join the batch.", s.queued.load(Relaxed) as u64);
     put("worker_kv_reserved_bytes", "gauge", "KV-cache bytes reserved.", s.kv_reserved_bytes.load(Relaxed) as u64);

@@ -106,7 +106,9 @@ async fn registers_streams_and_drains_on_sigterm() {
         assert_eq!(path, "/api/gpu/register");
         assert_eq!(reg["name"], "test-worker");
         assert_eq!(reg["baseUrl"], public);
+        // `--backend auto` in a build without `cuda`: the native CPU path, reported as such.
         assert_eq!(reg["gpuInfo"]["backend"], "cpu");
+        assert_eq!(reg["gpuInfo"]["engine"], "native-cpu");
         assert!(reg["gpuInfo"]["memoryMb"].as_u64().unwrap() > 0);
         assert_eq!(reg["capabilities"]["models"], json!(["smollm2-135m-instruct"]));
         assert_eq!(reg["capabilities"]["maxConcurrentStreams"], 32);

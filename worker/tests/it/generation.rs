@@ -136,6 +136,7 @@ fn text_and_logprobs(engine: &Engine, req: GenRequest) -> (String, Vec<TokenLogp
             Event::Text(t) => text.push_str(&t),
             Event::Logprob(lp) => logprobs.push(lp),
             Event::Done { .. } => break,
+            Event::Error { message } => panic!("engine error: {message}"),
         }
     }
     (text, logprobs)
@@ -191,32 +192,13 @@ fn full_precision_request_is_identical_alone_and_batched_with_reduced_ones() {
     assert_ne!(fast.1, alone.1, "reduced precision runs other kernels");
 }
 
-/// The burn forward pass (ndarray here; CUDA with `--features cuda`) against the
-/// native exact path: logits within 1e-3 over a prefill and a decode step, and the
-/// golden answer.
-#[test]
-fn burn_backend_matches_native_and_gives_the_golden_answer() {
-    let native = model();
-    let mut burn = worker::model::LoadedModel::load(&crate::model_path(), false).unwrap();
-    burn.model.use_burn();
-    let prompt = chat_prompt("What is the capital of France?");
-    let (exact, on_burn) = (prefill_and_decode_logits(&native.model, &prompt, Precision::Exact), prefill_and_decode_logits(&burn.model, &prompt, Precision::Exact));
-    for (e, f) in exact.iter().zip(on_burn.iter()) {
-        let max_diff = max_abs_diff(e, f);
-        assert!(max_diff < 1e-3, "max |native - burn| = {max_diff}");
-    }
-    let engine = Engine::start(std::sync::Arc::new(burn), EngineConfig::default());
-    let req = GenRequest { prompt, params: SamplingParams { max_tokens: 40, ..Default::default() }, priority: 0, precision: Precision::Exact };
-    assert_eq!(generate_blocking(&engine, req, |_| {}).0, "The capital of France is Paris.");
-}
-
 /// Logits after a prefill of `prompt`, then after one decode step: both kernel shapes.
 fn prefill_and_decode_logits(m: &worker::model::Model, prompt: &[u32], precision: Precision) -> [Vec<f32>; 2] {
-    let mut cache = m.new_cache();
-    let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: prompt, want_logits: true }];
-    let a = m.forward(&mut items, precision).remove(0);
-    let mut items = [worker::model::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true }];
-    let b = m.forward(&mut items, precision).remove(0);
+    let mut cache = worker::native::new_cache(m);
+    let mut items = [worker::forward::BatchItem { cache: &mut cache, tokens: prompt, want_logits: true, all_logits: false }];
+    let a = worker::native::forward(m, &mut items, precision).unwrap().remove(0);
+    let mut items = [worker::forward::BatchItem { cache: &mut cache, tokens: &[504], want_logits: true, all_logits: false }];
+    let b = worker::native::forward(m, &mut items, precision).unwrap().remove(0);
     [a, b]
 }
 

@@ -5,7 +5,9 @@
 use std::process::Command;
 
 use worker::engine::{generate_blocking, Engine, EngineConfig, GenRequest};
-use worker::model::{BatchItem, LoadedModel};
+use worker::forward::BatchItem;
+use worker::model::LoadedModel;
+use worker::native;
 use worker::quant::Precision;
 use worker::sampling::SamplingParams;
 
@@ -31,8 +33,8 @@ fn safetensors_directory_matches_the_gguf() {
 
     let prompt = gguf.tokenizer.encode("The capital of France is");
     let last_logits = |m: &worker::model::Model| {
-        let mut cache = m.new_cache();
-        m.forward(&mut [BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true }], Precision::Exact).remove(0)
+        let mut cache = native::new_cache(m);
+        native::forward(m, &mut [BatchItem { cache: &mut cache, tokens: &prompt, want_logits: true, all_logits: false }], Precision::Exact).unwrap().remove(0)
     };
     let (a, b) = (last_logits(&gguf.model), last_logits(&hf.model));
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);

@@ -4,11 +4,15 @@
 // crate is tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod burn;
+mod cuda_binary;
+mod faults;
 mod gateway;
 mod generation;
 mod hf;
 mod parity;
 mod server;
+mod wgpu;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use worker::model::{BatchItem, Model};
+use worker::forward::BatchItem;
+use worker::model::Model;
+use worker::native;
 use worker::quant::Precision;
 use worker::sampling::argmax;
 
@@ -61,19 +63,19 @@ fn reference(cases: &[(Vec<u32>, usize)], vocab: usize) -> Vec<(Vec<Vec<f32>>, V
 /// Our logits at every position (one token per step, through the KV cache), then
 /// `steps` greedy tokens.
 fn ours(m: &Model, tokens: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut cache = m.new_cache();
+    let mut cache = native::new_cache(m);
     let mut logits = Vec::new();
     for t in tokens {
-        let mut items = [BatchItem { cache: &mut cache, tokens: std::slice::from_ref(t), want_logits: true }];
-        logits.push(m.forward(&mut items, Precision::Exact).remove(0));
+        let mut items = [BatchItem { cache: &mut cache, tokens: std::slice::from_ref(t), want_logits: true, all_logits: false }];
+        logits.push(native::forward(m, &mut items, Precision::Exact).unwrap().remove(0));
     }
     let mut greedy = Vec::new();
     let mut last = logits.last().cloned().unwrap();
     for _ in 0..steps {
         let t = argmax(&last);
         greedy.push(t);
-        let mut items = [BatchItem { cache: &mut cache, tokens: &[t], want_logits: true }];
-        last = m.forward(&mut items, Precision::Exact).remove(0);
+        let mut items = [BatchItem { cache: &mut cache, tokens: &[t], want_logits: true, all_logits: false }];
+        last = native::forward(m, &mut items, Precision::Exact).unwrap().remove(0);
     }
     (logits, greedy)
 }

@@ -1,0 +1,245 @@
+//! Which forward pass the worker runs, on which device, and what it says about it.
+//!
+//! `--backend auto` (the default) runs burn on CUDA when the worker was built with
+//! `cuda` and a CUDA device opens and runs a kernel, else the native CPU path, with
+//! one log line saying why. `--backend burn` runs burn on the device `--burn-device`
+//! names (CUDA by default in a `cuda` build, else ndarray on the CPU) or fails with
+//! what is missing: it never falls back silently. Whatever runs, `DeviceInfo`
+//! describes the device the math actually runs on.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use crate::burn_model::{check_fits, BurnModel, CacheConfig, LoadError};
+use crate::forward::{DeviceInfo, Forward};
+use crate::model::Model;
+use crate::native::Native;
+
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// burn on CUDA when built with `cuda` and a device opens, else native.
+    Auto,
+    /// The hand-written CPU kernels on quantized weights.
+    Native,
+    /// burn on `--burn-device`; an error when that device is not usable.
+    Burn,
+}
+
+/// `--burn-device`: where `--backend burn` computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BurnDevice {
+    /// NVIDIA GPU through burn-cuda (needs the `cuda` feature, a driver and NVRTC).
+    Cuda,
+    /// A Vulkan adapter through burn-wgpu (needs the `wgpu` feature); used to check
+    /// the GPU kernels on Mesa's software driver.
+    Wgpu,
+    /// The CPU through burn-ndarray.
+    Ndarray,
+}
+
+impl BurnDevice {
+    /// CUDA in a `cuda` build, else ndarray.
+    pub fn default_for_build() -> BurnDevice {
+        if cfg!(feature = "cuda") { BurnDevice::Cuda } else { BurnDevice::Ndarray }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BurnDevice::Cuda => "cuda",
+            BurnDevice::Wgpu => "wgpu",
+            BurnDevice::Ndarray => "ndarray",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("--backend burn --burn-device {device}: this worker was built without the `{device}` feature (rebuild with `cargo build -p worker --release --features {device}`)")]
+    NotBuilt { device: &'static str },
+    #[error("--backend burn --burn-device {device}: no usable device: {reason}")]
+    NoDevice { device: &'static str, reason: String },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// The forward pass the engine will drive and the device it runs on.
+pub struct Opened {
+    pub forward: Arc<dyn Forward>,
+    pub device: DeviceInfo,
+}
+
+/// Opens the backend `choice` for `model`, with a device KV cache laid out by `cache`
+/// when it is burn.
+pub fn open(model: &Model, choice: BackendChoice, burn_device: BurnDevice, cache: CacheConfig) -> Result<Opened, BackendError> {
+    match choice {
+        BackendChoice::Native => Ok(native()),
+        BackendChoice::Burn => open_burn(model, burn_device, cache),
+        BackendChoice::Auto if cfg!(feature = "cuda") => match open_burn(model, BurnDevice::Cuda, cache) {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                tracing::warn!("--backend auto: burn on CUDA is not usable ({e}); running the native CPU path");
+                Ok(native())
+            }
+        },
+        BackendChoice::Auto => Ok(native()),
+    }
+}
+
+fn native() -> Opened {
+    Opened { forward: Arc::new(Native), device: Native.device() }
+}
+
+/// Opens burn on `device`.
+pub fn open_burn(model: &Model, device: BurnDevice, cache: CacheConfig) -> Result<Opened, BackendError> {
+    match device {
+        BurnDevice::Ndarray => {
+            let info = DeviceInfo { weights: "f32", ..crate::host::cpu_device("burn-ndarray") };
+            let free = Box::new(|| Some(crate::host::free_memory_mb()));
+            on_device::<burn::backend::NdArray>(model, Default::default(), info, free, cache)
+        }
+        BurnDevice::Cuda => open_cuda(model, cache),
+        BurnDevice::Wgpu => open_wgpu(model, cache),
+    }
+}
+
+/// Checks that the model fits, then loads it (a backend panic while loading, such as
+/// an allocation failure, becomes an error).
+fn on_device<B: burn::tensor::backend::Backend>(
+    model: &Model,
+    device: B::Device,
+    info: DeviceInfo,
+    free: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+    cache: CacheConfig,
+) -> Result<Opened, BackendError>
+where
+    B::Device: Send + Sync,
+{
+    check_fits(model, cache, &info.name, info.memory_free_mb)?;
+    let engine = info.engine;
+    let loaded = quietly(|| BurnModel::<B>::new(model, device, info, free, cache))
+        .map_err(|detail| LoadError::Backend { backend: engine, detail })??;
+    let device = loaded.device();
+    Ok(Opened { forward: Arc::new(loaded), device })
+}
+
+/// Runs `f`, turning a panic into its message without printing it: backends report
+/// a missing driver or a failed allocation by panicking.
+pub(crate) fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.map_err(|p| panic_message(p.as_ref()))
+}
+
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(model: &Model, cache: CacheConfig) -> Result<Opened, BackendError> {
+    use burn::backend::cuda::CudaDevice;
+    use burn::backend::Cuda;
+    use burn::tensor::Tensor;
+
+    let no_device = |reason: String| BackendError::NoDevice { device: "cuda", reason };
+    let ctx = quietly(|| cudarc::driver::CudaContext::new(0))
+        .map_err(|p| no_device(format!("the CUDA driver did not load ({p})")))?
+        .map_err(|e| no_device(format!("CUDA device 0 did not open ({e})")))?;
+    let name = ctx.name().map_err(|e| no_device(format!("cannot read the device name ({e})")))?;
+    let (free, total) = ctx.mem_get_info().map_err(|e| no_device(format!("cannot read the device memory ({e})")))?;
+    // A kernel must compile (NVRTC) and run before the device counts as usable.
+    let device = CudaDevice::default();
+    let probe = quietly(|| {
+        let a = Tensor::<Cuda, 2>::ones([2, 2], &device);
+        a.clone().matmul(a).into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))
+    });
+    match probe {
+        Ok(Ok(v)) if v == [2.0; 4] => {}
+        Ok(Ok(v)) => return Err(no_device(format!("a test matmul on {name} gave {v:?}"))),
+        Ok(Err(e)) | Err(e) => return Err(no_device(format!("a test kernel did not run on {name} ({e})"))),
+    }
+    let mb = |b: usize| (b >> 20) as u64;
+    let info = DeviceInfo {
+        engine: "burn-cuda",
+        kind: "cuda",
+        name,
+        weights: "f32",
+        memory_total_mb: Some(mb(total)),
+        memory_free_mb: Some(mb(free)),
+    };
+    let free = Box::new(move || ctx.mem_get_info().ok().map(|(free, _)| mb(free)));
+    on_device::<Cuda>(model, device, info, free, cache)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_: &Model, _: CacheConfig) -> Result<Opened, BackendError> {
+    Err(BackendError::NotBuilt { device: BurnDevice::Cuda.name() })
+}
+
+/// The Vulkan adapter burn-wgpu computes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adapter {
+    /// The device name, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)` for lavapipe.
+    pub name: String,
+    /// The driver, e.g. `llvmpipe`, and its version string.
+    pub driver: String,
+    pub driver_info: String,
+    /// A CPU implementation (lavapipe, SwiftShader): its memory is host RAM.
+    pub is_cpu: bool,
+}
+
+/// Initializes burn-wgpu's default device on Vulkan once per process and describes
+/// its adapter.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_adapter() -> Result<Adapter, String> {
+    use burn::backend::wgpu::{graphics::Vulkan, init_setup, WgpuDevice};
+    static ADAPTER: std::sync::OnceLock<Result<Adapter, String>> = std::sync::OnceLock::new();
+    ADAPTER
+        .get_or_init(|| {
+            let setup = quietly(|| init_setup::<Vulkan>(&WgpuDevice::DefaultDevice, Default::default()))
+                .map_err(|p| format!("no Vulkan adapter opened ({p}); on Debian, `apt-get install mesa-vulkan-drivers` provides lavapipe"))?;
+            let info = setup.adapter.get_info();
+            Ok(Adapter {
+                name: info.name.clone(),
+                driver: info.driver.clone(),
+                driver_info: info.driver_info.clone(),
+                is_cpu: format!("{:?}", info.device_type) == "Cpu",
+            })
+        })
+        .clone()
+}
+
+#[cfg(feature = "wgpu")]
+fn open_wgpu(model: &Model, cache: CacheConfig) -> Result<Opened, BackendError> {
+    use burn::backend::wgpu::WgpuDevice;
+    use burn::backend::Wgpu;
+
+    let adapter = wgpu_adapter().map_err(|reason| BackendError::NoDevice { device: "wgpu", reason })?;
+    // A CPU adapter computes in host RAM; a GPU adapter's free memory is not exposed by
+    // wgpu, so it is reported as unknown rather than guessed.
+    let (total, free) = if adapter.is_cpu {
+        (Some(crate::host::total_memory_mb()), Some(crate::host::free_memory_mb()))
+    } else {
+        (None, None)
+    };
+    let info = DeviceInfo {
+        engine: "burn-wgpu",
+        kind: "vulkan",
+        name: format!("{} ({} {})", adapter.name, adapter.driver, adapter.driver_info),
+        weights: "f32",
+        memory_total_mb: total,
+        memory_free_mb: free,
+    };
+    let is_cpu = adapter.is_cpu;
+    let free: Box<dyn Fn() -> Option<u64> + Send + Sync> =
+        Box::new(move || is_cpu.then(crate::host::free_memory_mb));
+    on_device::<Wgpu>(model, WgpuDevice::DefaultDevice, info, free, cache)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn open_wgpu(_: &Model, _: CacheConfig) -> Result<Opened, BackendError> {
+    Err(BackendError::NotBuilt { device: BurnDevice::Wgpu.name() })
+}

@@ -1,0 +1,144 @@
+//! What the engine asks of a forward pass, whichever runs it (`native` on the CPU,
+//! `burn_model` on a burn device): per-sequence KV caches, one step over a batch of
+//! rows from many sequences, and a description of the device it computes on.
+
+use std::sync::{Arc, Mutex};
+
+use crate::model::Model;
+use crate::quant::Precision;
+
+/// One engine step's worth of work for one sequence.
+pub struct BatchItem<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    /// Return the logits of the item's last token.
+    pub want_logits: bool,
+    /// Return the logits of every token of the item instead (tests compare whole
+    /// prompts position by position in one step).
+    pub all_logits: bool,
+}
+
+impl BatchItem<'_> {
+    /// How many logit rows this item returns.
+    pub fn logit_rows(&self) -> usize {
+        match (self.all_logits, self.want_logits) {
+            (true, _) => self.tokens.len(),
+            (false, true) => self.tokens.len().min(1),
+            (false, false) => 0,
+        }
+    }
+}
+
+/// A sequence's attention keys and values: on the host for the native path, a slot of
+/// a device-resident cache for burn. `len` tokens are in it.
+pub struct KvCache {
+    pub len: usize,
+    pub(crate) store: KvStore,
+}
+
+pub(crate) enum KvStore {
+    /// f32 keys and values per layer, grown as tokens arrive.
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    /// Rows of a preallocated device cache, returned to its pool on drop.
+    Slot(SlotLease),
+}
+
+impl KvCache {
+    pub(crate) fn host(n_layers: usize) -> KvCache {
+        KvCache { len: 0, store: KvStore::Host { k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers] } }
+    }
+
+    pub(crate) fn slot(lease: SlotLease) -> KvCache {
+        KvCache { len: 0, store: KvStore::Slot(lease) }
+    }
+}
+
+/// A free list of cache slots shared by a device cache and the leases it hands out.
+#[derive(Clone, Default)]
+pub(crate) struct SlotPool {
+    free: Arc<Mutex<Vec<usize>>>,
+}
+
+impl SlotPool {
+    pub(crate) fn new(slots: usize) -> SlotPool {
+        // Popped from the end: slot 0 first.
+        SlotPool { free: Arc::new(Mutex::new((0..slots).rev().collect())) }
+    }
+
+    pub(crate) fn lease(&self, epoch: u64) -> Option<SlotLease> {
+        let index = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop()?;
+        Some(SlotLease { index, epoch, pool: self.clone() })
+    }
+
+    pub(crate) fn free_slots(&self) -> usize {
+        self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+}
+
+/// One slot of a device cache, held by one sequence; dropping the sequence (finished,
+/// cancelled or failed) gives the slot back.
+pub(crate) struct SlotLease {
+    pub(crate) index: usize,
+    /// The cache allocation the slot belongs to: a cache rebuilt after a failed step
+    /// has a new epoch, and the old epoch's contents are gone.
+    pub(crate) epoch: u64,
+    pool: SlotPool,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        self.pool.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.index);
+    }
+}
+
+/// A step that did not complete: every sequence in it has lost its place, the
+/// others are untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("the {backend} backend failed during a forward pass: {detail}")]
+    Backend { backend: &'static str, detail: String },
+    #[error("a sequence's KV cache was lost when the device cache was rebuilt after a failed step")]
+    CacheLost,
+    #[error("a sequence's KV cache belongs to another backend")]
+    WrongCache,
+}
+
+/// Where a forward pass computes, as logged at start and reported in `/health`,
+/// registration and heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The engine: `native-cpu`, `burn-ndarray`, `burn-cuda` or `burn-wgpu`.
+    pub engine: &'static str,
+    /// The kind of processor the math runs on: `cpu`, `cuda` or `vulkan`. A process
+    /// that computes on the CPU never says `cuda`.
+    pub kind: &'static str,
+    /// The device's name (CPU model, CUDA device, Vulkan adapter with its driver).
+    pub name: String,
+    /// What the weights are on the device: `f32` for burn (dequantized at load),
+    /// `quantized` for the native path (the file's blocks, read by the kernels).
+    pub weights: &'static str,
+    /// Memory of the device the weights and KV cache live on, MiB (host RAM for the
+    /// CPU and for CPU Vulkan drivers); `None` when the device does not say.
+    pub memory_total_mb: Option<u64>,
+    pub memory_free_mb: Option<u64>,
+}
+
+/// A forward pass the engine can drive.
+pub trait Forward: Send + Sync {
+    /// A new, empty cache for one sequence, or `None` when the device cache has no
+    /// free slot (the request then waits in the queue).
+    fn new_cache(&self, model: &Model) -> Option<KvCache>;
+
+    /// Tokens one sequence may hold (prompt and completion): the model's context, or
+    /// less when the device cache's slots are shorter.
+    fn max_seq_len(&self, model: &Model) -> usize;
+
+    /// Runs one step at `precision` (the burn path always computes exact f32, which is
+    /// `Exact`'s contract). Each item appends its tokens to its cache; the result holds,
+    /// in item order, the logits of each item's last token (`want_logits`) or of all its
+    /// tokens (`all_logits`).
+    fn forward(&self, model: &Model, items: &mut [BatchItem<'_>], precision: Precision) -> Result<Vec<Vec<f32>>, StepError>;
+
+    /// The device, with its free memory as of now.
+    fn device(&self) -> DeviceInfo;
+}

@@ -1,0 +1,77 @@
+//! The burn engine on burn-wgpu over Mesa's software Vulkan driver (lavapipe): the
+//! CubeCL kernels CUDA runs, checked without a GPU. These tests need the `wgpu`
+//! feature and lavapipe (`apt-get install mesa-vulkan-drivers`); scripts/test.sh
+//! provides both. Without them they fail, never skip.
+
+#[cfg(feature = "wgpu")]
+mod on_lavapipe {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+    use worker::backend::{open_burn, wgpu_adapter, BurnDevice, Opened};
+    use worker::engine::{Engine, EngineConfig};
+    use worker::server::{app, AppState};
+
+    use crate::burn::{check_against_native, small_cache};
+    use crate::model;
+
+    /// burn-wgpu on lavapipe, asserting that it is lavapipe: a silent fallback to any
+    /// other adapter (or to ndarray) fails here.
+    fn on_lavapipe() -> Opened {
+        let adapter = wgpu_adapter().unwrap_or_else(|e| panic!("{e}"));
+        assert!(adapter.name.contains("llvmpipe") && adapter.driver == "llvmpipe", "not lavapipe: {adapter:?}");
+        assert!(adapter.is_cpu, "{adapter:?}");
+        let m = model();
+        let opened = open_burn(&m.model, BurnDevice::Wgpu, small_cache(&m.model)).unwrap();
+        assert_eq!((opened.device.engine, opened.device.kind, opened.device.weights), ("burn-wgpu", "vulkan", "f32"));
+        assert!(opened.device.name.contains("llvmpipe"), "{}", opened.device.name);
+        opened
+    }
+
+    #[test]
+    fn lavapipe_matches_native_exact_on_the_golden_set_alone_and_batched() {
+        let opened = on_lavapipe();
+        let (native, batched) = check_against_native(opened.forward.as_ref(), &model());
+        eprintln!("burn-wgpu on lavapipe: worst |native - burn| {native}, worst |alone - batched| {batched}");
+    }
+
+    #[tokio::test]
+    async fn lavapipe_generates_through_the_engine_and_the_http_server() {
+        let opened = on_lavapipe();
+        let m = model();
+        let id = m.default_model_id();
+        let engine = Engine::start_with(m, opened.forward, EngineConfig { max_seqs: 8, ..Default::default() });
+        let st = AppState::new(engine, id);
+        let body = json!({"model": "smollm2-135m-instruct", "temperature": 0, "stream": true,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app(st.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+        let content: String = events[..events.len() - 1]
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok()?["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(content, "The capital of France is Paris.");
+        let req = Request::builder().uri("/health").body(Body::empty()).unwrap();
+        let health = app(st).oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+        let health: Value = serde_json::from_slice(&health).unwrap();
+        assert_eq!(health["backend"]["engine"], "burn-wgpu");
+        assert_eq!(health["backend"]["kind"], "vulkan");
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+#[test]
+fn the_lavapipe_tests_need_the_wgpu_feature() {
+    panic!("built without the `wgpu` feature: run the worker's tests with `--features worker/wgpu` (scripts/test.sh does)");
+}
