@@ -180,16 +180,24 @@ async fn openapi_schemathesis_finds_no_violations() -> anyhow::Result<()> {
     // ids it saw in responses, and half the bodies name our provider and model) run
     // last, so the others are tested with a key that works and a provider on line
     // instead of answering only 401, 404, or 503 while the provider is reserved.
-    let destructive =
-        ["admin_revoke_key", "admin_delete_key", "admin_provider_suspend", "stream_stop", "create_reservation", "rotate_key"];
-    let mut main_run: Vec<String> = vec!["--max-time".into(), "100".into()];
+    let destructive = ["admin_revoke_key", "admin_delete_key", "admin_provider_suspend", "stream_stop", "rotate_key"];
+    let all_checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance";
+    let mut main_run: Vec<String> = vec!["--max-time".into(), "100".into(), "--exclude-operation-id".into(), "create_reservation".into()];
     let mut last_run: Vec<String> = vec!["--max-time".into(), "15".into()];
     for id in destructive {
         main_run.extend(["--exclude-operation-id".into(), id.into()]);
         last_run.extend(["--include-operation-id".into(), id.into()]);
     }
+    // A reservation takes the only provider for itself, after which the next one is
+    // rightly a 503 (no provider free; documented, with `retry-after`): this operation
+    // runs on its own, held to the document but not to "no 5xx".
+    let reservation_run: Vec<String> = vec!["--max-time".into(), "10".into(), "--include-operation-id".into(), "create_reservation".into()];
     let mut report = String::new();
-    for filters in [main_run, last_run] {
+    for (filters, checks) in [
+        (main_run, all_checks),
+        (reservation_run, "status_code_conformance,content_type_conformance,response_schema_conformance"),
+        (last_run, all_checks),
+    ] {
         let output = tokio::time::timeout(
             Duration::from_secs(300),
             Command::new(&schemathesis)
@@ -199,7 +207,7 @@ async fn openapi_schemathesis_finds_no_violations() -> anyhow::Result<()> {
                 .args(["run", &format!("{base}/openapi.json")])
                 .args([
                     "--checks",
-                    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+                    checks,
                     // Stateful testing needs links between operations, which the document
                     // does not declare; the other phases cover every operation.
                     "--phases",
