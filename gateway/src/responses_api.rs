@@ -40,7 +40,7 @@ use openapi::stream::{StreamChunk, Usage};
 use serde_json::{json, Value};
 
 use crate::ads::layer as ad_layer;
-use crate::ads::{self, Placement, Selected, Targeting};
+use crate::ads::{self, Placement, Selected};
 use crate::error::ApiError;
 use crate::keys::{AuthedKey, Tier};
 use crate::ratelimit::RateCtx;
@@ -119,14 +119,7 @@ pub async fn create_response(
         None
     };
     let base_url = ad_layer::base_url(&state, &headers);
-    let targeting = plan.as_ref().map(|p| Targeting {
-        category: p.category,
-        blocked: &p.blocked,
-        user_id: &key.user_id,
-        request_id: &request_id,
-        placement: p.placement,
-        base_url: &base_url,
-    });
+    let targeting = plan.as_ref().map(|p| p.targeting(&key.user_id, &request_id, &base_url));
     let mut selected = None;
     if let Some(t) = targeting.as_ref().filter(|t| t.placement == Placement::Prompt) {
         selected = state.ads.select(t);

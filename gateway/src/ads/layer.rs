@@ -99,6 +99,13 @@ pub(crate) struct Plan {
     pub(crate) blocked: Vec<String>,
 }
 
+impl Plan {
+    /// What the auction targets for this plan, this user and this request.
+    pub(crate) fn targeting<'a>(&'a self, user_id: &'a str, request_id: &'a str, base_url: &'a str) -> Targeting<'a> {
+        Targeting { category: self.category, blocked: &self.blocked, user_id, request_id, placement: self.placement, base_url }
+    }
+}
+
 /// The text every ad block carries: anything containing it in an incoming message
 /// is looked at by `strip` (JSON keeps these characters unescaped).
 const NEEDLE: &[u8] = b"[Sponsored] ";
@@ -136,14 +143,7 @@ where
     };
     let request_id = parts.extensions.get::<RequestId>().map_or_else(String::new, |r| r.0.clone());
     let base_url = base_url(&state, &parts.headers);
-    let targeting = plan.as_ref().map(|p| Targeting {
-        category: p.category,
-        blocked: &p.blocked,
-        user_id: &key.user_id,
-        request_id: &request_id,
-        placement: p.placement,
-        base_url: &base_url,
-    });
+    let targeting = plan.as_ref().map(|p| p.targeting(&key.user_id, &request_id, &base_url));
     let mut chosen = None;
     if let Some(t) = targeting.as_ref().filter(|t| t.placement == Placement::Prompt) {
         chosen = state.ads.select(t);
