@@ -864,16 +864,42 @@ impl Builder {
         }
         let i = self.items.len();
         let id = crate::store::new_id("msg");
-        self.items.push(Item::Message { id: id.clone(), text: String::new(), refusal: None });
+        out.extend(self.message_added(i, &id));
+        self.items.push(Item::Message { id, text: String::new(), refusal: None });
         self.message = Some(i);
-        let item = json!({ "type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": [] });
-        let added = self.event("response.output_item.added", json!({ "output_index": i, "item": item }));
-        let part = self.event(
-            "response.content_part.added",
-            json!({ "item_id": id, "output_index": i, "content_index": 0, "part": { "type": "output_text", "text": "", "annotations": [] } }),
-        );
-        out.extend([added, part]);
         i
+    }
+
+    /// A message item at output index `i` begins, with an empty text part.
+    fn message_added(&mut self, i: usize, id: &str) -> [Value; 2] {
+        let item = json!({ "type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": [] });
+        let part = json!({ "type": "output_text", "text": "", "annotations": [] });
+        [
+            self.event("response.output_item.added", json!({ "output_index": i, "item": item })),
+            self.event("response.content_part.added", json!({ "item_id": id, "output_index": i, "content_index": 0, "part": part })),
+        ]
+    }
+
+    /// A message item's text part is done: its `.done` events and the finished item.
+    fn message_done(&mut self, i: usize, id: String, text: String, refusal: Option<String>, status: &str) -> ([Value; 2], OutputItem) {
+        let part = OutputContent::OutputText { text: text.clone(), annotations: Vec::new() };
+        let events = [
+            self.event(
+                "response.output_text.done",
+                json!({ "item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": [] }),
+            ),
+            self.event("response.content_part.done", json!({ "item_id": id, "output_index": i, "content_index": 0, "part": part })),
+        ];
+        let mut content = vec![part];
+        content.extend(refusal.map(|refusal| OutputContent::Refusal { refusal }));
+        (events, OutputItem::Message { id, status: status.to_owned(), role: "assistant".to_owned(), content })
+    }
+
+    /// An item is finished: it joins the response's output.
+    fn item_done(&mut self, i: usize, item: OutputItem) -> Value {
+        let e = self.event("response.output_item.done", json!({ "output_index": i, "item": item }));
+        self.response.output.push(item);
+        e
     }
 
     /// Finishes every open item in output order: `incomplete` after a failure or at the
@@ -888,20 +914,9 @@ impl Builder {
         for (i, item) in std::mem::take(&mut self.items).into_iter().enumerate() {
             let output = match item {
                 Item::Message { id, text, refusal } => {
-                    let part = OutputContent::OutputText { text: text.clone(), annotations: Vec::new() };
-                    let e = self.event(
-                        "response.output_text.done",
-                        json!({ "item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": [] }),
-                    );
-                    out.push(e);
-                    let e = self.event(
-                        "response.content_part.done",
-                        json!({ "item_id": id, "output_index": i, "content_index": 0, "part": part }),
-                    );
-                    out.push(e);
-                    let mut content = vec![part];
-                    content.extend(refusal.map(|refusal| OutputContent::Refusal { refusal }));
-                    OutputItem::Message { id, status: status.to_owned(), role: "assistant".to_owned(), content }
+                    let (events, item) = self.message_done(i, id, text, refusal, status);
+                    out.extend(events);
+                    item
                 }
                 Item::Call { id, call_id, name, arguments } => {
                     let e = self.event(
@@ -912,9 +927,8 @@ impl Builder {
                     OutputItem::FunctionCall { id, call_id, name, arguments, status: status.to_owned() }
                 }
             };
-            let e = self.event("response.output_item.done", json!({ "output_index": i, "item": output }));
+            let e = self.item_done(i, output);
             out.push(e);
-            self.response.output.push(output);
         }
         self.message = None;
         self.calls.clear();
@@ -925,32 +939,14 @@ impl Builder {
     fn ad_item(&mut self, text: &str) -> Vec<Value> {
         let i = self.response.output.len();
         let id = format!("{AD_ITEM_PREFIX}{}", uuid::Uuid::now_v7().simple());
-        let part = OutputContent::OutputText { text: text.to_owned(), annotations: Vec::new() };
-        let item = OutputItem::Message {
-            id: id.clone(),
-            status: "completed".to_owned(),
-            role: "assistant".to_owned(),
-            content: vec![part.clone()],
-        };
-        let empty = json!({ "type": "output_text", "text": "", "annotations": [] });
-        let mut out = vec![
-            self.event(
-                "response.output_item.added",
-                json!({ "output_index": i, "item": { "type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": [] } }),
-            ),
-            self.event("response.content_part.added", json!({ "item_id": id, "output_index": i, "content_index": 0, "part": empty })),
-        ];
+        let mut out = Vec::from(self.message_added(i, &id));
         out.push(self.event(
             "response.output_text.delta",
             json!({ "item_id": id, "output_index": i, "content_index": 0, "delta": text, "logprobs": [] }),
         ));
-        out.push(self.event(
-            "response.output_text.done",
-            json!({ "item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": [] }),
-        ));
-        out.push(self.event("response.content_part.done", json!({ "item_id": id, "output_index": i, "content_index": 0, "part": part })));
-        out.push(self.event("response.output_item.done", json!({ "output_index": i, "item": item })));
-        self.response.output.push(item);
+        let (events, item) = self.message_done(i, id, text.to_owned(), None, "completed");
+        out.extend(events);
+        out.push(self.item_done(i, item));
         out
     }
 
