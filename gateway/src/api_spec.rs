@@ -463,6 +463,9 @@ pub struct WithdrawalList {
 pub struct MethodSet {
     pub provider_id: String,
     pub method: crate::payments::PayoutMethod,
+    /// When withdrawals start going to it (ms since the epoch): at once for a first
+    /// method or an admin's change, else `payout_method_delay_secs` later.
+    pub effective_at: i64,
 }
 
 /// Payout settings: amounts in USD, `processingFee` in percent.

@@ -195,6 +195,27 @@ pub struct Config {
     /// A request's stream ends after this many seconds, however steadily the provider
     /// sends (the idle timeout only bounds the gaps).
     pub request_deadline_secs: u64,
+    /// What free keys' tokens may cost the platform per UTC day (USD, paid from
+    /// `platform:ad_revenue`); past it free requests get 429. 0 turns the free tier off.
+    pub free_tier_daily_budget: f64,
+    /// A self-registered provider serves this many requests on probation (honest usage,
+    /// no failure; a failure starts it over) before it is trusted. 0: no probation.
+    pub probation_requests: u32,
+    /// While a trusted provider serves the same model, providers on probation get at
+    /// most this share of that model's requests.
+    pub probation_max_share: f64,
+    /// A provider's new payout method takes effect this many seconds after it is set
+    /// (a first one at once), so a stolen provider key cannot redirect earnings at once.
+    pub payout_method_delay_secs: u64,
+    /// Open connections one client IP may hold; more are closed at once.
+    pub max_connections_per_ip: u32,
+    /// A request body must arrive within this many seconds (slow-body attacks).
+    pub body_read_timeout_secs: u64,
+    /// Key of the relay secrets: each provider's is an HMAC of its id under this key,
+    /// sent on every call to it, so its worker answers only this gateway. Generated and
+    /// stored in the database when not set; set it (the same on every replica) so that
+    /// a copy of the database cannot derive the secrets.
+    pub relay_secret_key: Option<Secret>,
     /// Stored Responses API answers (`store: true`) are deleted this many days after
     /// they were made, and not served or replayed after that.
     pub responses_retention_days: u32,
@@ -274,6 +295,13 @@ impl Default for Config {
             provider_max_response_bytes: 64 << 20,
             request_deadline_secs: 600,
             responses_retention_days: 30,
+            free_tier_daily_budget: 10.0,
+            probation_requests: 50,
+            probation_max_share: 0.1,
+            payout_method_delay_secs: 86_400,
+            max_connections_per_ip: 256,
+            body_read_timeout_secs: 30,
+            relay_secret_key: None,
             otel_endpoint: None,
             otel_service_name: "gpu-streaming-gateway".to_owned(),
             tokenizers: BTreeMap::new(),
@@ -401,6 +429,18 @@ impl Config {
             if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return invalid(key, "prices must be non-negative USD amounts");
             }
+        }
+        if !self.free_tier_daily_budget.is_finite() || self.free_tier_daily_budget < 0.0 {
+            return invalid("free_tier_daily_budget", "must be a non-negative amount in USD (0 turns the free tier off)");
+        }
+        if !(0.0..=1.0).contains(&self.probation_max_share) {
+            return invalid("probation_max_share", "must be between 0 and 1");
+        }
+        if self.max_connections_per_ip == 0 {
+            return invalid("max_connections_per_ip", "must be at least 1");
+        }
+        if self.body_read_timeout_secs == 0 {
+            return invalid("body_read_timeout_secs", "must be at least 1");
         }
         if self.ws_max_session_secs == 0 {
             return invalid("ws_max_session_secs", "must be at least 1");

@@ -47,6 +47,8 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     };
     // The demo's provider is a local worker (or upstream) at a private address.
     config.allow_private_providers = true;
+    // The demo's own worker (or upstream) is trusted: no probation.
+    config.probation_requests = 0;
     let running = Running::start(config).await?;
     let state = running.state.clone();
     // Both tiers at once: a free key (ads) and a premium key with credit (no ads).
@@ -69,7 +71,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     let model_id = match &options.upstream {
         Some(upstream) => register_upstream(&state, upstream).await?,
         None => {
-            let (child, model_id, model_path) = spawn_worker(&options, &base).await?;
+            let (child, model_id, model_path) = spawn_worker(&state, &options, &base).await?;
             worker_child = Some(child);
             // Count the worker's tokens with its model's own tokenizer (unless configured).
             if !state.tokenizers.contains(&model_id) {
@@ -139,8 +141,10 @@ async fn register_upstream(state: &crate::AppState, upstream: &str) -> anyhow::R
                 base_url: upstream.clone(),
             },
             ProviderStatus::Active,
+            0,
         )
-        .await?;
+        .await?
+        .0;
     for model in &ids {
         for q in QUALITIES {
             state.registry.start_stream(&created.provider_id, model, q).await?;
@@ -161,7 +165,7 @@ async fn register_upstream(state: &crate::AppState, upstream: &str) -> anyhow::R
 
 /// Starts `worker serve` with the default model; the worker registers itself. Returns
 /// the worker, the model id it serves and the model's path.
-async fn spawn_worker(options: &DemoOptions, gateway: &str) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
+async fn spawn_worker(state: &crate::AppState, options: &DemoOptions, gateway: &str) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
     let worker = match &options.worker_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("worker"),
@@ -189,15 +193,11 @@ async fn spawn_worker(options: &DemoOptions, gateway: &str) -> anyhow::Result<(t
         .kill_on_drop(true)
         .spawn()
         .context("cannot start the worker")?;
-    // Wait until the worker's model shows up as live.
-    let client = reqwest::Client::new();
+    // Wait until the worker has registered and put its model on line.
     for _ in 0..600 {
-        if let Ok(r) = client.get(format!("{public}/v1/models")).send().await {
-            if let Ok(v) = r.json::<serde_json::Value>().await {
-                if let Some(id) = v["data"][0]["id"].as_str() {
-                    return Ok((child, id.to_owned(), model));
-                }
-            }
+        let snapshot = state.registry.snapshot();
+        if let Some((id, _)) = snapshot.values().filter(|p| p.base_url == public).find_map(|p| p.streams.iter().next().cloned()) {
+            return Ok((child, id, model));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

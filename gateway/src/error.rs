@@ -13,6 +13,9 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The request body did not arrive within `body_read_timeout_secs`.
+    #[error("The request body did not arrive within {0} s.")]
+    RequestTimeout(u64),
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
     #[error("{0}")]
@@ -28,6 +31,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("You exceeded your current quota: this request may cost up to ${:.6} but ${:.6} is available. Add credit and try again.", *needed as f64 / 1e6, *available as f64 / 1e6)]
     InsufficientQuota { needed: i64, available: i64 },
+    /// A free key's request when the free tier is off or today's free budget is spent.
+    #[error("{0}")]
+    FreeTierClosed(String),
     #[error("Rate limit reached for {what} per minute; try again in {:.3}s.", retry_after.as_secs_f64())]
     RateLimited { what: &'static str, retry_after: std::time::Duration },
     #[error("This key's {period} spending limit of ${:.2} would be exceeded by this request.", *limit as f64 / 1e6)]
@@ -59,11 +65,14 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound(_) | Self::NotFoundParam { .. } => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::InsufficientQuota { .. } | Self::SpendingLimit { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::InsufficientQuota { .. } | Self::FreeTierClosed(_) | Self::SpendingLimit { .. } | Self::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::NoProvider { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderRejected { status, .. } => *status,
             Self::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
@@ -80,6 +89,7 @@ impl ApiError {
             }
             Self::UnsupportedMediaType => ("invalid_request_error", Some("unsupported_media_type".into()), None),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large".into()), None),
+            Self::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout".into()), None),
             Self::InvalidApiKey => ("invalid_request_error", Some("invalid_api_key".into()), None),
             Self::PermissionDenied(_) => ("permission_error", Some("permission_denied".into()), None),
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found".into()), Some("model".into())),
@@ -88,6 +98,7 @@ impl ApiError {
             Self::Conflict(_) => ("invalid_request_error", Some("conflict".into()), None),
             Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota".into()), None),
             Self::SpendingLimit { .. } => ("insufficient_quota", Some("spending_limit_exceeded".into()), None),
+            Self::FreeTierClosed(_) => ("insufficient_quota", Some("free_tier_budget_exhausted".into()), None),
             Self::RateLimited { what, .. } => (*what, Some("rate_limit_exceeded".into()), None),
             Self::NoProvider { .. } => ("server_error", Some("no_provider_available".into()), None),
             Self::ProviderRejected { param, code, .. } => ("invalid_request_error", code.clone(), param.clone()),
@@ -119,7 +130,7 @@ impl IntoResponse for ApiError {
         self.log();
         let status = self.status();
         let mut response = (status, axum::Json(self.body())).into_response();
-        if matches!(self, Self::InsufficientQuota { .. } | Self::SpendingLimit { .. }) {
+        if matches!(self, Self::InsufficientQuota { .. } | Self::FreeTierClosed(_) | Self::SpendingLimit { .. }) {
             // Retrying cannot help until someone adds credit; the SDKs honour this header.
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }

@@ -109,6 +109,11 @@ impl Health {
         }
     }
 
+    /// Gives back a probe taken by `acquire` for a request that was never sent.
+    pub fn cancel_probe(&self) {
+        self.state.lock().probe_in_flight = false;
+    }
+
     pub fn record_success(&self, ttft_ms: f64) {
         let mut s = self.state.lock();
         s.requests += 1;

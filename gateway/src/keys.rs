@@ -1,7 +1,8 @@
 //! Users and API keys. Keys are shown once and stored as SHA-256 hashes (they are
 //! 192-bit random secrets, so a fast hash is enough); a moka cache in front of the
 //! look-up keeps the database off the hot path, and a revoke invalidates it at once on
-//! this replica (other replicas within `key_cache_ttl_secs`).
+//! this replica, and on every other one at once through Redis when it is configured
+//! (`listen_for_changes`; without Redis, within `key_cache_ttl_secs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,11 +88,79 @@ pub fn generate_secret(prefix: &str) -> String {
 pub struct Keys {
     store: Store,
     cache: Cache<String, Arc<AuthedKey>>,
+    /// With Redis: where a change to a key is announced, so every replica's cache
+    /// forgets it at once (`listen_for_changes`).
+    redis: Option<redis::aio::ConnectionManager>,
 }
+
+/// The Redis channel on which replicas announce changed keys (by hash).
+pub const CHANGED_CHANNEL: &str = "gs:keys:changed";
 
 impl Keys {
     pub fn new(store: Store, ttl: Duration) -> Self {
-        Self { store, cache: Cache::builder().max_capacity(100_000).time_to_live(ttl).build() }
+        Self { store, cache: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(), redis: None }
+    }
+
+    /// Announces key changes on Redis (see `listen_for_changes`).
+    pub fn with_redis(mut self, redis: redis::aio::ConnectionManager) -> Self {
+        self.redis = Some(redis);
+        self
+    }
+
+    /// This replica forgets `hash` at once; with Redis, so does every other replica.
+    async fn forget_everywhere(&self, hash: &str) {
+        self.cache.invalidate(hash);
+        if let Some(redis) = &self.redis {
+            let mut conn = redis.clone();
+            let sent: Result<i64, redis::RedisError> = redis::cmd("PUBLISH").arg(CHANGED_CHANNEL).arg(hash).query_async(&mut conn).await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "cannot announce a key change on Redis; other replicas keep it up to key_cache_ttl_secs");
+            }
+        }
+    }
+
+    /// Follows the other replicas' key changes on Redis until `stop`, reconnecting
+    /// after a failure (and then forgetting every cached key, since announcements may
+    /// have been missed meanwhile).
+    pub async fn listen_for_changes(self, url: String, stop: tokio_util::sync::CancellationToken) {
+        use futures::StreamExt;
+        let mut first = true;
+        loop {
+            let subscribed = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(CHANGED_CHANNEL).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match subscribed.await {
+                Ok(pubsub) => {
+                    if !first {
+                        self.cache.invalidate_all();
+                    }
+                    first = false;
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            message = messages.next() => match message {
+                                Some(m) => {
+                                    if let Ok(hash) = m.get_payload::<String>() {
+                                        self.cache.invalidate(&hash);
+                                    }
+                                }
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("lost the Redis subscription to key changes; reconnecting");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to key changes on Redis; retrying"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
     }
 
     pub async fn create(&self, new: NewKey) -> Result<openapi::platform::CreatedKey, KeyError> {
@@ -194,7 +263,7 @@ impl Keys {
             .bind(key_id)
             .execute(&self.store.pool)
             .await?;
-        self.cache.invalidate(&hash);
+        self.forget_everywhere(&hash).await;
         Ok(())
     }
 
@@ -207,7 +276,7 @@ impl Keys {
             .await?;
         let hash = hash.ok_or_else(|| KeyError::UnknownKey(key_id.to_owned()))?;
         sqlx::query("UPDATE api_keys SET ad_preferences = $1 WHERE id = $2").bind(json).bind(key_id).execute(&self.store.pool).await?;
-        self.cache.invalidate(&hash);
+        self.forget_everywhere(&hash).await;
         Ok(())
     }
 

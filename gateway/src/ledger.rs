@@ -470,6 +470,20 @@ impl Ledger {
         Ok(Some(hold))
     }
 
+    /// Releases a hold that will not be charged (a request moved to a dearer provider
+    /// and is held again there).
+    pub async fn release(&self, hold: &Hold) -> Result<(), sqlx::Error> {
+        match (&self.store.book, hold.in_memory) {
+            (Some(book), true) => book.finish(hold, 0),
+            _ => {
+                let mut tx = self.store.pool.begin().await?;
+                release_rows(&mut WriteTx::Sqlx(&mut tx), &[hold.id.as_str()], "voided").await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Adds funds from outside (admin grant, top-up) to an account.
     pub async fn credit(&self, account: &str, amount: Micros, kind: &str, memo: &str) -> Result<Balance, LedgerError> {
         if amount <= 0 {

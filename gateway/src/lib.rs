@@ -12,6 +12,7 @@ pub mod demo;
 pub mod egress;
 pub mod error;
 pub mod extract;
+pub mod free_budget;
 pub mod health;
 pub mod holds;
 pub mod keys;
@@ -91,6 +92,12 @@ pub struct Inner {
     pub ads: Arc<ads::Ads>,
     /// Model tokenizers, for counting delivered tokens (config `tokenizers`).
     pub tokenizers: Arc<tokenizers::Tokenizers>,
+    /// What free keys may still cost the platform today (`free_tier_daily_budget`).
+    pub free_budget: Arc<free_budget::FreeBudget>,
+    /// Each model's share of requests served by providers on probation.
+    pub probation: Arc<routing::Probation>,
+    /// Key of the providers' relay secrets (`relay_secret_key`).
+    pub relay_key: Secret,
 }
 
 impl std::ops::Deref for AppState {
@@ -100,19 +107,47 @@ impl std::ops::Deref for AppState {
     }
 }
 
+fn pseudonym(secret: &Secret, parts: &[&str]) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) else {
+        return "anonymous".to_owned();
+    };
+    for part in parts {
+        mac.update(part.as_bytes());
+        mac.update(b"\0");
+    }
+    let digest = mac.finalize().into_bytes();
+    format!("u_{}", hex::encode(&digest[..16]))
+}
+
+pub fn relay_secret(key: &Secret, provider_id: &str, key_hash: &str) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes()) else {
+        return String::new();
+    };
+    mac.update(format!("relay\0{provider_id}\0{key_hash}").as_bytes());
+    format!("rs-{}", hex::encode(mac.finalize().into_bytes()))
+}
+
 impl AppState {
     pub fn new(inner: Inner) -> Self {
         Self(Arc::new(inner))
     }
 
-    /// The pseudonymous user id providers see: an HMAC of the account id.
+    /// The user id written into a provider request before routing: an HMAC of the
+    /// account id, replaced by `pseudonym_for` the chosen provider when it is sent.
     pub fn pseudonym(&self, user_id: &str) -> String {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.user_id_secret.expose().as_bytes()) else {
-            return "anonymous".to_owned();
-        };
-        mac.update(user_id.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        format!("u_{}", hex::encode(&digest[..16]))
+        pseudonym(&self.user_id_secret, &[user_id])
+    }
+
+    /// The pseudonymous user id one provider sees: an HMAC of the account and the
+    /// provider, so colluding providers cannot link a user by comparing ids.
+    pub fn pseudonym_for(&self, user_id: &str, provider_id: &str) -> String {
+        pseudonym(&self.user_id_secret, &[user_id, provider_id])
+    }
+
+    /// The secret a provider's worker requires on every call: an HMAC of its id under
+    /// `relay_secret_key` and of its key's hash, so rotating the key rotates it.
+    pub fn relay_secret(&self, provider: &providers::Provider) -> String {
+        relay_secret(&self.relay_key, &provider.id, &provider.key_hash)
     }
 
     pub fn is_admin(&self, headers: &HeaderMap) -> bool {
@@ -260,6 +295,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), limit_by_ip));
     let max_body = state.config.max_body_bytes;
     let metrics_state = state.metrics.clone();
+    let body_state = (max_body, Duration::from_secs(state.config.body_read_timeout_secs));
     // Layers run top to bottom on the request (the last `.layer` is the outermost).
     Router::new()
         .merge(user_routes)
@@ -269,6 +305,8 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
         // Bounds every body before it is buffered; over the limit is a 413.
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        // A body must arrive within `body_read_timeout_secs` (408), at most `max_body_bytes`.
+        .layer(middleware::from_fn_with_state(body_state, read_body_in_time))
         // Turns framework rejections (413, 405, bad paths) into OpenAI-shaped errors.
         .layer(middleware::from_fn(openai_error_shape))
         // Keys and provider bodies never reach logs; the span carries the request id.
@@ -307,6 +345,30 @@ async fn request_id(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert("x-client-request-id", v);
     }
     response
+}
+
+/// Reads a request's body in full within its time limit, so a client that trickles a
+/// body a byte at a time cannot hold a connection and a task for as long as it likes
+/// (hyper already bounds the time to read the head).
+async fn read_body_in_time(State((limit, timeout)): State<(usize, Duration)>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    if !headers.contains_key(header::CONTENT_LENGTH) && !headers.contains_key(header::TRANSFER_ENCODING) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => ApiError::RequestTimeout(timeout.as_secs()).into_response(),
+        Ok(Err(e)) => {
+            let too_large = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::PayloadTooLarge { limit }.into_response()
+            } else {
+                ApiError::invalid(format!("The request body could not be read: {e}"), None).into_response()
+            }
+        }
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+    }
 }
 
 async fn openai_error_shape(request: Request, next: Next) -> Response {

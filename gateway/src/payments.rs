@@ -136,19 +136,53 @@ impl Payments {
         Ok(settings)
     }
 
-    pub async fn set_method(&self, provider_id: &str, method: &PayoutMethod) -> Result<(), PaymentError> {
+    /// Sets a provider's payout method: a first one at once, a change `delay_ms` later
+    /// (until then withdrawals go to the old one). Returns when it takes effect.
+    pub async fn set_method(&self, provider_id: &str, method: &PayoutMethod, delay_ms: i64) -> Result<i64, PaymentError> {
         method.validate().map_err(|m| PaymentError::Invalid(m.into(), "method"))?;
         let text = serde_json::to_string(method).map_err(|e| PaymentError::Invalid(e.to_string(), "method"))?;
-        sqlx::query("UPDATE providers SET payout_method = $1 WHERE id = $2").bind(text).bind(provider_id).execute(&self.store.pool).await?;
-        Ok(())
+        let now = now_ms();
+        let current = self.method(provider_id).await?;
+        if current.is_none() || delay_ms == 0 {
+            sqlx::query("UPDATE providers SET payout_method = $1, next_payout_method = NULL, next_payout_method_at = NULL WHERE id = $2")
+                .bind(text)
+                .bind(provider_id)
+                .execute(&self.store.pool)
+                .await?;
+            return Ok(now);
+        }
+        let at = now.saturating_add(delay_ms);
+        sqlx::query("UPDATE providers SET next_payout_method = $1, next_payout_method_at = $2 WHERE id = $3")
+            .bind(text)
+            .bind(at)
+            .bind(provider_id)
+            .execute(&self.store.pool)
+            .await?;
+        tracing::info!(provider = %provider_id, effective_at = at, "payout method change scheduled");
+        Ok(at)
     }
 
+    /// The payout method in effect; a scheduled change whose time has come takes over.
     async fn method(&self, provider_id: &str) -> Result<Option<PayoutMethod>, sqlx::Error> {
-        let text: Option<Option<String>> = sqlx::query_scalar("SELECT payout_method FROM providers WHERE id = $1")
-            .bind(provider_id)
-            .fetch_optional(&self.store.pool)
-            .await?;
-        Ok(text.flatten().and_then(|t| serde_json::from_str(&t).ok()))
+        let row: Option<(Option<String>, Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT payout_method, next_payout_method, next_payout_method_at FROM providers WHERE id = $1")
+                .bind(provider_id)
+                .fetch_optional(&self.store.pool)
+                .await?;
+        let Some((current, next, at)) = row else { return Ok(None) };
+        let text = match (next, at) {
+            (Some(next), Some(at)) if at <= now_ms() => {
+                sqlx::query("UPDATE providers SET payout_method = $1, next_payout_method = NULL, next_payout_method_at = NULL WHERE id = $2 AND next_payout_method_at = $3")
+                    .bind(&next)
+                    .bind(provider_id)
+                    .bind(at)
+                    .execute(&self.store.pool)
+                    .await?;
+                Some(next)
+            }
+            _ => current,
+        };
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 
     /// Requests a withdrawal. With an idempotency key, a retry returns the first result.
@@ -179,15 +213,22 @@ impl Payments {
                 "amount",
             ));
         }
-        let method = match method {
-            Some(m) => {
+        let on_file = self.method(provider_id).await?;
+        let method = match (method, on_file) {
+            // A withdrawal goes to the method on file: naming another would skip the
+            // delay a change of method waits.
+            (Some(m), Some(on_file)) if m != on_file => {
+                return Err(PaymentError::Invalid(
+                    "withdrawals go to the payout method on file; a new method takes effect `payout_method_delay_secs` after it is set (PUT /api/payment/method)".into(),
+                    "method",
+                ));
+            }
+            (Some(m), _) => {
                 m.validate().map_err(|e| PaymentError::Invalid(e.into(), "method"))?;
                 m
             }
-            None => self
-                .method(provider_id)
-                .await?
-                .ok_or_else(|| PaymentError::Invalid("no payout method: set one first or send `method`".into(), "method"))?,
+            (None, Some(on_file)) => on_file,
+            (None, None) => return Err(PaymentError::Invalid("no payout method: set one first or send `method`".into(), "method")),
         };
         let fee = amount * i64::from(settings.processing_fee_bp) / 10_000;
         let id = new_id("wd");

@@ -112,7 +112,7 @@ pub(crate) struct MethodRequest {
     request_body = MethodRequest,
     security(("provider_key" = []), ("admin_key" = [])),
     responses(
-        (status = 200, description = "Saved.", body = crate::api_spec::MethodSet),
+        (status = 200, description = "Saved: a first method applies at once, a change after `payout_method_delay_secs` (`effectiveAt`).", body = crate::api_spec::MethodSet),
         (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
         (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
         (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
@@ -122,8 +122,11 @@ pub(crate) struct MethodRequest {
 pub async fn set_method(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
     let request: MethodRequest = extract::parse(&headers, &body)?;
     require_provider(&state, &headers, &request.provider_id).await?;
-    payments(&state).set_method(&request.provider_id, &request.method).await?;
-    Ok(Json(json!({ "providerId": request.provider_id, "method": request.method })))
+    // A provider's change waits `payout_method_delay_secs`, so a stolen provider key
+    // cannot send the earnings elsewhere at once; an admin's applies at once.
+    let delay_ms = if state.is_admin(&headers) { 0 } else { i64::try_from(state.config.payout_method_delay_secs.saturating_mul(1000)).unwrap_or(i64::MAX) };
+    let effective_at = payments(&state).set_method(&request.provider_id, &request.method, delay_ms).await?;
+    Ok(Json(json!({ "providerId": request.provider_id, "method": request.method, "effectiveAt": effective_at })))
 }
 
 #[utoipa::path(

@@ -60,14 +60,19 @@ pub async fn register(
     request.base_url = crate::egress::check_base_url(&request.base_url, state.config.allow_private_providers)
         .await
         .map_err(|m| ApiError::param(m, "baseUrl"))?;
+    let admin = state.is_admin(&headers);
     let status = match state.config.registration {
         Registration::Open => ProviderStatus::Active,
         // An admin may register providers that are active at once.
-        Registration::AdminApproved if state.is_admin(&headers) => ProviderStatus::Active,
+        Registration::AdminApproved if admin => ProviderStatus::Active,
         Registration::AdminApproved => ProviderStatus::Pending,
     };
-    let created = state.registry.register(request, status).await?;
-    tracing::info!(provider = %created.provider_id, status = %created.status, "provider registered");
+    // A provider that registers itself is on probation; one an admin registers is not
+    // (one that waits for approval leaves probation when it is approved).
+    let probation = if admin { 0 } else { state.config.probation_requests };
+    let (mut created, key_hash) = state.registry.register(request, status, probation).await?;
+    created.relay_secret = crate::relay_secret(&state.relay_key, &created.provider_id, &key_hash);
+    tracing::info!(provider = %created.provider_id, status = %created.status, probation, "provider registered");
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -162,9 +167,10 @@ pub async fn rotate_key(
 ) -> Result<Json<openapi::platform::RotatedKey>, ApiError> {
     let r: openapi::platform::RotateKeyRequest =
         provider_body(&state, &headers, &body, |r: &openapi::platform::RotateKeyRequest| &r.provider_id).await?;
-    let provider_key = state.registry.rotate_key(&r.provider_id).await?;
+    let (provider_key, key_hash) = state.registry.rotate_key(&r.provider_id).await?;
     tracing::info!(provider = %r.provider_id, "provider key rotated");
-    Ok(Json(openapi::platform::RotatedKey { provider_id: r.provider_id, provider_key }))
+    let relay_secret = crate::relay_secret(&state.relay_key, &r.provider_id, &key_hash);
+    Ok(Json(openapi::platform::RotatedKey { provider_id: r.provider_id, provider_key, relay_secret }))
 }
 
 #[utoipa::path(
@@ -247,7 +253,13 @@ pub async fn admin_provider_approve(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state.registry.set_status(&id, ProviderStatus::Active).await?;
+    // A provider whose stored baseUrl breaks the egress rules stays off line.
+    if let Some(p) = state.registry.get(&id) {
+        crate::egress::check_base_url(&p.base_url, state.config.allow_private_providers)
+            .await
+            .map_err(|m| ApiError::param(format!("cannot approve: {m}"), "baseUrl"))?;
+    }
+    state.registry.set_status(&id, ProviderStatus::Active, Some("approved by an admin")).await?;
     Ok(Json(serde_json::json!({ "id": id, "status": "active" })))
 }
 
@@ -269,7 +281,7 @@ pub async fn admin_provider_suspend(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state.registry.set_status(&id, ProviderStatus::Suspended).await?;
+    state.registry.set_status(&id, ProviderStatus::Suspended, Some("suspended by an admin")).await?;
     Ok(Json(serde_json::json!({ "id": id, "status": "suspended" })))
 }
 

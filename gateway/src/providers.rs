@@ -67,6 +67,12 @@ pub struct Provider {
     pub load: Arc<Load>,
     /// The active per-hour reservation that owns this provider, if any.
     pub reservation: Option<ActiveReservation>,
+    /// The hash of its provider key (its relay secret is derived from it).
+    pub key_hash: String,
+    /// Requests it must still serve well before it leaves probation (0: trusted).
+    pub probation_left: u32,
+    /// Why an operator or the gateway changed its status, shown in the admin API.
+    pub status_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +131,8 @@ impl Provider {
             usage_flags,
             score,
             health: serde_json::to_value(self.load.health.snapshot()).unwrap_or_default(),
+            probation_remaining: self.probation_left,
+            status_reason: self.status_reason.clone(),
         }
     }
 }
@@ -213,7 +221,8 @@ impl Registry {
         let _serial = self.reloading.lock().await;
         let rows = sqlx::query(
             "SELECT id, name, base_url, status, gpu_info, capabilities, price_per_mtok_micros, \
-             price_per_hour_micros, minimum_payout_micros, created_at, last_heartbeat_at FROM providers",
+             price_per_hour_micros, minimum_payout_micros, created_at, last_heartbeat_at, key_hash, probation_left, \
+             status_reason FROM providers",
         )
         .fetch_all(&self.store.pool)
         .await?;
@@ -261,6 +270,9 @@ impl Registry {
                 streams: streams.remove(&id).unwrap_or_default(),
                 created_at: row.try_get("created_at")?,
                 reservation: reservations.remove(&id),
+                key_hash: row.try_get("key_hash")?,
+                probation_left: u32::try_from(row.try_get::<i64, _>("probation_left")?).unwrap_or(0),
+                status_reason: row.try_get("status_reason")?,
                 load,
                 id: id.clone(),
             };
@@ -274,7 +286,8 @@ impl Registry {
         &self,
         mut request: RegisterProviderRequest,
         status: ProviderStatus,
-    ) -> Result<openapi::platform::RegisterProviderResponse, ProviderError> {
+        probation: u32,
+    ) -> Result<(openapi::platform::RegisterProviderResponse, String), ProviderError> {
         let invalid = |message: &str, param: &'static str| ProviderError::Invalid { message: message.to_owned(), param };
         let base_url = request.base_url.trim_end_matches('/').to_owned();
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
@@ -299,16 +312,17 @@ impl Registry {
         let min_payout = usd_to_micros(request.pricing.minimum_payout, MICROS_PER_USD, "pricing.minimumPayout")?;
         let id = new_id("prov");
         let key = generate_secret("pk-");
+        let key_hash = hash_key(&key);
         let name = request.name.clone().unwrap_or_else(|| format!("provider-{}", &id[id.len() - 6..]));
         let caps_json = serde_json::to_string(&request.capabilities).map_err(|e| invalid(&e.to_string(), "capabilities"))?;
         sqlx::query(
             "INSERT INTO providers (id, name, key_hash, base_url, status, gpu_info, capabilities, \
-             price_per_mtok_micros, price_per_hour_micros, minimum_payout_micros, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             price_per_mtok_micros, price_per_hour_micros, minimum_payout_micros, created_at, probation_left) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&id)
         .bind(&name)
-        .bind(hash_key(&key))
+        .bind(&key_hash)
         .bind(&base_url)
         .bind(status.as_str())
         .bind(request.gpu_info.to_string())
@@ -317,14 +331,20 @@ impl Registry {
         .bind(per_hour)
         .bind(min_payout)
         .bind(now_ms())
+        .bind(i64::from(probation))
         .execute(&self.store.pool)
         .await?;
         self.reload().await?;
-        Ok(openapi::platform::RegisterProviderResponse {
-            provider_id: id,
-            provider_key: key,
-            status: status.as_str().to_owned(),
-        })
+        // The relay secret is filled in by the caller, which holds its key.
+        Ok((
+            openapi::platform::RegisterProviderResponse {
+                provider_id: id,
+                provider_key: key,
+                status: status.as_str().to_owned(),
+                relay_secret: String::new(),
+            },
+            key_hash,
+        ))
     }
 
     /// Checks that `secret` is the key of `provider_id`.
@@ -340,18 +360,21 @@ impl Registry {
         Ok(())
     }
 
-    /// Replaces a provider's key; the old one stops working at once. Returns the new one.
-    pub async fn rotate_key(&self, provider_id: &str) -> Result<String, ProviderError> {
+    /// Replaces a provider's key; the old one (and the relay secret derived from it)
+    /// stops working at once. Returns the new key and its hash.
+    pub async fn rotate_key(&self, provider_id: &str) -> Result<(String, String), ProviderError> {
         let key = generate_secret("pk-");
+        let key_hash = hash_key(&key);
         let updated = sqlx::query("UPDATE providers SET key_hash = $1 WHERE id = $2")
-            .bind(hash_key(&key))
+            .bind(&key_hash)
             .bind(provider_id)
             .execute(&self.store.pool)
             .await?;
         if updated.rows_affected() == 0 {
             return Err(ProviderError::Unknown(provider_id.to_owned()));
         }
-        Ok(key)
+        self.reload().await?;
+        Ok((key, key_hash))
     }
 
     pub async fn start_stream(&self, provider_id: &str, model: &str, quality: &str) -> Result<(), ProviderError> {
@@ -420,9 +443,17 @@ impl Registry {
         Ok(())
     }
 
-    pub async fn set_status(&self, provider_id: &str, status: ProviderStatus) -> Result<(), ProviderError> {
-        let updated = sqlx::query("UPDATE providers SET status = $1 WHERE id = $2")
+    /// Sets a provider's status with the reason shown beside it. An admin's approval
+    /// also ends its probation.
+    pub async fn set_status(&self, provider_id: &str, status: ProviderStatus, reason: Option<&str>) -> Result<(), ProviderError> {
+        let sql = if status == ProviderStatus::Active {
+            "UPDATE providers SET status = $1, status_reason = $2, probation_left = 0 WHERE id = $3"
+        } else {
+            "UPDATE providers SET status = $1, status_reason = $2 WHERE id = $3"
+        };
+        let updated = sqlx::query(sql)
             .bind(status.as_str())
+            .bind(reason)
             .bind(provider_id)
             .execute(&self.store.pool)
             .await?;
@@ -432,6 +463,42 @@ impl Registry {
         self.reload().await?;
         Ok(())
     }
+}
+
+impl Registry {
+    /// Sets a provider back to `pending` with its streams off line, saying why.
+    pub async fn take_off_line(&self, provider_id: &str, reason: &str) -> Result<(), ProviderError> {
+        sqlx::query("DELETE FROM provider_streams WHERE provider_id = $1").bind(provider_id).execute(&self.store.pool).await?;
+        self.set_status(provider_id, ProviderStatus::Pending, Some(reason)).await
+    }
+}
+
+/// One request served well (honest usage, no failure) by a provider on probation.
+pub fn advance_probation(store: Store, provider_id: String) {
+    tokio::spawn(async move {
+        let done = sqlx::query("UPDATE providers SET probation_left = probation_left - 1 WHERE id = $1 AND probation_left > 0")
+            .bind(&provider_id)
+            .execute(&store.pool)
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(provider = %provider_id, error = %e, "cannot record probation progress");
+        }
+    });
+}
+
+/// A provider on probation failed a request or misreported its usage: its probation
+/// starts over.
+pub fn restart_probation(store: Store, provider_id: String, length: u32) {
+    tokio::spawn(async move {
+        let done = sqlx::query("UPDATE providers SET probation_left = $1 WHERE id = $2 AND probation_left > 0")
+            .bind(i64::from(length))
+            .bind(&provider_id)
+            .execute(&store.pool)
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(provider = %provider_id, error = %e, "cannot restart probation");
+        }
+    });
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(text: String) -> Result<T, sqlx::Error> {

@@ -16,6 +16,7 @@ use openapi::stream::{StreamChunk, Usage};
 
 use crate::delivered::{carries_token, Delivered};
 use crate::error::ApiError;
+use crate::free_budget;
 use crate::keys::AuthedKey;
 use crate::providers::Provider;
 use crate::routing;
@@ -190,8 +191,8 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
 enum Funding {
     /// A paying user's hold, and their volume discount in basis points.
     User(Hold, u32),
-    /// Free tier: the platform's ad revenue pays.
-    AdRevenue,
+    /// Free tier: the platform's ad revenue pays, within today's free budget.
+    AdRevenue(free_budget::Claim),
     /// Nothing to bill (a free provider).
     Nothing,
 }
@@ -222,6 +223,8 @@ struct Tracker {
     max_completion: u32,
     /// The provider sent past that limit and the stream was cut.
     overran: bool,
+    /// Where a provider's probation progress is kept, and how long probation is.
+    probation: (crate::store::Store, u32),
 }
 
 impl Tracker {
@@ -270,8 +273,19 @@ impl Tracker {
             Some(Funding::User(hold, discount)) => {
                 ledger::price_discounted(tokens, *per_mtok, self.cost_multiplier_bp, *discount).min(hold.amount)
             }
-            Some(Funding::AdRevenue) => ledger::price(tokens, *per_mtok, self.cost_multiplier_bp),
+            Some(Funding::AdRevenue(claim)) => ledger::price(tokens, *per_mtok, self.cost_multiplier_bp).min(claim.amount),
             Some(Funding::Nothing) | None => 0,
+        }
+    }
+
+    /// The request ends before any provider is called (it could not be funded): no
+    /// usage row, and the rate limiter's token estimate is given back.
+    fn abandon(&mut self) {
+        self.record = None;
+        if let Some((limiter, key, limit, estimate)) = self.token_charge.take() {
+            tokio::spawn(async move {
+                let _ = limiter.apply(&key, -i64::from(estimate), limit).await;
+            });
         }
     }
 
@@ -281,6 +295,16 @@ impl Tracker {
         if let Some(health) = &self.health {
             if self.reported.is_some() {
                 health.load.health.record_honesty(source != "gateway_flagged");
+            }
+            if health.probation_left > 0 {
+                let (store, length) = self.probation.clone();
+                match (self.status, source) {
+                    (_, "gateway_flagged") | (UsageStatus::ProviderFailed, _) => {
+                        crate::providers::restart_probation(store, health.id.clone(), length);
+                    }
+                    (UsageStatus::Ok, _) => crate::providers::advance_probation(store, health.id.clone()),
+                    _ => {}
+                }
             }
         }
         let charge = self.charge(&usage);
@@ -312,7 +336,8 @@ impl Tracker {
                 }))
             }
             (Some(Funding::User(hold, _)), None) => Some(Billing::Void(hold)),
-            (Some(Funding::AdRevenue), Some((provider_id, _))) => {
+            (Some(Funding::AdRevenue(claim)), Some((provider_id, _))) => {
+                claim.settle(charge);
                 record.payer = Some("ad_revenue");
                 Some(Billing::Settle(Settlement {
                     request_id: record.request_id.clone(),
@@ -633,19 +658,10 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         }
         None => None,
     };
-    let funding = match fund(state, &dispatch, &found.eligible).await {
-        Ok(f) => f,
-        Err(e) => {
-            if let Some((limiter, key, limit, estimate)) = token_charge {
-                let _ = limiter.apply(&key, -i64::from(estimate), limit).await;
-            }
-            return Err(e);
-        }
-    };
     let mut tracker = Tracker {
         token_charge,
         health: None,
-        funding: Some(funding),
+        funding: None,
         body_bytes: dispatch.body_bytes,
         cost_multiplier_bp: dispatch.cost_multiplier_bp,
         fee_bp: config.platform_fee_bp,
@@ -677,17 +693,43 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         status: UsageStatus::Failed,
         max_completion: dispatch.max_completion_tokens,
         overran: false,
+        probation: (state.store.clone(), config.probation_requests),
     };
+    // Providers on probation get at most their share of a model's requests while a
+    // trusted provider serves it: this request's first pick is from one group only.
+    let first_pool = state.probation.first_pool(&dispatch.model, &found.eligible, config.probation_max_share);
     let mut tried: Vec<String> = Vec::new();
     let mut last_error: Option<AttemptError> = None;
-    for _ in 0..config.max_attempts {
-        let Some(provider) = pick_or_wait(state, &dispatch.level, &found.eligible, &tried).await else { break };
+    for attempt in 0..config.max_attempts {
+        let pool = match &first_pool {
+            Some(pool) if attempt == 0 => pool.as_slice(),
+            _ => found.eligible.as_slice(),
+        };
+        let mut picked = pick_or_wait(state, &dispatch.level, pool, &tried).await;
+        if picked.is_none() && attempt == 0 && first_pool.is_some() {
+            picked = pick_or_wait(state, &dispatch.level, &found.eligible, &tried).await;
+        }
+        let Some(provider) = picked else { break };
         tried.push(provider.id.clone());
+        // Route first, then hold: the request is funded at the chosen provider's price
+        // (and funded again when a failover moves to a dearer one).
+        match fund(state, &dispatch, provider.price_per_mtok, tracker.funding.take()).await {
+            Ok(funding) => tracker.funding = Some(funding),
+            Err(e) => {
+                provider.load.health.cancel_probe();
+                tracker.abandon();
+                return Err(e);
+            }
+        }
+        if first_pool.is_some() && provider.probation_left > 0 {
+            state.probation.served(&dispatch.model);
+        }
         let slot = take_slot(provider.clone(), &state.capacity_freed);
         let attempt_started = Instant::now();
+        let body = personalise(&dispatch.body, &dispatch.key.user_id, state, &provider);
         let attempt = tokio::time::timeout(
             Duration::from_secs(config.first_token_timeout_secs),
-            first_token(state, &provider, dispatch.endpoint, dispatch.body.clone()),
+            first_token(state, &provider, dispatch.endpoint, body),
         )
         .await
         .unwrap_or(Err(AttemptError::Timeout));
@@ -727,6 +769,9 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             }
             Err(e) => {
                 provider.load.health.record_failure(now_ms(), config.breaker_failures, config.breaker_cooldown());
+                if provider.probation_left > 0 {
+                    crate::providers::restart_probation(state.store.clone(), provider.id.clone(), config.probation_requests);
+                }
                 match &e {
                     AttemptError::Retry(m) => tracing::warn!(provider = %provider.id, error = %m, "provider failed before the first token; failing over"),
                     AttemptError::Timeout => tracing::warn!(provider = %provider.id, "provider timed out before the first token; failing over"),
@@ -748,21 +793,38 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
     Err(error)
 }
 
-/// Decides who pays and, for a paying user, holds the most the request can cost
-/// (prompt bound + every completion token, at the priciest eligible provider).
-async fn fund(state: &AppState, dispatch: &Dispatch, eligible: &[Arc<Provider>]) -> Result<Funding, ApiError> {
-    let per_mtok = eligible.iter().map(|p| p.price_per_mtok).max().unwrap_or(0);
-    // Reserved capacity is paid by the hour, not per token.
-    if per_mtok == 0 || dispatch.reservation.is_some() {
-        return Ok(Funding::Nothing);
-    }
-    if dispatch.key.tier == Tier::Free {
-        return Ok(Funding::AdRevenue);
+/// Decides who pays for a request served at `per_mtok` and, for a paying user, holds
+/// the most it can cost there (prompt bound + every completion token); for a free key,
+/// claims as much of today's free budget. `current` is the funding of an earlier
+/// attempt: kept when it covers this price, else released and replaced.
+async fn fund(state: &AppState, dispatch: &Dispatch, per_mtok: i64, current: Option<Funding>) -> Result<Funding, ApiError> {
+    let key = &dispatch.key;
+    if key.tier == Tier::Free && state.config.free_tier_daily_budget <= 0.0 {
+        return Err(ApiError::FreeTierClosed("The free tier is off on this gateway; use a paid key.".to_owned()));
     }
     let bound = u64::from(dispatch.body_bytes) + u64::from(dispatch.max_completion_tokens);
     let amount = ledger::price(bound, per_mtok, dispatch.cost_multiplier_bp);
-    let account = ledger::user_account(&dispatch.key.user_id);
-    let key = &dispatch.key;
+    match current {
+        Some(Funding::User(hold, discount)) if hold.amount >= amount => return Ok(Funding::User(hold, discount)),
+        Some(Funding::AdRevenue(claim)) if claim.amount >= amount => return Ok(Funding::AdRevenue(claim)),
+        Some(Funding::User(hold, _)) => state.ledger.release(&hold).await?,
+        // A claim is given back when it is dropped.
+        _ => {}
+    }
+    // Reserved capacity is paid by the hour, not per token.
+    if amount == 0 || dispatch.reservation.is_some() {
+        return Ok(Funding::Nothing);
+    }
+    if key.tier == Tier::Free {
+        return state.free_budget.claim(amount).map(Funding::AdRevenue).map_err(|refusal| match refusal {
+            free_budget::Refusal::Off => ApiError::FreeTierClosed("The free tier is off on this gateway; use a paid key.".to_owned()),
+            free_budget::Refusal::Spent { limit } => ApiError::FreeTierClosed(format!(
+                "Today's free-tier budget of ${:.2} is spent; free requests resume at 00:00 UTC, or use a paid key.",
+                micros_to_usd(limit)
+            )),
+        });
+    }
+    let account = ledger::user_account(&key.user_id);
     // Limits are checked and the hold taken under a per-key lock, so concurrent
     // requests of one key cannot both squeeze under the limit (on this replica).
     let lock = (key.daily_limit_micros.is_some() || key.monthly_limit_micros.is_some())
@@ -787,6 +849,17 @@ async fn fund(state: &AppState, dispatch: &Dispatch, eligible: &[Arc<Provider>])
             Err(ApiError::InsufficientQuota { needed: amount, available })
         }
     }
+}
+
+/// The provider request with the user id this provider sees (`AppState::pseudonym_for`)
+/// in place of the placeholder written before routing.
+fn personalise(body: &Bytes, user_id: &str, state: &AppState, provider: &Provider) -> Bytes {
+    let placeholder = state.pseudonym(user_id);
+    let Some(at) = memchr::memmem::find(body, placeholder.as_bytes()) else { return body.clone() };
+    let real = state.pseudonym_for(user_id, &provider.id);
+    let mut out = body.to_vec();
+    out[at..at + placeholder.len()].copy_from_slice(real.as_bytes());
+    Bytes::from(out)
 }
 
 /// The best bulk-usage discount the user's month-to-date tokens reach (0 without tiers).
@@ -816,6 +889,7 @@ async fn first_token(
     let response = state
         .client_for(provider)
         .post(url)
+        .bearer_auth(state.relay_secret(provider))
         .header("content-type", "application/json")
         .header("accept", "text/event-stream")
         .body(body)

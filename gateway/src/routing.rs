@@ -176,3 +176,39 @@ pub fn for_level(
     }
     found
 }
+
+/// Each model's requests and how many of them went to providers on probation, so
+/// that while a trusted provider serves a model, providers on probation get at most
+/// `probation_max_share` of its requests (counted on this replica).
+#[derive(Default)]
+pub struct Probation {
+    models: parking_lot::Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl Probation {
+    /// The providers this request's first pick is made from: all of them unless the
+    /// eligible ones mix trusted providers and providers on probation; then the
+    /// providers on probation while they are under their share, else the trusted ones.
+    pub fn first_pool(&self, model: &str, eligible: &[Arc<Provider>], share: f64) -> Option<Vec<Arc<Provider>>> {
+        let (trial, trusted): (Vec<_>, Vec<_>) = eligible.iter().cloned().partition(|p| p.probation_left > 0);
+        if trial.is_empty() || trusted.is_empty() {
+            return None;
+        }
+        let mut models = self.models.lock();
+        let counts = match models.get_mut(model) {
+            Some(c) => c,
+            None => models.entry(model.to_owned()).or_default(),
+        };
+        counts.0 += 1;
+        #[allow(clippy::cast_precision_loss)]
+        let allowed = (counts.1 + 1) as f64 <= share * counts.0 as f64;
+        Some(if allowed { trial } else { trusted })
+    }
+
+    /// A provider on probation was sent one of `model`'s requests.
+    pub fn served(&self, model: &str) {
+        if let Some(counts) = self.models.lock().get_mut(model) {
+            counts.1 += 1;
+        }
+    }
+}

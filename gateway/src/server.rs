@@ -23,6 +23,27 @@ pub struct Running {
     writer: usage::UsageWriter,
 }
 
+/// Providers stored before the egress rules (or under a config that allowed private
+/// addresses) are checked again: one whose `baseUrl` breaks them is taken off line,
+/// pending an admin, with the reason in its `statusReason`.
+async fn revalidate_providers(registry: &Registry, allow_private: bool) -> anyhow::Result<()> {
+    for provider in registry.snapshot().values() {
+        if provider.status == crate::providers::ProviderStatus::Suspended {
+            continue;
+        }
+        if let Err(reason) = crate::egress::check_base_url(&provider.base_url, allow_private).await {
+            tracing::warn!(provider = %provider.id, %reason, "stored provider baseUrl refused; provider taken off line");
+            registry.take_off_line(&provider.id, &format!("baseUrl refused at start-up: {reason}")).await?;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::cast_possible_truncation)]
+fn usd_micros(usd: f64) -> i64 {
+    (usd * 1e6).round() as i64
+}
+
 impl Running {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let store = Store::connect(&config.database_url)
@@ -42,7 +63,19 @@ impl Running {
                 Secret::new(store.setting_or_insert("user_id_secret", &hex::encode(bytes)).await?)
             }
         };
+        let relay_key = match &config.relay_secret_key {
+            Some(s) => s.clone(),
+            None => {
+                let mut bytes = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut bytes);
+                Secret::new(store.setting_or_insert("relay_secret_key", &hex::encode(bytes)).await?)
+            }
+        };
         let registry = Arc::new(Registry::load(store.clone()).await?);
+        revalidate_providers(&registry, config.allow_private_providers).await?;
+        let free_budget = crate::free_budget::FreeBudget::new(usd_micros(config.free_tier_daily_budget));
+        free_budget.refresh(&store).await?;
+        let refresh_budget = (free_budget.clone(), store.clone());
         let stop = CancellationToken::new();
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let (sink, writer) = usage::spawn(
@@ -73,6 +106,7 @@ impl Running {
             sweeps += 1;
             let sweep = sweeps % 12 == 1;
             let (reg, qualities, ads) = (reg.clone(), reload_qualities.clone(), reload_ads.clone());
+            let (budget, budget_store) = refresh_budget.clone();
             let (sweeper, payouts, http, config) =
                 (sweeper.clone(), payouts.clone(), connector_http.clone(), connector_config.clone());
             async move {
@@ -84,6 +118,10 @@ impl Running {
                 }
                 if let Err(e) = ads.reload().await {
                     tracing::warn!(error = %e, "ad inventory reload failed");
+                }
+                // Other replicas' free spending.
+                if let Err(e) = budget.refresh(&budget_store).await {
+                    tracing::warn!(error = %e, "free-tier budget refresh failed");
                 }
                 if !sweep {
                     return;
@@ -109,13 +147,21 @@ impl Running {
             Some(url) => Arc::new(crate::ratelimit::Limiter::redis(url).await.context("cannot connect to Redis for rate limits")?),
             None => Arc::new(crate::ratelimit::Limiter::memory()),
         };
+        let mut keys = Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs));
+        if let Some(url) = &config.redis_url {
+            // A revoked key stops working on every replica at once, not after the cache TTL.
+            let client = redis::Client::open(url.as_str()).context("bad redis_url")?;
+            let manager = redis::aio::ConnectionManager::new(client).await.context("cannot connect to Redis for key changes")?;
+            keys = keys.with_redis(manager);
+            tokio::spawn(keys.clone().listen_for_changes(url.clone(), stop.clone()));
+        }
         let state = AppState::new(Inner {
             metrics: metrics.clone(),
             limiter,
             qualities,
             capacity_freed: Arc::new(tokio::sync::Notify::new()),
             queued: Arc::new(AtomicU64::new(0)),
-            keys: Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs)),
+            keys,
             http,
             webhooks,
             h2c: AppState::h2c_client(&config)?,
@@ -129,6 +175,9 @@ impl Running {
             ads,
             tokenizers,
             key_locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
+            free_budget,
+            probation: Arc::new(crate::routing::Probation::default()),
+            relay_key,
         });
         if state.config.health_check_secs > 0 {
             let checking = state.clone();
@@ -224,10 +273,17 @@ async fn check_providers(state: &AppState) {
         .for_each_concurrent(HEALTH_CHECKS_AT_ONCE, |p| {
             let http = state.http.clone();
             let (threshold, cooldown) = (state.config.breaker_failures, state.config.breaker_cooldown());
+            let secret = state.relay_secret(&p);
             async move {
                 let url = format!("{}/health", p.base_url);
                 let ok = crate::egress::check_connect(&url, allow_private).is_ok()
-                    && http.get(url).timeout(Duration::from_secs(2)).send().await.is_ok_and(|r| r.status().is_success());
+                    && http
+                        .get(url)
+                        .bearer_auth(secret)
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
                 p.load.health.record_check(ok);
                 if !ok {
                     p.load.health.record_failure(crate::store::now_ms(), threshold, cooldown);
@@ -271,13 +327,63 @@ pub async fn serve(
             });
             let std_listener = listener.into_std()?;
             let router = app(running.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-            axum_server::from_tcp_rustls(std_listener, tls).handle(handle).serve(router).await?;
+            let mut server = axum_server::from_tcp_rustls(std_listener, tls).handle(handle);
+            // The plain listener's limit on reading a request's head (slowloris) here too.
+            server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEAD_READ_TIMEOUT);
+            server.serve(router).await?;
         }
-        _ => serve_plain(listener, app(running.state.clone()), shutdown, grace).await,
+        _ => {
+            let per_ip = PerIp::new(config.max_connections_per_ip);
+            serve_plain(listener, app(running.state.clone()), shutdown, grace, per_ip).await;
+        }
     }
     running.finish().await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// How long a client may take to send a request's line and headers.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Open connections per client IP (`max_connections_per_ip`): one address cannot hold
+/// every file descriptor the gateway has.
+struct PerIp {
+    max: u32,
+    open: Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+}
+
+/// One counted connection; dropping it frees the slot.
+struct IpSlot {
+    ip: std::net::IpAddr,
+    open: Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+}
+
+impl PerIp {
+    fn new(max: u32) -> Self {
+        Self { max, open: Arc::default() }
+    }
+
+    fn admit(&self, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { ip, open: self.open.clone() })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// The plain listener's read buffer cap, which is also the most a request's line and
@@ -297,6 +403,7 @@ async fn serve_plain(
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    per_ip: PerIp,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
@@ -304,7 +411,7 @@ async fn serve_plain(
     let mut http1 = hyper::server::conn::http1::Builder::new();
     // The timer lets hyper enforce its 30 s limit on reading a request's head
     // (slowloris); without one that limit is silently off.
-    http1.max_buf_size(MAX_HEAD_BYTES).timer(TokioTimer::new());
+    http1.max_buf_size(MAX_HEAD_BYTES).timer(TokioTimer::new()).header_read_timeout(HEAD_READ_TIMEOUT);
     // Connections watch `signal` to start their graceful shutdown and each hold a
     // `closed` receiver, so the drain below waits until all of them have ended.
     let (signal, _) = tokio::sync::watch::channel(());
@@ -322,6 +429,11 @@ async fn serve_plain(
                 }
             },
             () = &mut shutdown => break,
+        };
+        let Some(slot) = per_ip.admit(remote.ip()) else {
+            tracing::debug!(ip = %remote.ip(), "connection refused: max_connections_per_ip reached");
+            drop(tcp);
+            continue;
         };
         // Without TCP_NODELAY every SSE chunk after the first waits for the client's
         // delayed ACK (~40 ms).
@@ -348,6 +460,7 @@ async fn serve_plain(
             if let Err(e) = result {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
+            drop(slot);
             drop(closed);
         });
     }

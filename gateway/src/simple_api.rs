@@ -1,6 +1,9 @@
 //! The seed's simple API, thin over chat: `POST /api/llm/inference`,
 //! `GET /api/llm/models`, `GET /api/llm/status`, and a WebSocket (`/api/llm/ws`) for
-//! event-style clients with the events `connected`, `stream:token`, `stream:end`, `error`.
+//! event-style clients with the events `connected`, `stream:token`, `stream:ad` (free
+//! tier: the labelled ad, before the end), `stream:end`, `error`. Both doors apply the
+//! limits, budgets and ad rules of `/v1/*`: they go through `prepare_chat`, the relay
+//! and the ad plan and auction.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,13 +20,48 @@ use openapi::openai::RequestExtensions;
 use openapi::platform::{InferenceRequest, InferenceResponse};
 use serde_json::{json, Value};
 
+use crate::ads::layer as ad_layer;
+use crate::ads::{self, Placement, Selected};
 use crate::error::ApiError;
+use crate::keys::Tier;
 use crate::keys::AuthedKey;
 use crate::ratelimit::RateCtx;
 use crate::openai_api::{collect, models_for_status, prepare_chat};
 use crate::relay::{self, Event};
 use crate::store::{new_id, now_ms};
 use crate::{extract, AppState, RequestId};
+
+/// Free tier: the ad an answer through this API may carry, chosen by the same plan
+/// and auction as `/v1/*` (`ads::layer`); the `prompt` placement's sponsor note is
+/// added to `chat` here, before the request is sent.
+fn choose_ad(
+    state: &AppState,
+    key: &AuthedKey,
+    headers: &HeaderMap,
+    request_id: &str,
+    chat: &mut CreateChatCompletionRequest,
+    ext: &RequestExtensions,
+) -> Result<Option<Selected>, ApiError> {
+    if key.tier != Tier::Free || !state.config.ads_enabled {
+        return Ok(None);
+    }
+    let mut json = serde_json::to_value(&*chat).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(prefs) = &ext.ad_preferences {
+        json["ad_preferences"] = serde_json::to_value(prefs).unwrap_or(Value::Null);
+    }
+    let Some(plan) = ad_layer::plan(state, key, &json, ad_layer::Endpoint::Chat)? else { return Ok(None) };
+    let base_url = ad_layer::base_url(state, headers);
+    let selected = state.ads.select(&plan.targeting(&key.user_id, request_id, &base_url));
+    if let Some(s) = selected.as_ref().filter(|s| s.placement == Placement::Prompt) {
+        if let Some(obj) = json.as_object_mut() {
+            obj.remove("ad_preferences");
+        }
+        if ad_layer::add_sponsor_note(&mut json, ad_layer::Endpoint::Chat, s) {
+            *chat = serde_json::from_value(json).map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+    }
+    Ok(selected)
+}
 
 fn to_chat(request: &InferenceRequest) -> Result<(CreateChatCompletionRequest, RequestExtensions), ApiError> {
     if request.prompt.is_empty() {
@@ -82,20 +120,32 @@ pub async fn inference(
     let started = Instant::now();
     let request: InferenceRequest = extract::parse(&headers, &body)?;
     let (mut chat, ext) = to_chat(&request)?;
+    let ad = choose_ad(&state, &key, &headers, &request_id, &mut chat, &ext)?;
     let (mut dispatch, _, _) = prepare_chat(&state, &key, &request_id, &headers, &mut chat, ext, started)?;
     dispatch.rate = rate.map(|r| r.0);
     let (model, quality) = (dispatch.model.clone(), dispatch.quality.clone());
     let relay = relay::open(&state, dispatch).await?;
+    let provider = relay.provider().id.clone();
     let (agg, usage) = collect(relay).await?;
     let completion = agg.chat(&request_id, &model, usage);
     let first = completion.choices.into_iter().next();
+    let mut result = first.as_ref().and_then(|c| c.message.content.clone()).unwrap_or_default();
+    let shown = ad.map(|s| {
+        if s.placement == Placement::Content {
+            result.push_str(&ads::content_text(&s.ad));
+        }
+        let shown = s.ad.clone();
+        state.ads.delivered(s, Some(provider));
+        shown
+    });
     Ok(Json(InferenceResponse {
-        result: first.as_ref().and_then(|c| c.message.content.clone()).unwrap_or_default(),
+        result,
         finish_reason: first.and_then(|c| c.finish_reason),
         model,
         quality,
         usage,
         request_id,
+        ad: shown,
     }))
 }
 
@@ -262,7 +312,7 @@ async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>,
         let payload = value.get("data").cloned().unwrap_or(value);
         let result = match serde_json::from_value::<InferenceRequest>(payload) {
             Ok(request) => match socket_dispatch(&state, &key, &headers, &request_id, &request, rate) {
-                Ok(dispatch) => stream_one(&mut socket, &state, &request_id, &id, dispatch).await,
+                Ok((dispatch, ad)) => stream_one(&mut socket, &state, &request_id, &id, dispatch, ad).await,
                 Err(e) => Err(e),
             },
             Err(e) => Err(ApiError::invalid(format!("invalid inference message: {e}"), None)),
@@ -283,11 +333,12 @@ fn socket_dispatch(
     request_id: &str,
     request: &InferenceRequest,
     rate: Arc<RateCtx>,
-) -> Result<relay::Dispatch, ApiError> {
+) -> Result<(relay::Dispatch, Option<Selected>), ApiError> {
     let (mut chat, ext) = to_chat(request)?;
+    let ad = choose_ad(state, key, headers, request_id, &mut chat, &ext)?;
     let (mut dispatch, _, _) = prepare_chat(state, key, request_id, headers, &mut chat, ext, Instant::now())?;
     dispatch.rate = Some(rate);
-    Ok(dispatch)
+    Ok((dispatch, ad))
 }
 
 async fn stream_one(
@@ -296,6 +347,7 @@ async fn stream_one(
     request_id: &str,
     id: &Value,
     dispatch: relay::Dispatch,
+    ad: Option<Selected>,
 ) -> Result<(), ApiError> {
     let mut relay = relay::open(state, dispatch).await?;
     let mut result = String::new();
@@ -318,9 +370,18 @@ async fn stream_one(
                 }
             }
             Event::Done => {
+                // Free tier: a labelled ad event after the answer, before its end.
+                let mut shown = None;
+                if let Some(s) = ad {
+                    let data = json!({ "id": id, "requestId": request_id, "ad": s.ad });
+                    if s.placement == Placement::Prompt || socket.send(event("stream:ad", data)).await.is_ok() {
+                        shown = Some(s.ad.clone());
+                        state.ads.delivered(s, Some(relay.provider().id.clone()));
+                    }
+                }
                 let data = json!({
                     "id": id, "requestId": request_id, "result": result,
-                    "finishReason": finish_reason, "usage": relay.usage(),
+                    "finishReason": finish_reason, "usage": relay.usage(), "ad": shown,
                 });
                 let _ = socket.send(event("stream:end", data)).await;
                 return Ok(());

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_quality_levels.sql")),
     (6, include_str!("../migrations/0006_ads.sql")),
     (7, include_str!("../migrations/0007_responses.sql")),
+    (8, include_str!("../migrations/0008_provider_trust.sql")),
 ];
 
 /// Every SQLite connection's set-up, sqlx's and `Direct`'s. WAL lets readers run

@@ -91,6 +91,11 @@ pub struct RegisterProviderResponse {
     /// Shown once; the gateway stores only its hash.
     pub provider_key: String,
     pub status: String,
+    /// What the gateway sends as `Authorization: Bearer …` on every call to this
+    /// provider; its worker refuses `/v1/*` without it. Shown once, derived from the
+    /// provider key (not stored), and replaced when the key is rotated.
+    #[serde(default)]
+    pub relay_secret: String,
 }
 
 /// `POST /api/gpu/keys/rotate`: the provider whose key (the bearer) is replaced.
@@ -106,6 +111,9 @@ pub struct RotatedKey {
     pub provider_id: String,
     /// The new key, shown once; the old one stops working at once.
     pub provider_key: String,
+    /// The new relay secret (the old one stops working at once).
+    #[serde(default)]
+    pub relay_secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -214,6 +222,12 @@ pub struct ProviderInfo {
     pub score: f64,
     /// Success rate, TTFT, uptime, honesty (EWMAs) and the circuit breaker's state.
     pub health: serde_json::Value,
+    /// Requests it must still serve well before it leaves probation (0: trusted).
+    #[serde(default)]
+    pub probation_remaining: u32,
+    /// Why its status was last changed (an admin's note, or a refused `baseUrl`).
+    #[serde(default)]
+    pub status_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -256,4 +270,8 @@ pub struct InferenceResponse {
     pub finish_reason: Option<String>,
     pub usage: Usage,
     pub request_id: String,
+    /// Free tier: the labelled ad this answer carries (also appended to `result`
+    /// with the `content` placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ad: Option<crate::ads::Ad>,
 }

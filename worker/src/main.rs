@@ -75,7 +75,8 @@ enum Cmd {
         /// GGUF file; defaults to the fetched default model.
         #[arg(long)]
         model: Option<PathBuf>,
-        #[arg(long, default_value = "0.0.0.0")]
+        /// Address to listen on; 127.0.0.1 unless you open it (`--host 0.0.0.0`).
+        #[arg(long, default_value = "127.0.0.1")]
         host: String,
         #[arg(long, default_value_t = 8081)]
         port: u16,
@@ -91,6 +92,21 @@ enum Cmd {
         provider_key: Option<String>,
         #[arg(long)]
         provider_id: Option<String>,
+        /// With --provider-id and --provider-key: the relay secret registration returned.
+        #[arg(long, env = "WORKER_RELAY_SECRET")]
+        relay_secret: Option<String>,
+        /// A key callers must send (`Authorization: Bearer KEY`); a worker without
+        /// --gateway needs it, or --open.
+        #[arg(long, env = "WORKER_API_KEY")]
+        api_key: Option<String>,
+        /// Answer `/v1/*` without any key (a private network only).
+        #[arg(long)]
+        open: bool,
+        /// PEM certificate chain: serve HTTPS (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// URL the gateway uses to reach this worker (default http://127.0.0.1:PORT).
         #[arg(long)]
         public_url: Option<String>,
@@ -252,6 +268,11 @@ fn main() -> anyhow::Result<()> {
             gateway,
             provider_key,
             provider_id,
+            relay_secret,
+            api_key,
+            open,
+            tls_cert,
+            tls_key,
             public_url,
             name,
             price_per_token,
@@ -264,11 +285,13 @@ fn main() -> anyhow::Result<()> {
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
             let cfg = engine.config();
             let engine = start_engine(m, &engine, cfg)?;
+            let scheme = if tls_cert.is_some() { "https" } else { "http" };
             let gateway = gateway.map(|url| GatewayConfig {
                 url,
                 provider_key,
                 provider_id,
-                public_url: public_url.unwrap_or_else(|| format!("http://127.0.0.1:{port}")),
+                relay_secret,
+                public_url: public_url.unwrap_or_else(|| format!("{scheme}://127.0.0.1:{port}")),
                 name: name.unwrap_or_else(|| {
                     std::fs::read_to_string("/etc/hostname").map_or_else(|_| "worker".into(), |h| h.trim().to_string())
                 }),
@@ -279,7 +302,8 @@ fn main() -> anyhow::Result<()> {
                 key_file: key_file.unwrap_or_else(worker::registration::default_key_file),
             });
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(worker::serve::run(engine, model_id, ServeConfig { host, port, gateway }))?;
+            let tls = tls_cert.zip(tls_key);
+            rt.block_on(worker::serve::run(engine, model_id, ServeConfig { host, port, gateway, api_key, open, tls }))?;
         }
     }
     Ok(())

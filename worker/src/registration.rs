@@ -29,6 +29,9 @@ pub struct GatewayConfig {
     /// together with `provider_id`, credentials that skip registration.
     pub provider_key: Option<String>,
     pub provider_id: Option<String>,
+    /// With `provider_id` and `provider_key`: the relay secret the gateway gave at
+    /// registration (the gateway presents it on every call).
+    pub relay_secret: Option<String>,
     pub public_url: String,
     pub name: String,
     pub per_token_usd: f64,
@@ -45,6 +48,9 @@ pub struct Credentials {
     pub gateway: String,
     pub provider_id: String,
     pub provider_key: String,
+    /// What the gateway presents on every call; `/v1/*` refuses everyone else.
+    #[serde(default)]
+    pub relay_secret: String,
 }
 
 /// Default key file: `~/.config/gpu-streaming/worker-provider.json`.
@@ -56,7 +62,8 @@ pub fn default_key_file() -> PathBuf {
 fn load_credentials(path: &Path, gateway: &str) -> Option<Credentials> {
     let text = std::fs::read_to_string(path).ok()?;
     let c: Credentials = serde_json::from_str(&text).ok()?;
-    (c.gateway == gateway).then_some(c)
+    // A key file from before relay secrets cannot admit the gateway: register anew.
+    (c.gateway == gateway && !c.relay_secret.is_empty()).then_some(c)
 }
 
 fn save_credentials(path: &Path, c: &Credentials) -> Result<(), RegistrationError> {
@@ -136,7 +143,13 @@ impl GatewayClient {
         let mut from_file = false;
         let saved = if use_saved { load_credentials(&cfg.key_file, &base) } else { None };
         let creds = if let (Some(id), Some(key)) = (&cfg.provider_id, &cfg.provider_key) {
-            Credentials { gateway: base.clone(), provider_id: id.clone(), provider_key: key.clone() }
+            let Some(relay_secret) = cfg.relay_secret.clone() else {
+                return Err(RegistrationError::KeyFile {
+                    path: "--provider-id/--provider-key".into(),
+                    detail: "credentials given as flags need --relay-secret too (registration returned it)".into(),
+                });
+            };
+            Credentials { gateway: base.clone(), provider_id: id.clone(), provider_key: key.clone(), relay_secret }
         } else if let Some(c) = saved {
             tracing::info!(provider_id = %c.provider_id, "using saved provider credentials");
             from_file = true;
@@ -166,14 +179,16 @@ impl GatewayClient {
             });
             let v = post(&http, format!("{base}/api/gpu/register"), cfg.provider_key.as_deref(), body).await?;
             let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            let (Some(provider_id), Some(provider_key)) = (field("providerId"), field("providerKey")) else {
+            let (Some(provider_id), Some(provider_key), Some(relay_secret)) =
+                (field("providerId"), field("providerKey"), field("relaySecret").filter(|s| !s.is_empty()))
+            else {
                 return Err(RegistrationError::Status {
                     url: format!("{base}/api/gpu/register"),
                     status: 201,
-                    body: "response lacks providerId/providerKey".into(),
+                    body: "response lacks providerId/providerKey/relaySecret".into(),
                 });
             };
-            let c = Credentials { gateway: base.clone(), provider_id, provider_key };
+            let c = Credentials { gateway: base.clone(), provider_id, provider_key, relay_secret };
             save_credentials(&cfg.key_file, &c)?;
             tracing::info!(provider_id = %c.provider_id, key_file = %cfg.key_file.display(), "registered with the gateway");
             c

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::engine::Engine;
 use crate::registration::{GatewayClient, GatewayConfig, RegistrationError};
-use crate::server::{app, AppState};
+use crate::server::{app, Access, AppState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -16,12 +16,37 @@ pub enum ServeError {
     Serve(std::io::Error),
     #[error(transparent)]
     Gateway(#[from] RegistrationError),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub struct ServeConfig {
+    /// Address to bind: 127.0.0.1 unless the owner opens it (`--host 0.0.0.0`).
     pub host: String,
     pub port: u16,
     pub gateway: Option<GatewayConfig>,
+    /// A key callers other than the gateway may present (`--api-key`).
+    pub api_key: Option<String>,
+    /// Serve `/v1/*` to anyone (`--open`): only for a worker on a private network.
+    pub open: bool,
+    /// PEM certificate chain and key: serve HTTPS.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Who may call `/v1/*`: a worker joined to a gateway accepts the gateway's relay
+/// secret (and `--api-key`); a standalone one needs `--api-key` or an explicit `--open`.
+fn access(cfg: &ServeConfig, relay_secret: Option<&str>) -> Result<Arc<Access>, ServeError> {
+    if cfg.open {
+        tracing::warn!("--open: /v1/* answers anyone who can reach this port");
+        return Ok(Access::open());
+    }
+    let tokens: Vec<String> = relay_secret.map(str::to_owned).into_iter().chain(cfg.api_key.clone()).collect();
+    if tokens.is_empty() {
+        return Err(ServeError::Config(
+            "a worker without --gateway needs --api-key KEY (callers send `Authorization: Bearer KEY`) or --open".into(),
+        ));
+    }
+    Ok(Access::tokens(tokens))
 }
 
 async fn shutdown_signal() {
@@ -45,16 +70,17 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn run(engine: Engine, model_id: String, cfg: ServeConfig) -> Result<(), ServeError> {
-    let state = AppState::new(engine.clone(), model_id.clone());
-    let draining = state.draining.clone();
+pub async fn run(engine: Engine, model_id: String, mut cfg: ServeConfig) -> Result<(), ServeError> {
+    if cfg.gateway.is_none() {
+        access(&cfg, None)?;
+    }
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
     tracing::info!(%addr, model = %model_id, "serving the OpenAI API");
 
-    let gateway = match cfg.gateway {
+    let gateway = match cfg.gateway.take() {
         Some(g) => {
             let gpu = crate::host::GpuInfo::from_device(&engine.forward.device());
             let client = Arc::new(GatewayClient::join(g, &engine, &model_id, &gpu).await?);
@@ -66,13 +92,19 @@ pub async fn run(engine: Engine, model_id: String, cfg: ServeConfig) -> Result<(
         }
         None => None,
     };
+    let relay_secret = gateway.as_ref().map(|(client, _)| client.creds.relay_secret.as_str());
+    let state = AppState::new(engine.clone(), model_id.clone()).with_access(access(&cfg, relay_secret)?);
+    let draining = state.draining.clone();
 
     let shutdown = async move {
         shutdown_signal().await;
         tracing::info!("shutting down: refusing new requests, finishing open streams");
         draining.store(true, Relaxed);
     };
-    let result = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+    let result = match &cfg.tls {
+        None => axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await,
+        Some((cert, key)) => serve_tls(listener, app(state), cert, key, shutdown).await,
+    };
     if let Some((client, task)) = gateway {
         task.abort();
         match client.stop_streams().await {
@@ -82,4 +114,23 @@ pub async fn run(engine: Engine, model_id: String, cfg: ServeConfig) -> Result<(
     }
     engine.shutdown();
     result.map_err(ServeError::Serve)
+}
+
+/// HTTPS with rustls; on `shutdown` open streams finish before the server returns.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
+    let handle = axum_server::Handle::new();
+    let h = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        h.graceful_shutdown(None);
+    });
+    axum_server::from_tcp_rustls(listener.into_std()?, tls).handle(handle).serve(router.into_make_service()).await
 }

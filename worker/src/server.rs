@@ -28,6 +28,65 @@ use crate::sampling::SamplingParams;
 /// The optional OpenAI request parameters this worker honours (announced to the gateway).
 pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop", "logprobs"];
 
+/// Who may call `/v1/*`: the bearer tokens accepted (the gateway's relay secret, an
+/// `--api-key`), or anyone (`--open`). `/health` and `/metrics` stay open: they show
+/// load, never a model's output.
+#[derive(Debug, Default)]
+pub struct Access {
+    tokens: parking_lot::RwLock<Vec<String>>,
+    open: bool,
+}
+
+impl Access {
+    /// Anyone may call (`worker serve --open`, and the in-process test servers).
+    pub fn open() -> Arc<Access> {
+        Arc::new(Access { open: true, ..Access::default() })
+    }
+
+    /// Only callers that present one of `tokens`.
+    pub fn tokens(tokens: Vec<String>) -> Arc<Access> {
+        Arc::new(Access { tokens: parking_lot::RwLock::new(tokens), open: false })
+    }
+
+    /// Accepts `token` from now on (the relay secret, once registration gave it).
+    pub fn allow(&self, token: String) {
+        self.tokens.write().push(token);
+    }
+
+    fn admits(&self, presented: Option<&str>) -> bool {
+        if self.open {
+            return true;
+        }
+        let Some(presented) = presented else { return false };
+        // Every token is compared in full, so timing tells nothing about which is close.
+        self.tokens.read().iter().fold(false, |ok, t| ok | constant_time_eq(t.as_bytes(), presented.as_bytes()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Refuses `/v1/*` calls that do not present an accepted bearer token (401, OpenAI shape).
+async fn require_token(
+    State(access): State<Arc<Access>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if access.admits(presented) {
+        return next.run(request).await;
+    }
+    let body = json!({"error": {
+        "message": "This worker serves only its gateway (or holders of its API key): send `Authorization: Bearer <key>`.",
+        "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
@@ -36,6 +95,8 @@ pub struct AppState {
     /// Set on SIGTERM: new requests are refused while open streams finish.
     pub draining: Arc<AtomicBool>,
     pub created: u64,
+    /// Who may call `/v1/*` (open unless `with_access` says otherwise).
+    pub access: Arc<Access>,
 }
 
 impl AppState {
@@ -53,16 +114,24 @@ impl AppState {
                 }
             }
         });
-        AppState { engine, model_id, template, draining: Arc::new(AtomicBool::new(false)), created: now() }
+        AppState { engine, model_id, template, draining: Arc::new(AtomicBool::new(false)), created: now(), access: Access::open() }
+    }
+
+    /// The same state, serving `/v1/*` only to callers `access` admits.
+    pub fn with_access(self, access: Arc<Access>) -> AppState {
+        AppState { access, ..self }
     }
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route_layer(axum::middleware::from_fn_with_state(state.access.clone(), require_token));
+    Router::new()
+        .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(state)

@@ -126,6 +126,8 @@ async fn start_gateway(mock_url: &str, ads_on: bool, campaigns: usize, dir: &tem
         database_url: url.clone(),
         admin_key: Some(Secret::new(ADMIN)),
         allow_private_providers: true,
+        probation_requests: 0,
+        free_tier_daily_budget: 1_000_000.0,
         ads_enabled: ads_on,
         free_requests_per_minute: 1_000_000,
         health_check_secs: 0,

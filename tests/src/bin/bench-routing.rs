@@ -48,6 +48,9 @@ fn provider(i: usize, now: i64) -> Arc<Provider> {
         created_at: now,
         load,
         reservation: None,
+        key_hash: String::new(),
+        probation_left: 0,
+        status_reason: None,
     })
 }
 

@@ -194,7 +194,7 @@ async fn inproc_bounds_an_inside_address_is_refused_at_connection_too() {
         json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 8}, "pricing": {"perToken": 0.000002}, "baseUrl": mock.url()}),
     )
     .unwrap();
-    let created = gw.state.registry.register(request, gateway::providers::ProviderStatus::Active).await.unwrap();
+    let created = gw.state.registry.register(request, gateway::providers::ProviderStatus::Active, 0).await.unwrap().0;
     gw.state.registry.start_stream(&created.provider_id, "mock-model", "standard").await.unwrap();
     let key = gw.create_key("premium").await;
     let r = gw.chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]})).await;

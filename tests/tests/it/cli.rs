@@ -40,6 +40,8 @@ pub(crate) async fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> C
         .env("GATEWAY_ADMIN_KEY", ADMIN)
         // The mock providers listen on 127.0.0.1.
         .env("GATEWAY_ALLOW_PRIVATE_PROVIDERS", "true")
+        .env("GATEWAY_PROBATION_REQUESTS", "0")
+        .env("GATEWAY_FREE_TIER_DAILY_BUDGET", "1000")
         .env("GATEWAY_HOST", "127.0.0.1")
         .env("GPU_STREAMING_PORT", port.to_string())
         .env("GATEWAY_SHUTDOWN_GRACE_SECS", "10")

@@ -150,6 +150,8 @@ async fn inproc_console_endpoints_report_what_happened() -> anyhow::Result<()> {
         database_url: crate::inproc::fresh_database(&dir).await.0,
         admin_key: Some(Secret::new(ADMIN)),
         allow_private_providers: true,
+        probation_requests: 0,
+        free_tier_daily_budget: 1_000.0,
         usage_flush_ms: 5,
         ..Config::default()
     };

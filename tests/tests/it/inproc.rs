@@ -51,6 +51,10 @@ fn test_config(url: String) -> Config {
         admin_key: Some(Secret::new(ADMIN)),
         // The mock providers listen on 127.0.0.1.
         allow_private_providers: true,
+        // Providers the tests register are trusted and free keys are not capped,
+        // unless a test says otherwise (the bounds suite tests both).
+        probation_requests: 0,
+        free_tier_daily_budget: 1_000.0,
         first_token_timeout_secs: 5,
         idle_chunk_timeout_secs: 5,
         usage_flush_ms: 5,
@@ -66,7 +70,13 @@ impl Gateway {
 
     pub(crate) async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = test_config(fresh_database(&dir).await.0);
+        let url = fresh_database(&dir).await.0;
+        Self::start_on(url, dir, tweak).await
+    }
+
+    /// A gateway on an existing database (a restart, or a second replica).
+    pub(crate) async fn start_on(url: String, dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config(url);
         tweak(&mut config);
         let store = Store::connect(&config.database_url).await.unwrap();
         let running = Running::start_with_store(config, store).await.unwrap();

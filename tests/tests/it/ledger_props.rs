@@ -81,7 +81,7 @@ impl Db {
         .await
         .unwrap();
         Payments::new(self.store.clone())
-            .set_method(id, &PayoutMethod::Paypal { email: format!("{id}@example.com") })
+            .set_method(id, &PayoutMethod::Paypal { email: format!("{id}@example.com") }, 0)
             .await
             .unwrap();
     }

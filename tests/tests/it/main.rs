@@ -4,6 +4,7 @@
 // Test code, helpers included: a panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod attacks;
 mod bounds;
 mod cli;
 mod console;

@@ -29,6 +29,8 @@ impl Served {
             .env("GATEWAY_ADMIN_KEY", admin_key)
             // The mock providers listen on 127.0.0.1.
             .env("GATEWAY_ALLOW_PRIVATE_PROVIDERS", "true")
+            .env("GATEWAY_PROBATION_REQUESTS", "0")
+            .env("GATEWAY_FREE_TIER_DAILY_BUDGET", "1000")
             .env("GATEWAY_HOST", "127.0.0.1")
             .env("GPU_STREAMING_PORT", port.to_string())
             .envs(env.iter().copied())

@@ -66,6 +66,8 @@ impl Gateway {
             .env("GATEWAY_ADMIN_KEY", ADMIN_KEY)
             // The mock provider listens on 127.0.0.1.
             .env("GATEWAY_ALLOW_PRIVATE_PROVIDERS", "true")
+            .env("GATEWAY_PROBATION_REQUESTS", "0")
+            .env("GATEWAY_FREE_TIER_DAILY_BUDGET", "1000")
             .env("GATEWAY_HOST", "127.0.0.1")
             .env("GPU_STREAMING_PORT", port.to_string())
             .env("RUST_LOG", "info,sqlx=warn")

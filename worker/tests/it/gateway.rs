@@ -24,7 +24,7 @@ async fn record(State(calls): State<Calls>, uri: Uri, headers: HeaderMap, Json(b
         return (StatusCode::UNAUTHORIZED, Json(json!({"error": {"message": "invalid provider key"}})));
     }
     if uri.path() == "/api/gpu/register" {
-        return (StatusCode::CREATED, Json(json!({"providerId": "prov-1", "providerKey": "pk-test"})));
+        return (StatusCode::CREATED, Json(json!({"providerId": "prov-1", "providerKey": "pk-test", "relaySecret": "rs-test"})));
     }
     (StatusCode::OK, Json(json!({"ok": true})))
 }
@@ -47,7 +47,7 @@ async fn stale_saved_key_is_replaced_by_a_new_registration() {
     let (gw_url, calls) = mock_gateway().await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("provider.json");
-    let stale = json!({"gateway": gw_url, "providerId": "prov-old", "providerKey": "pk-stale"});
+    let stale = json!({"gateway": gw_url, "providerId": "prov-old", "providerKey": "pk-stale", "relaySecret": "rs-old"});
     std::fs::write(&key_file, stale.to_string()).unwrap();
     let port = free_port();
     let mut child = spawn_worker(port, &gw_url, &key_file, &["--qualities", "standard"]);
@@ -73,6 +73,7 @@ async fn stale_saved_key_is_replaced_by_a_new_registration() {
     assert!(status.success(), "worker exited with {status}");
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
     assert_eq!(saved["providerKey"], "pk-test");
+    assert_eq!(saved["relaySecret"], "rs-test");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -127,7 +128,21 @@ async fn registers_streams_and_drains_on_sigterm() {
     let body = json!({"model": "smollm2-135m-instruct", "stream": true, "stream_options": {"include_usage": true},
         "user": "anon-1", "priority": 1, "max_tokens": 40, "temperature": 0,
         "messages": [{"role": "user", "content": "Tell me a story about a fox."}]});
-    let resp = http.post(format!("{public}/v1/chat/completions")).json(&body).send().await.unwrap();
+    // Only the gateway may call: a stranger who finds the port gets a 401, and so does
+    // an old secret.
+    for bearer in [None, Some("rs-old"), Some("pk-test")] {
+        let mut req = http.post(format!("{public}/v1/chat/completions")).json(&body);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{bearer:?}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    let models = http.get(format!("{public}/v1/models")).send().await.unwrap();
+    assert_eq!(models.status(), 401);
+    let resp = http.post(format!("{public}/v1/chat/completions")).bearer_auth("rs-test").json(&body).send().await.unwrap();
     assert!(resp.status().is_success());
     let mut stream = resp.bytes_stream();
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
@@ -159,4 +174,47 @@ fn spawn_worker(port: u16, gateway: &str, key_file: &std::path::Path, extra: &[&
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// A worker without a gateway refuses to start unless given `--api-key` or `--open`;
+/// with `--api-key` it answers only that key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_worker_needs_a_key_or_open() {
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["serve", "--port", &port.to_string(), "--model"])
+        .arg(model_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--api-key"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["serve", "--port", &port.to_string(), "--api-key", "sk-owner", "--model"])
+        .arg(model_path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..200 {
+        if http.get(format!("{url}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "worker did not come up");
+    assert_eq!(http.get(format!("{url}/v1/models")).send().await.unwrap().status(), 401);
+    assert_eq!(http.get(format!("{url}/v1/models")).bearer_auth("sk-other").send().await.unwrap().status(), 401);
+    assert_eq!(http.get(format!("{url}/v1/models")).bearer_auth("sk-owner").send().await.unwrap().status(), 200);
+    // It listens on 127.0.0.1 only, unless told otherwise.
+    let listening = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let hex_port = format!(":{port:04X}");
+    assert!(listening.lines().any(|l| l.contains(&format!("0100007F{hex_port}"))), "bound to 127.0.0.1");
+    assert!(!listening.lines().any(|l| l.contains(&format!("00000000{hex_port}"))), "not bound to 0.0.0.0");
+    let _ = child.kill();
+    let _ = child.wait();
 }
