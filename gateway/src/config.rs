@@ -388,6 +388,8 @@ impl Config {
             "allow_query_api_key", "ws_max_session_secs", "allow_private_providers", "price_ceiling_per_token", "price_ceiling_per_hour", "price_bounds", "max_provider_streams",
             "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
+            "free_tier_daily_budget", "probation_requests", "probation_max_share", "payout_method_delay_secs",
+            "max_connections_per_ip", "body_read_timeout_secs", "relay_secret_key",
         ];
         KEYS.contains(&key)
     }
@@ -533,6 +535,19 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    /// Every key can be set from the environment (a key missing from `is_key` was
+    /// silently ignored as `GATEWAY_<KEY>`).
+    #[test]
+    fn every_key_is_settable_from_the_environment() {
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for key in defaults.keys() {
+            assert!(Config::is_key(key), "{key} is missing from Config::is_key");
+        }
+        let c = Config::load_from(None, &env(&[("GATEWAY_MAX_CONNECTIONS_PER_IP", "7"), ("GATEWAY_RELAY_SECRET_KEY", "k")])).unwrap();
+        assert_eq!(c.max_connections_per_ip, 7);
+        assert_eq!(c.relay_secret_key.unwrap().expose(), "k");
     }
 
     #[test]

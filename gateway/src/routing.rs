@@ -190,6 +190,11 @@ impl Probation {
     /// eligible ones mix trusted providers and providers on probation; then the
     /// providers on probation while they are under their share, else the trusted ones.
     pub fn first_pool(&self, model: &str, eligible: &[Arc<Provider>], share: f64) -> Option<Vec<Arc<Provider>>> {
+        // The common case (no provider on probation, or only such) allocates nothing.
+        let on_probation = eligible.iter().filter(|p| p.probation_left > 0).count();
+        if on_probation == 0 || on_probation == eligible.len() {
+            return None;
+        }
         let (trial, trusted): (Vec<_>, Vec<_>) = eligible.iter().cloned().partition(|p| p.probation_left > 0);
         if trial.is_empty() || trusted.is_empty() {
             return None;

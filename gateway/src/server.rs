@@ -327,7 +327,10 @@ pub async fn serve(
             });
             let std_listener = listener.into_std()?;
             let router = app(running.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-            let mut server = axum_server::from_tcp_rustls(std_listener, tls).handle(handle);
+            // The per-address cap runs on the TCP stream, before the TLS handshake.
+            let per_ip = PerIpAcceptor(PerIp::new(config.max_connections_per_ip));
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(per_ip);
+            let mut server = axum_server::from_tcp(std_listener).acceptor(acceptor).handle(handle);
             // The plain listener's limit on reading a request's head (slowloris) here too.
             server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEAD_READ_TIMEOUT);
             server.serve(router).await?;
@@ -347,6 +350,7 @@ const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Open connections per client IP (`max_connections_per_ip`): one address cannot hold
 /// every file descriptor the gateway has.
+#[derive(Clone)]
 struct PerIp {
     max: u32,
     open: Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
@@ -383,6 +387,48 @@ impl Drop for IpSlot {
                 open.remove(&self.ip);
             }
         }
+    }
+}
+
+/// `PerIp` for the TLS listener (axum-server's acceptor chain): a connection over the
+/// cap is dropped before its handshake; an admitted one holds its slot in its service,
+/// which lives as long as the connection.
+#[derive(Clone)]
+struct PerIpAcceptor(PerIp);
+
+impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for PerIpAcceptor {
+    type Stream = tokio::net::TcpStream;
+    type Service = Counted<S>;
+    type Future = std::future::Ready<std::io::Result<(Self::Stream, Self::Service)>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let _ = stream.set_nodelay(true);
+        let admitted = stream.peer_addr().ok().and_then(|a| self.0.admit(a.ip()));
+        std::future::ready(match admitted {
+            Some(slot) => Ok((stream, Counted { inner: service, _slot: Arc::new(slot) })),
+            None => Err(std::io::Error::other("max_connections_per_ip reached")),
+        })
+    }
+}
+
+/// A connection's service carrying its `IpSlot`.
+#[derive(Clone)]
+struct Counted<S> {
+    inner: S,
+    _slot: Arc<IpSlot>,
+}
+
+impl<S: tower::Service<R>, R> tower::Service<R> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        self.inner.call(request)
     }
 }
 

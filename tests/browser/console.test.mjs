@@ -139,6 +139,7 @@ try {
   await row.locator('.pill.suspended').waitFor();
   await row.getByRole('button', { name: 'Approve' }).click();
   await row.locator('.pill.active').waitFor();
+  assert.equal(await row.locator('.status-reason').textContent(), 'approved by an admin', 'the reason is shown beside the status');
 
   step('usage: the tokens chart has bars, axes and a tooltip');
   await page.click('#nav a[href="#/usage"]');

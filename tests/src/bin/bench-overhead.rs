@@ -152,6 +152,8 @@ async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&
         .env("GATEWAY_ALLOW_PRIVATE_PROVIDERS", "true")
         .env("GATEWAY_PROBATION_REQUESTS", "0")
         .env("GATEWAY_FREE_TIER_DAILY_BUDGET", "1000")
+        // Every client here is one address (127.0.0.1), 10,000 streams at once.
+        .env("GATEWAY_MAX_CONNECTIONS_PER_IP", "100000")
         .env("GATEWAY_HOST", "127.0.0.1")
         .env("GPU_STREAMING_PORT", port.to_string())
         // Opening 10,000 idle streams takes longer than the default 120 s idle-chunk timeout.

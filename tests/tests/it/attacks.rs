@@ -250,23 +250,21 @@ async fn inproc_attack_stored_inside_addresses_are_taken_off_line_at_start_up() 
 #[tokio::test]
 async fn inproc_attack_providers_see_different_pseudonyms_for_one_user() {
     let gw = Gateway::start().await;
-    let a = spawn_mock(MockConfig::default()).await.unwrap();
-    let b = spawn_mock(MockConfig::default()).await.unwrap();
-    gw.add_provider(&a, "mock-model", None, &["standard"]).await;
-    gw.add_provider(&b, "mock-model", None, &["standard"]).await;
+    let a = spawn_mock(MockConfig { models: vec!["model-a".into()], ..MockConfig::default() }).await.unwrap();
+    let b = spawn_mock(MockConfig { models: vec!["model-b".into()], ..MockConfig::default() }).await.unwrap();
+    gw.add_provider(&a, "model-a", None, &["standard"]).await;
+    gw.add_provider(&b, "model-b", None, &["standard"]).await;
     let key = gw.create_key("premium").await;
-    for _ in 0..40 {
-        assert_eq!(gw.chat(&key, ask(10)).await.status(), 200);
-        if a.request_count() > 1 && b.request_count() > 1 {
-            break;
-        }
+    for model in ["model-a", "model-b", "model-a", "model-b"] {
+        let r = gw.chat(&key, json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})).await;
+        assert_eq!(r.status(), 200);
     }
     let users = |m: &tests::MockProvider| -> Vec<String> {
         m.bodies.lock().iter().map(|b| b["user"].as_str().unwrap().to_owned()).collect()
     };
     let (ua, ub) = (users(&a), users(&b));
-    assert!(ua.len() > 1 && ub.len() > 1, "both providers served");
-    assert!(ua.iter().all(|u| *u == ua[0]) && ub.iter().all(|u| *u == ub[0]), "stable per provider");
+    assert_eq!((ua.len(), ub.len()), (2, 2));
+    assert!(ua[0] == ua[1] && ub[0] == ub[1], "stable per provider: {ua:?} {ub:?}");
     assert_ne!(ua[0], ub[0], "different per provider");
     assert!(ua[0].starts_with("u_") && ua[0].len() == ub[0].len());
 }
@@ -414,4 +412,36 @@ async fn inproc_attack_a_revoked_key_dies_on_every_replica_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(status, 401, "replica two refused the revoked key within 1 s");
+}
+
+/// A provider that answers with a redirect (to an inside address, say) is not followed:
+/// the redirect target never sees the call, and the client gets a provider error.
+#[tokio::test]
+async fn inproc_attack_a_provider_redirect_is_not_followed() {
+    use axum::http::{header, StatusCode};
+
+    let gw = Gateway::start().await;
+    let inside = spawn_mock(MockConfig::default()).await.unwrap();
+    let target = format!("{}/v1/chat/completions", inside.url());
+    let app = axum::Router::new().fallback(move || {
+        let target = target.clone();
+        async move { (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, target)]) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirector = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let r = gw.http.post(gw.url("/api/gpu/register")).json(&json!({
+        "capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 8},
+        "pricing": {"perToken": 0.000002}, "baseUrl": redirector})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let id = v["providerId"].as_str().unwrap();
+    let r = gw.http.post(gw.url("/api/gpu/stream/start")).bearer_auth(v["providerKey"].as_str().unwrap())
+        .json(&json!({"providerId": id, "model": "mock-model", "quality": "standard"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let key = gw.create_key("premium").await;
+    let r = gw.chat(&key, ask(10)).await;
+    assert_eq!(r.status(), 502, "{}", r.text().await.unwrap());
+    assert_eq!(inside.request_count(), 0, "the redirect was not followed");
+    gw.ledger_is_clean().await;
 }

@@ -860,6 +860,7 @@ async fn inproc_https_with_rustls() {
     let mut config = test_config(fresh_database(&dir).await.0);
     config.tls_cert = Some(cert_path);
     config.tls_key = Some(key_path);
+    config.max_connections_per_ip = 3;
     let store = Store::connect(&config.database_url).await.unwrap();
     let running = Running::start_with_store(config, store).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -874,6 +875,26 @@ async fn inproc_https_with_rustls() {
     assert!(r.headers().get("x-request-id").is_some());
     let plain = reqwest::get(format!("http://localhost:{port}/health")).await;
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true), "plain HTTP is not served on the TLS port");
+    // `max_connections_per_ip` holds here too, before the handshake.
+    drop(client);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let fresh = || reqwest::Client::builder().danger_accept_invalid_certs(true).pool_max_idle_per_host(0).build().unwrap();
+    assert!(fresh().get(format!("https://127.0.0.1:{port}/health")).send().await.is_err(), "a fourth connection is refused");
+    drop(held);
+    let mut served = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if fresh().get(format!("https://127.0.0.1:{port}/health")).send().await.is_ok_and(|r| r.status() == 200) {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "served again once the others closed");
     tx.send(()).unwrap();
     done.await.unwrap().unwrap();
 }
