@@ -216,6 +216,9 @@ pub struct Config {
     /// stored in the database when not set; set it (the same on every replica) so that
     /// a copy of the database cannot derive the secrets.
     pub relay_secret_key: Option<Secret>,
+    /// Seed of routing's random choices: set, the same traffic is routed the same way
+    /// (tests that check where traffic goes); unset, the OS seeds it per thread.
+    pub routing_seed: Option<u64>,
     /// Stored Responses API answers (`store: true`) are deleted this many days after
     /// they were made, and not served or replayed after that.
     pub responses_retention_days: u32,
@@ -302,6 +305,7 @@ impl Default for Config {
             max_connections_per_ip: 256,
             body_read_timeout_secs: 30,
             relay_secret_key: None,
+            routing_seed: None,
             otel_endpoint: None,
             otel_service_name: "gpu-streaming-gateway".to_owned(),
             tokenizers: BTreeMap::new(),
@@ -389,7 +393,7 @@ impl Config {
             "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
             "free_tier_daily_budget", "probation_requests", "probation_max_share", "payout_method_delay_secs",
-            "max_connections_per_ip", "body_read_timeout_secs", "relay_secret_key",
+            "max_connections_per_ip", "body_read_timeout_secs", "relay_secret_key", "routing_seed",
         ];
         KEYS.contains(&key)
     }

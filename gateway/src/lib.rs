@@ -98,6 +98,8 @@ pub struct Inner {
     pub probation: Arc<routing::Probation>,
     /// Key of the providers' relay secrets (`relay_secret_key`).
     pub relay_key: Secret,
+    /// Routing's random source when `routing_seed` is set (reproducible choices).
+    pub routing_rng: Option<parking_lot::Mutex<rand::rngs::StdRng>>,
 }
 
 impl std::ops::Deref for AppState {

@@ -387,7 +387,11 @@ async fn pick_or_wait(
 ) -> Option<Arc<Provider>> {
     let weights = state.config.weights();
     let min_score = level.min_score;
-    if let Some(p) = routing::pick(eligible, tried, &weights, now_ms(), min_score) {
+    let pick = || match &state.routing_rng {
+        Some(rng) => routing::pick_with(&mut *rng.lock(), eligible, tried, &weights, now_ms(), min_score),
+        None => routing::pick(eligible, tried, &weights, now_ms(), min_score),
+    };
+    if let Some(p) = pick() {
         return Some(p);
     }
     let timeout = Duration::from_millis(state.config.queue_timeout_ms);
@@ -401,11 +405,11 @@ async fn pick_or_wait(
     let deadline = tokio::time::Instant::now() + timeout;
     let picked = loop {
         let freed = state.capacity_freed.notified();
-        if let Some(p) = routing::pick(eligible, tried, &weights, now_ms(), min_score) {
+        if let Some(p) = pick() {
             break Some(p);
         }
         if tokio::time::timeout_at(deadline, freed).await.is_err() {
-            break routing::pick(eligible, tried, &weights, now_ms(), min_score);
+            break pick();
         }
     };
     state.queued.fetch_sub(1, Ordering::Relaxed);

@@ -107,13 +107,25 @@ const SAMPLE: usize = 16;
 /// free slot, an open breaker, a score of at least `min_score`, and a weight (score ×
 /// free capacity) close to the best, two random ones are compared and the heavier wins.
 pub fn pick(eligible: &[Arc<Provider>], exclude: &[String], weights: &Weights, now_ms: i64, min_score: f64) -> Option<Arc<Provider>> {
-    let mut rng = rand::thread_rng();
+    pick_with(&mut rand::thread_rng(), eligible, exclude, weights, now_ms, min_score)
+}
+
+/// `pick` with the caller's random source (a seeded one makes routing reproducible:
+/// `routing_seed`).
+pub fn pick_with(
+    rng: &mut dyn rand::RngCore,
+    eligible: &[Arc<Provider>],
+    exclude: &[String],
+    weights: &Weights,
+    now_ms: i64,
+    min_score: f64,
+) -> Option<Arc<Provider>> {
     let mut open: Vec<&Arc<Provider>> = eligible
         .iter()
         .filter(|p| has_capacity(p) && !exclude.contains(&p.id) && p.load.health.available(now_ms))
         .collect();
     if open.len() > SAMPLE {
-        let (sample, _) = open.partial_shuffle(&mut rng, SAMPLE);
+        let (sample, _) = open.partial_shuffle(rng, SAMPLE);
         open = sample.to_vec();
     }
     let base = Baseline::of(open.iter().copied());

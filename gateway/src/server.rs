@@ -147,6 +147,7 @@ impl Running {
             Some(url) => Arc::new(crate::ratelimit::Limiter::redis(url).await.context("cannot connect to Redis for rate limits")?),
             None => Arc::new(crate::ratelimit::Limiter::memory()),
         };
+        let config_seed = config.routing_seed;
         let mut keys = Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs));
         if let Some(url) = &config.redis_url {
             // A revoked key stops working on every replica at once, not after the cache TTL.
@@ -178,6 +179,7 @@ impl Running {
             free_budget,
             probation: Arc::new(crate::routing::Probation::default()),
             relay_key,
+            routing_rng: config_seed.map(|seed| parking_lot::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed))),
         });
         if state.config.health_check_secs > 0 {
             let checking = state.clone();
