@@ -1,15 +1,37 @@
 //! The ads admin API and the `ad` object clients see. camelCase like the platform API;
-//! money is integer micro-USD.
+//! money as everywhere in the API: USD in the named field (`amount`, `cpmBid`, …) and
+//! exact integer micro-USD in its `…Micros` twin, both accepted and both returned.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A ledger account's balance in micro-USD: posted, held by open holds, available.
+/// A ledger account's balance: posted, held by open holds, available (USD, and
+/// micro-USD in the `…Micros` twins).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct AccountBalance {
-    pub posted: i64,
-    pub held: i64,
-    pub available: i64,
+    pub posted: f64,
+    pub held: f64,
+    pub available: f64,
+    pub posted_micros: i64,
+    pub held_micros: i64,
+    pub available_micros: i64,
+}
+
+impl AccountBalance {
+    #[allow(clippy::cast_precision_loss)]
+    pub fn of_micros(posted: i64, held: i64) -> Self {
+        let usd = |m: i64| m as f64 / 1e6;
+        let available = posted - held;
+        Self {
+            posted: usd(posted),
+            held: usd(held),
+            available: usd(available),
+            posted_micros: posted,
+            held_micros: held,
+            available_micros: available,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -31,8 +53,12 @@ pub struct Advertiser {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdvertiserCredit {
-    /// Micro-USD, positive.
-    pub amount: i64,
+    /// USD, positive, at most 1,000,000 (or `amountMicros`).
+    #[serde(default)]
+    pub amount: Option<f64>,
+    /// The same in micro-USD (both given: they must agree).
+    #[serde(default)]
+    pub amount_micros: Option<i64>,
     #[serde(default)]
     pub note: Option<String>,
 }
@@ -55,16 +81,26 @@ pub struct CampaignInput {
     /// Where a click goes (http or https).
     #[serde(default)]
     pub url: Option<String>,
-    /// Micro-USD per thousand impressions.
+    /// USD per thousand impressions, at most 1,000 (or `cpmBidMicros`).
     #[serde(default)]
-    pub cpm_bid: Option<i64>,
-    /// Micro-USD per click.
+    pub cpm_bid: Option<f64>,
     #[serde(default)]
-    pub cpc_bid: Option<i64>,
+    pub cpm_bid_micros: Option<i64>,
+    /// USD per click, at most 1,000 (or `cpcBidMicros`).
     #[serde(default)]
-    pub daily_budget: Option<i64>,
+    pub cpc_bid: Option<f64>,
     #[serde(default)]
-    pub total_budget: Option<i64>,
+    pub cpc_bid_micros: Option<i64>,
+    /// USD per UTC day, at most 1,000,000 (or `dailyBudgetMicros`).
+    #[serde(default)]
+    pub daily_budget: Option<f64>,
+    #[serde(default)]
+    pub daily_budget_micros: Option<i64>,
+    /// USD over the campaign's life, at most 1,000,000 (or `totalBudgetMicros`).
+    #[serde(default)]
+    pub total_budget: Option<f64>,
+    #[serde(default)]
+    pub total_budget_micros: Option<i64>,
     /// Milliseconds since the epoch; null for no bound.
     #[serde(default, with = "double_option")]
     #[schema(value_type = Option<i64>)]
@@ -114,16 +150,35 @@ pub struct Campaign {
     pub title: String,
     pub text: String,
     pub url: String,
-    pub cpm_bid: i64,
-    pub cpc_bid: i64,
-    pub daily_budget: i64,
-    pub total_budget: i64,
+    /// USD per thousand impressions (exact: `cpmBidMicros`).
+    pub cpm_bid: f64,
+    pub cpm_bid_micros: i64,
+    /// USD per click.
+    pub cpc_bid: f64,
+    pub cpc_bid_micros: i64,
+    pub daily_budget: f64,
+    pub daily_budget_micros: i64,
+    pub total_budget: f64,
+    pub total_budget_micros: i64,
     pub starts_at: Option<i64>,
     pub ends_at: Option<i64>,
     pub status: String,
     pub frequency_cap: u32,
     pub created_at: i64,
     pub stats: CampaignStats,
+}
+
+impl Campaign {
+    /// Fills the USD fields from the micro-USD ones (which the gateway works with).
+    #[allow(clippy::cast_precision_loss)]
+    pub fn with_usd(mut self) -> Self {
+        let usd = |m: i64| m as f64 / 1e6;
+        self.cpm_bid = usd(self.cpm_bid_micros);
+        self.cpc_bid = usd(self.cpc_bid_micros);
+        self.daily_budget = usd(self.daily_budget_micros);
+        self.total_budget = usd(self.total_budget_micros);
+        self
+    }
 }
 
 /// The ad object of the `metadata` placement (and what `content` renders as text).
