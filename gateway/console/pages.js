@@ -260,9 +260,9 @@ async function ads(root) {
       const a = await api(`/api/analytics/ads?${range(to - 30 * DAY, to)}`);
       clear(summary).append(
         h('div', { class: 'stats' },
-          stat('Impressions', num(a.impressions)), stat('Clicks', num(a.clicks)), stat('CTR', pct(a.ctr)), stat('Ad revenue', micros(a.revenue)),
-          stat('Free tier: provider cost', micros(a.freeTier?.providerCost)), stat('Free tier: ad revenue', micros(a.freeTier?.adRevenue))),
-        table(['Category', 'Impressions', 'Clicks', 'Revenue'], (a.byCategory || []).map((c) => [c.category, num(c.impressions), num(c.clicks), micros(c.revenue)])));
+          stat('Impressions', num(a.impressions)), stat('Clicks', num(a.clicks)), stat('CTR', pct(a.ctr)), stat('Ad revenue', micros(a.revenueMicros)),
+          stat('Free tier: provider cost', micros(a.freeTier?.providerCostMicros)), stat('Free tier: ad revenue', micros(a.freeTier?.adRevenueMicros))),
+        table(['Category', 'Impressions', 'Clicks', 'Revenue'], (a.byCategory || []).map((c) => [c.category, num(c.impressions), num(c.clicks), micros(c.revenueMicros)])));
     } catch (e) {
       if (e.status === 401) throw e;
       clear(summary).append(notice('error', `Ad analytics: ${e.message}`));
@@ -327,7 +327,7 @@ async function ads(root) {
         cells: [
           h('div', {}, h('strong', { class: 'campaign-name' }, c.name), h('div', { class: 'muted' }, names.get(c.advertiserId) || c.advertiserId)),
           pill(c.status), (c.categories || []).join(', '),
-          num(c.stats?.impressions), num(c.stats?.clicks), pct(c.stats?.ctr), micros(c.stats?.spend),
+          num(c.stats?.impressions), num(c.stats?.clicks), pct(c.stats?.ctr), micros(c.stats?.spendMicros),
           `${micros(c.dailyBudgetMicros)} / ${micros(c.totalBudgetMicros)}`,
           action('Edit', () => { clear(formBox).append(campaignForm(c)); formBox.scrollIntoView({ block: 'nearest' }); }, { class: 'small' }),
         ],

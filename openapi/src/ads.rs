@@ -136,8 +136,9 @@ pub struct CampaignStats {
     pub clicks: u64,
     /// Clicks per impression, 0 without impressions.
     pub ctr: f64,
-    /// Micro-USD charged to the advertiser so far.
-    pub spend: i64,
+    /// USD charged to the advertiser so far (exact: `spendMicros`).
+    pub spend: f64,
+    pub spend_micros: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -201,7 +202,9 @@ pub struct CategoryStats {
     pub category: String,
     pub impressions: u64,
     pub clicks: u64,
-    pub revenue: i64,
+    /// USD (exact: `revenueMicros`).
+    pub revenue: f64,
+    pub revenue_micros: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -212,16 +215,20 @@ pub struct CampaignReport {
     pub impressions: u64,
     pub clicks: u64,
     pub ctr: f64,
-    pub spend: i64,
+    /// USD (exact: `spendMicros`).
+    pub spend: f64,
+    pub spend_micros: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FreeTierCost {
-    /// What the platform paid providers for free-tier tokens.
-    pub provider_cost: i64,
-    /// What advertisers paid the platform (after providers' ad shares).
-    pub ad_revenue: i64,
+    /// What the platform paid providers for free-tier tokens (USD; exact: `providerCostMicros`).
+    pub provider_cost: f64,
+    pub provider_cost_micros: i64,
+    /// What advertisers paid the platform, after providers' ad shares (USD).
+    pub ad_revenue: f64,
+    pub ad_revenue_micros: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -232,11 +239,39 @@ pub struct AdsReport {
     pub impressions: u64,
     pub clicks: u64,
     pub ctr: f64,
-    /// Micro-USD charged to advertisers.
-    pub revenue: i64,
+    /// USD charged to advertisers (exact: `revenueMicros`).
+    pub revenue: f64,
+    pub revenue_micros: i64,
     pub by_category: Vec<CategoryStats>,
     pub by_campaign: Vec<CampaignReport>,
     pub free_tier: FreeTierCost,
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn usd(micros: i64) -> f64 {
+    micros as f64 / 1e6
+}
+
+impl CampaignStats {
+    pub fn new(impressions: u64, clicks: u64, ctr: f64, spend_micros: i64) -> Self {
+        Self { impressions, clicks, ctr, spend: usd(spend_micros), spend_micros }
+    }
+}
+
+impl AdsReport {
+    /// Fills every USD field from its micro-USD twin (which the report adds up).
+    pub fn with_usd(mut self) -> Self {
+        self.revenue = usd(self.revenue_micros);
+        for c in &mut self.by_category {
+            c.revenue = usd(c.revenue_micros);
+        }
+        for c in &mut self.by_campaign {
+            c.spend = usd(c.spend_micros);
+        }
+        self.free_tier.provider_cost = usd(self.free_tier.provider_cost_micros);
+        self.free_tier.ad_revenue = usd(self.free_tier.ad_revenue_micros);
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]

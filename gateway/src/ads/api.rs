@@ -601,12 +601,12 @@ pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Re
         let category: String = r.try_get("category")?;
         out.impressions += impressions;
         out.clicks += clicks;
-        out.revenue += spend;
+        out.revenue_micros += spend;
         match out.by_campaign.iter_mut().find(|c| c.campaign_id == campaign_id) {
             Some(c) => {
                 c.impressions += impressions;
                 c.clicks += clicks;
-                c.spend += spend;
+                c.spend_micros += spend;
             }
             None => out.by_campaign.push(CampaignReport {
                 campaign_id,
@@ -614,16 +614,17 @@ pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Re
                 impressions,
                 clicks,
                 ctr: 0.0,
-                spend,
+                spend: 0.0,
+                spend_micros: spend,
             }),
         }
         match out.by_category.iter_mut().find(|c| c.category == category) {
             Some(c) => {
                 c.impressions += impressions;
                 c.clicks += clicks;
-                c.revenue += spend;
+                c.revenue_micros += spend;
             }
-            None => out.by_category.push(CategoryStats { category, impressions, clicks, revenue: spend }),
+            None => out.by_category.push(CategoryStats { category, impressions, clicks, revenue: 0.0, revenue_micros: spend }),
         }
     }
     for c in &mut out.by_campaign {
@@ -646,11 +647,11 @@ pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Re
         let kind: String = f.try_get("kind")?;
         let amount: i64 = f.try_get("amount")?;
         match kind.as_str() {
-            "usage" => free.provider_cost -= amount,
-            "ad_impression" | "ad_click" => free.ad_revenue += amount,
+            "usage" => free.provider_cost_micros -= amount,
+            "ad_impression" | "ad_click" => free.ad_revenue_micros += amount,
             _ => {}
         }
     }
     out.free_tier = free;
-    Ok(Json(out))
+    Ok(Json(out.with_usd()))
 }

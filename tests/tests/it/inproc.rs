@@ -2014,13 +2014,15 @@ async fn inproc_ads_cpm_impression_and_click_move_money_exactly() {
     let c: Value = gw.http.get(gw.url(&format!("/api/admin/campaigns/{campaign}"))).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     assert_eq!(c["stats"]["impressions"], 1);
     assert_eq!(c["stats"]["clicks"], 1);
-    assert_eq!(c["stats"]["spend"], 100);
+    assert_eq!(c["stats"]["spendMicros"], 100);
+    assert_eq!(c["stats"]["spend"], 0.0001);
     let report: Value = gw.http.get(gw.url("/api/analytics/ads")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     assert_eq!(report["impressions"], 1);
     assert_eq!(report["clicks"], 1);
-    assert_eq!(report["revenue"], 100);
+    assert_eq!(report["revenueMicros"], 100);
+    assert_eq!(report["revenue"], 0.0001);
     assert_eq!(report["byCategory"][0]["category"], "technology");
-    assert_eq!(report["freeTier"]["adRevenue"], 80);
+    assert_eq!(report["freeTier"]["adRevenueMicros"], 80);
     gw.ledger_is_clean().await;
 }
 
