@@ -260,9 +260,9 @@ async function ads(root) {
       const a = await api(`/api/analytics/ads?${range(to - 30 * DAY, to)}`);
       clear(summary).append(
         h('div', { class: 'stats' },
-          stat('Impressions', num(a.impressions)), stat('Clicks', num(a.clicks)), stat('CTR', pct(a.ctr)), stat('Ad revenue', micros(a.revenue)),
-          stat('Free tier: provider cost', micros(a.freeTier?.providerCost)), stat('Free tier: ad revenue', micros(a.freeTier?.adRevenue))),
-        table(['Category', 'Impressions', 'Clicks', 'Revenue'], (a.byCategory || []).map((c) => [c.category, num(c.impressions), num(c.clicks), micros(c.revenue)])));
+          stat('Impressions', num(a.impressions)), stat('Clicks', num(a.clicks)), stat('CTR', pct(a.ctr)), stat('Ad revenue', micros(a.revenueMicros)),
+          stat('Free tier: provider cost', micros(a.freeTier?.providerCostMicros)), stat('Free tier: ad revenue', micros(a.freeTier?.adRevenueMicros))),
+        table(['Category', 'Impressions', 'Clicks', 'Revenue'], (a.byCategory || []).map((c) => [c.category, num(c.impressions), num(c.clicks), micros(c.revenueMicros)])));
     } catch (e) {
       if (e.status === 401) throw e;
       clear(summary).append(notice('error', `Ad analytics: ${e.message}`));
@@ -280,7 +280,7 @@ async function ads(root) {
     clear(advertisersBox).append(
       table(['Advertiser', 'Balance', 'Held', 'Available', 'Created'], advertisers.map((a) => [
         h('div', {}, h('strong', {}, a.name), h('div', { class: 'muted mono' }, a.id)),
-        micros(a.balance?.posted), micros(a.balance?.held), micros(a.balance?.available), time(a.createdAt)]), { id: 'advertisers-table' }),
+        micros(a.balance?.postedMicros), micros(a.balance?.heldMicros), micros(a.balance?.availableMicros), time(a.createdAt)]), { id: 'advertisers-table' }),
       advertiserForms());
   }
 
@@ -302,7 +302,7 @@ async function ads(root) {
       field('Credit advertiser', who), field('Amount (USD)', amount), field('Note', note), h('button', { type: 'submit' }, 'Credit'), creditStatus);
     onSubmit(credit, creditStatus, async () => {
       await api(`/api/admin/advertisers/${encodeURIComponent(who.value)}/credit`, {
-        method: 'POST', body: { amount: toMicros(amount.value, 'Amount'), note: note.value.trim() || undefined },
+        method: 'POST', body: { amountMicros: toMicros(amount.value, 'Amount'), note: note.value.trim() || undefined },
       });
       await loadAdvertisers();
       return 'Credited.';
@@ -327,8 +327,8 @@ async function ads(root) {
         cells: [
           h('div', {}, h('strong', { class: 'campaign-name' }, c.name), h('div', { class: 'muted' }, names.get(c.advertiserId) || c.advertiserId)),
           pill(c.status), (c.categories || []).join(', '),
-          num(c.stats?.impressions), num(c.stats?.clicks), pct(c.stats?.ctr), micros(c.stats?.spend),
-          `${micros(c.dailyBudget)} / ${micros(c.totalBudget)}`,
+          num(c.stats?.impressions), num(c.stats?.clicks), pct(c.stats?.ctr), micros(c.stats?.spendMicros),
+          `${micros(c.dailyBudgetMicros)} / ${micros(c.totalBudgetMicros)}`,
           action('Edit', () => { clear(formBox).append(campaignForm(c)); formBox.scrollIntoView({ block: 'nearest' }); }, { class: 'small' }),
         ],
       })), { id: 'campaigns-table' }));
@@ -344,10 +344,10 @@ async function ads(root) {
     const text = h('textarea', { name: 'text', id: 'campaign-text', required: true, maxlength: 500, rows: 3 }, c?.text ?? '');
     const url = input('url', { type: 'url', required: true, value: c?.url ?? '', placeholder: 'https://' });
     const dollars = (v) => (typeof v === 'number' ? String(v / 1e6) : '');
-    const cpm = input('cpmBid', { type: 'number', min: '0', step: '0.0001', value: dollars(c?.cpmBid) });
-    const cpc = input('cpcBid', { type: 'number', min: '0', step: '0.0001', value: dollars(c?.cpcBid) });
-    const daily = input('dailyBudget', { type: 'number', min: '0', step: '0.01', required: true, value: dollars(c?.dailyBudget) });
-    const total = input('totalBudget', { type: 'number', min: '0', step: '0.01', required: true, value: dollars(c?.totalBudget) });
+    const cpm = input('cpmBid', { type: 'number', min: '0', step: '0.0001', value: dollars(c?.cpmBidMicros) });
+    const cpc = input('cpcBid', { type: 'number', min: '0', step: '0.0001', value: dollars(c?.cpcBidMicros) });
+    const daily = input('dailyBudget', { type: 'number', min: '0', step: '0.01', required: true, value: dollars(c?.dailyBudgetMicros) });
+    const total = input('totalBudget', { type: 'number', min: '0', step: '0.01', required: true, value: dollars(c?.totalBudgetMicros) });
     const starts = input('startsAt', { type: 'datetime-local', value: localInput(c?.startsAt) });
     const ends = input('endsAt', { type: 'datetime-local', value: localInput(c?.endsAt) });
     const cap = input('frequencyCap', { type: 'number', min: '1', step: '1', value: c?.frequencyCap ?? '' });
@@ -373,13 +373,14 @@ async function ads(root) {
       const when = (el) => (el.value ? new Date(el.value).getTime() : null);
       const body = {
         name: name.value.trim(), categories, title: title.value.trim(), text: text.value.trim(), url: url.value.trim(),
-        cpmBid: cpm.value === '' ? undefined : toMicros(cpm.value, 'CPM bid'),
-        cpcBid: cpc.value === '' ? undefined : toMicros(cpc.value, 'CPC bid'),
-        dailyBudget: toMicros(daily.value, 'Daily budget'), totalBudget: toMicros(total.value, 'Total budget'),
+        // Exact micro-USD twins of the USD fields (the API takes either).
+        cpmBidMicros: cpm.value === '' ? undefined : toMicros(cpm.value, 'CPM bid'),
+        cpcBidMicros: cpc.value === '' ? undefined : toMicros(cpc.value, 'CPC bid'),
+        dailyBudgetMicros: toMicros(daily.value, 'Daily budget'), totalBudgetMicros: toMicros(total.value, 'Total budget'),
         startsAt: when(starts), endsAt: when(ends), status: status.value,
         frequencyCap: cap.value === '' ? null : Number(cap.value),
       };
-      if (body.cpmBid === undefined && body.cpcBid === undefined) throw new Error('Set a CPM bid, a CPC bid, or both.');
+      if (body.cpmBidMicros === undefined && body.cpcBidMicros === undefined) throw new Error('Set a CPM bid, a CPC bid, or both.');
       let saved;
       if (c) {
         saved = await api(`/api/admin/campaigns/${encodeURIComponent(c.id)}`, { method: 'PATCH', body });

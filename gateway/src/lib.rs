@@ -18,6 +18,7 @@ pub mod holds;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
+pub mod money;
 pub mod payments;
 pub mod payout_connector;
 pub mod payments_api;

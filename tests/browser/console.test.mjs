@@ -199,9 +199,13 @@ try {
   const campaigns = await (await fetch(`${BASE}/api/admin/campaigns`, { headers: { authorization: `Bearer ${ADMIN}` } })).json();
   const created = campaigns.data.find((c) => c.name === campaignName);
   assert.ok(created, 'the campaign exists in the API');
-  assert.equal(created.dailyBudget, 10_000_000);
-  assert.equal(created.totalBudget, 100_000_000);
-  assert.equal(created.cpmBid, 2_500_000);
+  // USD in the named fields, exact micro-USD in the twins.
+  assert.equal(created.dailyBudget, 10);
+  assert.equal(created.dailyBudgetMicros, 10_000_000);
+  assert.equal(created.totalBudget, 100);
+  assert.equal(created.totalBudgetMicros, 100_000_000);
+  assert.equal(created.cpmBid, 2.5);
+  assert.equal(created.cpmBidMicros, 2_500_000);
   assert.equal(created.frequencyCap, 3);
   assert.deepEqual(created.categories, ['technology']);
   step('ads: edit the campaign (pause it, raise its daily budget)');
@@ -213,9 +217,9 @@ try {
   await page.click('#campaign-form button[type=submit]');
   await page.locator(`#campaigns-table tr[data-campaign="${created.id}"] .pill.paused`).waitFor();
   const edited = await (await fetch(`${BASE}/api/admin/campaigns/${created.id}`, { headers: { authorization: `Bearer ${ADMIN}` } })).json();
-  assert.equal(edited.dailyBudget, 20_000_000);
+  assert.equal(edited.dailyBudgetMicros, 20_000_000);
   assert.equal(edited.status, 'paused');
-  assert.equal(edited.totalBudget, 100_000_000, 'fields not edited are kept');
+  assert.equal(edited.totalBudgetMicros, 100_000_000, 'fields not edited are kept');
   await shot(page, 'ads');
 
   step('payouts: lower the minimum withdrawal through the settings form');

@@ -21,6 +21,7 @@ use super::ctr;
 use crate::error::ApiError;
 use crate::keys::AuthedKey;
 use crate::ledger::{self, LedgerError};
+use crate::money;
 use crate::store::{new_id, now_ms};
 use crate::{extract, AppState};
 
@@ -29,7 +30,10 @@ const MAX_TEXT: usize = 280;
 /// $1,000 per thousand impressions or per click, and $1,000,000,000 of budget: far
 /// above any real campaign, far below `i64` overflow in the auction's arithmetic.
 const MAX_BID: i64 = 1_000_000_000;
-const MAX_BUDGET: i64 = 1_000_000_000_000_000;
+/// $1,000,000: a budget in micro-USD sent in a USD field is refused, not taken as millions.
+const MAX_BUDGET: i64 = 1_000_000_000_000;
+/// The most one advertiser credit adds ($1,000,000, the ledger's limit).
+const MAX_CREDIT: i64 = 1_000_000_000_000;
 
 /// Advertisers with their ledger balances in one query: one advertiser, or all of them
 /// oldest first.
@@ -53,7 +57,7 @@ async fn advertisers(state: &AppState, id: Option<&str>) -> Result<Vec<Advertise
                 id: r.try_get("id")?,
                 name: r.try_get("name")?,
                 created_at: r.try_get("created_at")?,
-                balance: AccountBalance { posted, held, available: posted - held },
+                balance: AccountBalance::of_micros(posted, held),
             })
         })
         .collect()
@@ -146,15 +150,19 @@ pub async fn credit_advertiser(
     body: Bytes,
 ) -> Result<Json<Advertiser>, ApiError> {
     let credit: AdvertiserCredit = extract::parse(&headers, &body)?;
+    let field = money::Field { name: "amount", twin: "amountMicros", max_micros: MAX_CREDIT };
+    let amount = field
+        .micros(credit.amount, credit.amount_micros)?
+        .ok_or_else(|| ApiError::param("`amount` (USD) or `amountMicros` is required", "amount"))?;
     advertiser(&state, &id).await?;
     let memo = credit.note.unwrap_or_else(|| "advertiser credit".to_owned());
     state
         .ledger
-        .credit(&ledger::advertiser_account(&id), credit.amount, "advertiser_credit", &memo)
+        .credit(&ledger::advertiser_account(&id), amount, "advertiser_credit", &memo)
         .await
         .map_err(|e| match e {
-            LedgerError::NonPositive => ApiError::param("`amount` must be positive (micro-USD)", "amount"),
-            LedgerError::TooLarge => ApiError::param("one credit may add at most 1000000000000 micro-USD ($1,000,000)", "amount"),
+            LedgerError::NonPositive => ApiError::param("`amount` must be positive", "amount"),
+            LedgerError::TooLarge => ApiError::param("one credit may add at most 1,000,000 USD", "amount"),
             LedgerError::Db(e) => e.into(),
         })?;
     if let Err(e) = state.ads.reload().await {
@@ -173,17 +181,22 @@ fn campaign_from_row(r: &sqlx::any::AnyRow) -> Result<Campaign, sqlx::Error> {
         title: r.try_get("title")?,
         text: r.try_get("body")?,
         url: r.try_get("url")?,
-        cpm_bid: r.try_get("cpm_bid")?,
-        cpc_bid: r.try_get("cpc_bid")?,
-        daily_budget: r.try_get("daily_budget")?,
-        total_budget: r.try_get("total_budget")?,
+        cpm_bid: 0.0,
+        cpm_bid_micros: r.try_get("cpm_bid")?,
+        cpc_bid: 0.0,
+        cpc_bid_micros: r.try_get("cpc_bid")?,
+        daily_budget: 0.0,
+        daily_budget_micros: r.try_get("daily_budget")?,
+        total_budget: 0.0,
+        total_budget_micros: r.try_get("total_budget")?,
         starts_at: r.try_get("starts_at")?,
         ends_at: r.try_get("ends_at")?,
         status: r.try_get("status")?,
         frequency_cap: u32::try_from(r.try_get::<i64, _>("frequency_cap")?).unwrap_or(0),
         created_at: r.try_get("created_at")?,
         stats: Default::default(),
-    })
+    }
+    .with_usd())
 }
 
 const CAMPAIGN_COLUMNS: &str = "id, advertiser_id, name, categories, title, body, url, cpm_bid, cpc_bid, daily_budget, \
@@ -220,17 +233,19 @@ fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
     if let Some(v) = input.url {
         c.url = v;
     }
-    if let Some(v) = input.cpm_bid {
-        c.cpm_bid = v;
+    let bid = |name, twin| money::Field { name, twin, max_micros: MAX_BID };
+    let budget = |name, twin| money::Field { name, twin, max_micros: MAX_BUDGET };
+    if let Some(v) = bid("cpmBid", "cpmBidMicros").micros(input.cpm_bid, input.cpm_bid_micros)? {
+        c.cpm_bid_micros = v;
     }
-    if let Some(v) = input.cpc_bid {
-        c.cpc_bid = v;
+    if let Some(v) = bid("cpcBid", "cpcBidMicros").micros(input.cpc_bid, input.cpc_bid_micros)? {
+        c.cpc_bid_micros = v;
     }
-    if let Some(v) = input.daily_budget {
-        c.daily_budget = v;
+    if let Some(v) = budget("dailyBudget", "dailyBudgetMicros").micros(input.daily_budget, input.daily_budget_micros)? {
+        c.daily_budget_micros = v;
     }
-    if let Some(v) = input.total_budget {
-        c.total_budget = v;
+    if let Some(v) = budget("totalBudget", "totalBudgetMicros").micros(input.total_budget, input.total_budget_micros)? {
+        c.total_budget_micros = v;
     }
     if let Some(v) = input.starts_at {
         c.starts_at = v;
@@ -268,17 +283,11 @@ fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
     if !url_ok {
         return Err(ApiError::param("`url` must be an http(s) URL without spaces", "url"));
     }
-    if c.cpm_bid < 0 || c.cpc_bid < 0 || (c.cpm_bid == 0 && c.cpc_bid == 0) {
-        return Err(ApiError::param("give a positive `cpmBid` and/or `cpcBid` (micro-USD)", "cpmBid"));
+    if c.cpm_bid_micros == 0 && c.cpc_bid_micros == 0 {
+        return Err(ApiError::param("give a positive `cpmBid` and/or `cpcBid` (USD)", "cpmBid"));
     }
-    if c.cpm_bid > MAX_BID || c.cpc_bid > MAX_BID {
-        return Err(ApiError::param(format!("bids are at most {MAX_BID} micro-USD"), if c.cpm_bid > MAX_BID { "cpmBid" } else { "cpcBid" }));
-    }
-    if c.daily_budget > MAX_BUDGET || c.total_budget > MAX_BUDGET {
-        return Err(ApiError::param(format!("budgets are at most {MAX_BUDGET} micro-USD"), "totalBudget"));
-    }
-    if c.daily_budget <= 0 || c.total_budget <= 0 {
-        return Err(ApiError::param("`dailyBudget` and `totalBudget` must be positive (micro-USD)", "dailyBudget"));
+    if c.daily_budget_micros <= 0 || c.total_budget_micros <= 0 {
+        return Err(ApiError::param("`dailyBudget` and `totalBudget` must be positive (USD)", "dailyBudget"));
     }
     if let (Some(s), Some(e)) = (c.starts_at, c.ends_at) {
         if e <= s {
@@ -288,7 +297,7 @@ fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
     if !matches!(c.status.as_str(), "active" | "paused" | "ended") {
         return Err(ApiError::param("`status` must be active, paused or ended", "status"));
     }
-    Ok(c)
+    Ok(c.with_usd())
 }
 
 /// `POST /api/admin/campaigns`
@@ -321,8 +330,8 @@ pub async fn create_campaign(
         ("title", input.title.is_none()),
         ("text", input.text.is_none()),
         ("url", input.url.is_none()),
-        ("dailyBudget", input.daily_budget.is_none()),
-        ("totalBudget", input.total_budget.is_none()),
+        ("dailyBudget", input.daily_budget.is_none() && input.daily_budget_micros.is_none()),
+        ("totalBudget", input.total_budget.is_none() && input.total_budget_micros.is_none()),
     ];
     if let Some((field, _)) = required.iter().find(|(_, missing)| *missing) {
         return Err(ApiError::param(format!("`{field}` is required"), field));
@@ -336,10 +345,14 @@ pub async fn create_campaign(
         title: String::new(),
         text: String::new(),
         url: String::new(),
-        cpm_bid: 0,
-        cpc_bid: 0,
-        daily_budget: 0,
-        total_budget: 0,
+        cpm_bid: 0.0,
+        cpm_bid_micros: 0,
+        cpc_bid: 0.0,
+        cpc_bid_micros: 0,
+        daily_budget: 0.0,
+        daily_budget_micros: 0,
+        total_budget: 0.0,
+        total_budget_micros: 0,
         starts_at: None,
         ends_at: None,
         status: "active".to_owned(),
@@ -361,10 +374,10 @@ pub async fn create_campaign(
     .bind(&c.title)
     .bind(&c.text)
     .bind(&c.url)
-    .bind(c.cpm_bid)
-    .bind(c.cpc_bid)
-    .bind(c.daily_budget)
-    .bind(c.total_budget)
+    .bind(c.cpm_bid_micros)
+    .bind(c.cpc_bid_micros)
+    .bind(c.daily_budget_micros)
+    .bind(c.total_budget_micros)
     .bind(c.starts_at)
     .bind(c.ends_at)
     .bind(&c.status)
@@ -471,10 +484,10 @@ pub async fn update_campaign(
     .bind(&c.title)
     .bind(&c.text)
     .bind(&c.url)
-    .bind(c.cpm_bid)
-    .bind(c.cpc_bid)
-    .bind(c.daily_budget)
-    .bind(c.total_budget)
+    .bind(c.cpm_bid_micros)
+    .bind(c.cpc_bid_micros)
+    .bind(c.daily_budget_micros)
+    .bind(c.total_budget_micros)
     .bind(c.starts_at)
     .bind(c.ends_at)
     .bind(&c.status)
@@ -588,12 +601,12 @@ pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Re
         let category: String = r.try_get("category")?;
         out.impressions += impressions;
         out.clicks += clicks;
-        out.revenue += spend;
+        out.revenue_micros += spend;
         match out.by_campaign.iter_mut().find(|c| c.campaign_id == campaign_id) {
             Some(c) => {
                 c.impressions += impressions;
                 c.clicks += clicks;
-                c.spend += spend;
+                c.spend_micros += spend;
             }
             None => out.by_campaign.push(CampaignReport {
                 campaign_id,
@@ -601,16 +614,17 @@ pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Re
                 impressions,
                 clicks,
                 ctr: 0.0,
-                spend,
+                spend: 0.0,
+                spend_micros: spend,
             }),
         }
         match out.by_category.iter_mut().find(|c| c.category == category) {
             Some(c) => {
                 c.impressions += impressions;
                 c.clicks += clicks;
-                c.revenue += spend;
+                c.revenue_micros += spend;
             }
-            None => out.by_category.push(CategoryStats { category, impressions, clicks, revenue: spend }),
+            None => out.by_category.push(CategoryStats { category, impressions, clicks, revenue: 0.0, revenue_micros: spend }),
         }
     }
     for c in &mut out.by_campaign {
@@ -633,11 +647,11 @@ pub async fn report(State(state): State<AppState>, Query(r): Query<Range>) -> Re
         let kind: String = f.try_get("kind")?;
         let amount: i64 = f.try_get("amount")?;
         match kind.as_str() {
-            "usage" => free.provider_cost -= amount,
-            "ad_impression" | "ad_click" => free.ad_revenue += amount,
+            "usage" => free.provider_cost_micros -= amount,
+            "ad_impression" | "ad_click" => free.ad_revenue_micros += amount,
             _ => {}
         }
     }
     out.free_tier = free;
-    Ok(Json(out))
+    Ok(Json(out.with_usd()))
 }

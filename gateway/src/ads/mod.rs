@@ -485,7 +485,7 @@ impl Ads {
             let clicks = u64::try_from(r.try_get::<i64, _>("clicks")?).unwrap_or(0);
             out.insert(
                 r.try_get("campaign_id")?,
-                CampaignStats { impressions, clicks, ctr: ctr(clicks, impressions), spend: r.try_get("spend")? },
+                CampaignStats::new(impressions, clicks, ctr(clicks, impressions), r.try_get("spend")?),
             );
         }
         Ok(out)

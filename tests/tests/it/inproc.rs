@@ -1898,18 +1898,22 @@ pub(crate) async fn ad_campaign(gw: &Gateway, credit: i64, campaign: Value) -> (
     assert_eq!(r.status(), 201);
     let adv: Value = r.json().await.unwrap();
     let adv_id = adv["id"].as_str().unwrap().to_owned();
-    let r = gw.admin_post(&format!("/api/admin/advertisers/{adv_id}/credit"), json!({"amount": credit})).await;
+    let r = gw.admin_post(&format!("/api/admin/advertisers/{adv_id}/credit"), json!({"amountMicros": credit})).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let credited: Value = r.json().await.unwrap();
-    assert_eq!(credited["balance"], json!({"posted": credit, "held": 0, "available": credit}));
+    let usd = credit as f64 / 1e6;
+    assert_eq!(
+        credited["balance"],
+        json!({"posted": usd, "held": 0.0, "available": usd, "postedMicros": credit, "heldMicros": 0, "availableMicros": credit})
+    );
     let list: Value = gw.http.get(gw.url("/api/admin/advertisers")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     let listed = list["data"].as_array().unwrap().iter().find(|a| a["id"] == adv_id.as_str()).unwrap();
-    assert_eq!(listed["balance"]["available"], credit);
+    assert_eq!(listed["balance"]["availableMicros"], credit);
     assert_eq!(listed["name"], "Acme <b>Tools</b>");
     let mut body = json!({
         "advertiserId": adv_id, "name": "Rust IDE", "categories": ["technology"],
         "title": "FastIDE", "text": "The editor for Rust developers.", "url": "https://fastide.example/?src=gs",
-        "cpmBid": 2_000_000, "dailyBudget": 1_000_000, "totalBudget": 5_000_000
+        "cpmBidMicros": 2_000_000, "dailyBudgetMicros": 1_000_000, "totalBudgetMicros": 5_000_000
     });
     for (k, v) in campaign.as_object().unwrap() {
         body[k] = v.clone();
@@ -2018,13 +2022,15 @@ async fn inproc_ads_cpm_impression_and_click_move_money_exactly() {
     let c: Value = gw.http.get(gw.url(&format!("/api/admin/campaigns/{campaign}"))).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     assert_eq!(c["stats"]["impressions"], 1);
     assert_eq!(c["stats"]["clicks"], 1);
-    assert_eq!(c["stats"]["spend"], 100);
+    assert_eq!(c["stats"]["spendMicros"], 100);
+    assert_eq!(c["stats"]["spend"], 0.0001);
     let report: Value = gw.http.get(gw.url("/api/analytics/ads")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     assert_eq!(report["impressions"], 1);
     assert_eq!(report["clicks"], 1);
-    assert_eq!(report["revenue"], 100);
+    assert_eq!(report["revenueMicros"], 100);
+    assert_eq!(report["revenue"], 0.0001);
     assert_eq!(report["byCategory"][0]["category"], "technology");
-    assert_eq!(report["freeTier"]["adRevenue"], 80);
+    assert_eq!(report["freeTier"]["adRevenueMicros"], 80);
     gw.ledger_is_clean().await;
 }
 
@@ -2035,7 +2041,7 @@ async fn inproc_ads_cpc_charges_on_the_first_click_only() {
     gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
     // CPC only: $0.05 per click at the 1% prior CTR is a $0.50 eCPM; alone, it pays the
     // $0.10 reserve: 100_000 / (1000 × 0.01) = 10_000 µUSD per click.
-    let (adv, _) = ad_campaign(&gw, 1_000_000, json!({"cpmBid": 0, "cpcBid": 50_000})).await;
+    let (adv, _) = ad_campaign(&gw, 1_000_000, json!({"cpmBidMicros": 0, "cpcBidMicros": 50_000})).await;
     let free = gw.create_key("free").await;
     let r = gw.chat(&free, json!({"model": "mock-model", "messages": user(TECH_QUESTION)})).await;
     assert_eq!(r.status(), 200);
@@ -2232,13 +2238,38 @@ async fn inproc_ads_frequency_cap_budget_and_campaign_admin() {
     }
     let r = patch(json!({"nope": 1})).await;
     assert_eq!(r.status(), 400);
+    // One money convention: USD in the named field, micro-USD in its twin. A micro-USD
+    // amount sent in a USD field, the two disagreeing, or more than six decimals are
+    // refused naming the field; nothing changes.
+    for (body, param) in [
+        (json!({"dailyBudget": 1_000_000_000}), "dailyBudget"),
+        (json!({"cpmBid": 2_000_000}), "cpmBid"),
+        (json!({"totalBudget": 5, "totalBudgetMicros": 4_000_000}), "totalBudget"),
+        (json!({"cpcBid": 0.000_000_1}), "cpcBid"),
+        (json!({"dailyBudgetMicros": -1}), "dailyBudgetMicros"),
+    ] {
+        let r = patch(body.clone()).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+    }
+    let r = patch(json!({"dailyBudget": 0.75, "cpmBidMicros": 2_000_000})).await;
+    assert_eq!(r.status(), 200);
+    let c: Value = r.json().await.unwrap();
+    assert_eq!((c["dailyBudget"].clone(), c["dailyBudgetMicros"].clone()), (json!(0.75), json!(750_000)));
+    assert_eq!((c["cpmBid"].clone(), c["cpmBidMicros"].clone()), (json!(2.0), json!(2_000_000)));
+    let r = gw.admin_post(&format!("/api/admin/advertisers/{adv}/credit"), json!({"amount": 1_000_000_000})).await;
+    assert_eq!(r.status(), 400, "a micro-USD credit sent as `amount` is refused, not taken as a billion dollars");
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "amount");
+    assert!(e["error"]["message"].as_str().unwrap().contains("amountMicros"), "{e}");
     let r = gw.http.patch(gw.url("/api/admin/campaigns/cmp_missing")).bearer_auth(ADMIN).json(&json!({"status": "active"})).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let r = gw.http.get(gw.url("/api/admin/campaigns")).bearer_auth(&free).send().await.unwrap();
     assert_eq!(r.status(), 401, "the admin API needs the admin key");
 
     // Active again, with a total budget that one more impression would overrun.
-    let r = patch(json!({"status": "active", "frequencyCap": 0, "totalBudget": 250})).await;
+    let r = patch(json!({"status": "active", "frequencyCap": 0, "totalBudgetMicros": 250})).await;
     assert_eq!(r.status(), 200);
     let fourth = gw.create_key("free").await;
     assert!(!gw.chat(&fourth, ask.clone()).await.text().await.unwrap().contains("[Sponsored]"), "200 of 250 spent; an impression may cost up to 2000");

@@ -149,7 +149,7 @@ impl Gateway {
         let http = reqwest::Client::new();
         let adv = post_json(&http, &self.base, "/api/admin/advertisers", Some(ADMIN_KEY), json!({"name": "FastIDE Inc."})).await?;
         let adv_id = adv["id"].as_str().context("no advertiser id")?;
-        post_json(&http, &self.base, &format!("/api/admin/advertisers/{adv_id}/credit"), Some(ADMIN_KEY), json!({"amount": 10_000_000}))
+        post_json(&http, &self.base, &format!("/api/admin/advertisers/{adv_id}/credit"), Some(ADMIN_KEY), json!({"amount": 10.0}))
             .await?;
         post_json(
             &http,
@@ -158,7 +158,7 @@ impl Gateway {
             Some(ADMIN_KEY),
             json!({"advertiserId": adv_id, "name": "IDE launch", "categories": ["technology"], "title": "FastIDE",
                    "text": "The editor for Rust developers.", "url": "https://fastide.example/",
-                   "cpmBid": 2_000_000, "dailyBudget": 5_000_000, "totalBudget": 10_000_000}),
+                   "cpmBid": 2.0, "dailyBudget": 5.0, "totalBudget": 10.0}),
         )
         .await?;
         let key = post_json(&http, &self.base, "/api/admin/keys", Some(ADMIN_KEY), json!({"name": "sdk-free", "tier": "free"})).await?;
