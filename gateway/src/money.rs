@@ -26,10 +26,10 @@ impl Field<'_> {
     /// with a 400 naming the field: a negative amount, USD with more than six decimals,
     /// an amount over the maximum (a micro-USD amount sent in the USD field, say), or
     /// both forms given and disagreeing.
-    pub fn micros(&self, usd: Option<f64>, micros: Option<i64>) -> Result<Option<i64>, ApiError> {
+    pub fn micros(&self, in_usd: Option<f64>, micros: Option<i64>) -> Result<Option<i64>, ApiError> {
         let (name, twin) = (self.name, self.twin);
         let max = self.max_micros;
-        let from_usd = match usd {
+        let from_usd = match in_usd {
             None => None,
             Some(v) => {
                 if !v.is_finite() || v < 0.0 {
@@ -60,7 +60,7 @@ impl Field<'_> {
         }
         match (from_usd, micros) {
             (Some(a), Some(b)) if a != b => Err(ApiError::param(
-                format!("`{name}` ({} USD) and `{twin}` ({b}) disagree; send one of them", usd.unwrap_or_default()),
+                format!("`{name}` ({} USD) and `{twin}` ({b}) disagree; send one of them", in_usd.unwrap_or_default()),
                 name,
             )),
             (a, b) => Ok(a.or(b)),
