@@ -137,7 +137,7 @@ async fn register_upstream(state: &crate::AppState, upstream: &str) -> anyhow::R
                     // Unknown: an external server gets HTTP/1.1, which every one speaks.
                     http2: false,
                 },
-                pricing: Pricing { per_token: 0.000_002, per_hour: 0.5, minimum_payout: 5.0 },
+                pricing: Pricing::usd(0.000_002, 0.5, 5.0),
                 base_url: upstream.clone(),
             },
             ProviderStatus::Active,

@@ -54,9 +54,14 @@ fn to_micros(usd: f64, param: &'static str) -> Result<i64, ApiError> {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct WithdrawRequest {
     provider_id: String,
-    /// USD; at least the minimum withdrawal and at most the available balance.
+    /// USD; at least the minimum withdrawal and at most the available balance (or
+    /// `amountMicros`; both given, they must agree).
+    #[serde(default)]
     #[schema(exclusive_minimum = 0, maximum = 1_000_000_000)]
-    amount: f64,
+    amount: Option<f64>,
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    amount_micros: Option<i64>,
     #[serde(default)]
     method: Option<PayoutMethod>,
 }
@@ -88,7 +93,11 @@ pub async fn withdraw(State(state): State<AppState>, headers: HeaderMap, body: B
         })?),
         None => None,
     };
-    let amount = to_micros(request.amount, "amount")?;
+    let field = crate::money::Field { name: "amount", twin: "amountMicros", max_micros: 1_000_000_000_000_000 };
+    let amount = field
+        .micros(request.amount, request.amount_micros)?
+        .filter(|m| *m > 0)
+        .ok_or_else(|| ApiError::param("`amount` must be a positive USD amount (or give `amountMicros`)", "amount"))?;
     let p = payments(&state);
     let w = p.withdraw(&request.provider_id, amount, request.method, key, false).await?;
     if w.status == "requested" && w.updated_at == w.created_at {

@@ -56,6 +56,7 @@ pub async fn register(
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let mut request: RegisterProviderRequest = extract::parse(&headers, &body)?;
+    crate::providers::resolve_pricing(&mut request.pricing)?;
     crate::providers::check_market(&state.config, &request)?;
     request.base_url = crate::egress::check_base_url(&request.base_url, state.config.allow_private_providers)
         .await
@@ -402,7 +403,7 @@ pub(crate) struct CreditRequest {
     #[serde(default)]
     #[schema(exclusive_minimum = 0, maximum = 1_000_000)]
     amount: Option<f64>,
-    /// Takes precedence over `amount`.
+    /// The same in micro-USD (both given: they must agree).
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
     amount_micros: Option<i64>,
@@ -411,12 +412,11 @@ pub(crate) struct CreditRequest {
 }
 
 fn usd_amount(amount: Option<f64>, micros: Option<i64>) -> Result<i64, ApiError> {
-    let micros = match (amount, micros) {
-        (_, Some(m)) => m,
-        (Some(usd), None) if usd.is_finite() && usd.abs() < 1e9 => (usd * 1e6).round() as i64,
-        (Some(_), None) => return Err(ApiError::param("`amount` must be a USD amount", "amount")),
-        (None, None) => return Err(ApiError::param("`amount` (USD) or `amountMicros` is required", "amount")),
-    };
+    // One credit adds at most $1,000,000 (the ledger's limit).
+    let field = crate::money::Field { name: "amount", twin: "amountMicros", max_micros: 1_000_000_000_000 };
+    let micros = field
+        .micros(amount, micros)?
+        .ok_or_else(|| ApiError::param("`amount` (USD) or `amountMicros` is required", "amount"))?;
     if micros <= 0 {
         return Err(ApiError::param("the amount must be positive", "amount"));
     }

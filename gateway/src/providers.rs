@@ -168,6 +168,36 @@ fn usd_to_micros(usd: f64, scale: f64, param: &'static str) -> Result<i64, Provi
     Ok((usd * scale).round() as i64)
 }
 
+/// Settles each price of a registration from its USD field or its exact twin (both
+/// given: they must agree), so the rest of registration reads the USD fields.
+pub fn resolve_pricing(pricing: &mut Pricing) -> Result<(), ProviderError> {
+    let prices = [
+        ("pricing.perToken", "pricing.perTokenPerMillionMicros", &mut pricing.per_token, pricing.per_token_per_million_micros, 1e12),
+        ("pricing.perHour", "pricing.perHourMicros", &mut pricing.per_hour, pricing.per_hour_micros, MICROS_PER_USD),
+        ("pricing.minimumPayout", "pricing.minimumPayoutMicros", &mut pricing.minimum_payout, pricing.minimum_payout_micros, MICROS_PER_USD),
+    ];
+    for (name, twin, usd, exact, scale) in prices {
+        let Some(exact) = exact else {
+            if usd.is_nan() {
+                return Err(ProviderError::Invalid { message: format!("{name} (USD) or {twin} is required"), param: "pricing.perToken" });
+            }
+            continue;
+        };
+        if exact < 0 {
+            return Err(ProviderError::Invalid { message: format!("{twin} must not be negative"), param: twin });
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let from_exact = exact as f64 / scale;
+        // The USD field left out (or 0, its default for the optional prices) takes the twin.
+        if usd.is_nan() || (*usd == 0.0 && name != "pricing.perToken") {
+            *usd = from_exact;
+        } else if usd_to_micros(*usd, scale, name)? != exact {
+            return Err(ProviderError::Invalid { message: format!("{name} ({usd}) and {twin} ({exact}) disagree; send one of them"), param: name });
+        }
+    }
+    Ok(())
+}
+
 /// A registration's prices and capacity within the market's bounds (`config`): every
 /// model it serves must admit its prices (a `price_bounds` entry, else the global
 /// ceilings), and it may claim at most `max_provider_streams` streams.
@@ -260,10 +290,20 @@ impl Registry {
                 status: ProviderStatus::parse(&row.try_get::<String, _>("status")?),
                 features: capabilities.features.as_ref().map(|f| f.iter().cloned().collect()),
                 capabilities,
-                pricing: Pricing {
-                    per_token: row.try_get::<i64, _>("price_per_mtok_micros")? as f64 / 1e12,
-                    per_hour: row.try_get::<i64, _>("price_per_hour_micros")? as f64 / MICROS_PER_USD,
-                    minimum_payout: row.try_get::<i64, _>("minimum_payout_micros")? as f64 / MICROS_PER_USD,
+                pricing: {
+                    let (per_mtok, per_hour, min_payout): (i64, i64, i64) = (
+                        row.try_get("price_per_mtok_micros")?,
+                        row.try_get("price_per_hour_micros")?,
+                        row.try_get("minimum_payout_micros")?,
+                    );
+                    Pricing {
+                        per_token: per_mtok as f64 / 1e12,
+                        per_token_per_million_micros: Some(per_mtok),
+                        per_hour: per_hour as f64 / MICROS_PER_USD,
+                        per_hour_micros: Some(per_hour),
+                        minimum_payout: min_payout as f64 / MICROS_PER_USD,
+                        minimum_payout_micros: Some(min_payout),
+                    }
                 },
                 price_per_mtok: row.try_get("price_per_mtok_micros")?,
                 gpu_info: decode_json(row.try_get("gpu_info")?)?,

@@ -70,18 +70,52 @@ pub enum Precision {
     Reduced,
 }
 
-/// Prices in USD as the seed sends them; the gateway stores integer micro-USD.
+/// Prices in USD as the seed sends them, each with an exact integer twin: micro-USD
+/// per million tokens for `perToken`, micro-USD for the others. Either form is
+/// accepted (both given, they must agree); both are returned. The gateway stores the
+/// integers.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Pricing {
+    /// USD per token (absent: `perTokenPerMillionMicros` is required).
+    #[serde(default = "absent")]
     #[schema(minimum = 0, maximum = 1000)]
     pub per_token: f64,
+    /// Micro-USD per million tokens: `perToken` exactly (2 µUSD a token = 2000000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub per_token_per_million_micros: Option<i64>,
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub per_hour: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub per_hour_micros: Option<i64>,
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub minimum_payout: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub minimum_payout_micros: Option<i64>,
+}
+
+/// `perToken` left out (NaN never comes from JSON, so it marks the absence).
+fn absent() -> f64 {
+    f64::NAN
+}
+
+impl Pricing {
+    /// USD prices with their exact twins unset (the gateway fills them in responses).
+    pub fn usd(per_token: f64, per_hour: f64, minimum_payout: f64) -> Self {
+        Self {
+            per_token,
+            per_token_per_million_micros: None,
+            per_hour,
+            per_hour_micros: None,
+            minimum_payout,
+            minimum_payout_micros: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]

@@ -40,7 +40,7 @@ fn provider(i: usize, now: i64) -> Arc<Provider> {
             precisions: vec![Precision::Full, Precision::Reduced],
             http2: false,
         },
-        pricing: Pricing { per_token: 0.000_002, per_hour: 0.5, minimum_payout: 5.0 },
+        pricing: Pricing::usd(0.000_002, 0.5, 5.0),
         price_per_mtok: 2_000_000 + i64::try_from(i % 13).unwrap_or(0) * 100_000,
         gpu_info: serde_json::Value::Null,
         streams,

@@ -10,6 +10,7 @@ mod cli;
 mod console;
 mod inproc;
 mod ledger_props;
+mod money;
 mod observability;
 mod openapi_doc;
 mod real_worker;
