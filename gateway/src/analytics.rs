@@ -95,16 +95,19 @@ pub async fn revenue(store: &Store, from: i64, to: i64) -> Result<Value, sqlx::E
         async move {
             let rows = sqlx::query(&sql).bind(from).bind(to).fetch_all(&store.pool).await?;
             rows.iter()
-                .map(|r| Ok(json!({ "key": r.try_get::<String, _>("k")?, "spend": usd(r.try_get("cost")?), "requests": r.try_get::<i64, _>("n")? })))
+                .map(|r| {
+                    let cost: i64 = r.try_get("cost")?;
+                    Ok(json!({ "key": r.try_get::<String, _>("k")?, "spend": usd(cost), "spendMicros": cost, "requests": r.try_get::<i64, _>("n")? }))
+                })
                 .collect::<Result<Vec<Value>, sqlx::Error>>()
         }
     };
     Ok(json!({
         "from": from, "to": to,
-        "total": { "fees": usd(fees), "adRevenueBalanceChange": usd(ads) },
-        "bySource": { "fees": usd(fees), "ads": usd(ads) },
-        "daily": daily.iter().map(|(d, (f, a))| json!({ "date": day_string(*d), "fees": usd(*f), "ads": usd(*a) })).collect::<Vec<_>>(),
-        "monthly": monthly.iter().map(|(m, (f, a))| json!({ "month": m, "fees": usd(*f), "ads": usd(*a) })).collect::<Vec<_>>(),
+        "total": { "fees": usd(fees), "feesMicros": fees, "adRevenueBalanceChange": usd(ads), "adRevenueBalanceChangeMicros": ads },
+        "bySource": { "fees": usd(fees), "feesMicros": fees, "ads": usd(ads), "adsMicros": ads },
+        "daily": daily.iter().map(|(d, (f, a))| json!({ "date": day_string(*d), "fees": usd(*f), "feesMicros": f, "ads": usd(*a), "adsMicros": a })).collect::<Vec<_>>(),
+        "monthly": monthly.iter().map(|(m, (f, a))| json!({ "month": m, "fees": usd(*f), "feesMicros": f, "ads": usd(*a), "adsMicros": a })).collect::<Vec<_>>(),
         "byModel": by("model").await?,
         "byProvider": by("provider_id").await?,
         "series": revenue_series(store, from, to).await?,
@@ -204,7 +207,13 @@ async fn revenue_series(store: &Store, from: i64, to: i64) -> Result<Value, sqlx
     let data: Vec<Value> = points
         .iter()
         .map(|(b, [fees, ads, users, ad_funded])| {
-            json!({ "t": b * bucket, "fees": usd(*fees), "ads": usd(*ads), "billedUsers": usd(*users), "billedAdFunded": usd(*ad_funded) })
+            json!({
+                "t": b * bucket,
+                "fees": usd(*fees), "feesMicros": fees,
+                "ads": usd(*ads), "adsMicros": ads,
+                "billedUsers": usd(*users), "billedUsersMicros": users,
+                "billedAdFunded": usd(*ad_funded), "billedAdFundedMicros": ad_funded,
+            })
         })
         .collect();
     Ok(json!({ "bucketMs": bucket, "data": data }))

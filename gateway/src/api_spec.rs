@@ -509,36 +509,49 @@ pub struct Revenue {
 #[serde(rename_all = "camelCase")]
 pub struct RevenueTotal {
     pub fees: f64,
+    pub fees_micros: i64,
     pub ad_revenue_balance_change: f64,
+    pub ad_revenue_balance_change_micros: i64,
 }
 
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct RevenueBySource {
     pub fees: f64,
+    pub fees_micros: i64,
     pub ads: f64,
+    pub ads_micros: i64,
 }
 
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct RevenueDay {
     /// `YYYY-MM-DD` (UTC).
     pub date: String,
     pub fees: f64,
+    pub fees_micros: i64,
     pub ads: f64,
+    pub ads_micros: i64,
 }
 
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct RevenueMonth {
     /// `YYYY-MM` (UTC).
     pub month: String,
     pub fees: f64,
+    pub fees_micros: i64,
     pub ads: f64,
+    pub ads_micros: i64,
 }
 
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct SpendBy {
     pub key: String,
     /// USD.
     pub spend: f64,
+    pub spend_micros: i64,
     pub requests: i64,
 }
 
@@ -555,9 +568,13 @@ pub struct RevenuePoint {
     /// Bucket start, Unix milliseconds.
     pub t: i64,
     pub fees: f64,
+    pub fees_micros: i64,
     pub ads: f64,
+    pub ads_micros: i64,
     pub billed_users: f64,
+    pub billed_users_micros: i64,
     pub billed_ad_funded: f64,
+    pub billed_ad_funded_micros: i64,
 }
 
 /// `GET /api/analytics/usage`.

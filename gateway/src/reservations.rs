@@ -48,15 +48,20 @@ pub async fn create(
     if !hours.is_finite() || hours <= 0.0 || hours > 24.0 * 31.0 {
         return Err(ApiError::param("`hours` must be more than 0 and at most 744", "hours"));
     }
+    // A lease is billed by the second: a shorter one would hold nothing.
+    if hours * 3600.0 < 1.0 {
+        return Err(ApiError::param("`hours` must be at least one second (1/3600)", "hours"));
+    }
     let now = now_ms();
     let stale_ms = state.config.stale_after_ms();
     let snapshot = state.registry.snapshot();
+    // Only providers that sell hours (a `perHour` price) can be reserved.
     let free = |p: &&std::sync::Arc<crate::providers::Provider>| {
-        p.is_live(now, stale_ms) && p.reservation.as_ref().is_none_or(|r| r.ends_at <= now)
+        p.is_live(now, stale_ms) && p.reservation.as_ref().is_none_or(|r| r.ends_at <= now) && p.pricing.per_hour > 0.0
     };
     let provider = match (&provider_id, &model) {
         (Some(id), _) => snapshot.get(id).filter(free).cloned().ok_or_else(|| {
-            ApiError::param(format!("provider {id} is not on line or is already reserved"), "providerId")
+            ApiError::param(format!("provider {id} is not on line, is already reserved, or sells no hours (no perHour price)"), "providerId")
         })?,
         (None, Some(m)) => {
             let mut options: Vec<_> = snapshot.values().filter(free).filter(|p| p.streams.iter().any(|(sm, _)| sm == m)).cloned().collect();

@@ -1263,6 +1263,10 @@ async fn inproc_history_and_analytics() {
     let revenue: Value = gw.http.get(gw.url("/api/analytics/revenue")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     assert!(revenue["total"]["fees"].as_f64().unwrap() > 0.0, "{revenue}");
     assert!(revenue["bySource"]["ads"].as_f64().unwrap() < 0.0, "free-tier tokens were paid from ad revenue");
+    // Every USD amount comes with its exact micro-USD twin.
+    let ads_micros = revenue["bySource"]["adsMicros"].as_i64().unwrap();
+    assert!((ads_micros as f64 / 1e6 - revenue["bySource"]["ads"].as_f64().unwrap()).abs() < 1e-9, "{revenue}");
+    assert_eq!(revenue["daily"][0]["adsMicros"], ads_micros);
     assert_eq!(revenue["byModel"][0]["key"], "mock-model");
     assert_eq!(revenue["daily"].as_array().unwrap().len(), 1);
     let usage: Value = gw.http.get(gw.url("/api/analytics/usage")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
