@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tests::{spawn_mock, MockConfig};
 
-use crate::inproc::{ad_campaign, wait_impressions, Gateway, ADMIN, TECH_QUESTION};
+use crate::ads::{ad_campaign, wait_impressions, TECH_QUESTION};
+use crate::inproc::{Gateway, ADMIN};
 
 fn ask(max_tokens: u32) -> Value {
     json!({"model": "mock-model", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hello there"}]})

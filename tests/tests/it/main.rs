@@ -4,7 +4,9 @@
 // Test code, helpers included: a panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod ads;
 mod attacks;
+mod billing;
 mod bounds;
 mod cli;
 mod console;
@@ -12,7 +14,9 @@ mod inproc;
 mod ledger_props;
 mod money;
 mod observability;
+mod openai_surface;
 mod openapi_doc;
 mod real_worker;
 mod responses;
+mod routing;
 mod sdk;

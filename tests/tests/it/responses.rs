@@ -5,7 +5,8 @@
 use serde_json::{json, Value};
 use tests::{spawn_mock, MockConfig, MockProvider, REPLY};
 
-use crate::inproc::{ad_campaign, wait_impressions, Gateway, TECH_QUESTION};
+use crate::ads::{ad_campaign, wait_impressions, TECH_QUESTION};
+use crate::inproc::Gateway;
 
 const MODEL: &str = "mock-model";
 
