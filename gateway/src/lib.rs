@@ -13,6 +13,7 @@ pub mod egress;
 pub mod error;
 pub mod extract;
 pub mod free_budget;
+pub mod funding;
 pub mod health;
 pub mod holds;
 pub mod keys;

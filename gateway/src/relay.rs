@@ -2,7 +2,9 @@
 //! fail over before the first token, then hand the provider's events to the caller one
 //! at a time. Callers forward them as SSE, aggregate them into one JSON response, or
 //! turn them into WebSocket events. Usage is recorded when the relay is dropped, so a
-//! client that disconnects is accounted for too.
+//! client that disconnects is accounted for too. Who pays is not decided here: the
+//! relay calls `funding::reserve` before each provider attempt and `Funding::settle`
+//! when the request ends.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -16,13 +18,12 @@ use openapi::stream::{StreamChunk, Usage};
 
 use crate::delivered::{carries_token, Delivered};
 use crate::error::ApiError;
-use crate::free_budget;
+use crate::funding::{self, Funding};
 use crate::keys::AuthedKey;
 use crate::providers::Provider;
 use crate::routing;
 use crate::store::now_ms;
-use crate::keys::Tier;
-use crate::ledger::{self, Billing, Hold, Micros, Payer, Settlement};
+use crate::ledger::Micros;
 use crate::ratelimit::{Limiter, RateCtx};
 use crate::usage::{Completion, UsageRecord, UsageSink, UsageStatus};
 use crate::AppState;
@@ -187,16 +188,6 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// Who pays, decided before the provider is called.
-enum Funding {
-    /// A paying user's hold, and their volume discount in basis points.
-    User(Hold, u32),
-    /// Free tier: the platform's ad revenue pays, within today's free budget.
-    AdRevenue(free_budget::Claim),
-    /// Nothing to bill (a free provider).
-    Nothing,
-}
-
 /// Accounting for one request: its usage row and its settlement, sent to the writer
 /// when the request ends or, at the latest, when the relay is dropped.
 struct Tracker {
@@ -268,14 +259,7 @@ impl Tracker {
             return charge;
         }
         let Some((_, per_mtok)) = &self.provider else { return 0 };
-        let tokens = u64::from(usage.total_tokens);
-        match &self.funding {
-            Some(Funding::User(hold, discount)) => {
-                ledger::price_discounted(tokens, *per_mtok, self.cost_multiplier_bp, *discount).min(hold.amount)
-            }
-            Some(Funding::AdRevenue(claim)) => ledger::price(tokens, *per_mtok, self.cost_multiplier_bp).min(claim.amount),
-            Some(Funding::Nothing) | None => 0,
-        }
+        self.funding.as_ref().map_or(0, |f| f.charge(u64::from(usage.total_tokens), *per_mtok, self.cost_multiplier_bp))
     }
 
     /// The request ends before any provider is called (it could not be funded): no
@@ -324,31 +308,12 @@ impl Tracker {
         record.usage_source = source;
         record.latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         record.status = self.status;
-        let billing = match (self.funding.take(), &self.provider) {
-            (Some(Funding::User(hold, _)), Some((provider_id, _))) => {
-                record.payer = Some("user");
-                Some(Billing::Settle(Settlement {
-                    request_id: record.request_id.clone(),
-                    payer: Payer::User(hold),
-                    provider_id: provider_id.clone(),
-                    charge,
-                    fee: ledger::fee(charge, self.fee_bp),
-                }))
-            }
-            (Some(Funding::User(hold, _)), None) => Some(Billing::Void(hold)),
-            (Some(Funding::AdRevenue(claim)), Some((provider_id, _))) => {
-                claim.settle(charge);
-                record.payer = Some("ad_revenue");
-                Some(Billing::Settle(Settlement {
-                    request_id: record.request_id.clone(),
-                    payer: Payer::AdRevenue,
-                    provider_id: provider_id.clone(),
-                    charge,
-                    fee: ledger::fee(charge, self.fee_bp),
-                }))
-            }
-            _ => None,
+        let provider = self.provider.as_ref().map(|(id, _)| id.as_str());
+        let (billing, payer) = match self.funding.take() {
+            Some(funding) => funding.settle(&record.request_id, provider, charge, self.fee_bp),
+            None => (None, None),
         };
+        record.payer = payer;
         Some(Completion { record, billing, ack })
     }
 }
@@ -462,7 +427,7 @@ impl Relay {
     /// The billed usage with its cost in USD.
     pub fn usage(&self) -> Usage {
         let (mut usage, _) = self.tracker.billed_usage();
-        usage.cost = Some(micros_to_usd(self.tracker.charge(&usage)));
+        usage.cost = Some(crate::money::usd(self.tracker.charge(&usage)));
         usage
     }
 
@@ -717,7 +682,14 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         tried.push(provider.id.clone());
         // Route first, then hold: the request is funded at the chosen provider's price
         // (and funded again when a failover moves to a dearer one).
-        match fund(state, &dispatch, provider.price_per_mtok, tracker.funding.take()).await {
+        let ask = funding::Ask {
+            key: &dispatch.key,
+            request_id: &dispatch.request_id,
+            max_tokens: u64::from(dispatch.body_bytes) + u64::from(dispatch.max_completion_tokens),
+            multiplier_bp: dispatch.cost_multiplier_bp,
+            reserved: dispatch.reservation.is_some(),
+        };
+        match funding::reserve(state, &ask, provider.price_per_mtok, tracker.funding.take()).await {
             Ok(funding) => tracker.funding = Some(funding),
             Err(e) => {
                 provider.load.health.cancel_probe();
@@ -797,64 +769,6 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
     Err(error)
 }
 
-/// Decides who pays for a request served at `per_mtok` and, for a paying user, holds
-/// the most it can cost there (prompt bound + every completion token); for a free key,
-/// claims as much of today's free budget. `current` is the funding of an earlier
-/// attempt: kept when it covers this price, else released and replaced.
-async fn fund(state: &AppState, dispatch: &Dispatch, per_mtok: i64, current: Option<Funding>) -> Result<Funding, ApiError> {
-    let key = &dispatch.key;
-    if key.tier == Tier::Free && state.config.free_tier_daily_budget <= 0.0 {
-        return Err(ApiError::FreeTierClosed("The free tier is off on this gateway; use a paid key.".to_owned()));
-    }
-    let bound = u64::from(dispatch.body_bytes) + u64::from(dispatch.max_completion_tokens);
-    let amount = ledger::price(bound, per_mtok, dispatch.cost_multiplier_bp);
-    match current {
-        Some(Funding::User(hold, discount)) if hold.amount >= amount => return Ok(Funding::User(hold, discount)),
-        Some(Funding::AdRevenue(claim)) if claim.amount >= amount => return Ok(Funding::AdRevenue(claim)),
-        Some(Funding::User(hold, _)) => state.ledger.release(&hold).await?,
-        // A claim is given back when it is dropped.
-        _ => {}
-    }
-    // Reserved capacity is paid by the hour, not per token.
-    if amount == 0 || dispatch.reservation.is_some() {
-        return Ok(Funding::Nothing);
-    }
-    if key.tier == Tier::Free {
-        return state.free_budget.claim(amount).map(Funding::AdRevenue).map_err(|refusal| match refusal {
-            free_budget::Refusal::Off => ApiError::FreeTierClosed("The free tier is off on this gateway; use a paid key.".to_owned()),
-            free_budget::Refusal::Spent { limit } => ApiError::FreeTierClosed(format!(
-                "Today's free-tier budget of ${:.2} is spent; free requests resume at 00:00 UTC, or use a paid key.",
-                micros_to_usd(limit)
-            )),
-        });
-    }
-    let account = ledger::user_account(&key.user_id);
-    // Limits are checked and the hold taken under a per-key lock, so concurrent
-    // requests of one key cannot both squeeze under the limit (on this replica).
-    let lock = (key.daily_limit_micros.is_some() || key.monthly_limit_micros.is_some())
-        .then(|| state.key_locks.get_with(key.key_id.clone(), || Arc::new(tokio::sync::Mutex::new(()))));
-    let _serial = match &lock {
-        Some(l) => Some(l.lock().await),
-        None => None,
-    };
-    let (day_start, month_start) = crate::analytics::day_and_month_start(now_ms());
-    for (limit, since, period) in [(key.daily_limit_micros, day_start, "daily"), (key.monthly_limit_micros, month_start, "monthly")] {
-        if let Some(limit) = limit {
-            if state.ledger.key_commitments(&key.key_id, since).await? + amount > limit {
-                return Err(ApiError::SpendingLimit { period, limit });
-            }
-        }
-    }
-    let discount = volume_discount(state, &key.user_id, month_start).await?;
-    match state.ledger.hold(&account, amount, &dispatch.request_id, Some(&key.key_id)).await? {
-        Some(hold) => Ok(Funding::User(hold, discount)),
-        None => {
-            let available = state.ledger.balance(&account).await?.available;
-            Err(ApiError::InsufficientQuota { needed: amount, available })
-        }
-    }
-}
-
 /// The provider request with the user id this provider sees (`AppState::pseudonym_for`)
 /// in place of the placeholder written before routing.
 fn personalise(body: &Bytes, user_id: &str, state: &AppState, provider: &Provider) -> Bytes {
@@ -864,20 +778,6 @@ fn personalise(body: &Bytes, user_id: &str, state: &AppState, provider: &Provide
     let mut out = body.to_vec();
     out[at..at + placeholder.len()].copy_from_slice(real.as_bytes());
     Bytes::from(out)
-}
-
-/// The best bulk-usage discount the user's month-to-date tokens reach (0 without tiers).
-async fn volume_discount(state: &AppState, user_id: &str, month_start: i64) -> Result<u32, ApiError> {
-    let tiers = &state.config.volume_discounts;
-    if tiers.is_empty() {
-        return Ok(0);
-    }
-    let tokens = ledger::user_tokens_since(&state.store, user_id, month_start).await?;
-    Ok(tiers.iter().filter(|t| tokens >= t.monthly_tokens).map(|t| t.discount_bp).max().unwrap_or(0))
-}
-
-pub fn micros_to_usd(micros: Micros) -> f64 {
-    micros as f64 / 1_000_000.0
 }
 
 /// Sends the request and reads events up to and including the first one that carries
