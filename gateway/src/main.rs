@@ -119,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
             #[allow(clippy::cast_possible_truncation)]
             let budget = (config.free_tier_daily_budget * 1e6).round() as i64;
             for (day, cost) in gateway::free_budget::days_over(&store, budget).await? {
-                let date = utc_date(day);
+                let date = gateway::analytics::day_string(day.div_euclid(86_400_000));
                 report.violations.push(format!("free requests cost {cost} µUSD on {date}, over free_tier_daily_budget ({budget} µUSD)"));
             }
             if report.violations.is_empty() {
@@ -159,19 +159,4 @@ async fn main() -> anyhow::Result<()> {
         // Printed above, before the configuration is loaded.
         Command::Openapi => Ok(()),
     }
-}
-
-/// `YYYY-MM-DD` of a UTC day's start (ms since the epoch), without a date crate.
-fn utc_date(day_start_ms: i64) -> String {
-    // Howard Hinnant's days-from-civil, inverted.
-    let z = day_start_ms.div_euclid(86_400_000) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }

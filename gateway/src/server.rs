@@ -39,6 +39,17 @@ async fn revalidate_providers(registry: &Registry, allow_private: bool) -> anyho
     Ok(())
 }
 
+/// A secret from the config, else the one stored in the database under `name`
+/// (generated on first use, so it survives restarts and is shared by replicas).
+async fn configured_or_stored(store: &Store, configured: Option<&Secret>, name: &str) -> Result<Secret, sqlx::Error> {
+    if let Some(s) = configured {
+        return Ok(s.clone());
+    }
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    Ok(Secret::new(store.setting_or_insert(name, &hex::encode(bytes)).await?))
+}
+
 #[allow(clippy::cast_possible_truncation)]
 fn usd_micros(usd: f64) -> i64 {
     (usd * 1e6).round() as i64
@@ -55,22 +66,8 @@ impl Running {
     pub async fn start_with_store(config: Config, store: Store) -> anyhow::Result<Self> {
         // A tokenizer that cannot be loaded stops the start, naming its config key.
         let tokenizers = Arc::new(crate::tokenizers::Tokenizers::load(&config.tokenizers)?);
-        let user_id_secret = match &config.user_id_secret {
-            Some(s) => s.clone(),
-            None => {
-                let mut bytes = [0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut bytes);
-                Secret::new(store.setting_or_insert("user_id_secret", &hex::encode(bytes)).await?)
-            }
-        };
-        let relay_key = match &config.relay_secret_key {
-            Some(s) => s.clone(),
-            None => {
-                let mut bytes = [0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut bytes);
-                Secret::new(store.setting_or_insert("relay_secret_key", &hex::encode(bytes)).await?)
-            }
-        };
+        let user_id_secret = configured_or_stored(&store, config.user_id_secret.as_ref(), "user_id_secret").await?;
+        let relay_key = configured_or_stored(&store, config.relay_secret_key.as_ref(), "relay_secret_key").await?;
         let registry = Arc::new(Registry::load(store.clone()).await?);
         revalidate_providers(&registry, config.allow_private_providers).await?;
         let free_budget = crate::free_budget::FreeBudget::new(usd_micros(config.free_tier_daily_budget));
