@@ -633,3 +633,60 @@ pub struct RequestsPoint {
     pub quality: String,
     pub requests: i64,
 }
+
+// --- error responses, declared once -------------------------------------------------
+
+// Each is one row of an operation's `responses(...)`: an OpenAI-shaped error body with
+// the status and meaning every route that can answer it shares.
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.")]
+pub struct BadRequest(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 401, description = "Missing or wrong key.")]
+pub struct Unauthorized(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 403, description = "The admin API is disabled (no admin key is configured).")]
+pub struct AdminDisabled(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 404, description = "No such resource.")]
+pub struct NotFound(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 409, description = "Conflicts with the current state.")]
+pub struct Conflict(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 413, description = "The request body is larger than `max_body_bytes`.")]
+pub struct PayloadTooLarge(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).")]
+pub struct UnsupportedMediaType(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 429, description = "Rate limited (`retry-after`).")]
+pub struct RateLimited(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).")]
+pub struct RateLimitedOrNoFunds(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 429, description = "Too many requests from this IP address (`retry-after`).")]
+pub struct IpRateLimited(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 502, description = "The provider failed before the first token on every attempt.")]
+pub struct ProviderFailed(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 503, description = "No provider is available for the model right now (`retry-after`).")]
+pub struct NoProvider(#[allow(dead_code)] openapi::error::ErrorBody);
+
+#[derive(utoipa::IntoResponses)]
+#[response(status = 504, description = "The provider did not answer in time.")]
+pub struct ProviderTimeout(#[allow(dead_code)] openapi::error::ErrorBody);

@@ -174,8 +174,8 @@ pub struct HttpCounts {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Providers on line, streams, queue, request and error rates, today's revenue.", body = Overview),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, ApiError> {
@@ -306,8 +306,8 @@ pub struct ProviderEarnings {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Every registered provider's lifetime earnings and balance, by id.", body = EarningsList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn provider_earnings(State(state): State<AppState>) -> Result<Json<EarningsList>, ApiError> {
@@ -377,7 +377,7 @@ pub struct MeBalance {
     security(("provider_key" = [])),
     responses(
         (status = 200, description = "The provider's id, status, health, streams and earnings.", body = ProviderMe),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
     ),
 )]
 pub async fn provider_me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<ProviderMe>, ApiError> {

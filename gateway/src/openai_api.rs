@@ -120,15 +120,15 @@ fn resolve_limits(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "The completion as one JSON body; with `stream: true`, server-sent events: one `data: <ChatCompletionChunk JSON>` per chunk (as the provider sent it), `data: [DONE]` at the end; a failure after the first token is an `error` event.", headers(("x-quality-served" = String, description = "The quality tier that served the request.")), content((openapi::stream::ChatCompletion = "application/json"), (crate::api_spec::ServerSentEvent = "text/event-stream"))),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).", body = openapi::error::ErrorBody),
-        (status = 502, description = "The provider failed before the first token on every attempt.", body = openapi::error::ErrorBody),
-        (status = 503, description = "No provider is available for the model right now (`retry-after`).", body = openapi::error::ErrorBody),
-        (status = 504, description = "The provider did not answer in time.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::RateLimitedOrNoFunds,
+        crate::api_spec::ProviderFailed,
+        crate::api_spec::NoProvider,
+        crate::api_spec::ProviderTimeout,
     ),
 )]
 pub async fn chat_completions(
@@ -281,15 +281,15 @@ pub fn prepare_chat(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "The completion: one JSON body, or with `stream: true` server-sent events of `text_completion` chunks ending with `data: [DONE]`.", headers(("x-quality-served" = String, description = "The quality tier that served the request.")), content((openapi::stream::TextCompletion = "application/json"), (crate::api_spec::ServerSentEvent = "text/event-stream"))),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).", body = openapi::error::ErrorBody),
-        (status = 502, description = "The provider failed before the first token on every attempt.", body = openapi::error::ErrorBody),
-        (status = 503, description = "No provider is available for the model right now (`retry-after`).", body = openapi::error::ErrorBody),
-        (status = 504, description = "The provider did not answer in time.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::RateLimitedOrNoFunds,
+        crate::api_spec::ProviderFailed,
+        crate::api_spec::NoProvider,
+        crate::api_spec::ProviderTimeout,
     ),
 )]
 pub async fn completions(
@@ -548,8 +548,8 @@ fn live_models(state: &AppState) -> Vec<Model> {
     security(("user_key" = [])),
     responses(
         (status = 200, description = "Models some live provider serves.", body = crate::api_spec::ModelList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn list_models(State(state): State<AppState>) -> Json<ListModelResponse> {
@@ -565,9 +565,9 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ListModelRespons
     security(("user_key" = [])),
     responses(
         (status = 200, description = "The model.", body = crate::api_spec::ModelObject),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Model>, ApiError> {

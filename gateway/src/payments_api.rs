@@ -76,12 +76,12 @@ pub(crate) struct WithdrawRequest {
     security(("provider_key" = []), ("admin_key" = [])),
     responses(
         (status = 201, description = "The withdrawal (or, for a repeated Idempotency-Key, the first one).", body = crate::payments::Withdrawal),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
         (status = 403, description = "The provider is suspended: its balance is frozen (kept) until an admin approves it again.", body = openapi::error::ErrorBody),
-        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Conflict,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn withdraw(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, ApiError> {
@@ -122,10 +122,10 @@ pub(crate) struct MethodRequest {
     security(("provider_key" = []), ("admin_key" = [])),
     responses(
         (status = 200, description = "Saved: a first method applies at once, a change after `payout_method_delay_secs` (`effectiveAt`).", body = crate::api_spec::MethodSet),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn set_method(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -147,7 +147,7 @@ pub async fn set_method(State(state): State<AppState>, headers: HeaderMap, body:
     security(("provider_key" = []), ("admin_key" = [])),
     responses(
         (status = 200, description = "Withdrawals, newest first.", body = crate::api_spec::WithdrawalList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
     ),
 )]
 pub async fn provider_withdrawals(
@@ -178,8 +178,8 @@ pub struct Page {
     security(("provider_key" = []), ("admin_key" = [])),
     responses(
         (status = 200, description = "Ledger lines, newest first.", body = crate::api_spec::History),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
     ),
 )]
 pub async fn provider_transactions(
@@ -202,9 +202,9 @@ pub async fn provider_transactions(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Ledger lines, newest first.", body = crate::api_spec::History),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn user_transactions(
@@ -232,9 +232,9 @@ pub struct StatusFilter {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Withdrawals, newest first.", body = crate::api_spec::WithdrawalList),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn admin_payouts(State(state): State<AppState>, Query(f): Query<StatusFilter>) -> Result<Json<Value>, ApiError> {
@@ -258,13 +258,13 @@ pub(crate) struct TransitionBody {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The withdrawal in its new state.", body = crate::payments::Withdrawal),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
+        crate::api_spec::Conflict,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn admin_payout_transition(
@@ -289,8 +289,8 @@ pub async fn admin_payout_transition(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The withdrawals made.", body = crate::api_spec::WithdrawalList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn admin_auto_payouts(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -318,8 +318,8 @@ fn settings_json(s: PayoutSettings) -> Value {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The settings.", body = crate::api_spec::PayoutSettingsView),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn admin_settings(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -350,11 +350,11 @@ pub(crate) struct SettingsPatch {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The settings now.", body = crate::api_spec::PayoutSettingsView),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn admin_update_settings(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -397,12 +397,12 @@ pub(crate) struct TopUp {
     security(("signature" = [])),
     responses(
         (status = 200, description = "Applied (or already applied earlier).", body = crate::api_spec::TopUpResult),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
         (status = 403, description = "Top-ups are disabled (no webhook secret is configured).", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Too many requests from this IP address (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::IpRateLimited,
     ),
 )]
 pub async fn top_up(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -460,9 +460,9 @@ fn window(r: &Range) -> Result<(i64, i64), ApiError> {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Platform income by day, month, model and provider.", body = crate::api_spec::Revenue),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn revenue(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
@@ -479,9 +479,9 @@ pub async fn revenue(State(state): State<AppState>, Query(r): Query<Range>) -> R
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Requests and tokens by model and quality, peak hours.", body = crate::api_spec::UsageReport),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn usage(State(state): State<AppState>, Query(r): Query<Range>) -> Result<Json<Value>, ApiError> {
@@ -510,14 +510,14 @@ pub(crate) struct PayoutOutcome {
     security(("signature" = [])),
     responses(
         (status = 200, description = "The withdrawal in its new state.", body = crate::payments::Withdrawal),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
         (status = 403, description = "No payout service is configured.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Too many requests from this IP address (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::NotFound,
+        crate::api_spec::Conflict,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::IpRateLimited,
     ),
 )]
 pub async fn payout_webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -547,8 +547,8 @@ pub async fn payout_webhook(State(state): State<AppState>, headers: HeaderMap, b
     security(("user_key" = [])),
     responses(
         (status = 200, description = "USD.", body = crate::api_spec::OwnBalance),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn own_balance(
@@ -569,9 +569,9 @@ pub async fn own_balance(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "Ledger lines, newest first.", body = crate::api_spec::History),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn own_transactions(

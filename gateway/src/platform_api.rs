@@ -44,10 +44,10 @@ impl From<KeyError> for ApiError {
     security((), ("admin_key" = [])),
     responses(
         (status = 201, description = "Registered; the provider key is shown once. `active` at once with open registration (or the admin key), else `pending` until an admin approves.", body = openapi::platform::RegisterProviderResponse),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Too many requests from this IP address (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::IpRateLimited,
     ),
 )]
 pub async fn register(
@@ -102,11 +102,11 @@ async fn provider_body<T: serde::de::DeserializeOwned>(
     security(("provider_key" = [])),
     responses(
         (status = 200, description = "The stream is on line.", body = crate::api_spec::StreamStarted),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn stream_start(
@@ -129,11 +129,11 @@ pub async fn stream_start(
     security(("provider_key" = [])),
     responses(
         (status = 200, description = "The stream is off line.", body = crate::api_spec::StreamStopped),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn stream_stop(
@@ -155,10 +155,10 @@ pub async fn stream_stop(
     security(("provider_key" = [])),
     responses(
         (status = 200, description = "The new key (shown once); the old one no longer works.", body = openapi::platform::RotatedKey),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn rotate_key(
@@ -183,11 +183,11 @@ pub async fn rotate_key(
     security(("provider_key" = [])),
     responses(
         (status = 200, description = "Recorded.", body = crate::api_spec::HeartbeatAck),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn heartbeat(
@@ -208,8 +208,8 @@ pub async fn heartbeat(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Every registered provider, oldest first.", body = crate::api_spec::ProviderList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn admin_providers(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -245,9 +245,9 @@ pub async fn admin_providers(State(state): State<AppState>) -> Result<Json<serde
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Active.", body = crate::api_spec::ProviderStatusChange),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
     ),
 )]
 pub async fn admin_provider_approve(
@@ -273,9 +273,9 @@ pub async fn admin_provider_approve(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Suspended.", body = crate::api_spec::ProviderStatusChange),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
     ),
 )]
 pub async fn admin_provider_suspend(
@@ -295,11 +295,11 @@ pub async fn admin_provider_suspend(
     security(("admin_key" = [])),
     responses(
         (status = 201, description = "The key; its secret is shown once.", body = openapi::platform::CreatedKey),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn admin_create_key(
@@ -344,8 +344,8 @@ fn limit_micros(usd: Option<f64>, param: &str) -> Result<Option<i64>, ApiError> 
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Every key (no secrets), oldest first.", body = crate::api_spec::KeyList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn admin_list_keys(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -362,9 +362,9 @@ pub async fn admin_list_keys(State(state): State<AppState>) -> Result<Json<serde
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Revoked (again, if it already was).", body = crate::api_spec::KeyRevoked),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
     ),
 )]
 pub async fn admin_revoke_key(
@@ -387,9 +387,9 @@ pub async fn admin_revoke_key(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Revoked (again, if it already was).", body = crate::api_spec::KeyRevoked),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
     ),
 )]
 pub async fn admin_delete_key(state: State<AppState>, id: Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -446,12 +446,12 @@ fn balance_json(account: &str, b: crate::ledger::Balance) -> serde_json::Value {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The user's balance after the credit.", body = crate::api_spec::UserBalance),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn admin_credit_user(
@@ -488,8 +488,8 @@ pub async fn admin_credit_user(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The balance (zero for an unknown user).", body = crate::api_spec::UserBalance),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn admin_user_balance(
@@ -510,7 +510,7 @@ pub async fn admin_user_balance(
     security(("provider_key" = []), ("admin_key" = [])),
     responses(
         (status = 200, description = "The provider's earnings balance.", body = crate::api_spec::ProviderBalance),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
     ),
 )]
 pub async fn provider_balance(
@@ -547,8 +547,8 @@ fn level_json(l: &crate::quality::QualityLevel) -> serde_json::Value {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Built-in and custom levels.", body = crate::api_spec::QualityLevelList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn admin_quality_levels(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -582,12 +582,12 @@ pub(crate) struct NewLevel {
     security(("admin_key" = [])),
     responses(
         (status = 201, description = "The new level.", body = crate::api_spec::QualityLevelInfo),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::Conflict,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn admin_add_quality_level(

@@ -69,14 +69,14 @@ const METADATA_VALUE_CHARS: usize = 512;
     responses(
         (status = 200, description = "The response object; with `stream: true`, server-sent events `response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`/`.done`, `response.function_call_arguments.delta`/`.done`, `response.content_part.done`, `response.output_item.done`, then `response.completed` (or `response.incomplete` at `max_output_tokens`, `response.failed` when the provider fails after the first token), each with `sequence_number`.", headers(("x-quality-served" = String, description = "The quality tier that served the request.")), content((openapi::responses::ResponseObject = "application/json"), (crate::api_spec::ServerSentEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request: a bad or missing field, an unsupported input item, content part or tool (`param` names it), or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
         (status = 404, description = "No such model, or `previous_response_id` names no stored response of this user (`param` names it).", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).", body = openapi::error::ErrorBody),
-        (status = 502, description = "The provider failed before the first token on every attempt.", body = openapi::error::ErrorBody),
-        (status = 503, description = "No provider is available for the model right now (`retry-after`).", body = openapi::error::ErrorBody),
-        (status = 504, description = "The provider did not answer in time.", body = openapi::error::ErrorBody),
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::RateLimitedOrNoFunds,
+        crate::api_spec::ProviderFailed,
+        crate::api_spec::NoProvider,
+        crate::api_spec::ProviderTimeout,
     ),
 )]
 pub async fn create_response(
@@ -207,9 +207,9 @@ pub async fn create_response(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "The response object as it was returned.", body = openapi::responses::ResponseObject),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
         (status = 404, description = "No stored response with this id for this user (also one past `responses_retention_days`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn get_response(
@@ -237,9 +237,9 @@ pub async fn get_response(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "Deleted; a later `previous_response_id` naming it is a 404.", body = openapi::responses::DeletedResponse),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
         (status = 404, description = "No stored response with this id for this user.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn delete_response(

@@ -98,15 +98,15 @@ fn to_chat(request: &InferenceRequest) -> Result<(CreateChatCompletionRequest, R
     security(("user_key" = [])),
     responses(
         (status = 200, description = "The whole answer.", body = openapi::platform::InferenceResponse),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).", body = openapi::error::ErrorBody),
-        (status = 502, description = "The provider failed before the first token on every attempt.", body = openapi::error::ErrorBody),
-        (status = 503, description = "No provider is available for the model right now (`retry-after`).", body = openapi::error::ErrorBody),
-        (status = 504, description = "The provider did not answer in time.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::RateLimitedOrNoFunds,
+        crate::api_spec::ProviderFailed,
+        crate::api_spec::NoProvider,
+        crate::api_spec::ProviderTimeout,
     ),
 )]
 pub async fn inference(
@@ -157,8 +157,8 @@ pub async fn inference(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "Models on line.", body = crate::api_spec::LlmModels),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
@@ -190,8 +190,8 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
     security(("user_key" = [])),
     responses(
         (status = 200, description = "Providers, streams, queue and models.", body = crate::api_spec::LlmStatus),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
@@ -217,8 +217,8 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
     responses(
         (status = 101, description = "Switched to WebSocket. The server sends `{\"event\":\"connected\",\"data\":{\"models\":[…]}}`; each client message is an inference request (or `{\"event\":\"inference\",\"data\":{…}}`), answered by `stream:token` events and one `stream:end` (or `error`)."),
         (status = 400, description = "Not a WebSocket upgrade request.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn websocket(
@@ -414,15 +414,15 @@ pub(crate) struct ReservationRequest {
     security(("user_key" = [])),
     responses(
         (status = 201, description = "The reservation; its whole price is held.", body = crate::reservations::Reservation),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
         (status = 403, description = "Not allowed.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).", body = openapi::error::ErrorBody),
-        (status = 503, description = "No provider is available for the model right now (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::NotFound,
+        crate::api_spec::Conflict,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
+        crate::api_spec::RateLimitedOrNoFunds,
+        crate::api_spec::NoProvider,
     ),
 )]
 pub async fn create_reservation(
@@ -444,8 +444,8 @@ pub async fn create_reservation(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "Reservations, newest first.", body = crate::api_spec::ReservationList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn list_reservations(
@@ -465,10 +465,10 @@ pub async fn list_reservations(
     security(("user_key" = [])),
     responses(
         (status = 200, description = "The finished reservation; the unused time is refunded.", body = crate::reservations::Reservation),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 409, description = "Conflicts with the current state.", body = openapi::error::ErrorBody),
-        (status = 429, description = "Rate limited (`retry-after`).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::NotFound,
+        crate::api_spec::Conflict,
+        crate::api_spec::RateLimited,
     ),
 )]
 pub async fn release_reservation(

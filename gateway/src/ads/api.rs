@@ -80,11 +80,11 @@ async fn advertiser(state: &AppState, id: &str) -> Result<Advertiser, ApiError> 
     security(("admin_key" = [])),
     responses(
         (status = 201, description = "Created, with an empty prepaid balance.", body = Advertiser),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn create_advertiser(
@@ -116,8 +116,8 @@ pub async fn create_advertiser(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Every advertiser, oldest first.", body = AdvertiserList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn list_advertisers(State(state): State<AppState>) -> Result<Json<AdvertiserList>, ApiError> {
@@ -135,12 +135,12 @@ pub async fn list_advertisers(State(state): State<AppState>) -> Result<Json<Adve
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The advertiser with its new balance.", body = Advertiser),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn credit_advertiser(
@@ -310,11 +310,11 @@ fn merge(mut c: Campaign, input: CampaignInput) -> Result<Campaign, ApiError> {
     security(("admin_key" = [])),
     responses(
         (status = 201, description = "Created; it competes in auctions at once when `active`.", body = Campaign),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn create_campaign(
@@ -405,8 +405,8 @@ async fn reload(state: &AppState) {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Every campaign, oldest first.", body = CampaignList),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 pub async fn list_campaigns(State(state): State<AppState>) -> Result<Json<CampaignList>, ApiError> {
@@ -433,9 +433,9 @@ pub async fn list_campaigns(State(state): State<AppState>) -> Result<Json<Campai
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The campaign.", body = Campaign),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
     ),
 )]
 pub async fn get_campaign(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Campaign>, ApiError> {
@@ -453,12 +453,12 @@ pub async fn get_campaign(State(state): State<AppState>, Path(id): Path<String>)
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The changed campaign.", body = Campaign),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
+        crate::api_spec::NotFound,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn update_campaign(
@@ -510,7 +510,7 @@ pub async fn update_campaign(
     security(()),
     responses(
         (status = 302, description = "To the advertiser's URL (`location`); the first click is recorded (and charged for a CPC ad)."),
-        (status = 404, description = "No such resource.", body = openapi::error::ErrorBody),
+        crate::api_spec::NotFound,
     ),
 )]
 pub async fn click(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -530,11 +530,11 @@ pub async fn click(State(state): State<AppState>, Path(id): Path<String>) -> Res
     security(("user_key" = [])),
     responses(
         (status = 200, description = "The stored preferences; a request's own `ad_preferences` add to them.", body = AdPreferences),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
         (status = 429, description = "Rate limit reached (`retry-after`).", body = openapi::error::ErrorBody),
-        (status = 413, description = "The request body is larger than `max_body_bytes`.", body = openapi::error::ErrorBody),
-        (status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).", body = openapi::error::ErrorBody),
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::UnsupportedMediaType,
     ),
 )]
 pub async fn set_preferences(
@@ -572,9 +572,9 @@ pub struct Range {
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "The report over [from, to) (default: the last 30 days).", body = AdsReport),
-        (status = 400, description = "Invalid request: a bad or missing field (`param` names it) or malformed JSON.", body = openapi::error::ErrorBody),
-        (status = 401, description = "Missing or wrong key.", body = openapi::error::ErrorBody),
-        (status = 403, description = "The admin API is disabled (no admin key is configured).", body = openapi::error::ErrorBody),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::AdminDisabled,
     ),
 )]
 /// `GET /api/analytics/ads`: impressions, clicks, CTR and revenue by category and
