@@ -7,13 +7,11 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use crate::store::{now_ms, Store};
+use crate::money::usd;
 
 const DAY_MS: i64 = 86_400_000;
 const HOUR_MS: i64 = 3_600_000;
 
-fn usd(micros: i64) -> f64 {
-    micros as f64 / 1e6
-}
 
 /// `YYYY-MM-DD` of a day number since the epoch (civil-from-days, Howard Hinnant's algorithm).
 pub fn day_string(day: i64) -> String {

@@ -22,6 +22,7 @@ use crate::error::ApiError;
 use crate::providers::ProviderStatus;
 use crate::store::now_ms;
 use crate::{analytics, bearer, ledger, routing, AppState};
+use crate::money::usd;
 
 /// Every console response carries this policy: only our own scripts, styles and API, no
 /// inline code or style attributes, never framed. A stored-XSS payload in a provider or
@@ -88,9 +89,6 @@ fn secure(h: &mut HeaderMap) {
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
 }
 
-fn usd(micros: i64) -> f64 {
-    micros as f64 / 1e6
-}
 
 /// `GET /api/admin/overview`.
 #[derive(Debug, Serialize, ToSchema)]

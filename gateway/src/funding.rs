@@ -43,7 +43,7 @@ pub struct Ask<'a> {
 pub async fn reserve(state: &AppState, ask: &Ask<'_>, per_mtok: i64, current: Option<Funding>) -> Result<Funding, ApiError> {
     let key = ask.key;
     if key.tier == Tier::Free && state.config.free_tier_daily_budget <= 0.0 {
-        return Err(ApiError::FreeTierClosed("The free tier is off on this gateway; use a paid key.".to_owned()));
+        return Err(free_tier_off());
     }
     let amount = ledger::price(ask.max_tokens, per_mtok, ask.multiplier_bp);
     match current {
@@ -58,7 +58,7 @@ pub async fn reserve(state: &AppState, ask: &Ask<'_>, per_mtok: i64, current: Op
     }
     if key.tier == Tier::Free {
         return state.free_budget.claim(amount).map(Funding::AdRevenue).map_err(|refusal| match refusal {
-            free_budget::Refusal::Off => ApiError::FreeTierClosed("The free tier is off on this gateway; use a paid key.".to_owned()),
+            free_budget::Refusal::Off => free_tier_off(),
             free_budget::Refusal::Spent { limit } => ApiError::FreeTierClosed(format!(
                 "Today's free-tier budget of ${:.2} is spent; free requests resume at 00:00 UTC, or use a paid key.",
                 crate::money::usd(limit)
@@ -90,6 +90,10 @@ pub async fn reserve(state: &AppState, ask: &Ask<'_>, per_mtok: i64, current: Op
             Err(ApiError::InsufficientQuota { needed: amount, available })
         }
     }
+}
+
+fn free_tier_off() -> ApiError {
+    ApiError::FreeTierClosed("The free tier is off on this gateway; use a paid key.".to_owned())
 }
 
 /// The best bulk-usage discount the user's month-to-date tokens reach (0 without tiers).

@@ -12,6 +12,7 @@ use sqlx::Row;
 
 use crate::ledger::{self, Micros, PAYOUTS};
 use crate::store::{new_id, now_ms, Store};
+use crate::money::usd;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -107,9 +108,6 @@ pub struct Payments {
 
 const SETTINGS_KEY: &str = "payout_settings";
 
-fn usd(micros: Micros) -> f64 {
-    micros as f64 / 1e6
-}
 
 impl Payments {
     pub fn new(store: Store) -> Self {

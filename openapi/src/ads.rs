@@ -19,9 +19,7 @@ pub struct AccountBalance {
 }
 
 impl AccountBalance {
-    #[allow(clippy::cast_precision_loss)]
     pub fn of_micros(posted: i64, held: i64) -> Self {
-        let usd = |m: i64| m as f64 / 1e6;
         let available = posted - held;
         Self {
             posted: usd(posted),
@@ -171,9 +169,7 @@ pub struct Campaign {
 
 impl Campaign {
     /// Fills the USD fields from the micro-USD ones (which the gateway works with).
-    #[allow(clippy::cast_precision_loss)]
     pub fn with_usd(mut self) -> Self {
-        let usd = |m: i64| m as f64 / 1e6;
         self.cpm_bid = usd(self.cpm_bid_micros);
         self.cpc_bid = usd(self.cpc_bid_micros);
         self.daily_budget = usd(self.daily_budget_micros);
