@@ -7,9 +7,10 @@
 //! token at the chosen provider's price) before the provider is called; its charge is
 //! capped at that claim and turns it into spending when the request settles. Claims and
 //! spending are counted under one lock, so this replica never grants more than the day's
-//! budget. The spending of other replicas reaches this one through `refresh` (the sum of
-//! today's free usage records), so a fleet can overshoot by at most what the other
-//! replicas claimed since the last refresh; the scale-out issue makes it exact.
+//! budget. The spending of other replicas (on PostgreSQL) reaches this one through
+//! `refresh` (the sum of today's free usage records, every `provider_refresh_secs`), so a
+//! fleet can overshoot by at most what the other replicas claimed since the last refresh;
+//! the scale-out issue makes it exact. On SQLite it is read once, at start-up.
 
 use std::sync::Arc;
 

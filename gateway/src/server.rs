@@ -72,7 +72,9 @@ impl Running {
         revalidate_providers(&registry, config.allow_private_providers).await?;
         let free_budget = crate::free_budget::FreeBudget::new(usd_micros(config.free_tier_daily_budget));
         free_budget.refresh(&store).await?;
-        let refresh_budget = (free_budget.clone(), store.clone());
+        // Only a shared (PostgreSQL) database has other replicas' free spending to learn;
+        // an embedded one is this process's alone, whose counter is read at start-up.
+        let refresh_budget = (store.backend == crate::store::Backend::Postgres).then(|| (free_budget.clone(), store.clone()));
         let stop = CancellationToken::new();
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let (sink, writer) = usage::spawn(
@@ -103,7 +105,7 @@ impl Running {
             sweeps += 1;
             let sweep = sweeps % 12 == 1;
             let (reg, qualities, ads) = (reg.clone(), reload_qualities.clone(), reload_ads.clone());
-            let (budget, budget_store) = refresh_budget.clone();
+            let budget = refresh_budget.clone();
             let (sweeper, payouts, http, config) =
                 (sweeper.clone(), payouts.clone(), connector_http.clone(), connector_config.clone());
             async move {
@@ -117,8 +119,10 @@ impl Running {
                     tracing::warn!(error = %e, "ad inventory reload failed");
                 }
                 // Other replicas' free spending.
-                if let Err(e) = budget.refresh(&budget_store).await {
-                    tracing::warn!(error = %e, "free-tier budget refresh failed");
+                if let Some((budget, budget_store)) = budget {
+                    if let Err(e) = budget.refresh(&budget_store).await {
+                        tracing::warn!(error = %e, "free-tier budget refresh failed");
+                    }
                 }
                 if !sweep {
                     return;
