@@ -4,20 +4,17 @@
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 use worker::engine::{generate_blocking, Engine, EngineConfig, Event, GenRequest};
 use worker::forward::{BatchItem, DeviceInfo, Forward, KvCache, StepError};
 use worker::model::Model;
 use worker::native::{self, Native};
 use worker::quant::Precision;
 use worker::sampling::SamplingParams;
-use worker::server::{app, AppState};
+use worker::server::AppState;
 
-use crate::model;
+use crate::{call, model};
 
 /// The native forward pass, except that the next step after `fail` is set panics, as
 /// a device running out of memory inside burn does.
@@ -42,19 +39,6 @@ impl Forward for Flaky {
     fn device(&self) -> DeviceInfo {
         Native.device()
     }
-}
-
-async fn call(st: &AppState, method: &str, path: &str, body: Option<Value>) -> (StatusCode, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-        .unwrap();
-    let resp = app(st.clone()).oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
 }
 
 fn question(stream: bool) -> Value {

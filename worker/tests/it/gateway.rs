@@ -29,6 +29,17 @@ async fn record(State(calls): State<Calls>, uri: Uri, headers: HeaderMap, Json(b
     (StatusCode::OK, Json(json!({"ok": true})))
 }
 
+/// Waits (up to 20 s) until the worker at `base` answers `/health`.
+async fn wait_healthy(http: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("worker did not come up");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -85,15 +96,7 @@ async fn registers_streams_and_drains_on_sigterm() {
     let public = format!("http://127.0.0.1:{port}");
     let mut child = spawn_worker(port, &gw_url, &key_file, &["--public-url", &public, "--qualities", "standard,ultra", "--name", "test-worker"]);
     let http = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..200 {
-        if http.get(format!("{public}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "worker did not come up");
+    wait_healthy(&http, &public).await;
     // Registration happens before the stream calls; give them a moment.
     for _ in 0..50 {
         if calls.lock().unwrap().len() >= 3 {
@@ -198,15 +201,7 @@ async fn a_standalone_worker_needs_a_key_or_open() {
         .unwrap();
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..200 {
-        if http.get(format!("{url}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "worker did not come up");
+    wait_healthy(&http, &url).await;
     assert_eq!(http.get(format!("{url}/v1/models")).send().await.unwrap().status(), 401);
     assert_eq!(http.get(format!("{url}/v1/models")).bearer_auth("sk-other").send().await.unwrap().status(), 401);
     assert_eq!(http.get(format!("{url}/v1/models")).bearer_auth("sk-owner").send().await.unwrap().status(), 200);

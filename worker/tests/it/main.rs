@@ -17,7 +17,13 @@ mod wgpu;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
 use worker::model::LoadedModel;
+use worker::server::{app, AppState};
 
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("WORKER_TEST_MODEL").map_or_else(worker::fetch::default_model_path, PathBuf::from);
@@ -39,4 +45,18 @@ pub fn model() -> Arc<LoadedModel> {
             Err(e) => panic!("cannot load the default model: {e}"),
         })
         .clone()
+}
+
+/// One request to the worker's router in process: its status and body.
+pub async fn call(st: &AppState, method: &str, path: &str, body: Option<Value>) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+        .unwrap();
+    let resp = app(st.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
 }

@@ -12,25 +12,12 @@ use worker::engine::{Engine, EngineConfig};
 use worker::quant::Precision;
 use worker::server::{app, AppState};
 
-use crate::model;
+use crate::{call, model};
 
 fn state() -> AppState {
     let m = model();
     let id = m.default_model_id();
     AppState::new(Engine::start(m, EngineConfig::default()), id)
-}
-
-async fn call(st: &AppState, method: &str, path: &str, body: Option<Value>) -> (StatusCode, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-        .unwrap();
-    let resp = app(st.clone()).oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
 }
 
 fn capital_question(extra: Value) -> Value {
