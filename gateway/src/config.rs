@@ -209,6 +209,8 @@ pub struct Config {
     pub payout_method_delay_secs: u64,
     /// Open connections one client IP may hold; more are closed at once.
     pub max_connections_per_ip: u32,
+    /// Dial-out provider links one client IP may hold open (`/api/gpu/link`).
+    pub max_links_per_ip: u32,
     /// A request body must arrive within this many seconds (slow-body attacks).
     pub body_read_timeout_secs: u64,
     /// Key of the relay secrets: each provider's is an HMAC of its id under this key,
@@ -303,6 +305,7 @@ impl Default for Config {
             probation_max_share: 0.1,
             payout_method_delay_secs: 86_400,
             max_connections_per_ip: 256,
+            max_links_per_ip: 8,
             body_read_timeout_secs: 30,
             relay_secret_key: None,
             routing_seed: None,
@@ -393,7 +396,7 @@ impl Config {
             "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
             "free_tier_daily_budget", "probation_requests", "probation_max_share", "payout_method_delay_secs",
-            "max_connections_per_ip", "body_read_timeout_secs", "relay_secret_key", "routing_seed",
+            "max_connections_per_ip", "max_links_per_ip", "body_read_timeout_secs", "relay_secret_key", "routing_seed",
         ];
         KEYS.contains(&key)
     }
@@ -444,6 +447,9 @@ impl Config {
         }
         if self.max_connections_per_ip == 0 {
             return invalid("max_connections_per_ip", "must be at least 1");
+        }
+        if self.max_links_per_ip == 0 {
+            return invalid("max_links_per_ip", "must be at least 1");
         }
         if self.body_read_timeout_secs == 0 {
             return invalid("body_read_timeout_secs", "must be at least 1");

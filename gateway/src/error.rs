@@ -36,6 +36,9 @@ pub enum ApiError {
     FreeTierClosed(String),
     #[error("Rate limit reached for {what} per minute; try again in {:.3}s.", retry_after.as_secs_f64())]
     RateLimited { what: &'static str, retry_after: std::time::Duration },
+    /// A client address already holds `max_links_per_ip` provider links.
+    #[error("This address already holds {0} provider links, the most this gateway allows (max_links_per_ip).")]
+    TooManyLinks(u32),
     #[error("This key's {period} spending limit of ${:.2} would be exceeded by this request.", *limit as f64 / 1e6)]
     SpendingLimit { period: &'static str, limit: i64 },
     #[error("No provider is available for model `{model}` right now; try again shortly.")]
@@ -70,7 +73,7 @@ impl ApiError {
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::NotFound(_) | Self::NotFoundParam { .. } => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::InsufficientQuota { .. } | Self::FreeTierClosed(_) | Self::SpendingLimit { .. } | Self::RateLimited { .. } => {
+            Self::InsufficientQuota { .. } | Self::FreeTierClosed(_) | Self::SpendingLimit { .. } | Self::RateLimited { .. } | Self::TooManyLinks(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Self::NoProvider { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +103,7 @@ impl ApiError {
             Self::SpendingLimit { .. } => ("insufficient_quota", Some("spending_limit_exceeded".into()), None),
             Self::FreeTierClosed(_) => ("insufficient_quota", Some("free_tier_budget_exhausted".into()), None),
             Self::RateLimited { what, .. } => (*what, Some("rate_limit_exceeded".into()), None),
+            Self::TooManyLinks(_) => ("requests", Some("too_many_links".into()), None),
             Self::NoProvider { .. } => ("server_error", Some("no_provider_available".into()), None),
             Self::ProviderRejected { param, code, .. } => ("invalid_request_error", code.clone(), param.clone()),
             Self::ProviderFailed(_) => ("server_error", Some("provider_error".into()), None),

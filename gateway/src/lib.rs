@@ -17,6 +17,7 @@ pub mod funding;
 pub mod health;
 pub mod holds;
 pub mod keys;
+pub mod links;
 pub mod ledger;
 pub mod metrics;
 pub mod money;
@@ -100,6 +101,8 @@ pub struct Inner {
     pub probation: Arc<routing::Probation>,
     /// Key of the providers' relay secrets (`relay_secret_key`).
     pub relay_key: Secret,
+    /// Dial-out links open to this replica, counted per client address.
+    pub links: Arc<links::Links>,
     /// Routing's random source when `routing_seed` is set (reproducible choices).
     pub routing_rng: Option<parking_lot::Mutex<rand::rngs::StdRng>>,
 }
@@ -285,6 +288,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/gpu/stream/stop", post(platform_api::stream_stop))
         .route("/api/gpu/heartbeat", post(platform_api::heartbeat))
         .route("/api/gpu/keys/rotate", post(platform_api::rotate_key))
+        .route("/api/gpu/link", get(links::accept))
         .route("/api/gpu/me", get(console::provider_me))
         .route("/admin", get(console::index))
         .route("/admin/", get(console::index))

@@ -58,9 +58,13 @@ pub async fn register(
     let mut request: RegisterProviderRequest = extract::parse(&headers, &body)?;
     crate::providers::resolve_pricing(&mut request.pricing)?;
     crate::providers::check_market(&state.config, &request)?;
-    request.base_url = crate::egress::check_base_url(&request.base_url, state.config.allow_private_providers)
-        .await
-        .map_err(|m| ApiError::param(m, "baseUrl"))?;
+    // A dial-out provider has no address (registration refuses one it gives).
+    if let Some(url) = &request.base_url {
+        let checked = crate::egress::check_base_url(url, state.config.allow_private_providers)
+            .await
+            .map_err(|m| ApiError::param(m, "baseUrl"))?;
+        request.base_url = Some(checked);
+    }
     let admin = state.is_admin(&headers);
     let status = match state.config.registration {
         Registration::Open => ProviderStatus::Active,
@@ -255,7 +259,7 @@ pub async fn admin_provider_approve(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // A provider whose stored baseUrl breaks the egress rules stays off line.
-    if let Some(p) = state.registry.get(&id) {
+    if let Some(p) = state.registry.get(&id).filter(|p| p.connection == openapi::platform::Connection::Direct) {
         crate::egress::check_base_url(&p.base_url, state.config.allow_private_providers)
             .await
             .map_err(|m| ApiError::param(format!("cannot approve: {m}"), "baseUrl"))?;

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use openapi::platform::{Capabilities, Pricing, ProviderInfo, RegisterProviderRequest, StreamControlInfo};
+use openapi::platform::{Capabilities, Connection, Pricing, ProviderInfo, RegisterProviderRequest, StreamControlInfo};
 use parking_lot::RwLock;
 use sqlx::Row;
 
@@ -46,6 +46,14 @@ pub struct Load {
     pub in_flight: AtomicU32,
     pub last_heartbeat_ms: AtomicI64,
     pub health: crate::health::Health,
+    /// A dial-out provider's link to this replica, while it is open.
+    pub link: parking_lot::Mutex<Option<Arc<crate::links::Link>>>,
+}
+
+impl Load {
+    pub fn link(&self) -> Option<Arc<crate::links::Link>> {
+        self.link.lock().clone()
+    }
 }
 
 /// One provider as routing sees it.
@@ -53,7 +61,9 @@ pub struct Load {
 pub struct Provider {
     pub id: String,
     pub name: String,
+    /// Empty for a dial-out provider.
     pub base_url: String,
+    pub connection: Connection,
     pub status: ProviderStatus,
     pub capabilities: Capabilities,
     pub pricing: Pricing,
@@ -84,10 +94,13 @@ pub struct ActiveReservation {
 }
 
 impl Provider {
+    /// Active, with a stream on line and a recent heartbeat; a dial-out provider also
+    /// needs its link open to this replica (its link's probes are its heartbeats).
     pub fn is_live(&self, now: i64, stale_after_ms: i64) -> bool {
         self.status == ProviderStatus::Active
             && !self.streams.is_empty()
             && now - self.load.last_heartbeat_ms.load(Ordering::Relaxed) <= stale_after_ms
+            && (self.connection == Connection::Direct || self.load.link.lock().is_some())
     }
 
     pub fn supports(&self, feature: &str) -> bool {
@@ -118,7 +131,8 @@ impl Provider {
         ProviderInfo {
             id: self.id.clone(),
             name: self.name.clone(),
-            base_url: self.base_url.clone(),
+            base_url: (self.connection == Connection::Direct).then(|| self.base_url.clone()),
+            connection: self.connection,
             status: self.status.as_str().to_owned(),
             gpu_info: self.gpu_info.clone(),
             capabilities: self.capabilities.clone(),
@@ -252,7 +266,7 @@ impl Registry {
         let rows = sqlx::query(
             "SELECT id, name, base_url, status, gpu_info, capabilities, price_per_mtok_micros, \
              price_per_hour_micros, minimum_payout_micros, created_at, last_heartbeat_at, key_hash, probation_left, \
-             status_reason FROM providers",
+             status_reason, connection FROM providers",
         )
         .fetch_all(&self.store.pool)
         .await?;
@@ -287,6 +301,7 @@ impl Registry {
             let provider = Provider {
                 name: row.try_get("name")?,
                 base_url: row.try_get("base_url")?,
+                connection: Connection::parse(&row.try_get::<String, _>("connection")?),
                 status: ProviderStatus::parse(&row.try_get::<String, _>("status")?),
                 features: capabilities.features.as_ref().map(|f| f.iter().cloned().collect()),
                 capabilities,
@@ -318,6 +333,7 @@ impl Registry {
             };
             next.insert(id, Arc::new(provider));
         }
+        crate::links::close_unwanted(&old, &next);
         *self.providers.write() = Arc::new(next);
         Ok(())
     }
@@ -329,10 +345,16 @@ impl Registry {
         probation: u32,
     ) -> Result<(openapi::platform::RegisterProviderResponse, String), ProviderError> {
         let invalid = |message: &str, param: &'static str| ProviderError::Invalid { message: message.to_owned(), param };
-        let base_url = request.base_url.trim_end_matches('/').to_owned();
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(invalid("baseUrl must be an http:// or https:// URL", "baseUrl"));
-        }
+        let base_url = match (request.connection, &request.base_url) {
+            (Connection::Direct, Some(url)) if url.starts_with("http://") || url.starts_with("https://") => {
+                url.trim_end_matches('/').to_owned()
+            }
+            (Connection::Direct, _) => return Err(invalid("baseUrl must be an http:// or https:// URL", "baseUrl")),
+            (Connection::DialOut, None) => String::new(),
+            (Connection::DialOut, Some(_)) => {
+                return Err(invalid("a dialOut provider connects to the gateway: leave baseUrl out", "baseUrl"))
+            }
+        };
         let caps = &request.capabilities;
         if caps.models.is_empty() || caps.models.iter().any(|m| m.trim().is_empty()) {
             return Err(invalid("capabilities.models must list at least one model id", "capabilities.models"));
@@ -357,8 +379,8 @@ impl Registry {
         let caps_json = serde_json::to_string(&request.capabilities).map_err(|e| invalid(&e.to_string(), "capabilities"))?;
         sqlx::query(
             "INSERT INTO providers (id, name, key_hash, base_url, status, gpu_info, capabilities, \
-             price_per_mtok_micros, price_per_hour_micros, minimum_payout_micros, created_at, probation_left) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             price_per_mtok_micros, price_per_hour_micros, minimum_payout_micros, created_at, probation_left, connection) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&id)
         .bind(&name)
@@ -372,6 +394,7 @@ impl Registry {
         .bind(min_payout)
         .bind(now_ms())
         .bind(i64::from(probation))
+        .bind(request.connection.as_str())
         .execute(&self.store.pool)
         .await?;
         self.reload().await?;

@@ -7,13 +7,12 @@
 //! when the request ends.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use openapi::stream::{StreamChunk, Usage};
 
 use crate::delivered::{carries_token, Delivered};
@@ -86,7 +85,7 @@ pub enum Event {
     Failed(String),
 }
 
-type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+use crate::links::ByteStream;
 
 /// What a provider's stream may send: every provider may be hostile, so an event
 /// without an end or a stream without one cannot grow the gateway's memory.
@@ -788,21 +787,9 @@ async fn first_token(
     endpoint: Endpoint,
     body: Bytes,
 ) -> Result<(SseReader, VecDeque<Bytes>), AttemptError> {
-    let url = format!("{}{}", provider.base_url, endpoint.path());
-    crate::egress::check_connect(&url, state.config.allow_private_providers).map_err(AttemptError::Retry)?;
-    let response = state
-        .client_for(provider)
-        .post(url)
-        .bearer_auth(state.relay_secret(provider))
-        .header("content-type", "application/json")
-        .header("accept", "text/event-stream")
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| AttemptError::Retry(format!("cannot reach provider: {}", without_url(&e))))?;
-    let status = response.status();
+    let (status, body) = send(state, provider, endpoint, body).await.map_err(AttemptError::Retry)?;
     if !status.is_success() {
-        let text = read_error_body(response).await;
+        let text = read_error_body(body).await;
         let parsed: Option<openapi::error::ErrorBody> = serde_json::from_str(&text).ok();
         // 401, 403, 405 and 415 say the provider cannot serve our (well-formed) call, and
         // a 404 is about the model it registered: the provider's fault, counted against
@@ -817,7 +804,7 @@ async fn first_token(
         }
         return Err(AttemptError::Retry(format!("provider answered {status}")));
     }
-    let mut reader = SseReader::new(Box::pin(response.bytes_stream()), StreamBounds::of(&state.config));
+    let mut reader = SseReader::new(body, StreamBounds::of(&state.config));
     let mut pending = VecDeque::new();
     loop {
         match reader.next_data().await {
@@ -842,11 +829,34 @@ async fn first_token(
     }
 }
 
+/// Sends the provider request: over the provider's link for a dial-out provider, else
+/// over HTTP to its `baseUrl` (egress rules checked at every call).
+async fn send(state: &AppState, provider: &Provider, endpoint: Endpoint, body: Bytes) -> Result<(http::StatusCode, ByteStream), String> {
+    let secret = state.relay_secret(provider);
+    if provider.connection == openapi::platform::Connection::DialOut {
+        let link = crate::links::of(provider)?;
+        let request = link::request(http::Method::POST, endpoint.path(), &secret, body).map_err(|e| e.to_string())?;
+        return link.send(request).await;
+    }
+    let url = format!("{}{}", provider.base_url, endpoint.path());
+    crate::egress::check_connect(&url, state.config.allow_private_providers)?;
+    let response = state
+        .client_for(provider)
+        .post(url)
+        .bearer_auth(secret)
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach provider: {}", without_url(&e)))?;
+    Ok((response.status(), crate::links::reqwest_body(response)))
+}
+
 /// A provider's error body, read up to `MAX_ERROR_BODY` bytes: it is only parsed for
 /// its message, and a hostile provider could send an endless one.
-async fn read_error_body(response: reqwest::Response) -> String {
+async fn read_error_body(mut body: ByteStream) -> String {
     const MAX_ERROR_BODY: usize = 64 * 1024;
-    let mut body = response.bytes_stream();
     let mut buf = Vec::new();
     while let Some(Ok(bytes)) = body.next().await {
         let room = MAX_ERROR_BODY - buf.len();

@@ -28,7 +28,7 @@ pub struct Running {
 /// pending an admin, with the reason in its `statusReason`.
 async fn revalidate_providers(registry: &Registry, allow_private: bool) -> anyhow::Result<()> {
     for provider in registry.snapshot().values() {
-        if provider.status == crate::providers::ProviderStatus::Suspended {
+        if provider.status == crate::providers::ProviderStatus::Suspended || provider.connection == openapi::platform::Connection::DialOut {
             continue;
         }
         if let Err(reason) = crate::egress::check_base_url(&provider.base_url, allow_private).await {
@@ -180,6 +180,7 @@ impl Running {
             free_budget,
             probation: Arc::new(crate::routing::Probation::default()),
             relay_key,
+            links: Arc::default(),
             routing_rng: config_seed.map(|seed| parking_lot::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed))),
         });
         if state.config.health_check_secs > 0 {
@@ -258,7 +259,7 @@ where
 
 /// Active health checks: `GET {baseUrl}/health` of every provider with a stream on line,
 /// concurrently, 2 s each. The result feeds uptime; a failure also counts toward the
-/// circuit breaker.
+/// circuit breaker. Dial-out providers are probed over their links instead (`links`).
 ///
 /// Only active providers are checked, at most `HEALTH_CHECKS_AT_ONCE` at a time, so
 /// registrations cannot make the gateway send requests to many addresses at once.
@@ -269,6 +270,7 @@ async fn check_providers(state: &AppState) {
     let active = snapshot
         .values()
         .filter(|p| !p.streams.is_empty() && p.status == crate::providers::ProviderStatus::Active)
+        .filter(|p| p.connection == openapi::platform::Connection::Direct)
         .cloned()
         .collect::<Vec<_>>();
     let allow_private = state.config.allow_private_providers;

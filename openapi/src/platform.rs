@@ -16,9 +16,40 @@ pub struct RegisterProviderRequest {
     pub gpu_info: serde_json::Value,
     pub capabilities: Capabilities,
     pub pricing: Pricing,
-    /// Where the provider's OpenAI-compatible server listens.
+    /// Where the provider's OpenAI-compatible server listens; required for a `direct`
+    /// provider, left out for a `dialOut` one.
+    #[serde(default)]
     #[schema(pattern = "^https?://")]
-    pub base_url: String,
+    pub base_url: Option<String>,
+    /// How the gateway reaches it (default `direct`).
+    #[serde(default)]
+    pub connection: Connection,
+}
+
+/// How the gateway reaches a provider. `direct`: it connects to the provider's
+/// `baseUrl`. `dialOut`: the provider (a worker behind NAT) connects out to the gateway
+/// (`GET /api/gpu/link` with `Upgrade: gs-link`) and the gateway sends requests over
+/// that connection as HTTP/2 streams; it needs no address anyone can reach.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Connection {
+    #[default]
+    Direct,
+    DialOut,
+}
+
+impl Connection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::DialOut => "dialOut",
+        }
+    }
+
+    /// The stored form back (anything unknown is `direct`).
+    pub fn parse(s: &str) -> Self {
+        if s == "dialOut" { Self::DialOut } else { Self::Direct }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -239,7 +270,9 @@ pub struct KeyInfo {
 pub struct ProviderInfo {
     pub id: String,
     pub name: String,
-    pub base_url: String,
+    /// `null` for a `dialOut` provider.
+    pub base_url: Option<String>,
+    pub connection: Connection,
     pub status: String,
     pub gpu_info: serde_json::Value,
     pub capabilities: Capabilities,

@@ -77,14 +77,21 @@ pub async fn spawn_mock(config: MockConfig) -> anyhow::Result<MockProvider> {
     spawn_mock_on("127.0.0.1:0", config).await
 }
 
-pub async fn spawn_mock_on(addr: &str, mut config: MockConfig) -> anyhow::Result<MockProvider> {
+pub async fn spawn_mock_on(addr: &str, config: MockConfig) -> anyhow::Result<MockProvider> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let (provider, app) = mock_app(listener.local_addr()?, config);
+    tokio::spawn(serve_mock(listener, app));
+    Ok(provider)
+}
+
+/// The mock's router, for a test that serves it some other way (over a dial-out link);
+/// `addr` is what `MockProvider::addr` reports.
+pub fn mock_app(addr: SocketAddr, mut config: MockConfig) -> (MockProvider, Router) {
     if config.models.is_empty() {
         config.models.push("mock-model".to_owned());
     }
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local_addr = listener.local_addr()?;
     let provider = MockProvider {
-        addr: local_addr,
+        addr,
         requests: Arc::default(),
         bodies: Arc::default(),
         open_streams: Arc::default(),
@@ -98,8 +105,7 @@ pub async fn spawn_mock_on(addr: &str, mut config: MockConfig) -> anyhow::Result
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(shared);
-    tokio::spawn(serve_mock(listener, app));
-    Ok(provider)
+    (provider, app)
 }
 
 /// HTTP/1.1 and h2c (prior knowledge) on one port, as `axum::serve` does, but with no

@@ -107,9 +107,14 @@ enum Cmd {
         tls_cert: Option<PathBuf>,
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
-        /// URL the gateway uses to reach this worker (default http://127.0.0.1:PORT).
+        /// URL the gateway uses to reach this worker. Without it the worker dials out to
+        /// the gateway and serves over that connection (works behind NAT; honours
+        /// HTTPS_PROXY / HTTP_PROXY / NO_PROXY).
         #[arg(long)]
         public_url: Option<String>,
+        /// PEM certificates to trust for an https --gateway besides the usual roots.
+        #[arg(long)]
+        gateway_ca: Option<PathBuf>,
         /// Provider name shown at the gateway (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -274,6 +279,7 @@ fn main() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             public_url,
+            gateway_ca,
             name,
             price_per_token,
             price_per_hour,
@@ -285,13 +291,13 @@ fn main() -> anyhow::Result<()> {
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
             let cfg = engine.config();
             let engine = start_engine(m, &engine, cfg)?;
-            let scheme = if tls_cert.is_some() { "https" } else { "http" };
             let gateway = gateway.map(|url| GatewayConfig {
                 url,
                 provider_key,
                 provider_id,
                 relay_secret,
-                public_url: public_url.unwrap_or_else(|| format!("{scheme}://127.0.0.1:{port}")),
+                public_url,
+                gateway_ca,
                 name: name.unwrap_or_else(|| {
                     std::fs::read_to_string("/etc/hostname").map_or_else(|_| "worker".into(), |h| h.trim().to_string())
                 }),

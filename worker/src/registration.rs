@@ -20,6 +20,8 @@ pub enum RegistrationError {
     Status { url: String, status: u16, body: String },
     #[error("cannot use key file {path}: {detail}")]
     KeyFile { path: String, detail: String },
+    #[error("{0}")]
+    Config(String),
 }
 
 #[derive(Debug, Clone)]
@@ -32,7 +34,11 @@ pub struct GatewayConfig {
     /// With `provider_id` and `provider_key`: the relay secret the gateway gave at
     /// registration (the gateway presents it on every call).
     pub relay_secret: Option<String>,
-    pub public_url: String,
+    /// Where the gateway reaches this worker; `None`: the worker dials out to the
+    /// gateway and serves over that link (no reachable address needed).
+    pub public_url: Option<String>,
+    /// PEM certificates trusted for an `https` gateway besides the Mozilla roots.
+    pub gateway_ca: Option<PathBuf>,
     pub name: String,
     pub per_token_usd: f64,
     pub per_hour_usd: f64,
@@ -51,6 +57,21 @@ pub struct Credentials {
     /// What the gateway presents on every call; `/v1/*` refuses everyone else.
     #[serde(default)]
     pub relay_secret: String,
+    /// How the provider was registered (`direct` or `dialOut`): a worker that changes
+    /// how it is reached registers anew.
+    #[serde(default = "direct")]
+    pub connection: String,
+}
+
+fn direct() -> String {
+    "direct".to_owned()
+}
+
+impl GatewayConfig {
+    /// How the gateway reaches this worker, as registration names it.
+    pub fn connection(&self) -> &'static str {
+        if self.public_url.is_some() { "direct" } else { "dialOut" }
+    }
 }
 
 /// Default key file: `~/.config/gpu-streaming/worker-provider.json`.
@@ -59,11 +80,11 @@ pub fn default_key_file() -> PathBuf {
     home.join(".config").join("gpu-streaming").join("worker-provider.json")
 }
 
-fn load_credentials(path: &Path, gateway: &str) -> Option<Credentials> {
+fn load_credentials(path: &Path, gateway: &str, connection: &str) -> Option<Credentials> {
     let text = std::fs::read_to_string(path).ok()?;
     let c: Credentials = serde_json::from_str(&text).ok()?;
     // A key file from before relay secrets cannot admit the gateway: register anew.
-    (c.gateway == gateway && !c.relay_secret.is_empty()).then_some(c)
+    (c.gateway == gateway && !c.relay_secret.is_empty() && c.connection == connection).then_some(c)
 }
 
 fn save_credentials(path: &Path, c: &Credentials) -> Result<(), RegistrationError> {
@@ -82,6 +103,19 @@ fn save_credentials(path: &Path, c: &Credentials) -> Result<(), RegistrationErro
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     }
     Ok(())
+}
+
+/// The client for the gateway's HTTP API, trusting `ca` (PEM) besides the usual roots.
+fn gateway_client(ca: Option<&Path>) -> Result<reqwest::Client, RegistrationError> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca {
+        let err = |detail: String| RegistrationError::Config(format!("--gateway-ca {}: {detail}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| RegistrationError::Config(format!("cannot build the gateway client: {e}")))
 }
 
 pub struct GatewayClient {
@@ -138,10 +172,10 @@ impl GatewayClient {
         gpu: &GpuInfo,
         use_saved: bool,
     ) -> Result<GatewayClient, RegistrationError> {
-        let http = reqwest::Client::new();
+        let http = gateway_client(cfg.gateway_ca.as_deref())?;
         let base = cfg.url.trim_end_matches('/').to_string();
         let mut from_file = false;
-        let saved = if use_saved { load_credentials(&cfg.key_file, &base) } else { None };
+        let saved = if use_saved { load_credentials(&cfg.key_file, &base, cfg.connection()) } else { None };
         let creds = if let (Some(id), Some(key)) = (&cfg.provider_id, &cfg.provider_key) {
             let Some(relay_secret) = cfg.relay_secret.clone() else {
                 return Err(RegistrationError::KeyFile {
@@ -149,13 +183,19 @@ impl GatewayClient {
                     detail: "credentials given as flags need --relay-secret too (registration returned it)".into(),
                 });
             };
-            Credentials { gateway: base.clone(), provider_id: id.clone(), provider_key: key.clone(), relay_secret }
+            Credentials {
+                gateway: base.clone(),
+                provider_id: id.clone(),
+                provider_key: key.clone(),
+                relay_secret,
+                connection: cfg.connection().to_owned(),
+            }
         } else if let Some(c) = saved {
             tracing::info!(provider_id = %c.provider_id, "using saved provider credentials");
             from_file = true;
             c
         } else {
-            let body = json!({
+            let mut body = json!({
                 "name": cfg.name,
                 "gpuInfo": gpu,
                 "capabilities": {
@@ -175,8 +215,11 @@ impl GatewayClient {
                     "perHour": cfg.per_hour_usd,
                     "minimumPayout": cfg.minimum_payout_usd,
                 },
-                "baseUrl": cfg.public_url,
+                "connection": cfg.connection(),
             });
+            if let Some(url) = &cfg.public_url {
+                body["baseUrl"] = json!(url);
+            }
             let v = post(&http, format!("{base}/api/gpu/register"), cfg.provider_key.as_deref(), body).await?;
             let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
             let (Some(provider_id), Some(provider_key), Some(relay_secret)) =
@@ -188,7 +231,7 @@ impl GatewayClient {
                     body: "response lacks providerId/providerKey/relaySecret".into(),
                 });
             };
-            let c = Credentials { gateway: base.clone(), provider_id, provider_key, relay_secret };
+            let c = Credentials { gateway: base.clone(), provider_id, provider_key, relay_secret, connection: cfg.connection().to_owned() };
             save_credentials(&cfg.key_file, &c)?;
             tracing::info!(provider_id = %c.provider_id, key_file = %cfg.key_file.display(), "registered with the gateway");
             c
@@ -212,6 +255,24 @@ impl GatewayClient {
 
     pub async fn stop_streams(&self) -> Result<(), RegistrationError> {
         self.stream_call("stop").await
+    }
+
+    /// How this worker dials its gateway when it has no public URL.
+    pub fn dial(&self) -> Result<Option<link::Dial>, link::DialError> {
+        if self.cfg.public_url.is_some() {
+            return Ok(None);
+        }
+        let extra_roots = match &self.cfg.gateway_ca {
+            Some(path) => link::load_roots(path)?,
+            None => Vec::new(),
+        };
+        Ok(Some(link::Dial {
+            gateway: self.creds.gateway.clone(),
+            provider_id: self.creds.provider_id.clone(),
+            provider_key: self.creds.provider_key.clone(),
+            proxy: link::proxy_from_env(&self.creds.gateway),
+            extra_roots,
+        }))
     }
 
     pub async fn heartbeat(&self, engine: &Engine) -> Result<(), RegistrationError> {

@@ -95,16 +95,35 @@ pub async fn run(engine: Engine, model_id: String, mut cfg: ServeConfig) -> Resu
     let relay_secret = gateway.as_ref().map(|(client, _)| client.creds.relay_secret.as_str());
     let state = AppState::new(engine.clone(), model_id.clone()).with_access(access(&cfg, relay_secret)?);
     let draining = state.draining.clone();
+    let router = app(state);
+
+    // Without a public URL the worker dials out and the gateway's requests come over
+    // that link (see the `link` crate); the local listener stays on for local callers.
+    let (stop_link, stopping) = tokio::sync::watch::channel(false);
+    let dial = match &gateway {
+        Some((client, _)) => client.dial().map_err(|e| ServeError::Config(format!("cannot dial the gateway: {e}")))?,
+        None => None,
+    };
+    let link = dial.map(|dial| {
+        tracing::info!(gateway = %dial.gateway, proxy = dial.proxy.is_some(), "dialing out to the gateway (no public URL)");
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(link::run(dial, service, stopping))
+    });
 
     let shutdown = async move {
         shutdown_signal().await;
         tracing::info!("shutting down: refusing new requests, finishing open streams");
         draining.store(true, Relaxed);
+        let _ = stop_link.send(true);
     };
     let result = match &cfg.tls {
-        None => axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await,
-        Some((cert, key)) => serve_tls(listener, app(state), cert, key, shutdown).await,
+        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+        Some((cert, key)) => serve_tls(listener, router, cert, key, shutdown).await,
     };
+    // The link drains too: no new streams, the open ones finish.
+    if let Some(link) = link {
+        let _ = link.await;
+    }
     if let Some((client, task)) = gateway {
         task.abort();
         match client.stop_streams().await {

@@ -17,7 +17,7 @@ fn db_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("gw.db").display())
 }
 
-async fn run(dir: &Path, args: &[&str]) -> (i32, String) {
+pub(crate) async fn run(dir: &Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(gateway_bin().unwrap())
         .args(args)
         .env("GATEWAY_DATABASE_URL", db_url(dir))
@@ -35,7 +35,6 @@ async fn serve(dir: &Path, port: u16) -> Child {
 pub(crate) async fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> Child {
     let child = Command::new(gateway_bin().unwrap())
         .arg("serve")
-        .envs(env.iter().copied())
         .env("GATEWAY_DATABASE_URL", db_url(dir))
         .env("GATEWAY_ADMIN_KEY", ADMIN)
         // The mock providers listen on 127.0.0.1.
@@ -45,6 +44,8 @@ pub(crate) async fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> C
         .env("GATEWAY_HOST", "127.0.0.1")
         .env("GPU_STREAMING_PORT", port.to_string())
         .env("GATEWAY_SHUTDOWN_GRACE_SECS", "10")
+        // A test's own settings win over the defaults above.
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

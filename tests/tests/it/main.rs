@@ -12,6 +12,7 @@ mod cli;
 mod console;
 mod inproc;
 mod ledger_props;
+mod links;
 mod money;
 mod observability;
 mod openai_surface;

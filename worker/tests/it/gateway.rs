@@ -61,7 +61,8 @@ async fn stale_saved_key_is_replaced_by_a_new_registration() {
     let stale = json!({"gateway": gw_url, "providerId": "prov-old", "providerKey": "pk-stale", "relaySecret": "rs-old"});
     std::fs::write(&key_file, stale.to_string()).unwrap();
     let port = free_port();
-    let mut child = spawn_worker(port, &gw_url, &key_file, &["--qualities", "standard"]);
+    let public = format!("http://127.0.0.1:{port}");
+    let mut child = spawn_worker(port, &gw_url, &key_file, &["--public-url", &public, "--qualities", "standard"]);
     let mut paths = Vec::new();
     for _ in 0..300 {
         paths = calls.lock().unwrap().iter().map(|c| (c.0.clone(), c.1.clone())).collect::<Vec<_>>();

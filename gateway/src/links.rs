@@ -1,0 +1,277 @@
+//! Dial-out providers' links (the protocol is the `link` crate's): the upgrade handler,
+//! the open links (each in its provider's per-replica `Load`), requests over a link,
+//! and closing the links of providers that were suspended, removed or given a new key.
+//!
+//! A link is this replica's: a dial-out provider is live here only while its link is
+//! open here (`Provider::is_live`). Over its link the gateway probes `/health` every
+//! `PROBE_EVERY` (a success is the provider's heartbeat and an uptime check), and
+//! relays requests exactly as over HTTP (`relay::first_token` picks the transport).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use http_body_util::BodyStream;
+use openapi::platform::Connection;
+
+use crate::error::ApiError;
+use crate::providers::{Provider, ProviderError, ProviderStatus};
+use crate::store::now_ms;
+use crate::AppState;
+
+/// A response body as the relay reads it.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+/// How often the gateway asks a linked worker for `/health` (besides HTTP/2 pings).
+const PROBE_EVERY: Duration = Duration::from_secs(15);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One open link.
+pub struct Link {
+    pub id: u64,
+    /// The provider key's hash when it opened: a new key closes it.
+    pub key_hash: String,
+    pub opened_at_ms: i64,
+    sender: link::Sender,
+    kill: link::KillSwitch,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("id", &self.id).field("opened_at_ms", &self.opened_at_ms).finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Closes it at once: open streams fail (and are billed for what was delivered).
+    pub fn kill(&self) {
+        self.kill.kill();
+    }
+
+    /// Sends one request; the response body is read as it arrives.
+    pub async fn send(&self, request: http::Request<http_body_util::Full<Bytes>>) -> Result<(http::StatusCode, ByteStream), String> {
+        let mut sender = self.sender.clone();
+        sender.ready().await.map_err(|e| format!("link closed: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| format!("link: {e}"))?;
+        let status = response.status();
+        let body = BodyStream::new(response.into_body())
+            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())))
+            .map_err(|e| format!("link: {e}"));
+        Ok((status, Box::pin(body)))
+    }
+}
+
+/// This replica's count of links per client address (`max_links_per_ip`).
+#[derive(Default)]
+pub struct Links {
+    per_ip: parking_lot::Mutex<HashMap<IpAddr, u32>>,
+    next_id: AtomicU64,
+}
+
+/// One of an address's link slots; given back when dropped.
+struct IpSlot {
+    links: Arc<Links>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.links.per_ip.lock();
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Links {
+    fn admit(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<IpSlot> {
+        let mut per_ip = self.per_ip.lock();
+        let n = per_ip.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { links: self.clone(), ip })
+    }
+
+    /// Links open to this replica.
+    pub fn open(&self) -> u32 {
+        self.per_ip.lock().values().sum()
+    }
+}
+
+/// `GET /api/gpu/link` with `Upgrade: gs-link`: a dial-out worker opens its link.
+pub async fn accept(State(state): State<AppState>, mut request: Request) -> Result<Response, ApiError> {
+    let headers = request.headers();
+    if !link::wants_link(headers) {
+        return Err(ApiError::InvalidRequest {
+            message: "this endpoint opens a provider link: an HTTP/1.1 GET with `Connection: upgrade` and `Upgrade: gs-link`".into(),
+            param: None,
+            code: None,
+        });
+    }
+    let key = crate::bearer(headers).filter(|k| k.starts_with("pk-")).ok_or(ApiError::InvalidApiKey)?.to_owned();
+    let provider_id = headers
+        .get(link::PROVIDER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::param(format!("the {} header is required", link::PROVIDER_HEADER), link::PROVIDER_HEADER))?;
+    state.registry.authenticate(&provider_id, &key).await.map_err(|e| match e {
+        ProviderError::Unknown(_) => ApiError::InvalidApiKey,
+        other => other.into(),
+    })?;
+    // Another replica may have registered it moments ago.
+    if state.registry.get(&provider_id).is_none() {
+        state.registry.reload().await?;
+    }
+    let provider = state.registry.get(&provider_id).ok_or(ApiError::InvalidApiKey)?;
+    if provider.connection != Connection::DialOut {
+        return Err(ApiError::param(
+            format!("provider {provider_id} registered a baseUrl (connection `direct`); only a `dialOut` provider opens a link"),
+            "connection",
+        ));
+    }
+    if provider.status == ProviderStatus::Suspended {
+        return Err(ApiError::PermissionDenied(format!("provider {provider_id} is suspended")));
+    }
+    let ip = request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let max = state.config.max_links_per_ip;
+    let slot = state.links.admit(ip, max).ok_or(ApiError::TooManyLinks(max))?;
+    let upgrade = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>().ok_or_else(|| ApiError::InvalidRequest {
+        message: "this connection cannot be upgraded (links need HTTP/1.1)".into(),
+        param: None,
+        code: None,
+    })?;
+    tokio::spawn(establish(state, provider, upgrade, slot));
+    Ok(link::switching_protocols::<axum::body::Body>().into_response())
+}
+
+/// Takes the upgraded connection as an HTTP/2 client, checks the worker answers on it
+/// (within the handshake's 10 s), and puts the link in its provider's `Load`.
+async fn establish(state: AppState, provider: Arc<Provider>, upgrade: hyper::upgrade::OnUpgrade, slot: IpSlot) {
+    let id = state.links.next_id.fetch_add(1, Ordering::Relaxed);
+    let secret = state.relay_secret(&provider);
+    let opened = link::within_handshake(async {
+        let io = upgrade.await.map_err(|e| e.to_string())?;
+        let (sender, connection, kill) = link::client(io).await.map_err(|e| e.to_string())?;
+        let driver = Driver { state: state.clone(), provider_id: provider.id.clone(), link_id: id, _slot: slot };
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(provider = %driver.provider_id, error = %e, "link ended with an error");
+            }
+            drop(driver);
+        });
+        let link = Link { id, key_hash: provider.key_hash.clone(), opened_at_ms: now_ms(), sender, kill };
+        match probe(&link, &secret).await {
+            Ok(()) => Ok(link),
+            Err(e) => {
+                link.kill();
+                Err(e)
+            }
+        }
+    })
+    .await;
+    let link = match opened {
+        Ok(Ok(link)) => Arc::new(link),
+        Ok(Err(e)) => return tracing::warn!(provider = %provider.id, error = %e, "link refused"),
+        Err(e) => return tracing::warn!(provider = %provider.id, error = %e, "link refused"),
+    };
+    // A second link with the same key replaces the first; the first's open streams
+    // finish (dropping its sender closes it gracefully).
+    let replaced = provider.load.link.lock().replace(link.clone());
+    if replaced.is_some() {
+        tracing::info!(provider = %provider.id, "a new link replaced the provider's open one");
+    }
+    provider.load.last_heartbeat_ms.fetch_max(now_ms(), Ordering::Relaxed);
+    tracing::info!(provider = %provider.id, link = id, "link open");
+    tokio::spawn(probe_while_open(state, provider.id.clone(), Arc::downgrade(&link), secret));
+}
+
+/// Ends the link's bookkeeping when its connection ends, however it ends.
+struct Driver {
+    state: AppState,
+    provider_id: String,
+    link_id: u64,
+    _slot: IpSlot,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(provider) = self.state.registry.get(&self.provider_id) {
+            let mut current = provider.load.link.lock();
+            if current.as_ref().is_some_and(|l| l.id == self.link_id) {
+                *current = None;
+                tracing::info!(provider = %self.provider_id, link = self.link_id, "link closed");
+            }
+        }
+    }
+}
+
+async fn probe(link: &Link, secret: &str) -> Result<(), String> {
+    let request = link::request(http::Method::GET, "/health", secret, Bytes::new()).map_err(|e| e.to_string())?;
+    let (status, _) = tokio::time::timeout(PROBE_TIMEOUT, link.send(request)).await.map_err(|_| "no answer to /health".to_owned())??;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the worker answered /health with {status}"))
+    }
+}
+
+/// `/health` over the link every `PROBE_EVERY` while it is its provider's: a success is
+/// a heartbeat and an uptime check, a failure counts like a failed health check.
+async fn probe_while_open(state: AppState, provider_id: String, link: std::sync::Weak<Link>, secret: String) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let (Some(link), Some(provider)) = (link.upgrade(), state.registry.get(&provider_id)) else { return };
+        if provider.load.link().is_none_or(|current| current.id != link.id) {
+            return;
+        }
+        let ok = probe(&link, &secret).await.is_ok();
+        provider.load.health.record_check(ok);
+        if ok {
+            provider.load.last_heartbeat_ms.fetch_max(now_ms(), Ordering::Relaxed);
+        } else {
+            provider.load.health.record_failure(now_ms(), state.config.breaker_failures, state.config.breaker_cooldown());
+        }
+    }
+}
+
+/// Called with each new registry snapshot: kills the links of providers that are gone,
+/// suspended, or whose key changed (a rotated or revoked key must not keep serving).
+pub fn close_unwanted(old: &HashMap<String, Arc<Provider>>, next: &HashMap<String, Arc<Provider>>) {
+    for (id, provider) in old {
+        let Some(link) = provider.load.link() else { continue };
+        let reason = match next.get(id) {
+            None => "provider removed",
+            Some(p) if p.status == ProviderStatus::Suspended => "provider suspended",
+            Some(p) if p.key_hash != link.key_hash => "provider key changed",
+            Some(_) => continue,
+        };
+        tracing::info!(provider = %id, reason, "closing the provider's link");
+        provider.load.link.lock().take();
+        link.kill();
+    }
+}
+
+/// The provider's link on this replica, for a request the relay sends.
+pub fn of(provider: &Provider) -> Result<Arc<Link>, String> {
+    provider.load.link().ok_or_else(|| "the provider's link is closed".to_owned())
+}
+
+/// Bytes of a reqwest response body, as the relay reads any provider's body.
+pub fn reqwest_body(response: reqwest::Response) -> ByteStream {
+    Box::pin(response.bytes_stream().map(|r| r.map_err(|e| e.to_string())))
+}
