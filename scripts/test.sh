@@ -76,6 +76,12 @@ if [ ! -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ]; then
   apt-get install -y mesa-vulkan-drivers || { apt-get update && apt-get install -y mesa-vulkan-drivers; }
 fi
 
+step "iproute2 (ip netns, ss) for the worker-behind-NAT test"
+# tests/it/nat.rs puts the real worker in a network namespace; it fails without them.
+if ! command -v ip >/dev/null || ! command -v ss >/dev/null; then
+  apt-get install -y iproute2 || { apt-get update && apt-get install -y iproute2; }
+fi
+
 step "cargo-nextest"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked

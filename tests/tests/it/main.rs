@@ -14,6 +14,7 @@ mod inproc;
 mod ledger_props;
 mod links;
 mod money;
+mod nat;
 mod observability;
 mod openai_surface;
 mod openapi_doc;
