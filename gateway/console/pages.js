@@ -136,7 +136,8 @@ async function providers(root) {
       return {
         attrs: { dataset: { provider: p.id } },
         cells: [
-          h('div', {}, h('strong', { class: 'provider-name' }, p.name), h('div', { class: 'muted mono' }, p.id)),
+          h('div', {}, h('strong', { class: 'provider-name' }, p.name), h('div', { class: 'muted mono' }, p.id),
+            h('div', { class: 'muted connection' }, p.connection === 'dialOut' ? 'dial-out link' : p.baseUrl)),
           h('div', {}, pill(p.status), ' ', p.online ? pill('online', 'ok') : pill('offline', 'off'),
             p.probationRemaining > 0 ? h('div', { class: 'muted probation' }, `probation: ${num(p.probationRemaining)} requests to go`) : null,
             p.statusReason ? h('div', { class: 'muted status-reason' }, p.statusReason) : null),

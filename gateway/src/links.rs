@@ -68,49 +68,35 @@ impl Link {
     }
 }
 
-/// This replica's count of links per client address (`max_links_per_ip`).
-#[derive(Default)]
+/// This replica's links per client address (`max_links_per_ip`), and their ids.
 pub struct Links {
-    per_ip: parking_lot::Mutex<HashMap<IpAddr, u32>>,
+    per_ip: crate::server::PerIp,
     next_id: AtomicU64,
 }
 
-/// One of an address's link slots; given back when dropped.
-struct IpSlot {
-    links: Arc<Links>,
-    ip: IpAddr,
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut per_ip = self.links.per_ip.lock();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
 impl Links {
-    fn admit(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<IpSlot> {
-        let mut per_ip = self.per_ip.lock();
-        let n = per_ip.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot { links: self.clone(), ip })
-    }
-
-    /// Links open to this replica.
-    pub fn open(&self) -> u32 {
-        self.per_ip.lock().values().sum()
+    pub fn new(max_per_ip: u32) -> Self {
+        Self { per_ip: crate::server::PerIp::new(max_per_ip), next_id: AtomicU64::new(1) }
     }
 }
 
 /// `GET /api/gpu/link` with `Upgrade: gs-link`: a dial-out worker opens its link.
+#[utoipa::path(
+    get,
+    path = "/api/gpu/link",
+    tag = "providers",
+    summary = "Open a dial-out provider's link",
+    description = "An HTTP/1.1 `GET` with `Connection: upgrade` and `Upgrade: gs-link` from a provider registered with `connection: dialOut`. After `101 Switching Protocols` the gateway speaks HTTP/2 as the client on this connection and sends the provider's OpenAI calls over it.",
+    params(("x-provider-id" = String, Header, description = "The provider whose key is presented.")),
+    security(("provider_key" = [])),
+    responses(
+        (status = 101, description = "Switching to the link; the connection now carries HTTP/2 from the gateway."),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        (status = 403, description = "The provider is suspended.", body = openapi::error::ErrorBody),
+        (status = 429, description = "This address holds `max_links_per_ip` links already.", body = openapi::error::ErrorBody),
+    ),
+)]
 pub async fn accept(State(state): State<AppState>, mut request: Request) -> Result<Response, ApiError> {
     let headers = request.headers();
     if !link::wants_link(headers) {
@@ -148,8 +134,7 @@ pub async fn accept(State(state): State<AppState>, mut request: Request) -> Resu
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-    let max = state.config.max_links_per_ip;
-    let slot = state.links.admit(ip, max).ok_or(ApiError::TooManyLinks(max))?;
+    let slot = state.links.per_ip.admit(ip).ok_or(ApiError::TooManyLinks(state.config.max_links_per_ip))?;
     let upgrade = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>().ok_or_else(|| ApiError::InvalidRequest {
         message: "this connection cannot be upgraded (links need HTTP/1.1)".into(),
         param: None,
@@ -161,7 +146,7 @@ pub async fn accept(State(state): State<AppState>, mut request: Request) -> Resu
 
 /// Takes the upgraded connection as an HTTP/2 client, checks the worker answers on it
 /// (within the handshake's 10 s), and puts the link in its provider's `Load`.
-async fn establish(state: AppState, provider: Arc<Provider>, upgrade: hyper::upgrade::OnUpgrade, slot: IpSlot) {
+async fn establish(state: AppState, provider: Arc<Provider>, upgrade: hyper::upgrade::OnUpgrade, slot: crate::server::IpSlot) {
     let id = state.links.next_id.fetch_add(1, Ordering::Relaxed);
     let secret = state.relay_secret(&provider);
     let opened = link::within_handshake(async {
@@ -205,7 +190,7 @@ struct Driver {
     state: AppState,
     provider_id: String,
     link_id: u64,
-    _slot: IpSlot,
+    _slot: crate::server::IpSlot,
 }
 
 impl Drop for Driver {

@@ -149,6 +149,7 @@ impl Running {
             None => Arc::new(crate::ratelimit::Limiter::memory()),
         };
         let config_seed = config.routing_seed;
+        let links = Arc::new(crate::links::Links::new(config.max_links_per_ip));
         let mut keys = Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs));
         if let Some(url) = &config.redis_url {
             // A revoked key stops working on every replica at once, not after the cache TTL.
@@ -180,7 +181,7 @@ impl Running {
             free_budget,
             probation: Arc::new(crate::routing::Probation::default()),
             relay_key,
-            links: Arc::default(),
+            links,
             routing_rng: config_seed.map(|seed| parking_lot::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed))),
         });
         if state.config.health_check_secs > 0 {
@@ -356,23 +357,23 @@ const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Open connections per client IP (`max_connections_per_ip`): one address cannot hold
 /// every file descriptor the gateway has.
 #[derive(Clone)]
-struct PerIp {
+pub(crate) struct PerIp {
     max: u32,
     open: Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
 }
 
 /// One counted connection; dropping it frees the slot.
-struct IpSlot {
+pub(crate) struct IpSlot {
     ip: std::net::IpAddr,
     open: Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
 }
 
 impl PerIp {
-    fn new(max: u32) -> Self {
+    pub(crate) fn new(max: u32) -> Self {
         Self { max, open: Arc::default() }
     }
 
-    fn admit(&self, ip: std::net::IpAddr) -> Option<IpSlot> {
+    pub(crate) fn admit(&self, ip: std::net::IpAddr) -> Option<IpSlot> {
         let mut open = self.open.lock();
         let n = open.entry(ip).or_insert(0);
         if *n >= self.max {

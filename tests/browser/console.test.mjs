@@ -130,6 +130,7 @@ try {
   const row = page.locator(`#providers-table tr[data-provider="${PROVIDER_ID}"]`);
   await row.waitFor();
   assert.equal(await row.locator('.provider-name').textContent(), PROVIDER_NAME);
+  assert.match(await row.locator('.connection').textContent(), /^http:\/\/127\.0\.0\.1:\d+$/, 'a direct provider shows its baseUrl');
   assert.equal(await page.locator('main script').count(), 0, 'no script element was created from data');
   assert.match(await row.textContent(), /\$0\.0\d*[1-9]/, 'earnings are shown');
   await shot(page, 'providers');

@@ -12,8 +12,9 @@
 //!
 //! Every phase is bounded in count and time. Flags: `--quick` (shorter phases),
 //! `--rates 250,500,1000`, `--secs 10`, `--streams 10000`, `--gateway PATH` (another build),
-//! `--upstream h2c|http1` (how the mock is registered: `capabilities.http2` or not;
-//! default h2c, as our worker registers).
+//! `--upstream h2c|http1|link` (how the gateway reaches the mock: h2c when registered
+//! with `capabilities.http2`, HTTP/1.1 without, or `link`: a second mock process dials
+//! out to the gateway and is served over its link, as a worker behind NAT; default h2c).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -40,11 +41,13 @@ struct Options {
     gateway: Option<PathBuf>,
     /// Register the mock with `capabilities.http2` (the gateway multiplexes over h2c).
     h2c: bool,
+    /// The gateway reaches the mock over a dial-out link instead.
+    link: bool,
 }
 
 impl Options {
     fn parse() -> anyhow::Result<Self> {
-        let mut o = Self { rates: vec![250, 500, 1000], secs: 10, streams: 10_000, stream_rate: 200, stream_secs: 5, gateway: None, h2c: true };
+        let mut o = Self { rates: vec![250, 500, 1000], secs: 10, streams: 10_000, stream_rate: 200, stream_secs: 5, gateway: None, h2c: true, link: false };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -65,10 +68,11 @@ impl Options {
                 "--streams" => o.streams = args.next().context("--streams takes a number")?.parse()?,
                 "--gateway" => o.gateway = Some(args.next().context("--gateway takes a path")?.into()),
                 "--upstream" => {
-                    o.h2c = match args.next().as_deref() {
-                        Some("h2c") => true,
-                        Some("http1") => false,
-                        _ => bail!("--upstream takes h2c or http1"),
+                    (o.h2c, o.link) = match args.next().as_deref() {
+                        Some("h2c") => (true, false),
+                        Some("http1") => (false, false),
+                        Some("link") => (false, true),
+                        _ => bail!("--upstream takes h2c, http1 or link"),
                     }
                 }
                 other => bail!("unknown argument {other}; see the top of tests/src/bin/bench-overhead.rs"),
@@ -118,6 +122,8 @@ async fn wait_healthy(http: &reqwest::Client, url: &str, child: &mut Child, what
 struct Setup {
     // Held so that the mock is killed when the bench ends.
     mock: Child,
+    /// With `--upstream link`: the mock the gateway reaches over its link.
+    linked: Option<Child>,
     gateway: Child,
     mock_url: String,
     gateway_url: String,
@@ -125,7 +131,7 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&Path>, h2c: bool) -> anyhow::Result<Setup> {
+async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&Path>, h2c: bool, link: bool) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let mock_port = free_port()?;
     let mut mock = Command::new(release_bin("mock-provider")?)
@@ -183,25 +189,26 @@ async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&
             anyhow::Ok(body)
         }
     };
-    let registered = post(
-        format!("{gateway_url}/api/gpu/register"),
-        None,
-        json!({
-            "gpuInfo": {},
-            "capabilities": {"models": [MODEL], "maxConcurrentStreams": max_streams + 1_000, "http2": h2c},
-            "pricing": {"perToken": 0.000002},
-            "baseUrl": mock_url,
-        }),
-    )
-    .await?;
+    let mut registration = json!({
+        "gpuInfo": {},
+        "capabilities": {"models": [MODEL], "maxConcurrentStreams": max_streams + 1_000, "http2": h2c},
+        "pricing": {"perToken": 0.000002},
+    });
+    if link {
+        registration["connection"] = json!("dialOut");
+    } else {
+        registration["baseUrl"] = json!(mock_url);
+    }
+    let registered = post(format!("{gateway_url}/api/gpu/register"), None, registration).await?;
     let provider_id = registered["providerId"].as_str().context("no providerId")?.to_owned();
     let provider_key = registered["providerKey"].as_str().context("no providerKey")?.to_owned();
     post(
         format!("{gateway_url}/api/gpu/stream/start"),
-        Some(provider_key),
+        Some(provider_key.clone()),
         json!({"providerId": provider_id, "model": MODEL, "quality": "standard"}),
     )
     .await?;
+    let linked = if link { Some(start_linked_mock(http, &gateway_url, &provider_id, &provider_key).await?) } else { None };
     let key = post(
         format!("{gateway_url}/api/admin/keys"),
         Some(ADMIN_KEY.to_owned()),
@@ -214,7 +221,26 @@ async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&
     // Premium keys pay from a prepaid balance (billing on): grant enough credit for the run.
     let user_id = key["userId"].as_str().context("no userId")?.to_owned();
     post(format!("{gateway_url}/api/admin/users/{user_id}/credit"), Some(ADMIN_KEY.to_owned()), json!({"amount": 100000})).await?;
-    Ok(Setup { mock, gateway, mock_url, gateway_url, user_key, _dir: dir })
+    Ok(Setup { mock, linked, gateway, mock_url, gateway_url, user_key, _dir: dir })
+}
+
+/// A second mock process that dials out to the gateway; returns once it is on line there.
+async fn start_linked_mock(http: &reqwest::Client, gateway_url: &str, id: &str, key: &str) -> anyhow::Result<Child> {
+    let child = Command::new(release_bin("mock-provider")?)
+        .args(["--dial", gateway_url, "--provider-id", id, "--provider-key", key])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    for _ in 0..200 {
+        let providers: Value = http.get(format!("{gateway_url}/api/admin/providers")).bearer_auth(ADMIN_KEY).send().await?.json().await?;
+        if providers["data"][0]["online"] == true {
+            return Ok(child);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the linked mock never came on line")
 }
 
 // --- /proc ----------------------------------------------------------------------------
@@ -592,7 +618,7 @@ async fn bench(options: Options) -> anyhow::Result<String> {
     // to the provider too (over h2c all streams share one): 10,000 streams may need
     // 20,000 sockets, so raise the soft limit to the hard one; the children inherit it.
     let nofile = rlimit::increase_nofile_limit(u64::MAX).context("cannot raise RLIMIT_NOFILE")?;
-    let per_stream = if options.h2c { 1 } else { 2 };
+    let per_stream = if options.h2c || options.link { 1 } else { 2 };
     let fd_budget = usize::try_from(nofile.saturating_sub(200) / per_stream).unwrap_or(usize::MAX);
     let streams = options.streams.min(fd_budget);
     if streams < options.streams {
@@ -603,9 +629,10 @@ async fn bench(options: Options) -> anyhow::Result<String> {
         );
     }
     let http = reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).tcp_nodelay(true).build()?;
-    let setup = start(&http, options.streams, options.gateway.as_deref(), options.h2c).await?;
+    let setup = start(&http, options.streams, options.gateway.as_deref(), options.h2c, options.link).await?;
     let gateway_pid = setup.gateway.id().context("the gateway has no pid")?;
-    let mock_pid = setup.mock.id().context("the mock provider has no pid")?;
+    // The process the gateway relays from (the linked mock over a link).
+    let mock_pid = setup.linked.as_ref().unwrap_or(&setup.mock).id().context("the mock provider has no pid")?;
     let client = Client {
         http: http.clone(),
         mock_url: setup.mock_url.clone(),
@@ -619,7 +646,11 @@ async fn bench(options: Options) -> anyhow::Result<String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let upstream = if options.h2c { "h2c (one multiplexed connection)" } else { "HTTP/1.1 (a connection per stream)" };
+    let upstream = match (options.link, options.h2c) {
+        (true, _) => "a dial-out link (reverse HTTP/2 on the connection the mock opened)",
+        (false, true) => "h2c (one multiplexed connection)",
+        (false, false) => "HTTP/1.1 (a connection per stream)",
+    };
     out.push_str(&format!("Run {now} on {} (RLIMIT_NOFILE {nofile}); gateway → mock over {upstream}.\n\n", machine()));
 
     eprintln!("warm-up");

@@ -439,3 +439,50 @@ async fn idle_cutting_copy(a: tokio::net::TcpStream, b: tokio::net::TcpStream, i
         }
     }
 }
+
+/// An `https` gateway: the link is TLS (ALPN http/1.1 for the upgrade), trusting the
+/// gateway's certificate as `--gateway-ca` would.
+#[tokio::test]
+async fn inproc_a_link_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let gw = Gateway::start_with(|c| {
+        c.tls_cert = Some(cert_path.clone());
+        c.tls_key = Some(key_path);
+    })
+    .await;
+    let base = gw.base.replace("http://127.0.0.1", "https://localhost");
+    let https = reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap()).build().unwrap();
+    let r = https
+        .post(format!("{base}/api/gpu/register"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 4}, "pricing": {"perToken": 0.000002}, "connection": "dialOut"}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let (id, key) = (v["providerId"].as_str().unwrap().to_owned(), v["providerKey"].as_str().unwrap().to_owned());
+    let r = https.post(format!("{base}/api/gpu/stream/start")).bearer_auth(&key)
+        .json(&json!({"providerId": id, "model": "mock-model", "quality": "standard"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Without the gateway's certificate the link is refused by TLS.
+    assert!(matches!(dial_to(&base, &id, &key).connect().await, Err(link::DialError::Io(_) | link::DialError::Tls(_))));
+    let mut dial = dial_to(&base, &id, &key);
+    dial.extra_roots = link::load_roots(&cert_path).unwrap();
+    let (mock, app) = mock_app(([0, 0, 0, 0], 0).into(), MockConfig::default());
+    let worker = Worker::start(dial, app);
+    wait_link(&gw, &id, None).await;
+    let created: Value = https.post(format!("{base}/api/admin/keys")).bearer_auth(ADMIN)
+        .json(&json!({"name": "tls", "tier": "premium"})).send().await.unwrap().json().await.unwrap();
+    let r = https.post(format!("{base}/api/admin/users/{}/credit", created["userId"].as_str().unwrap())).bearer_auth(ADMIN)
+        .json(&json!({"amount": 10})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let user_key = created["key"].as_str().unwrap();
+    let r = https.post(format!("{base}/v1/chat/completions")).bearer_auth(user_key).json(&stream_body("hi")).send().await.unwrap();
+    assert!(read_all(r).await.contains("Paris"));
+    assert_eq!(mock.request_count(), 1);
+    worker.stop().await;
+}

@@ -119,7 +119,7 @@ async fn a_worker_behind_nat_serves_through_its_link() {
     let base = format!("http://127.0.0.1:{port}");
     let worker_port = free_port().unwrap();
     let worker_log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
-    let _worker = ns
+    let mut worker = ns
         .command(&gateway_bin().unwrap().with_file_name("worker"))
         .args(["serve", "--model"])
         .arg(&model_path)
@@ -208,6 +208,21 @@ async fn a_worker_behind_nat_serves_through_its_link() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // SIGTERM during a stream: the worker drains it over the link, then exits.
+    let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
+        .json(&json!({"model": "smollm2-135m-instruct", "stream": true, "max_tokens": 30, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me a story about a fox."}]}))
+        .send().await.unwrap();
+    let mut body = r.bytes_stream();
+    let mut text = String::from_utf8_lossy(&body.next().await.unwrap().unwrap()).into_owned();
+    let _ = Command::new("kill").args(["-TERM", &worker.id().unwrap().to_string()]).status().await;
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("\"finish_reason\":\"length\"") && text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let exited = tokio::time::timeout(Duration::from_secs(20), worker.wait()).await;
+    assert!(matches!(exited, Ok(Ok(status)) if status.success()), "{exited:?}: {}", log());
     drop(_gw);
     let (code, report) = run(dir.path(), &["ledger", "check"]).await;
     assert_eq!(code, 0, "{report}");
