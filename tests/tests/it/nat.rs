@@ -108,6 +108,20 @@ stream = client.chat.completions.create(model=os.environ["MODEL"], stream=True, 
 print("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
 "#;
 
+/// The OpenAI Python SDK streams an answer through the gateway; it names Paris.
+async fn sdk_answers_paris(base: &str, key: &str) {
+    let out = Command::new(python())
+        .args(["-c", SDK_STREAM])
+        .env("BASE", format!("{base}/v1"))
+        .env("KEY", key)
+        .env("MODEL", "smollm2-135m-instruct")
+        .output()
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && answer.contains("Paris"), "{answer}{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_behind_nat_serves_through_its_link() {
     let ns = Namespace::create();
@@ -154,16 +168,7 @@ async fn a_worker_behind_nat_serves_through_its_link() {
         .json(&json!({"amount": 10})).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let key = key["key"].as_str().unwrap().to_owned();
-    let out = Command::new(python())
-        .args(["-c", SDK_STREAM])
-        .env("BASE", format!("{base}/v1"))
-        .env("KEY", &key)
-        .env("MODEL", "smollm2-135m-instruct")
-        .output()
-        .await
-        .unwrap();
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && answer.contains("Paris"), "{answer}{}", String::from_utf8_lossy(&out.stderr));
+    sdk_answers_paris(&base, &key).await;
 
     // A client that leaves: its generation stops on the worker (its cancel counter).
     let metrics = || worker_metrics(&ns, worker_port);
@@ -199,15 +204,7 @@ async fn a_worker_behind_nat_serves_through_its_link() {
     let back = wait_online(&http, &base, Duration::from_secs(10)).await;
     assert!(back.is_some(), "not back on line within 10 s: {}", log());
     eprintln!("worker back on line {:?} after the gateway answered again", answering.elapsed());
-    let out = Command::new(python())
-        .args(["-c", SDK_STREAM])
-        .env("BASE", format!("{base}/v1"))
-        .env("KEY", &key)
-        .env("MODEL", "smollm2-135m-instruct")
-        .output()
-        .await
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&out.stderr));
+    sdk_answers_paris(&base, &key).await;
 
     // SIGTERM during a stream: the worker drains it over the link, then exits.
     let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
