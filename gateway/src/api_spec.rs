@@ -93,6 +93,7 @@ pub const SIGNATURE: &str = "signature";
         crate::platform_api::stream_stop,
         crate::platform_api::rotate_key,
         crate::links::accept,
+        crate::links::forwarded,
         crate::platform_api::heartbeat,
         crate::console::provider_me,
         crate::platform_api::provider_balance,

@@ -211,6 +211,12 @@ pub struct Config {
     pub max_connections_per_ip: u32,
     /// Dial-out provider links one client IP may hold open (`/api/gpu/link`).
     pub max_links_per_ip: u32,
+    /// This replica's address as the other replicas reach it (`http://10.0.0.5:8080`).
+    /// With `replica_peers`, a request for a dial-out provider whose link another
+    /// replica holds is forwarded to that replica (signed with `relay_secret_key`).
+    pub replica_url: Option<String>,
+    /// Every replica's `replica_url`: the only addresses requests are forwarded to.
+    pub replica_peers: Vec<String>,
     /// A request body must arrive within this many seconds (slow-body attacks).
     pub body_read_timeout_secs: u64,
     /// Key of the relay secrets: each provider's is an HMAC of its id under this key,
@@ -306,6 +312,8 @@ impl Default for Config {
             payout_method_delay_secs: 86_400,
             max_connections_per_ip: 256,
             max_links_per_ip: 8,
+            replica_url: None,
+            replica_peers: Vec::new(),
             body_read_timeout_secs: 30,
             relay_secret_key: None,
             routing_seed: None,
@@ -396,7 +404,7 @@ impl Config {
             "provider_max_event_bytes", "provider_max_response_bytes", "request_deadline_secs",
             "responses_retention_days", "otel_endpoint", "otel_service_name", "tokenizers",
             "free_tier_daily_budget", "probation_requests", "probation_max_share", "payout_method_delay_secs",
-            "max_connections_per_ip", "max_links_per_ip", "body_read_timeout_secs", "relay_secret_key", "routing_seed",
+            "max_connections_per_ip", "max_links_per_ip", "replica_url", "replica_peers", "body_read_timeout_secs", "relay_secret_key", "routing_seed",
         ];
         KEYS.contains(&key)
     }
@@ -450,6 +458,13 @@ impl Config {
         }
         if self.max_links_per_ip == 0 {
             return invalid("max_links_per_ip", "must be at least 1");
+        }
+        let is_url = |u: &String| (u.starts_with("http://") || u.starts_with("https://")) && !u.ends_with('/');
+        if self.replica_url.as_ref().is_some_and(|u| !is_url(u)) || !self.replica_peers.iter().all(is_url) {
+            return invalid("replica_url", "replica_url and every replica_peers entry must be an http(s):// URL without a trailing slash");
+        }
+        if self.replica_url.as_ref().is_some_and(|u| !self.replica_peers.contains(u)) {
+            return invalid("replica_peers", "must list replica_url (every replica's address, this one's too)");
         }
         if self.body_read_timeout_secs == 0 {
             return invalid("body_read_timeout_secs", "must be at least 1");
@@ -558,6 +573,16 @@ mod tests {
         let c = Config::load_from(None, &env(&[("GATEWAY_MAX_CONNECTIONS_PER_IP", "7"), ("GATEWAY_RELAY_SECRET_KEY", "k")])).unwrap();
         assert_eq!(c.max_connections_per_ip, 7);
         assert_eq!(c.relay_secret_key.unwrap().expose(), "k");
+    }
+
+    #[test]
+    fn replicas_name_each_other_by_url() {
+        let peers = r#"["http://10.0.0.5:8080", "http://10.0.0.6:8080"]"#;
+        let c = Config::load_from(None, &env(&[("GATEWAY_REPLICA_URL", "http://10.0.0.5:8080"), ("GATEWAY_REPLICA_PEERS", peers)])).unwrap();
+        assert_eq!(c.replica_peers.len(), 2);
+        let err = Config::load_from(None, &env(&[("GATEWAY_REPLICA_URL", "http://10.0.0.7:8080"), ("GATEWAY_REPLICA_PEERS", peers)]));
+        assert!(err.unwrap_err().to_string().contains("replica_peers"));
+        assert!(Config::load_from(None, &env(&[("GATEWAY_REPLICA_PEERS", r#"["10.0.0.5:8080"]"#)])).is_err());
     }
 
     #[test]

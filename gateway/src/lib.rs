@@ -289,6 +289,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/gpu/heartbeat", post(platform_api::heartbeat))
         .route("/api/gpu/keys/rotate", post(platform_api::rotate_key))
         .route("/api/gpu/link", get(links::accept))
+        .route("/api/replica/link", post(links::forwarded))
         .route("/api/gpu/me", get(console::provider_me))
         .route("/admin", get(console::index))
         .route("/admin/", get(console::index))

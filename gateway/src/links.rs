@@ -181,6 +181,7 @@ async fn establish(state: AppState, provider: Arc<Provider>, upgrade: hyper::upg
         tracing::info!(provider = %provider.id, "a new link replaced the provider's open one");
     }
     provider.load.last_heartbeat_ms.fetch_max(now_ms(), Ordering::Relaxed);
+    announce(&state, &provider.id, true);
     tracing::info!(provider = %provider.id, link = id, "link open");
     tokio::spawn(probe_while_open(state, provider.id.clone(), Arc::downgrade(&link), secret));
 }
@@ -199,6 +200,7 @@ impl Drop for Driver {
             let mut current = provider.load.link.lock();
             if current.as_ref().is_some_and(|l| l.id == self.link_id) {
                 *current = None;
+                announce(&self.state, &self.provider_id, false);
                 tracing::info!(provider = %self.provider_id, link = self.link_id, "link closed");
             }
         }
@@ -228,6 +230,7 @@ async fn probe_while_open(state: AppState, provider_id: String, link: std::sync:
         provider.load.health.record_check(ok);
         if ok {
             provider.load.last_heartbeat_ms.fetch_max(now_ms(), Ordering::Relaxed);
+            announce(&state, &provider_id, true);
         } else {
             provider.load.health.record_failure(now_ms(), state.config.breaker_failures, state.config.breaker_cooldown());
         }
@@ -251,9 +254,126 @@ pub fn close_unwanted(old: &HashMap<String, Arc<Provider>>, next: &HashMap<Strin
     }
 }
 
-/// The provider's link on this replica, for a request the relay sends.
-pub fn of(provider: &Provider) -> Result<Arc<Link>, String> {
-    provider.load.link().ok_or_else(|| "the provider's link is closed".to_owned())
+/// Sends the relay's request to a dial-out provider: over its link when this replica
+/// holds it, else to the replica that does (`forward`).
+pub async fn send(state: &AppState, provider: &Provider, path: &'static str, body: Bytes) -> Result<(http::StatusCode, ByteStream), String> {
+    if let Some(link) = provider.load.link() {
+        let request = link::request(http::Method::POST, path, &state.relay_secret(provider), body).map_err(|e| e.to_string())?;
+        return link.send(request).await;
+    }
+    match &provider.link_elsewhere {
+        Some((replica, _)) if provider.forwardable(now_ms(), state.config.stale_after_ms()) => forward(state, provider, replica, path, body).await,
+        _ => Err("the provider's link is closed".to_owned()),
+    }
+}
+
+// --- forwarding between replicas --------------------------------------------------------
+//
+// A worker behind a load balancer links to whichever replica it reached. Each replica
+// with `replica_url` records in the provider's row that it holds the link (refreshed
+// with every probe, cleared when the link closes); another replica that gets a request
+// for that provider forwards the provider request to `POST {replica}/api/replica/link`,
+// signed with the relay secrets' key (shared by the replicas), and reads the answer as
+// it would any provider's. Only addresses in `replica_peers` are used. Billing, bounds
+// and failover stay with the replica the client called; the holder only pipes.
+
+const FORWARD_PROVIDER: &str = "x-gs-provider";
+const FORWARD_PATH: &str = "x-gs-path";
+const FORWARD_TIME: &str = "x-gs-timestamp";
+const FORWARD_SIGNATURE: &str = "x-gs-signature";
+/// A forwarded request signed longer ago (or ahead) than this is refused.
+const FORWARD_WINDOW_MS: i64 = 30_000;
+
+fn forward_signature(key: &crate::config::Secret, provider: &str, path: &str, at: i64, body: &[u8]) -> String {
+    use hmac::Mac;
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.expose().as_bytes()) else { return String::new() };
+    mac.update(format!("gs-forward\0{provider}\0{path}\0{at}\0").as_bytes());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+async fn forward(state: &AppState, provider: &Provider, replica: &str, path: &'static str, body: Bytes) -> Result<(http::StatusCode, ByteStream), String> {
+    let at = now_ms();
+    let signature = forward_signature(&state.relay_key, &provider.id, path, at, &body);
+    let response = state
+        .webhooks
+        .post(format!("{replica}/api/replica/link"))
+        .header(FORWARD_PROVIDER, &provider.id)
+        .header(FORWARD_PATH, path)
+        .header(FORWARD_TIME, at.to_string())
+        .header(FORWARD_SIGNATURE, signature)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach the replica holding the provider's link: {e}"))?;
+    Ok((response.status(), reqwest_body(response)))
+}
+
+/// `POST /api/replica/link`: another replica's request for a provider whose link this
+/// replica holds; the link's answer is piped back as it arrives.
+#[utoipa::path(
+    post,
+    path = "/api/replica/link",
+    tag = "providers",
+    summary = "Forward a request to a dial-out provider's link (between replicas)",
+    description = "Sent by another replica of this gateway (one of `replica_peers`) for a provider whose link this replica holds, signed with the relay secrets' key (`x-gs-signature` over the provider, the path, `x-gs-timestamp` and the body). The provider's streamed answer is returned as it is.",
+    params(
+        ("x-gs-provider" = String, Header, description = "The provider."),
+        ("x-gs-path" = String, Header, description = "`/v1/chat/completions` or `/v1/completions`."),
+        ("x-gs-timestamp" = i64, Header, description = "Unix milliseconds when signed (30 s window)."),
+        ("x-gs-signature" = String, Header, description = "Hex HMAC-SHA256."),
+    ),
+    request_body(content = String, content_type = "application/json", description = "The provider request."),
+    responses(
+        (status = 200, description = "The provider's stream.", content_type = "text/event-stream", body = String),
+        crate::api_spec::BadRequest,
+        crate::api_spec::Unauthorized,
+        crate::api_spec::PayloadTooLarge,
+        crate::api_spec::ProviderFailed,
+    ),
+)]
+pub async fn forwarded(State(state): State<AppState>, headers: http::HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(provider_id), Some(path), Some(at), Some(signature)) =
+        (header(FORWARD_PROVIDER), header(FORWARD_PATH), header(FORWARD_TIME), header(FORWARD_SIGNATURE))
+    else {
+        return Err(ApiError::InvalidApiKey);
+    };
+    let at: i64 = at.parse().map_err(|_| ApiError::InvalidApiKey)?;
+    let expected = forward_signature(&state.relay_key, provider_id, path, at, &body);
+    if (now_ms() - at).abs() > FORWARD_WINDOW_MS || !crate::providers::constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
+        return Err(ApiError::InvalidApiKey);
+    }
+    let path = match path {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        _ => return Err(ApiError::param("only /v1/chat/completions and /v1/completions are forwarded", FORWARD_PATH)),
+    };
+    let provider = state.registry.get(provider_id).ok_or_else(|| ApiError::ProviderFailed("no such provider here".into()))?;
+    let link = provider.load.link().ok_or_else(|| ApiError::ProviderFailed("the provider's link is not on this replica".into()))?;
+    let request = link::request(http::Method::POST, path, &state.relay_secret(&provider), body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (status, stream) = link.send(request).await.map_err(ApiError::ProviderFailed)?;
+    let mut response = Response::new(axum::body::Body::from_stream(stream.map_err(std::io::Error::other)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    Ok(response)
+}
+
+/// Records (or clears) that this replica holds a provider's link, when replicas forward.
+fn announce(state: &AppState, provider_id: &str, holding: bool) {
+    let Some(own) = state.config.replica_url.clone() else { return };
+    let (registry, provider_id) = (state.registry.clone(), provider_id.to_owned());
+    tokio::spawn(async move {
+        let done = if holding {
+            registry.record_link_holder(&provider_id, &own).await
+        } else {
+            registry.forget_link_holder(&provider_id, &own).await
+        };
+        if let Err(e) = done {
+            tracing::warn!(provider = %provider_id, error = %e, "cannot record which replica holds the link");
+        }
+    });
 }
 
 /// Bytes of a reqwest response body, as the relay reads any provider's body.

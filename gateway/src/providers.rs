@@ -83,6 +83,9 @@ pub struct Provider {
     pub probation_left: u32,
     /// Why an operator or the gateway changed its status, shown in the admin API.
     pub status_reason: Option<String>,
+    /// A dial-out provider's link held by another replica (one of `replica_peers`):
+    /// its `replica_url` and when that replica last saw the link alive.
+    pub link_elsewhere: Option<(String, i64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,12 +98,18 @@ pub struct ActiveReservation {
 
 impl Provider {
     /// Active, with a stream on line and a recent heartbeat; a dial-out provider also
-    /// needs its link open to this replica (its link's probes are its heartbeats).
+    /// needs its link open to this replica (its link's probes are its heartbeats) or
+    /// to another that requests can be forwarded to.
     pub fn is_live(&self, now: i64, stale_after_ms: i64) -> bool {
         self.status == ProviderStatus::Active
             && !self.streams.is_empty()
             && now - self.load.last_heartbeat_ms.load(Ordering::Relaxed) <= stale_after_ms
-            && (self.connection == Connection::Direct || self.load.link.lock().is_some())
+            && (self.connection == Connection::Direct || self.load.link.lock().is_some() || self.forwardable(now, stale_after_ms))
+    }
+
+    /// Whether another replica holds its link, seen alive lately.
+    pub fn forwardable(&self, now: i64, stale_after_ms: i64) -> bool {
+        self.link_elsewhere.as_ref().is_some_and(|(_, seen)| now - seen <= stale_after_ms)
     }
 
     pub fn supports(&self, feature: &str) -> bool {
@@ -165,6 +174,9 @@ pub enum ProviderError {
 
 pub struct Registry {
     store: Store,
+    /// This replica's `replica_url` and the `replica_peers`, when requests for dial-out
+    /// providers may be forwarded between replicas.
+    replicas: (Option<String>, Vec<String>),
     providers: RwLock<Arc<HashMap<String, Arc<Provider>>>>,
     /// Serializes reloads so a slow reload that read the database earlier can never
     /// replace the snapshot of one that read it later.
@@ -246,8 +258,8 @@ pub fn check_market(config: &crate::config::Config, request: &RegisterProviderRe
 }
 
 impl Registry {
-    pub async fn load(store: Store) -> Result<Self, sqlx::Error> {
-        let registry = Self { store, providers: RwLock::new(Arc::new(HashMap::new())), reloading: tokio::sync::Mutex::new(()) };
+    pub async fn load(store: Store, replica_url: Option<String>, replica_peers: Vec<String>) -> Result<Self, sqlx::Error> {
+        let registry = Self { store, replicas: (replica_url, replica_peers), providers: RwLock::new(Arc::new(HashMap::new())), reloading: tokio::sync::Mutex::new(()) };
         registry.reload().await?;
         Ok(registry)
     }
@@ -266,7 +278,7 @@ impl Registry {
         let rows = sqlx::query(
             "SELECT id, name, base_url, status, gpu_info, capabilities, price_per_mtok_micros, \
              price_per_hour_micros, minimum_payout_micros, created_at, last_heartbeat_at, key_hash, probation_left, \
-             status_reason, connection FROM providers",
+             status_reason, connection, link_replica, link_seen_at FROM providers",
         )
         .fetch_all(&self.store.pool)
         .await?;
@@ -328,6 +340,7 @@ impl Registry {
                 key_hash: row.try_get("key_hash")?,
                 probation_left: u32::try_from(row.try_get::<i64, _>("probation_left")?).unwrap_or(0),
                 status_reason: row.try_get("status_reason")?,
+                link_elsewhere: self.peer_holding_link(row.try_get("link_replica")?, row.try_get("link_seen_at")?),
                 load,
                 id: id.clone(),
             };
@@ -336,6 +349,34 @@ impl Registry {
         crate::links::close_unwanted(&old, &next);
         *self.providers.write() = Arc::new(next);
         Ok(())
+    }
+
+    /// A replica recorded as holding a link, if it is a configured peer other than this one.
+    fn peer_holding_link(&self, replica: Option<String>, seen: Option<i64>) -> Option<(String, i64)> {
+        let (own, peers) = &self.replicas;
+        let replica = replica.filter(|r| own.as_ref().is_some_and(|own| own != r) && peers.contains(r))?;
+        Some((replica, seen?))
+    }
+
+    /// Records that this replica (`replica`) holds the provider's link, alive now.
+    pub async fn record_link_holder(&self, provider_id: &str, replica: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE providers SET link_replica = $1, link_seen_at = $2 WHERE id = $3")
+            .bind(replica)
+            .bind(now_ms())
+            .bind(provider_id)
+            .execute(&self.store.pool)
+            .await
+            .map(drop)
+    }
+
+    /// The provider's link to `replica` closed (unless another replica has it by now).
+    pub async fn forget_link_holder(&self, provider_id: &str, replica: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE providers SET link_replica = NULL WHERE id = $1 AND link_replica = $2")
+            .bind(provider_id)
+            .bind(replica)
+            .execute(&self.store.pool)
+            .await
+            .map(drop)
     }
 
     pub async fn register(

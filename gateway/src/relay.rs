@@ -829,15 +829,14 @@ async fn first_token(
     }
 }
 
-/// Sends the provider request: over the provider's link for a dial-out provider, else
-/// over HTTP to its `baseUrl` (egress rules checked at every call).
+/// Sends the provider request: over the provider's link for a dial-out provider (or to
+/// the replica holding it), else over HTTP to its `baseUrl` (egress rules checked at
+/// every call).
 async fn send(state: &AppState, provider: &Provider, endpoint: Endpoint, body: Bytes) -> Result<(http::StatusCode, ByteStream), String> {
-    let secret = state.relay_secret(provider);
     if provider.connection == openapi::platform::Connection::DialOut {
-        let link = crate::links::of(provider)?;
-        let request = link::request(http::Method::POST, endpoint.path(), &secret, body).map_err(|e| e.to_string())?;
-        return link.send(request).await;
+        return crate::links::send(state, provider, endpoint.path(), body).await;
     }
+    let secret = state.relay_secret(provider);
     let url = format!("{}{}", provider.base_url, endpoint.path());
     crate::egress::check_connect(&url, state.config.allow_private_providers)?;
     let response = state

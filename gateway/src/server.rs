@@ -68,7 +68,7 @@ impl Running {
         let tokenizers = Arc::new(crate::tokenizers::Tokenizers::load(&config.tokenizers)?);
         let user_id_secret = configured_or_stored(&store, config.user_id_secret.as_ref(), "user_id_secret").await?;
         let relay_key = configured_or_stored(&store, config.relay_secret_key.as_ref(), "relay_secret_key").await?;
-        let registry = Arc::new(Registry::load(store.clone()).await?);
+        let registry = Arc::new(Registry::load(store.clone(), config.replica_url.clone(), config.replica_peers.clone()).await?);
         revalidate_providers(&registry, config.allow_private_providers).await?;
         let free_budget = crate::free_budget::FreeBudget::new(usd_micros(config.free_tier_daily_budget));
         free_budget.refresh(&store).await?;

@@ -32,6 +32,7 @@ fn provider(i: usize, now: i64) -> Arc<Provider> {
         name: format!("p{i}"),
         base_url: format!("http://10.0.0.{}:8080", i % 250),
         connection: openapi::platform::Connection::Direct,
+        link_elsewhere: None,
         status: ProviderStatus::Active,
         capabilities: Capabilities {
             models: vec![model.to_owned()],

@@ -76,12 +76,23 @@ impl Gateway {
 
     /// A gateway on an existing database (a restart, or a second replica).
     pub(crate) async fn start_on(url: String, dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_listening(url, dir, listener, tweak).await
+    }
+
+    /// A gateway on `listener` (a test that must know its address before it starts:
+    /// replicas that name each other).
+    pub(crate) async fn start_listening(
+        url: String,
+        dir: tempfile::TempDir,
+        listener: tokio::net::TcpListener,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = test_config(url);
         tweak(&mut config);
         let store = Store::connect(&config.database_url).await.unwrap();
         let running = Running::start_with_store(config, store).await.unwrap();
         let state = running.state.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(server::serve(running, listener, async move {

@@ -486,3 +486,79 @@ async fn inproc_a_link_over_tls() {
     assert_eq!(mock.request_count(), 1);
     worker.stop().await;
 }
+
+/// Two replicas on one database: the worker's link is held by A; a request that
+/// reaches B is forwarded to A (signed; only to a configured peer) and billed by B.
+#[tokio::test]
+async fn inproc_a_request_at_another_replica_reaches_the_link_through_its_replica() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = crate::inproc::fresh_database(&a_dir).await.0;
+    let (a_listener, b_listener) =
+        (tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let (a_url, b_url) = (format!("http://{}", a_listener.local_addr().unwrap()), format!("http://{}", b_listener.local_addr().unwrap()));
+    let replicas = |own: &str| {
+        let (own, peers) = (own.to_owned(), vec![a_url.clone(), b_url.clone()]);
+        move |c: &mut gateway::config::Config| {
+            c.replica_url = Some(own);
+            c.replica_peers = peers;
+            c.relay_secret_key = Some(gateway::config::Secret::new("replicas-share-this-key-0123456789"));
+        }
+    };
+    let a = Gateway::start_listening(url.clone(), a_dir, a_listener, replicas(&a_url)).await;
+    let b = Gateway::start_listening(url, b_dir, b_listener, replicas(&b_url)).await;
+    let (mock, id, _, worker) = linked_mock(&a, MockConfig::default()).await;
+    let mut live = false;
+    for _ in 0..100 {
+        b.state.registry.reload().await.unwrap();
+        let provider = b.state.registry.get(&id).unwrap();
+        if provider.is_live(gateway::store::now_ms(), b.state.config.stale_after_ms()) {
+            assert!(provider.load.link().is_none(), "B holds no link itself");
+            live = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(live, "B sees the provider live through A");
+    let key = b.create_key("premium").await;
+    let text = read_all(b.chat(&key, stream_body("What is the capital of France?")).await).await;
+    assert!(text.contains("Paris") && text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(mock.request_count(), 1);
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = b.usage_rows().await;
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((rows.len(), rows[0].0.as_str(), rows[0].1.as_str()), (1, "ok", id.as_str()));
+    b.ledger_is_clean().await;
+
+    // The hop is signed: an unsigned or badly signed forward is refused.
+    let forward = |signature: &str| {
+        a.http
+            .post(a.url("/api/replica/link"))
+            .header("x-gs-provider", &id)
+            .header("x-gs-path", "/v1/chat/completions")
+            .header("x-gs-timestamp", gateway::store::now_ms().to_string())
+            .header("x-gs-signature", signature)
+            .json(&stream_body("free ride?"))
+            .send()
+    };
+    assert_eq!(forward("00").await.unwrap().status(), 401);
+    assert_eq!(a.http.post(a.url("/api/replica/link")).json(&stream_body("x")).send().await.unwrap().status(), 401);
+    assert_eq!(mock.request_count(), 1);
+
+    // The link closes: A clears its record, and B stops routing there.
+    worker.stop().await;
+    let mut gone = false;
+    for _ in 0..100 {
+        b.state.registry.reload().await.unwrap();
+        if !b.state.registry.get(&id).unwrap().is_live(gateway::store::now_ms(), b.state.config.stale_after_ms()) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "B no longer routes to a closed link");
+}
