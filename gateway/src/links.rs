@@ -342,7 +342,7 @@ pub async fn forwarded(State(state): State<AppState>, headers: http::HeaderMap, 
     };
     let at: i64 = at.parse().map_err(|_| ApiError::InvalidApiKey)?;
     let expected = forward_signature(&state.relay_key, provider_id, path, at, &body);
-    if (now_ms() - at).abs() > FORWARD_WINDOW_MS || !crate::providers::constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
+    if now_ms().abs_diff(at) > FORWARD_WINDOW_MS.unsigned_abs() || !crate::providers::constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
         return Err(ApiError::InvalidApiKey);
     }
     let path = match path {
