@@ -689,6 +689,21 @@ pub struct ProviderFailed(#[allow(dead_code)] openapi::error::ErrorBody);
 #[response(status = 503, description = "No provider is available for the model right now (`retry-after`).")]
 pub struct NoProvider(#[allow(dead_code)] openapi::error::ErrorBody);
 
+/// What every request the relay serves (chat, completions, responses, the simple API)
+/// may also fail with: its body, its funding and limits, and the providers.
 #[derive(utoipa::IntoResponses)]
-#[response(status = 504, description = "The provider did not answer in time.")]
-pub struct ProviderTimeout(#[allow(dead_code)] openapi::error::ErrorBody);
+#[allow(dead_code)]
+pub enum RelayFailures {
+    #[response(status = 413, description = "The request body is larger than `max_body_bytes`.")]
+    PayloadTooLarge(openapi::error::ErrorBody),
+    #[response(status = 415, description = "The body is not JSON (`Content-Type` must be `application/json`).")]
+    UnsupportedMediaType(openapi::error::ErrorBody),
+    #[response(status = 429, description = "Rate limited (`retry-after`), or the prepaid balance or a spending limit does not cover the request (`x-should-retry: false`).")]
+    RateLimitedOrNoFunds(openapi::error::ErrorBody),
+    #[response(status = 502, description = "The provider failed before the first token on every attempt.")]
+    ProviderFailed(openapi::error::ErrorBody),
+    #[response(status = 503, description = "No provider is available for the model right now (`retry-after`).")]
+    NoProvider(openapi::error::ErrorBody),
+    #[response(status = 504, description = "The provider did not answer in time.")]
+    ProviderTimeout(openapi::error::ErrorBody),
+}

@@ -123,12 +123,7 @@ fn resolve_limits(
         crate::api_spec::BadRequest,
         crate::api_spec::Unauthorized,
         crate::api_spec::NotFound,
-        crate::api_spec::PayloadTooLarge,
-        crate::api_spec::UnsupportedMediaType,
-        crate::api_spec::RateLimitedOrNoFunds,
-        crate::api_spec::ProviderFailed,
-        crate::api_spec::NoProvider,
-        crate::api_spec::ProviderTimeout,
+        crate::api_spec::RelayFailures,
     ),
 )]
 pub async fn chat_completions(
@@ -284,12 +279,7 @@ pub fn prepare_chat(
         crate::api_spec::BadRequest,
         crate::api_spec::Unauthorized,
         crate::api_spec::NotFound,
-        crate::api_spec::PayloadTooLarge,
-        crate::api_spec::UnsupportedMediaType,
-        crate::api_spec::RateLimitedOrNoFunds,
-        crate::api_spec::ProviderFailed,
-        crate::api_spec::NoProvider,
-        crate::api_spec::ProviderTimeout,
+        crate::api_spec::RelayFailures,
     ),
 )]
 pub async fn completions(

@@ -71,12 +71,7 @@ const METADATA_VALUE_CHARS: usize = 512;
         (status = 400, description = "Invalid request: a bad or missing field, an unsupported input item, content part or tool (`param` names it), or malformed JSON.", body = openapi::error::ErrorBody),
         crate::api_spec::Unauthorized,
         (status = 404, description = "No such model, or `previous_response_id` names no stored response of this user (`param` names it).", body = openapi::error::ErrorBody),
-        crate::api_spec::PayloadTooLarge,
-        crate::api_spec::UnsupportedMediaType,
-        crate::api_spec::RateLimitedOrNoFunds,
-        crate::api_spec::ProviderFailed,
-        crate::api_spec::NoProvider,
-        crate::api_spec::ProviderTimeout,
+        crate::api_spec::RelayFailures,
     ),
 )]
 pub async fn create_response(

@@ -101,12 +101,7 @@ fn to_chat(request: &InferenceRequest) -> Result<(CreateChatCompletionRequest, R
         crate::api_spec::BadRequest,
         crate::api_spec::Unauthorized,
         crate::api_spec::NotFound,
-        crate::api_spec::PayloadTooLarge,
-        crate::api_spec::UnsupportedMediaType,
-        crate::api_spec::RateLimitedOrNoFunds,
-        crate::api_spec::ProviderFailed,
-        crate::api_spec::NoProvider,
-        crate::api_spec::ProviderTimeout,
+        crate::api_spec::RelayFailures,
     ),
 )]
 pub async fn inference(
