@@ -88,6 +88,18 @@ async fn link_closed(gw: &Gateway, id: &str) -> bool {
     false
 }
 
+/// The usage rows once the request-end writer has recorded any (5 s at most).
+async fn recorded_usage(gw: &Gateway) -> Vec<(String, String, i64, i64)> {
+    for _ in 0..100 {
+        let rows = gw.usage_rows().await;
+        if !rows.is_empty() {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Vec::new()
+}
+
 /// A mock worker on line over a link.
 async fn linked_mock(gw: &Gateway, config: MockConfig) -> (MockProvider, String, String, Worker) {
     let (id, key) = register_dial_out(gw, 1024).await;
@@ -237,14 +249,7 @@ async fn inproc_a_rotated_key_closes_the_link_mid_stream() {
     assert!(ended.is_ok(), "the stream did not end: {text}");
     assert!(text.contains("\"error\""), "an error event: {text}");
     assert!(link_closed(&gw, &id).await);
-    let mut rows = Vec::new();
-    for _ in 0..100 {
-        rows = gw.usage_rows().await;
-        if !rows.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let rows = recorded_usage(&gw).await;
     assert_eq!((rows[0].0.as_str(), rows[0].3), ("provider_failed", 1), "{rows:?}");
     gw.ledger_is_clean().await;
     match dial_to(&gw.base, &id, &key).connect().await {
@@ -523,14 +528,7 @@ async fn inproc_a_request_at_another_replica_reaches_the_link_through_its_replic
     let text = read_all(b.chat(&key, stream_body("What is the capital of France?")).await).await;
     assert!(text.contains("Paris") && text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert_eq!(mock.request_count(), 1);
-    let mut rows = Vec::new();
-    for _ in 0..100 {
-        rows = b.usage_rows().await;
-        if !rows.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let rows = recorded_usage(&b).await;
     assert_eq!((rows.len(), rows[0].0.as_str(), rows[0].1.as_str()), (1, "ok", id.as_str()));
     b.ledger_is_clean().await;
 
