@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gateway::config::Config;
-use gateway::keys::{Keys, NewKey, Tier};
-use gateway::server::{self, Running};
+use gateway::ops::config::Config;
+use gateway::edge::keys::{Keys, NewKey, Tier};
+use gateway::ops::server::{self, Running};
 use gateway::store::Store;
 
 #[derive(Parser)]
@@ -82,12 +82,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The document depends on the code only, not on the configuration.
     if matches!(cli.command, Some(Command::Openapi)) {
-        print!("{}", gateway::api_spec::json());
+        print!("{}", gateway::api::spec::json());
         return Ok(());
     }
     let mut config = Config::load(cli.config.as_deref())?;
     // Dropped at the end of `main`: flushes the span exporter.
-    let _telemetry = gateway::telemetry::init(&config)?;
+    let _telemetry = gateway::ops::telemetry::init(&config)?;
     match cli.command.unwrap_or(Command::Serve { tls_cert: None, tls_key: None }) {
         Command::Serve { tls_cert, tls_key } => {
             if tls_cert.is_some() || tls_key.is_some() {
@@ -109,17 +109,17 @@ async fn main() -> anyhow::Result<()> {
             if std::env::var_os("GATEWAY_HOST").is_none() && cli.config.is_none() {
                 config.host = "127.0.0.1".to_owned();
             }
-            gateway::demo::run(config, gateway::demo::DemoOptions { upstream, worker_bin, model, worker_port }).await
+            gateway::ops::demo::run(config, gateway::ops::demo::DemoOptions { upstream, worker_bin, model, worker_port }).await
         }
         Command::Ledger { command: LedgerCommand::Check } => {
             let store = Store::connect(&config.database_url).await?;
-            let mut report = gateway::ledger::Ledger::new(store.clone()).check().await?;
+            let mut report = gateway::money::ledger::Ledger::new(store.clone()).check().await?;
             println!("ledger check: {} entries, {} accounts, usage total {} µUSD", report.entries, report.accounts, report.usage_total);
             // Free requests may cost the platform at most `free_tier_daily_budget` a day.
             #[allow(clippy::cast_possible_truncation)]
             let budget = (config.free_tier_daily_budget * 1e6).round() as i64;
-            for (day, cost) in gateway::free_budget::days_over(&store, budget).await? {
-                let date = gateway::analytics::day_string(day.div_euclid(86_400_000));
+            for (day, cost) in gateway::money::free_budget::days_over(&store, budget).await? {
+                let date = gateway::money::analytics::day_string(day.div_euclid(86_400_000));
                 report.violations.push(format!("free requests cost {cost} µUSD on {date}, over free_tier_daily_budget ({budget} µUSD)"));
             }
             if report.violations.is_empty() {

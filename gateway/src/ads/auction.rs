@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use crate::ledger::Micros;
+use crate::money::units::Micros;
 
 /// Share of a day's budget a campaign may run ahead of an even spread.
 pub const PACING_SLACK: f64 = 0.1;

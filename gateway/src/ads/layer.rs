@@ -32,9 +32,9 @@ use serde_json::{json, Value};
 use tower::{Layer, Service};
 
 use super::{classify, content_text, Placement, Selected, Targeting};
-use crate::error::ApiError;
-use crate::keys::{AuthedKey, Tier};
-use crate::{AppState, RequestId};
+use crate::edge::error::ApiError;
+use crate::edge::keys::{AuthedKey, Tier};
+use crate::{state::AppState, edge::extract::RequestId};
 
 /// Which provider served a response (set by the OpenAI handlers), so the ad's
 /// revenue share goes to the provider whose output carried it.

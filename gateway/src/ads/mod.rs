@@ -13,7 +13,6 @@
 //! that window; frequency caps are counted per replica. Both are bounded by the reload
 //! interval and documented in ARCHITECTURE.md.
 
-pub mod api;
 pub mod auction;
 pub mod classify;
 pub mod layer;
@@ -27,8 +26,9 @@ use openapi::ads::{Ad, CampaignStats};
 use parking_lot::{Mutex, RwLock};
 use sqlx::Row;
 
-use crate::config::Config;
-use crate::ledger::{self, Micros};
+use crate::ops::config::Config;
+use crate::money::ledger;
+use crate::money::units::Micros;
 use crate::store::{new_id, now_ms, Store};
 
 use auction::{Bidder, Pricing};
@@ -493,9 +493,9 @@ impl Ads {
 }
 
 /// A 400 naming `param` when any of `names` is not one of `classify::CATEGORIES`.
-pub fn check_categories<'a>(names: impl IntoIterator<Item = &'a String>, param: &str) -> Result<(), crate::error::ApiError> {
+pub fn check_categories<'a>(names: impl IntoIterator<Item = &'a String>, param: &str) -> Result<(), crate::edge::error::ApiError> {
     match names.into_iter().find(|c| !classify::CATEGORIES.contains(&c.as_str())) {
-        Some(bad) => Err(crate::error::ApiError::param(
+        Some(bad) => Err(crate::edge::error::ApiError::param(
             format!("unknown ad category {bad:?}; known: {}", classify::CATEGORIES.join(", ")),
             param,
         )),

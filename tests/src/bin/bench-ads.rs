@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use futures::StreamExt;
 use gateway::ads::{classify, Ads, Placement, Targeting};
-use gateway::config::{Config, Secret};
-use gateway::server::{self, Running};
+use gateway::ops::config::{Config, Secret};
+use gateway::ops::server::{self, Running};
 use gateway::store::Store;
 use serde_json::{json, Value};
 use tests::{spawn_mock, MockConfig};
@@ -29,7 +29,7 @@ const QUESTION: &str = "How do I fix this Rust compiler error in my Python and R
 
 async fn seed_campaigns(store: &Store, n: usize) -> anyhow::Result<()> {
     let now = gateway::store::now_ms();
-    let ledger = gateway::ledger::Ledger::new(store.clone());
+    let ledger = gateway::money::ledger::Ledger::new(store.clone());
     for a in 0..10 {
         sqlx::query("INSERT INTO advertisers (id, name, created_at) VALUES ($1, $2, $3)")
             .bind(format!("adv_{a}"))
@@ -38,7 +38,7 @@ async fn seed_campaigns(store: &Store, n: usize) -> anyhow::Result<()> {
             .execute(&store.pool)
             .await?;
         ledger
-            .credit(&gateway::ledger::advertiser_account(&format!("adv_{a}")), 1_000_000_000, "advertiser_credit", "bench")
+            .credit(&gateway::money::ledger::advertiser_account(&format!("adv_{a}")), 1_000_000_000, "advertiser_credit", "bench")
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }

@@ -21,10 +21,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use gateway::config::Config;
-use gateway::ledger::{self, Billing, Hold, Ledger, Micros, Payer, Settlement};
+use gateway::ops::config::Config;
+use gateway::money::ledger::{self, Billing, Ledger, Payer, Settlement};
+use gateway::money::units::Micros;
+use gateway::money::holds::Hold;
 use gateway::store::{new_id, now_ms, Store};
-use gateway::usage::{self, Completion, UsageRecord, UsageSink, UsageStatus};
+use gateway::money::usage::{self, Completion, UsageRecord, UsageSink, UsageStatus};
 use tokio_util::sync::CancellationToken;
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";

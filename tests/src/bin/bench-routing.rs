@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use gateway::config::Config;
-use gateway::providers::{Load, Provider, ProviderStatus};
-use gateway::quality;
-use gateway::routing;
+use gateway::ops::config::Config;
+use gateway::inference::providers::{Load, Provider, ProviderStatus};
+use gateway::inference::quality;
+use gateway::inference::routing;
 use openapi::platform::{Capabilities, Precision, Pricing};
 
 fn provider(i: usize, now: i64) -> Arc<Provider> {

@@ -135,9 +135,9 @@ async fn inproc_attack_free_keys_cannot_drain_ad_revenue() {
     let premium = gw.create_key("premium").await;
     assert_eq!(gw.chat(&premium, ask(200)).await.status(), 200);
     gw.ledger_is_clean().await;
-    assert!(gateway::free_budget::days_over(&gw.state.store, 2_000).await.unwrap().is_empty());
+    assert!(gateway::money::free_budget::days_over(&gw.state.store, 2_000).await.unwrap().is_empty());
     // The report names a day whose free cost went past a (lower) budget.
-    assert_eq!(gateway::free_budget::days_over(&gw.state.store, spent - 1).await.unwrap().len(), 1);
+    assert_eq!(gateway::money::free_budget::days_over(&gw.state.store, spent - 1).await.unwrap().len(), 1);
 
     let off = Gateway::start_with(|c| c.free_tier_daily_budget = 0.0).await;
     let mock = spawn_mock(MockConfig::default()).await.unwrap();
@@ -388,7 +388,7 @@ async fn inproc_attack_a_revoked_key_dies_on_every_replica_within_a_second() {
     let redis = "redis://127.0.0.1:6379".to_owned();
     let dir = tempfile::tempdir().unwrap();
     let url = crate::inproc::fresh_database(&dir).await.0;
-    let tweak = |c: &mut gateway::config::Config| {
+    let tweak = |c: &mut gateway::ops::config::Config| {
         c.redis_url = Some(redis.clone());
         c.key_cache_ttl_secs = 300;
     };

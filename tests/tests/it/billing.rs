@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use gateway::config::Secret;
+use gateway::ops::config::Secret;
 use serde_json::{json, Value};
 use sqlx::Row;
 use tests::{spawn_mock, MockConfig, MockProvider};
@@ -486,7 +486,7 @@ async fn inproc_reservations_lease_a_provider_by_the_hour() {
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     // The stale-hold sweeper (here with a zero TTL) leaves a live reservation's hold alone:
     // a lease may last longer than the TTL, and a voided hold would never be charged.
-    gateway::ledger::Ledger::new(gw.state.store.clone()).sweep_stale_holds(0).await.unwrap();
+    gateway::money::ledger::Ledger::new(gw.state.store.clone()).sweep_stale_holds(0).await.unwrap();
     let r = gw.http.delete(gw.url(&format!("/api/llm/reservations/{rid}"))).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let done: Value = r.json().await.unwrap();
@@ -519,7 +519,7 @@ async fn inproc_reservation_expires_and_charges_the_full_period() {
         .json(&json!({"model": "mock-model", "hours": 0.0003})).send().await.unwrap().json().await.unwrap();
     assert_eq!(rsv["maxCost"], 0.00108);
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    assert_eq!(gateway::reservations::expire(&gw.state).await.unwrap(), 1);
+    assert_eq!(gateway::money::reservations::expire(&gw.state).await.unwrap(), 1);
     let list: Value = gw.http.get(gw.url("/api/llm/reservations")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
     assert_eq!(list["data"][0]["status"], "released");
     assert_eq!(list["data"][0]["charged"], 0.00108);
@@ -572,7 +572,7 @@ async fn inproc_payout_webhook_connector_retries_and_reports() {
     {
         let seen = seen.lock();
         assert!(seen.iter().all(|(sig, idem, body)| {
-            *idem == wid && *sig == gateway::payout_connector::sign("payout-secret", body.as_bytes())
+            *idem == wid && *sig == gateway::money::payout_connector::sign("payout-secret", body.as_bytes())
         }), "every delivery is signed and carries the idempotency key");
         assert!(seen[0].2.contains("DE89370400440532013000"));
     }
@@ -581,7 +581,7 @@ async fn inproc_payout_webhook_connector_retries_and_reports() {
     let send = |sig: String| gw.http.post(gw.url("/api/payment/payout-webhook")).header("content-type", "application/json").header("x-signature", sig).body(report.clone()).send();
     assert_eq!(send("sha256=abcd".into()).await.unwrap().status(), 401);
     for _ in 0..2 {
-        let v: Value = send(gateway::payout_connector::sign("payout-secret", report.as_bytes())).await.unwrap().json().await.unwrap();
+        let v: Value = send(gateway::money::payout_connector::sign("payout-secret", report.as_bytes())).await.unwrap().json().await.unwrap();
         assert_eq!(v["status"], "paid");
     }
     assert_eq!(gw.balance("platform:payouts").await, 0);
@@ -591,7 +591,7 @@ async fn inproc_payout_webhook_connector_retries_and_reports() {
 
 #[tokio::test]
 async fn inproc_ledger_volume_discount_applies_past_the_tier() {
-    let gw = Gateway::start_with(|c| c.volume_discounts = vec![gateway::config::VolumeDiscount { monthly_tokens: 10, discount_bp: 5_000 }]).await;
+    let gw = Gateway::start_with(|c| c.volume_discounts = vec![gateway::ops::config::VolumeDiscount { monthly_tokens: 10, discount_bp: 5_000 }]).await;
     let mock = spawn_mock(MockConfig::default()).await.unwrap();
     gw.add_provider(&mock, "mock-model", None, &["standard"]).await;
     let (key, uid) = gw.create_unfunded_key("premium").await;

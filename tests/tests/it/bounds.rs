@@ -110,7 +110,7 @@ async fn inproc_bounds_a_provider_that_refuses_our_call_is_failed_over_not_blame
 #[tokio::test]
 async fn inproc_bounds_registrations_outside_the_market_are_refused() {
     let gw = Gateway::start_with(|c| {
-        c.price_bounds.insert("big-model".to_owned(), gateway::config::PriceBound { per_token: Some(0.01), per_hour: None });
+        c.price_bounds.insert("big-model".to_owned(), gateway::ops::config::PriceBound { per_token: Some(0.01), per_hour: None });
     })
     .await;
     let mock = spawn_mock(MockConfig::default()).await.unwrap();
@@ -194,7 +194,7 @@ async fn inproc_bounds_an_inside_address_is_refused_at_connection_too() {
         json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 8}, "pricing": {"perToken": 0.000002}, "baseUrl": mock.url()}),
     )
     .unwrap();
-    let created = gw.state.registry.register(request, gateway::providers::ProviderStatus::Active, 0).await.unwrap().0;
+    let created = gw.state.registry.register(request, gateway::inference::providers::ProviderStatus::Active, 0).await.unwrap().0;
     gw.state.registry.start_stream(&created.provider_id, "mock-model", "standard").await.unwrap();
     let key = gw.create_key("premium").await;
     let r = gw.chat(&key, json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]})).await;

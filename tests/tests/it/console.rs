@@ -142,8 +142,8 @@ async fn console_in_chromium() -> anyhow::Result<()> {
 /// agree with the requests that were made and with the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inproc_console_endpoints_report_what_happened() -> anyhow::Result<()> {
-    use gateway::config::{Config, Secret};
-    use gateway::server::{self, Running};
+    use gateway::ops::config::{Config, Secret};
+    use gateway::ops::server::{self, Running};
 
     let dir = tempfile::tempdir()?;
     let config = Config {

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use gateway::config::{Config, Secret};
-use gateway::server::{self, Running};
+use gateway::ops::config::{Config, Secret};
+use gateway::ops::server::{self, Running};
 use gateway::store::Store;
-use gateway::AppState;
+use gateway::state::AppState;
 use serde_json::{json, Value};
 use sqlx::Row;
 use tests::{spawn_mock, MockConfig, MockProvider};
@@ -144,7 +144,7 @@ impl Gateway {
     }
 
     pub(crate) async fn ledger_is_clean(&self) {
-        let report = gateway::ledger::Ledger::new(self.state.store.clone()).check().await.unwrap();
+        let report = gateway::money::ledger::Ledger::new(self.state.store.clone()).check().await.unwrap();
         assert!(report.violations.is_empty(), "{:?}", report.violations);
     }
 

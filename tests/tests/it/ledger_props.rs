@@ -20,10 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway::ledger::{self, Billing, Hold, Ledger, Micros, Payer, Settlement};
-use gateway::payments::{PaymentError, Payments, PayoutMethod};
+use gateway::money::ledger::{self, Billing, Ledger, Payer, Settlement};
+use gateway::money::units::Micros;
+use gateway::money::holds::Hold;
+use gateway::money::payments::{PaymentError, Payments, PayoutMethod};
 use gateway::store::{now_ms, Store};
-use gateway::usage::{self, Completion, UsageRecord, UsageSink, UsageStatus, UsageWriter};
+use gateway::money::usage::{self, Completion, UsageRecord, UsageSink, UsageStatus, UsageWriter};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::Config as ProptestConfig;

@@ -503,10 +503,10 @@ async fn inproc_a_request_at_another_replica_reaches_the_link_through_its_replic
     let (a_url, b_url) = (format!("http://{}", a_listener.local_addr().unwrap()), format!("http://{}", b_listener.local_addr().unwrap()));
     let replicas = |own: &str| {
         let (own, peers) = (own.to_owned(), vec![a_url.clone(), b_url.clone()]);
-        move |c: &mut gateway::config::Config| {
+        move |c: &mut gateway::ops::config::Config| {
             c.replica_url = Some(own);
             c.replica_peers = peers;
-            c.relay_secret_key = Some(gateway::config::Secret::new("replicas-share-this-key-0123456789"));
+            c.relay_secret_key = Some(gateway::ops::config::Secret::new("replicas-share-this-key-0123456789"));
         }
     };
     let a = Gateway::start_listening(url.clone(), a_dir, a_listener, replicas(&a_url)).await;

@@ -1,4 +1,4 @@
-//! The tests crate's one integration binary: in-process suites through `gateway::app()`
+//! The tests crate's one integration binary: in-process suites through `gateway::edge::app()`
 //! and end-to-end suites over real processes and SDKs.
 
 // Test code, helpers included: a panic is how a test fails.
@@ -11,6 +11,7 @@ mod bounds;
 mod cli;
 mod console;
 mod inproc;
+mod layout;
 mod ledger_props;
 mod links;
 mod money;

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use gateway::config::Registration;
-use gateway::server::{self, Running};
+use gateway::ops::config::Registration;
+use gateway::ops::server::{self, Running};
 use gateway::store::Store;
 use serde_json::{json, Value};
 use tests::{spawn_mock, MockConfig};
@@ -176,10 +176,10 @@ async fn inproc_errors_have_openai_shape() {
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "request_too_large");
     // A head over the plain listener's cap is refused before routing, with the 431 that
     // every operation in the OpenAPI document lists.
-    let long_query = "x".repeat(gateway::server::MAX_HEAD_BYTES);
+    let long_query = "x".repeat(gateway::edge::listener::MAX_HEAD_BYTES);
     let r = gw.http.get(gw.url(&format!("/v1/models?q={long_query}"))).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 431);
-    let doc = gateway::api_spec::document();
+    let doc = gateway::api::spec::document();
     let models = doc.paths.paths.get("/v1/models").and_then(|item| item.get.as_ref()).expect("GET /v1/models is documented");
     assert!(models.responses.responses.contains_key("431"), "431 is documented");
     let r = gw.http.get(gw.url("/v1/nothing-here")).bearer_auth(&key).send().await.unwrap();

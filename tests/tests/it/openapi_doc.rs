@@ -26,7 +26,7 @@ fn repo_root() -> PathBuf {
 fn openapi_checked_in_document_matches_the_code() {
     let path = repo_root().join("openapi/openapi.json");
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-    let generated = gateway::api_spec::json();
+    let generated = gateway::api::spec::json();
     if checked_in != generated {
         let line = checked_in
             .lines()
@@ -69,7 +69,7 @@ fn registered_routes() -> Vec<(String, String)> {
 
 #[test]
 fn openapi_documents_every_registered_route() {
-    let doc: Value = serde_json::from_str(&gateway::api_spec::json()).unwrap();
+    let doc: Value = serde_json::from_str(&gateway::api::spec::json()).unwrap();
     let routes = registered_routes();
     assert!(routes.len() > 40, "found only {} routes in gateway/src/lib.rs: {routes:?}", routes.len());
     let missing: Vec<String> = routes
@@ -129,7 +129,7 @@ async fn openapi_schemathesis_finds_no_violations() -> anyhow::Result<()> {
 
     // The served document is the generated one, without a key.
     let served: Value = http.get(format!("{base}/openapi.json")).send().await?.error_for_status()?.json().await?;
-    ensure!(served == serde_json::from_str::<Value>(&gateway::api_spec::json())?, "GET /openapi.json is not the generated document");
+    ensure!(served == serde_json::from_str::<Value>(&gateway::api::spec::json())?, "GET /openapi.json is not the generated document");
 
     let registered = post(
         &http,

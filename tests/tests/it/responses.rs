@@ -442,7 +442,7 @@ async fn inproc_responses_past_retention_are_not_served_and_are_swept() {
     assert_eq!(r.status(), 404);
     let r = create(&gw, &key, json!({"model": MODEL, "input": "x", "previous_response_id": old["id"]})).await;
     assert_eq!(r.status(), 404);
-    assert_eq!(gateway::responses_api::sweep(&gw.state).await.unwrap(), 1);
+    assert_eq!(gateway::api::responses::sweep(&gw.state).await.unwrap(), 1);
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM responses").fetch_one(&gw.state.store.pool).await.unwrap();
     assert_eq!(left, 1, "only the old one is gone");
     let r = gw.http.get(gw.url(&format!("/v1/responses/{}", fresh["id"].as_str().unwrap()))).bearer_auth(&key).send().await.unwrap();

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use gateway::server::Running;
+use gateway::ops::server::Running;
 use gateway::store::Store;
 use serde_json::{json, Value};
 use sqlx::Row;
