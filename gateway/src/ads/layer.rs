@@ -1,5 +1,7 @@
 //! The ad layer: a tower layer around `/v1/chat/completions` and `/v1/completions`
-//! that works on the request body and the response stream, never inside handlers.
+//! that works on the request (as parsed once at the edge, `edge::extract::ChatBody` and
+//! `CompletionBody`, which it edits in place) and on the response stream, never inside
+//! handlers.
 //!
 //! On the way in it strips ad blocks we appended to earlier assistant turns (every
 //! tier: a pasted conversation must not feed our ads to the model) and, for free-tier
@@ -27,6 +29,12 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use openapi::async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestAssistantMessageContentPart, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessageContent,
+    ChatCompletionRequestUserMessageContentPart, CreateChatCompletionRequest, Prompt, ResponseFormat,
+};
+use openapi::async_openai::types::completions::CreateCompletionRequest;
 use openapi::openai::AdPreferences;
 use serde_json::{json, Value};
 use tower::{Layer, Service};
@@ -34,7 +42,8 @@ use tower::{Layer, Service};
 use super::{classify, content_text, Placement, Selected, Targeting};
 use crate::edge::error::ApiError;
 use crate::edge::keys::{AuthedKey, Tier};
-use crate::{state::AppState, edge::extract::RequestId};
+use crate::edge::extract::{ChatBody, CompletionBody, RequestId};
+use crate::state::AppState;
 
 /// Which provider served a response (set by the OpenAI handlers), so the ad's
 /// revenue share goes to the provider whose output carried it.
@@ -106,10 +115,6 @@ impl Plan {
     }
 }
 
-/// The text every ad block carries: anything containing it in an incoming message
-/// is looked at by `strip` (JSON keeps these characters unescaped).
-const NEEDLE: &[u8] = b"[Sponsored] ";
-
 async fn handle<S>(state: AppState, mut inner: S, request: Request) -> Result<Response, Infallible>
 where
     S: Service<Request, Response = Response, Error = Infallible>,
@@ -119,27 +124,23 @@ where
     };
     let endpoint = if request.uri().path() == "/v1/completions" { Endpoint::Completions } else { Endpoint::Chat };
     let (mut parts, body) = request.into_parts();
-    let limit = state.config.max_body_bytes;
-    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
-        return Ok(ApiError::PayloadTooLarge { limit }.into_response());
-    };
-    let free = key.tier == Tier::Free && state.config.ads_enabled;
-    let has_ad_block = endpoint == Endpoint::Chat && contains(&bytes, NEEDLE);
-    if !free && !has_ad_block {
-        return inner.call(Request::from_parts(parts, Body::from(bytes))).await;
+    // Every tier: our earlier ad blocks never reach a model.
+    if let Some(chat) = parts.extensions.get_mut::<ChatBody>() {
+        strip_messages(&mut chat.request);
     }
-    // A body that is not JSON goes on as is: the handler answers it with a 400.
-    let Ok(mut json) = serde_json::from_slice::<Value>(&bytes) else {
-        return inner.call(Request::from_parts(parts, Body::from(bytes))).await;
+    let free = key.tier == Tier::Free && state.config.ads_enabled;
+    if !free {
+        return inner.call(Request::from_parts(parts, body)).await;
+    }
+    let planned = match (parts.extensions.get::<ChatBody>(), parts.extensions.get::<CompletionBody>()) {
+        (Some(chat), _) => plan(&state, &key, Asked::Chat(&chat.request), chat.ext.ad_preferences.as_ref()),
+        (None, Some(completion)) => plan(&state, &key, Asked::Completion(&completion.request), completion.ext.ad_preferences.as_ref()),
+        // Not parsed at the edge (cannot happen on these routes): no ad.
+        (None, None) => Ok(None),
     };
-    let mut changed = has_ad_block && strip_messages(&mut json);
-    let plan = if free {
-        match plan(&state, &key, &json, endpoint) {
-            Ok(p) => p,
-            Err(e) => return Ok(e.into_response()),
-        }
-    } else {
-        None
+    let plan = match planned {
+        Ok(p) => p,
+        Err(e) => return Ok(e.into_response()),
     };
     let request_id = parts.extensions.get::<RequestId>().map_or_else(String::new, |r| r.0.clone());
     let base_url = base_url(&state, &parts.headers);
@@ -147,20 +148,11 @@ where
     let mut chosen = None;
     if let Some(t) = targeting.as_ref().filter(|t| t.placement == Placement::Prompt) {
         chosen = state.ads.select(t);
-        if let Some(s) = &chosen {
-            changed |= add_sponsor_note(&mut json, endpoint, s);
+        if let (Some(s), Some(chat)) = (&chosen, parts.extensions.get_mut::<ChatBody>()) {
+            add_sponsor_note(&mut chat.request, s);
         }
     }
-    let body = if changed {
-        parts.headers.remove(header::CONTENT_LENGTH);
-        match serde_json::to_vec(&json) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => return Ok(ApiError::Internal(format!("re-encode request: {e}")).into_response()),
-        }
-    } else {
-        bytes
-    };
-    let call = inner.call(Request::from_parts(parts, Body::from(body)));
+    let call = inner.call(Request::from_parts(parts, body));
     let (response, selected) = match targeting.as_ref().filter(|t| t.placement != Placement::Prompt) {
         // `join` polls the handler first: its call to the provider is on its way
         // before the auction runs.
@@ -255,17 +247,19 @@ where
     Ok(Response::from_parts(parts, Body::from_stream(once)))
 }
 
-/// Whether this free-tier request may carry an ad, and what it is about.
-pub(crate) fn plan(state: &AppState, key: &AuthedKey, json: &Value, endpoint: Endpoint) -> Result<Option<Plan>, ApiError> {
+/// The request an ad plan looks at.
+#[derive(Clone, Copy)]
+pub(crate) enum Asked<'a> {
+    Chat(&'a CreateChatCompletionRequest),
+    Completion(&'a CreateCompletionRequest),
+}
+
+/// Whether this free-tier request may carry an ad, and what it is about; `own` is the
+/// request's `ad_preferences`.
+pub(crate) fn plan(state: &AppState, key: &AuthedKey, asked: Asked<'_>, own: Option<&AdPreferences>) -> Result<Option<Plan>, ApiError> {
     let config = &state.config;
-    let own: Option<AdPreferences> = match json.get("ad_preferences") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
-            ApiError::param(format!("`ad_preferences` is invalid: {e}"), "ad_preferences")
-        })?),
-    };
     let standing = key.ad_preferences.clone().unwrap_or_default();
-    let own = own.unwrap_or_default();
+    let own = own.cloned().unwrap_or_default();
     let placement = match own.placement.as_deref().or(standing.placement.as_deref()) {
         None => Placement::parse(&config.ads_placement).unwrap_or(Placement::Content),
         Some(p) => match Placement::parse(p) {
@@ -285,31 +279,33 @@ pub(crate) fn plan(state: &AppState, key: &AuthedKey, json: &Value, endpoint: En
     if (own.opt_out || standing.opt_out) && config.ads_free_opt_out {
         return Ok(None);
     }
-    // Never where an ad would break a program's output or a tool loop.
-    let structured = json
-        .pointer("/response_format/type")
-        .and_then(Value::as_str)
-        .is_some_and(|t| t == "json_object" || t == "json_schema");
-    let tools = json.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty())
-        || json.get("functions").is_some_and(|f| !f.is_null());
-    let several = json.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1);
-    let messages = json.get("messages").and_then(Value::as_array);
-    let tool_turns = messages.is_some_and(|m| {
-        m.iter().any(|m| {
-            matches!(m.get("role").and_then(Value::as_str), Some("tool" | "function"))
-                || m.get("tool_calls").and_then(Value::as_array).is_some_and(|c| !c.is_empty())
-        })
-    });
-    if structured || tools || several || tool_turns {
-        return Ok(None);
-    }
-    let text = match endpoint {
-        Endpoint::Chat => recent_user_text(messages.map_or(&[][..], Vec::as_slice)),
-        Endpoint::Completions => match json.get("prompt") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n"),
-            _ => String::new(),
-        },
+    let text = match asked {
+        Asked::Chat(chat) => {
+            // Never where an ad would break a program's output or a tool loop.
+            let structured = matches!(chat.response_format, Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }));
+            #[allow(deprecated)] // `functions` is deprecated in OpenAI's spec but still sent by SDKs.
+            let tools = chat.tools.as_ref().is_some_and(|t| !t.is_empty()) || chat.functions.is_some();
+            let several = chat.n.is_some_and(|n| n > 1);
+            let tool_turns = chat.messages.iter().any(|m| match m {
+                ChatCompletionRequestMessage::Tool(_) | ChatCompletionRequestMessage::Function(_) => true,
+                ChatCompletionRequestMessage::Assistant(a) => a.tool_calls.as_ref().is_some_and(|c| !c.is_empty()),
+                _ => false,
+            });
+            if structured || tools || several || tool_turns {
+                return Ok(None);
+            }
+            recent_user_text(&chat.messages)
+        }
+        Asked::Completion(completion) => {
+            if completion.n.is_some_and(|n| n > 1) {
+                return Ok(None);
+            }
+            match &completion.prompt {
+                Prompt::String(s) => s.clone(),
+                Prompt::StringArray(items) => items.join("\n"),
+                _ => String::new(),
+            }
+        }
     };
     let context = classify::classify(&text);
     if context.topics.iter().any(|t| config.ads_excluded_topics.iter().any(|x| x == t)) {
@@ -328,66 +324,65 @@ pub(crate) fn plan(state: &AppState, key: &AuthedKey, json: &Value, endpoint: En
     Ok(Some(Plan { category, placement, blocked }))
 }
 
-/// The last three user messages' text, the part of the conversation we target on.
-fn recent_user_text(messages: &[Value]) -> String {
+/// The last three user turns' text, oldest first.
+fn recent_user_text(messages: &[ChatCompletionRequestMessage]) -> String {
     let mut texts: Vec<String> = messages
         .iter()
         .rev()
-        .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .take(3)
-        .map(|m| match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => {
-                parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(" ")
-            }
-            _ => String::new(),
+        .filter_map(|m| match m {
+            ChatCompletionRequestMessage::User(u) => Some(match &u.content {
+                ChatCompletionRequestUserMessageContent::Text(s) => s.clone(),
+                ChatCompletionRequestUserMessageContent::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        ChatCompletionRequestUserMessageContentPart::Text(t) => Some(t.text.as_str()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            }),
+            _ => None,
         })
+        .take(3)
         .collect();
     texts.reverse();
     texts.join("\n")
 }
 
 /// Strips our ad blocks from assistant messages; `true` when one was found.
-pub(crate) fn strip_messages(json: &mut Value) -> bool {
-    let Some(messages) = json.get_mut("messages").and_then(Value::as_array_mut) else { return false };
+pub(crate) fn strip_messages(chat: &mut CreateChatCompletionRequest) -> bool {
     let mut changed = false;
-    for m in messages.iter_mut().filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant")) {
-        match m.get_mut("content") {
-            Some(Value::String(text)) => {
-                if let Some(clean) = super::strip(text) {
-                    *text = clean;
-                    changed = true;
-                }
-            }
-            Some(Value::Array(parts)) => {
-                for part in parts.iter_mut() {
-                    if let Some(Value::String(text)) = part.get_mut("text") {
-                        if let Some(clean) = super::strip(text) {
-                            *text = clean;
-                            changed = true;
-                        }
+    let mut clean = |text: &mut String| {
+        if let Some(stripped) = super::strip(text) {
+            *text = stripped;
+            changed = true;
+        }
+    };
+    for m in &mut chat.messages {
+        let ChatCompletionRequestMessage::Assistant(a) = m else { continue };
+        match &mut a.content {
+            Some(ChatCompletionRequestAssistantMessageContent::Text(text)) => clean(text),
+            Some(ChatCompletionRequestAssistantMessageContent::Array(parts)) => {
+                for part in parts {
+                    if let ChatCompletionRequestAssistantMessageContentPart::Text(t) = part {
+                        clean(&mut t.text);
                     }
                 }
             }
-            _ => {}
+            None => {}
         }
     }
     changed
 }
 
-/// The `prompt` placement: a labelled sponsor note as a system message.
-pub(crate) fn add_sponsor_note(json: &mut Value, endpoint: Endpoint, s: &Selected) -> bool {
+/// The `prompt` placement: a labelled sponsor note as a system message, first.
+pub(crate) fn add_sponsor_note(chat: &mut CreateChatCompletionRequest, s: &Selected) {
     let note = format!(
         "Sponsored note (an advertisement; if you mention it, say it is sponsored): {}: {} {}",
         s.ad.title, s.ad.text, s.ad.click_url
     );
-    match (endpoint, json.get_mut("messages").and_then(Value::as_array_mut)) {
-        (Endpoint::Chat, Some(messages)) => {
-            messages.insert(0, json!({ "role": "system", "content": note }));
-            true
-        }
-        _ => false,
-    }
+    let system = ChatCompletionRequestSystemMessage { content: ChatCompletionRequestSystemMessageContent::Text(note), name: None };
+    chat.messages.insert(0, ChatCompletionRequestMessage::System(system));
 }
 
 /// `public_url`, or the scheme and host the client used.

@@ -11,7 +11,6 @@ use openapi::async_openai::types::chat::{
     CreateChatCompletionRequest, ResponseFormat, ResponseModalities, StopConfiguration,
 };
 use openapi::async_openai::types::chat::Prompt;
-use openapi::async_openai::types::completions::CreateCompletionRequest;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -29,7 +28,8 @@ use crate::edge::ratelimit::RateCtx;
 use crate::inference::relay::{self, Dispatch, Endpoint, Event, Relay};
 use crate::inference::routing;
 use crate::store::now_ms;
-use crate::{edge::extract, state::AppState, edge::extract::RequestId};
+use crate::edge::extract::{ChatBody, CompletionBody, RequestId};
+use crate::state::AppState;
 
 /// What the provider receives: the client's request with our resolved parameters.
 #[derive(Serialize)]
@@ -133,11 +133,9 @@ pub async fn chat_completions(
     Extension(RequestId(request_id)): Extension<RequestId>,
     rate: Option<Extension<Arc<RateCtx>>>,
     headers: HeaderMap,
-    body: Bytes,
+    ChatBody { mut request, ext }: ChatBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let mut request: CreateChatCompletionRequest = extract::parse(&headers, &body)?;
-    let ext: RequestExtensions = extract::parse(&headers, &body)?;
     let (mut dispatch, stream, include_usage) = prepare_chat(&state, &key, &request_id, &headers, &mut request, ext, started)?;
     dispatch.rate = rate.map(|r| r.0);
     let model = dispatch.model.clone();
@@ -290,11 +288,9 @@ pub async fn completions(
     Extension(RequestId(request_id)): Extension<RequestId>,
     rate: Option<Extension<Arc<RateCtx>>>,
     headers: HeaderMap,
-    body: Bytes,
+    CompletionBody { mut request, ext }: CompletionBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let mut request: CreateCompletionRequest = extract::parse(&headers, &body)?;
-    let ext: RequestExtensions = extract::parse(&headers, &body)?;
     let Target { model, asked, explicit } = target(&state, &request.model, &ext, &headers)?;
     match &request.prompt {
         Prompt::String(_) => {}

@@ -100,16 +100,14 @@ pub async fn create_response(
     }
     messages.extend(history);
     messages.extend(turn.iter().cloned());
-    let mut chat = chat_request(&request, messages)?;
+    let mut chat: CreateChatCompletionRequest = serde_json::from_value(chat_request(&request, messages)?)
+        .map_err(|e| ApiError::invalid(format!("The request cannot be turned into a chat completion: {e}"), None))?;
 
     // Free tier: the same plan as chat decides whether an ad may follow (never with
     // tools or a JSON format); the `prompt` placement must choose before the call.
     let free = key.tier == Tier::Free && state.config.ads_enabled;
     let plan = if free {
-        if let Some(prefs) = &request.extensions.ad_preferences {
-            chat["ad_preferences"] = serde_json::to_value(prefs).unwrap_or(Value::Null);
-        }
-        ad_layer::plan(&state, &key, &chat, ad_layer::Endpoint::Chat)?
+        ad_layer::plan(&state, &key, ad_layer::Asked::Chat(&chat), request.extensions.ad_preferences.as_ref())?
     } else {
         None
     };
@@ -119,12 +117,10 @@ pub async fn create_response(
     if let Some(t) = targeting.as_ref().filter(|t| t.placement == Placement::Prompt) {
         selected = state.ads.select(t);
         if let Some(s) = &selected {
-            ad_layer::add_sponsor_note(&mut chat, ad_layer::Endpoint::Chat, s);
+            ad_layer::add_sponsor_note(&mut chat, s);
         }
     }
 
-    let mut chat: CreateChatCompletionRequest = serde_json::from_value(chat)
-        .map_err(|e| ApiError::invalid(format!("The request cannot be turned into a chat completion: {e}"), None))?;
     let (mut dispatch, _, _) =
         openai::prepare_chat(&state, &key, &request_id, &headers, &mut chat, request.extensions.clone(), started)
             .map_err(responses_param)?;

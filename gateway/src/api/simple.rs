@@ -45,20 +45,11 @@ fn choose_ad(
     if key.tier != Tier::Free || !state.config.ads_enabled {
         return Ok(None);
     }
-    let mut json = serde_json::to_value(&*chat).map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Some(prefs) = &ext.ad_preferences {
-        json["ad_preferences"] = serde_json::to_value(prefs).unwrap_or(Value::Null);
-    }
-    let Some(plan) = ad_layer::plan(state, key, &json, ad_layer::Endpoint::Chat)? else { return Ok(None) };
+    let Some(plan) = ad_layer::plan(state, key, ad_layer::Asked::Chat(chat), ext.ad_preferences.as_ref())? else { return Ok(None) };
     let base_url = ad_layer::base_url(state, headers);
     let selected = state.ads.select(&plan.targeting(&key.user_id, request_id, &base_url));
     if let Some(s) = selected.as_ref().filter(|s| s.placement == Placement::Prompt) {
-        if let Some(obj) = json.as_object_mut() {
-            obj.remove("ad_preferences");
-        }
-        if ad_layer::add_sponsor_note(&mut json, ad_layer::Endpoint::Chat, s) {
-            *chat = serde_json::from_value(json).map_err(|e| ApiError::Internal(e.to_string()))?;
-        }
+        ad_layer::add_sponsor_note(chat, s);
     }
     Ok(selected)
 }

@@ -2,7 +2,14 @@
 //! that is not JSON, 413 over the limit (enforced by the body-limit layer), 400 naming
 //! the offending field for everything else.
 
-use axum::extract::Request;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use openapi::async_openai::types::chat::CreateChatCompletionRequest;
+use openapi::async_openai::types::completions::CreateCompletionRequest;
+use openapi::openai::RequestExtensions;
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -85,3 +92,58 @@ pub fn presented_key(config: &Config, request: &Request) -> Option<String> {
     request.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("api_key="))).map(str::to_owned)
 }
 
+/// A `/v1/chat/completions` body, parsed once at the edge (`parse_model_body`) into the
+/// OpenAI request and our extensions. The ad layer reads and edits it in the request's
+/// extensions; the handler takes it out (it is an extractor).
+#[derive(Clone)]
+pub struct ChatBody {
+    pub request: CreateChatCompletionRequest,
+    pub ext: RequestExtensions,
+}
+
+/// A `/v1/completions` body, parsed once at the edge like `ChatBody`.
+#[derive(Clone)]
+pub struct CompletionBody {
+    pub request: CreateCompletionRequest,
+    pub ext: RequestExtensions,
+}
+
+/// Parses the body of the two model routes once, before the ad layer and the handler: a
+/// body that is not a valid request is answered here (415, or 400 naming the field).
+/// The extensions are a second, shallow serde pass over the same bytes (the OpenAI type
+/// drops fields it does not know).
+pub async fn parse_model_body(request: Request, next: Next) -> Response {
+    let (mut parts, body) = request.into_parts();
+    // Already in memory and within `max_body_bytes` (`read_body_in_time`).
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::invalid(format!("The request body could not be read: {e}"), None).into_response(),
+    };
+    let parsed = if parts.uri.path() == "/v1/completions" {
+        parse(&parts.headers, &bytes).and_then(|request| Ok(CompletionBody { request, ext: parse(&parts.headers, &bytes)? })).map(|b| {
+            parts.extensions.insert(b);
+        })
+    } else {
+        parse(&parts.headers, &bytes).and_then(|request| Ok(ChatBody { request, ext: parse(&parts.headers, &bytes)? })).map(|b| {
+            parts.extensions.insert(b);
+        })
+    };
+    match parsed {
+        Ok(()) => next.run(Request::from_parts(parts, Body::empty())).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ChatBody {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts.extensions.remove::<Self>().ok_or_else(|| ApiError::Internal("the chat body was not parsed at the edge".into()))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CompletionBody {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts.extensions.remove::<Self>().ok_or_else(|| ApiError::Internal("the completion body was not parsed at the edge".into()))
+    }
+}

@@ -1,4 +1,7 @@
-//! Open connections (and dial-out links) counted per client address, so one address\ncannot take every socket: a slot is taken before a connection is served and given\nback when it closes.
+//! The listener's limits: open connections (and dial-out links) counted per client
+//! address, so one address cannot take every socket (a slot is taken before a connection
+//! is served and given back when it closes), and the size and time allowed for a
+//! request's head.
 
 use std::sync::Arc;
 use std::time::Duration;

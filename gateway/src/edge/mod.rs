@@ -27,13 +27,27 @@ use crate::edge::extract::{presented_key, PresentedKey, RequestId};
 use crate::ops::metrics;
 use crate::state::AppState;
 
-/// Builds the router with every route and the middleware stack.
+/// Builds the router with every route and the middleware stack. A request meets the
+/// layers in this order (the last `.layer` below is the outermost):
+/// 1. `request_id`: our id (UUIDv7) in the span and on every response, errors included.
+/// 2. `observe`: request counts and latency by path and status, for `/metrics`.
+/// 3. sensitive headers: `Authorization` never reaches logs.
+/// 4. `openai_error_shape`: framework rejections (413, 405, bad paths) in OpenAI's shape.
+/// 5. `read_body_in_time`: the whole body within `body_read_timeout_secs` (408) and
+///    `max_body_bytes` (413).
+/// 6. the body limit for extractors (413).
+/// 7. per route group: `require_user_key` (key, then `ratelimit::admit`),
+///    `require_admin_key`, or `ratelimit::limit_by_ip` on the open doors.
+/// 8. on the two model routes: `extract::parse_model_body` (the body parsed once), then
+///    the ad layer; then the handler.
 pub fn app(state: AppState) -> Router {
-    // The ad layer works on these two routes' request bodies and response streams.
+    // The ad layer works on these two routes' parsed requests and response streams.
     let model_routes = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
-        .route_layer(ads::layer::AdLayer::new(state.clone()));
+        .route_layer(ads::layer::AdLayer::new(state.clone()))
+        // Outside the ad layer: the body is parsed once, for the ad layer and the handler.
+        .route_layer(middleware::from_fn(extract::parse_model_body));
     let user_routes = Router::new()
         .merge(model_routes)
         .route("/api/llm/ad-preferences", axum::routing::put(ad_choices::set_preferences))
@@ -102,7 +116,7 @@ pub fn app(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
     let metrics_state = state.metrics.clone();
     let body_state = (max_body, Duration::from_secs(state.config.body_read_timeout_secs));
-    // Layers run top to bottom on the request (the last `.layer` is the outermost).
+    // Listed innermost first: the request meets them from the bottom up (see above).
     Router::new()
         .merge(user_routes)
         .merge(admin_routes)

@@ -41,10 +41,10 @@ fn openapi_checked_in_document_matches_the_code() {
     }
 }
 
-/// `(method, path)` of every `.route(…)` in `gateway/src/lib.rs`, with axum's wildcard
+/// `(method, path)` of every `.route(…)` in `gateway/src/edge/mod.rs`, with axum's wildcard
 /// `{*id}` written as OpenAPI's `{id}`.
 fn registered_routes() -> Vec<(String, String)> {
-    let source = std::fs::read_to_string(repo_root().join("gateway/src/lib.rs")).unwrap_or_default();
+    let source = std::fs::read_to_string(repo_root().join("gateway/src/edge/mod.rs")).unwrap_or_default();
     let mut routes = Vec::new();
     for call in source.split(".route(\"").skip(1) {
         let Some((path, rest)) = call.split_once('"') else { continue };
@@ -71,7 +71,7 @@ fn registered_routes() -> Vec<(String, String)> {
 fn openapi_documents_every_registered_route() {
     let doc: Value = serde_json::from_str(&gateway::api::spec::json()).unwrap();
     let routes = registered_routes();
-    assert!(routes.len() > 40, "found only {} routes in gateway/src/lib.rs: {routes:?}", routes.len());
+    assert!(routes.len() > 40, "found only {} routes in gateway/src/edge/mod.rs: {routes:?}", routes.len());
     let missing: Vec<String> = routes
         .iter()
         .filter(|(method, path)| doc["paths"][path][method].is_null())

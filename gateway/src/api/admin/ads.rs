@@ -1,11 +1,14 @@
-//! `/api/admin/advertisers…`, `/api/admin/campaigns…` and `/api/analytics/ads`: advertisers,\ntheir credit, campaigns and the ads report.
-
+//! `/api/admin/advertisers…`, `/api/admin/campaigns…` and `/api/analytics/ads`: advertisers,
+//! their credit, campaigns and the ads report.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
-use openapi::ads::{AccountBalance, AdsReport, Advertiser, AdvertiserCredit, AdvertiserList, Campaign, CampaignInput, CampaignList, CampaignReport, CategoryStats, FreeTierCost, NewAdvertiser};
+use openapi::ads::{
+    AccountBalance, AdsReport, Advertiser, AdvertiserCredit, AdvertiserList, Campaign, CampaignInput, CampaignList,
+    CampaignReport, CategoryStats, FreeTierCost, NewAdvertiser,
+};
 use serde::Deserialize;
 use sqlx::Row;
 

@@ -1,4 +1,5 @@
-//! `/api/admin/providers…` and `/api/admin/quality-levels`: the provider list, approval and\nsuspension, quality levels, and what each provider has earned.
+//! `/api/admin/providers…` and `/api/admin/quality-levels`: the provider list, approval and
+//! suspension, quality levels, and what each provider has earned.
 
 use std::collections::HashMap;
 

@@ -1,4 +1,5 @@
-//! `/api/analytics/revenue`, `/api/analytics/usage` and `/api/admin/overview`: what the\nconsole's dashboards read.
+//! `/api/analytics/revenue`, `/api/analytics/usage` and `/api/admin/overview`: what the
+//! console's dashboards read.
 
 use std::sync::atomic::Ordering;
 
