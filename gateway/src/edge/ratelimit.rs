@@ -200,7 +200,7 @@ pub struct RateCtx {
 impl RateCtx {
     /// The refusal when the request limit said no.
     pub fn refused(&self) -> Option<ApiError> {
-        (!self.requests.allowed).then(|| ApiError::RateLimited { what: "requests", retry_after: self.requests.retry_after })
+        (!self.requests.allowed).then_some(ApiError::RateLimited { what: "requests", retry_after: self.requests.retry_after })
     }
 
     /// Charges a request's token estimate (prompt bytes / 4 + every completion token it
