@@ -66,6 +66,7 @@ impl Options {
                 }
                 "--secs" => o.secs = args.next().context("--secs takes a number")?.parse()?,
                 "--streams" => o.streams = args.next().context("--streams takes a number")?.parse()?,
+                "--stream-secs" => o.stream_secs = args.next().context("--stream-secs takes a number")?.parse()?,
                 "--gateway" => o.gateway = Some(args.next().context("--gateway takes a path")?.into()),
                 "--upstream" => {
                     (o.h2c, o.link) = match args.next().as_deref() {
@@ -78,7 +79,7 @@ impl Options {
                 other => bail!("unknown argument {other}; see the top of tests/src/bin/bench-overhead.rs"),
             }
         }
-        ensure!(o.rates.iter().all(|&r| r > 0) && o.secs > 0, "rates and --secs must be positive");
+        ensure!(o.rates.iter().all(|&r| r > 0) && o.secs > 0 && o.stream_secs > 0, "rates, --secs and --stream-secs must be positive");
         Ok(o)
     }
 }

@@ -80,7 +80,7 @@ fn openapi_documents_every_registered_route() {
     assert!(
         missing.is_empty(),
         "routes without an operation in the OpenAPI document (add `#[utoipa::path]` to the handler and list it in \
-         `gateway/src/api_spec.rs`, then regenerate openapi/openapi.json): {missing:?}"
+         `gateway/src/api/spec.rs`, then regenerate openapi/openapi.json): {missing:?}"
     );
     let documented: usize = doc["paths"].as_object().map_or(0, |p| p.values().map(|ops| ops.as_object().map_or(0, |o| o.len())).sum());
     assert_eq!(documented, routes.len(), "the document has operations that no route serves");
