@@ -6,7 +6,7 @@
 //! A link is this replica's: a dial-out provider is live here only while its link is
 //! open here (`Provider::is_live`). Over its link the gateway probes `/health` every
 //! `PROBE_EVERY` (a success is the provider's heartbeat and an uptime check), and
-//! relays requests exactly as over HTTP (`relay::first_token` picks the transport).
+//! relays requests exactly as over HTTP (`relay::send` picks the transport).
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
