@@ -1,11 +1,13 @@
 //! A model's byte-level BPE tokenizer, built from its GGUF metadata or its Hugging Face
-//! `tokenizer.json`, and the GGUF header reader that needs. The worker runs models with
+//! `tokenizer.json`, and the GGUF header reader that needs; and WordPiece (`wordpiece`),
+//! the tokenizer of BERT-family embedding models. The worker runs models with
 //! it; the gateway counts delivered tokens with it. It depends on no tensor library, so
 //! the gateway stays free of the worker's inference stack.
 
 pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
+pub mod wordpiece;
 
 use std::io::Read;
 use std::path::Path;

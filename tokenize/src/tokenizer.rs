@@ -11,6 +11,8 @@ use crate::gguf::{GgufError, GgufHeader, Value};
 pub enum TokenizerError {
     #[error("unsupported tokenizer model {0:?} (only byte-level BPE \"gpt2\" is supported)")]
     Model(String),
+    #[error("tokenizer.json's model is {0:?}, not WordPiece")]
+    NotWordPiece(String),
     #[error("tokenizer metadata is missing {0}")]
     Missing(&'static str),
     #[error("bad pre-tokenizer regex: {0}")]
