@@ -5,13 +5,13 @@
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use openapi::async_openai::types::chat::CreateChatCompletionRequest;
 use openapi::async_openai::types::completions::CreateCompletionRequest;
 use openapi::openai::RequestExtensions;
-use axum::http::{header, HeaderMap};
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::edge::error::ApiError;
@@ -92,26 +92,30 @@ pub fn presented_key(config: &Config, request: &Request) -> Option<String> {
     request.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("api_key="))).map(str::to_owned)
 }
 
-/// A `/v1/chat/completions` body, parsed once at the edge (`parse_model_body`) into the
-/// OpenAI request and our extensions. The ad layer reads and edits it in the request's
+/// A model route's body, parsed once at the edge (`parse_model_body`) into the OpenAI
+/// request `T` and our extensions. The ad layer reads and edits it in the request's
 /// extensions; the handler takes it out (it is an extractor).
 #[derive(Clone)]
-pub struct ChatBody {
-    pub request: CreateChatCompletionRequest,
+pub struct ModelBody<T> {
+    pub request: T,
     pub ext: RequestExtensions,
 }
 
-/// A `/v1/completions` body, parsed once at the edge like `ChatBody`.
-#[derive(Clone)]
-pub struct CompletionBody {
-    pub request: CreateCompletionRequest,
-    pub ext: RequestExtensions,
+/// `/v1/chat/completions`.
+pub type ChatBody = ModelBody<CreateChatCompletionRequest>;
+/// `/v1/completions`.
+pub type CompletionBody = ModelBody<CreateCompletionRequest>;
+
+impl<T: DeserializeOwned> ModelBody<T> {
+    /// The extensions are a second, shallow serde pass over the same bytes (the OpenAI
+    /// type drops fields it does not know).
+    fn parse(headers: &HeaderMap, body: &Bytes) -> Result<Self, ApiError> {
+        Ok(Self { request: parse(headers, body)?, ext: parse(headers, body)? })
+    }
 }
 
 /// Parses the body of the two model routes once, before the ad layer and the handler: a
 /// body that is not a valid request is answered here (415, or 400 naming the field).
-/// The extensions are a second, shallow serde pass over the same bytes (the OpenAI type
-/// drops fields it does not know).
 pub async fn parse_model_body(request: Request, next: Next) -> Response {
     let (mut parts, body) = request.into_parts();
     // Already in memory and within `max_body_bytes` (`read_body_in_time`).
@@ -120,11 +124,11 @@ pub async fn parse_model_body(request: Request, next: Next) -> Response {
         Err(e) => return ApiError::invalid(format!("The request body could not be read: {e}"), None).into_response(),
     };
     let parsed = if parts.uri.path() == "/v1/completions" {
-        parse(&parts.headers, &bytes).and_then(|request| Ok(CompletionBody { request, ext: parse(&parts.headers, &bytes)? })).map(|b| {
+        CompletionBody::parse(&parts.headers, &bytes).map(|b| {
             parts.extensions.insert(b);
         })
     } else {
-        parse(&parts.headers, &bytes).and_then(|request| Ok(ChatBody { request, ext: parse(&parts.headers, &bytes)? })).map(|b| {
+        ChatBody::parse(&parts.headers, &bytes).map(|b| {
             parts.extensions.insert(b);
         })
     };
@@ -134,16 +138,9 @@ pub async fn parse_model_body(request: Request, next: Next) -> Response {
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for ChatBody {
+impl<T: Clone + Send + Sync + 'static, S: Send + Sync> FromRequestParts<S> for ModelBody<T> {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts.extensions.remove::<Self>().ok_or_else(|| ApiError::Internal("the chat body was not parsed at the edge".into()))
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for CompletionBody {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts.extensions.remove::<Self>().ok_or_else(|| ApiError::Internal("the completion body was not parsed at the edge".into()))
+        parts.extensions.remove::<Self>().ok_or_else(|| ApiError::Internal("the request body was not parsed at the edge".into()))
     }
 }
