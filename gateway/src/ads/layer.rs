@@ -349,13 +349,11 @@ fn recent_user_text(messages: &[ChatCompletionRequestMessage]) -> String {
     texts.join("\n")
 }
 
-/// Strips our ad blocks from assistant messages; `true` when one was found.
-pub(crate) fn strip_messages(chat: &mut CreateChatCompletionRequest) -> bool {
-    let mut changed = false;
-    let mut clean = |text: &mut String| {
+/// Strips our ad blocks from assistant messages.
+pub(crate) fn strip_messages(chat: &mut CreateChatCompletionRequest) {
+    let clean = |text: &mut String| {
         if let Some(stripped) = super::strip(text) {
             *text = stripped;
-            changed = true;
         }
     };
     for m in &mut chat.messages {
@@ -372,7 +370,6 @@ pub(crate) fn strip_messages(chat: &mut CreateChatCompletionRequest) -> bool {
             None => {}
         }
     }
-    changed
 }
 
 /// The `prompt` placement: a labelled sponsor note as a system message, first.
