@@ -222,7 +222,8 @@ pub fn prepare_chat(
     if request.prediction.is_some() {
         return Err(ApiError::param("predicted outputs are not supported by any provider", "prediction"));
     }
-    let routing::Route { level, candidates } = route(state, &model, asked, &ext, headers, &features, explicit);
+    let reservation = reservation_of(&ext, headers);
+    let routing::Route { level, candidates } = route(state, &model, asked, &ext, reservation.as_deref(), &features, explicit);
     let (param, requested) = match request.max_completion_tokens {
         Some(n) => ("max_completion_tokens", Some(n)),
         None => ("max_tokens", request.max_tokens),
@@ -255,7 +256,7 @@ pub fn prepare_chat(
             level,
             body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
             max_completion_tokens: max_tokens.saturating_mul(choices),
-            reservation: reservation_of(&ext, headers),
+            reservation,
             rate: None,
             body: Bytes::from(body),
             features,
@@ -329,7 +330,8 @@ pub async fn completions(
     if request.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         features.push("logit_bias");
     }
-    let routing::Route { level, candidates } = route(&state, &model, asked, &ext, &headers, &features, explicit);
+    let reservation = reservation_of(&ext, &headers);
+    let routing::Route { level, candidates } = route(&state, &model, asked, &ext, reservation.as_deref(), &features, explicit);
     let max_tokens = resolve_limits(request.max_tokens, "max_tokens", &level)?;
     let stream = request.stream.unwrap_or(false);
     let include_usage = stream && request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
@@ -350,7 +352,7 @@ pub async fn completions(
         body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
         max_completion_tokens: max_tokens.saturating_mul(u32::from(request.n.unwrap_or(1).max(1))),
         cost_multiplier_bp: level.cost_multiplier_bp,
-        reservation: reservation_of(&ext, &headers),
+        reservation,
         rate: rate.map(|r| r.0),
         body: Bytes::from(body),
         features,
@@ -383,16 +385,15 @@ fn target(state: &AppState, model: &str, ext: &RequestExtensions, headers: &Head
 }
 
 /// Routes the request once: its level (after any ladder) and that level's candidates.
-fn route(state: &AppState, model: &str, asked: QualityLevel, ext: &RequestExtensions, headers: &HeaderMap, features: &[&'static str], explicit: bool) -> routing::Route {
+fn route(state: &AppState, model: &str, asked: QualityLevel, ext: &RequestExtensions, reservation: Option<&str>, features: &[&'static str], explicit: bool) -> routing::Route {
     let ladder = routing::Ladder { fallback: ext.quality_fallback.unwrap_or(false), max_latency_ms: ext.max_latency_ms, explicit };
-    let reservation = reservation_of(ext, headers);
     routing::route(
         &state.registry.snapshot(),
         model,
         asked,
         &ladder,
         features,
-        reservation.as_deref(),
+        reservation,
         now_ms(),
         state.config.stale_after_ms(),
         &state.config.weights(),
