@@ -4,6 +4,8 @@
 // This whole file is tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -14,16 +16,8 @@ const FETCH_COMMAND: &str = "cargo run -p worker -- fetch-model";
 /// Where `worker fetch-model` puts the default model (worker/src/fetch.rs), or
 /// `WORKER_TEST_MODEL`.
 fn model_path() -> PathBuf {
-    let path = std::env::var_os("WORKER_TEST_MODEL").map_or_else(
-        || {
-            let dir = std::env::var_os("GPU_STREAMING_MODEL_DIR").map_or_else(
-                || PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache/gpu-streaming/models"),
-                PathBuf::from,
-            );
-            dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        },
-        PathBuf::from,
-    );
+    let path = std::env::var_os("WORKER_TEST_MODEL")
+        .map_or_else(|| common::models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"), PathBuf::from);
     assert!(path.exists(), "the default model is missing at {}: run `{FETCH_COMMAND}` first", path.display());
     path
 }

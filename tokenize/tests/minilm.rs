@@ -5,6 +5,8 @@
 // This whole file is tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::PathBuf;
 
 use tokenize::wordpiece::WordPiece;
@@ -12,11 +14,7 @@ use tokenize::wordpiece::WordPiece;
 const FETCH: &str = "scripts/fetch-embedding-model.sh";
 
 fn tokenizer_json() -> PathBuf {
-    let models = std::env::var_os("GPU_STREAMING_MODEL_DIR").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache/gpu-streaming/models"),
-        PathBuf::from,
-    );
-    let path = models.join("all-MiniLM-L6-v2/tokenizer.json");
+    let path = common::models_dir().join("all-MiniLM-L6-v2/tokenizer.json");
     assert!(path.exists(), "the embedding model is missing at {}: run `{FETCH}` first", path.display());
     path
 }
