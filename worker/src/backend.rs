@@ -6,11 +6,17 @@
 //! names (CUDA by default in a `cuda` build, else ndarray on the CPU) or fails with
 //! what is missing: it never falls back silently. Whatever runs, `DeviceInfo`
 //! describes the device the math actually runs on.
+//!
+//! With the `cuda` feature burn runs with its fusion (chains of element-wise ops
+//! compiled into one kernel) and autotune (matmul, reduction and attention kernels,
+//! flash attention among them, benchmarked per shape on first use). Autotune results
+//! and compiled kernels are cached on disk (`kernel_cache_dir`), so a restart does not
+//! retune.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::burn_model::{check_fits, BurnModel, CacheConfig, LoadError};
+use crate::burn_model::{check_fits, BurnModel, CacheConfig, Dtype, LoadError};
 use crate::forward::{DeviceInfo, Forward};
 use crate::model::Model;
 use crate::native::Native;
@@ -44,6 +50,15 @@ impl BurnDevice {
         if cfg!(feature = "cuda") { BurnDevice::Cuda } else { BurnDevice::Ndarray }
     }
 
+    /// `--dtype`'s default on this device: bf16 on CUDA (half the bytes read per
+    /// token), f32 elsewhere (burn-ndarray computes in f32; lavapipe has no bf16).
+    pub fn default_dtype(self) -> Dtype {
+        match self {
+            BurnDevice::Cuda => Dtype::Bf16,
+            BurnDevice::Wgpu | BurnDevice::Ndarray => Dtype::F32,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             BurnDevice::Cuda => "cuda",
@@ -59,6 +74,8 @@ pub enum BackendError {
     NotBuilt { device: &'static str },
     #[error("--backend burn --burn-device {device}: no usable device: {reason}")]
     NoDevice { device: &'static str, reason: String },
+    #[error("--dtype {dtype} applies to burn; the native CPU path computes on the file's quantized weights (drop --dtype or use --backend burn)")]
+    DtypeOnNative { dtype: &'static str },
     #[error(transparent)]
     Load(#[from] LoadError),
 }
@@ -69,13 +86,27 @@ pub struct Opened {
     pub device: DeviceInfo,
 }
 
-/// Opens the backend `choice` for `model`, with a device KV cache laid out by `cache`
-/// when it is burn.
-pub fn open(model: &Model, choice: BackendChoice, burn_device: BurnDevice, cache: CacheConfig) -> Result<Opened, BackendError> {
-    match choice {
-        BackendChoice::Native => Ok(native()),
-        BackendChoice::Burn => open_burn(model, burn_device, cache),
-        BackendChoice::Auto if cfg!(feature = "cuda") => match open_burn(model, BurnDevice::Cuda, cache) {
+/// What `--backend`, `--burn-device` and `--dtype` ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Choice {
+    pub backend: BackendChoice,
+    pub burn_device: BurnDevice,
+    /// `None`: the device's default (`BurnDevice::default_dtype`).
+    pub dtype: Option<Dtype>,
+}
+
+/// Opens the backend `choice` asks for, with a device KV cache of `slots` sequences
+/// in `kv_budget_bytes` when it is burn.
+pub fn open(model: &Model, choice: Choice, slots: usize, kv_budget_bytes: usize) -> Result<Opened, BackendError> {
+    let cache =
+        |device: BurnDevice| CacheConfig { slots, kv_budget_bytes, dtype: choice.dtype.unwrap_or(device.default_dtype()), max_tensor_bytes: None };
+    match choice.backend {
+        BackendChoice::Native => match choice.dtype {
+            Some(d) if d != Dtype::F32 => Err(BackendError::DtypeOnNative { dtype: d.name() }),
+            _ => Ok(native()),
+        },
+        BackendChoice::Burn => open_burn(model, choice.burn_device, cache(choice.burn_device)),
+        BackendChoice::Auto if cfg!(feature = "cuda") => match open_burn(model, BurnDevice::Cuda, cache(BurnDevice::Cuda)) {
             Ok(o) => Ok(o),
             Err(e) => {
                 tracing::warn!("--backend auto: burn on CUDA is not usable ({e}); running the native CPU path");
@@ -94,7 +125,7 @@ fn native() -> Opened {
 pub fn open_burn(model: &Model, device: BurnDevice, cache: CacheConfig) -> Result<Opened, BackendError> {
     match device {
         BurnDevice::Ndarray => {
-            let info = DeviceInfo { weights: "f32", ..crate::host::cpu_device("burn-ndarray") };
+            let info = DeviceInfo { weights: cache.dtype.name(), ..crate::host::cpu_device("burn-ndarray") };
             let free = Box::new(|| Some(crate::host::free_memory_mb()));
             on_device::<burn::backend::NdArray>(model, Default::default(), info, free, cache)
         }
@@ -145,6 +176,7 @@ fn open_cuda(model: &Model, cache: CacheConfig) -> Result<Opened, BackendError> 
     use burn::tensor::Tensor;
 
     let no_device = |reason: String| BackendError::NoDevice { device: "cuda", reason };
+    use_kernel_cache();
     let ctx = quietly(|| cudarc::driver::CudaContext::new(0))
         .map_err(|p| no_device(format!("the CUDA driver did not load ({p})")))?
         .map_err(|e| no_device(format!("CUDA device 0 did not open ({e})")))?;
@@ -166,7 +198,7 @@ fn open_cuda(model: &Model, cache: CacheConfig) -> Result<Opened, BackendError> 
         engine: "burn-cuda",
         kind: "cuda",
         name,
-        weights: "f32",
+        weights: cache.dtype.name(),
         memory_total_mb: Some(mb(total)),
         memory_free_mb: Some(mb(free)),
     };
@@ -189,6 +221,9 @@ pub struct Adapter {
     pub driver_info: String,
     /// A CPU implementation (lavapipe, SwiftShader): its memory is host RAM.
     pub is_cpu: bool,
+    /// The largest buffer a kernel may bind (lavapipe: 128 MiB); a larger tensor is
+    /// not an error in wgpu, its kernels compute garbage.
+    pub max_binding_bytes: u64,
 }
 
 /// Initializes burn-wgpu's default device on Vulkan once per process and describes
@@ -199,10 +234,14 @@ pub fn wgpu_adapter() -> Result<Adapter, String> {
     static ADAPTER: std::sync::OnceLock<Result<Adapter, String>> = std::sync::OnceLock::new();
     ADAPTER
         .get_or_init(|| {
+            // Before the runtime starts: starting it fixes CubeCL's configuration.
+            use_kernel_cache();
             let setup = quietly(|| init_setup::<Vulkan>(&WgpuDevice::DefaultDevice, Default::default()))
                 .map_err(|p| format!("no Vulkan adapter opened ({p}); on Debian, `apt-get install mesa-vulkan-drivers` provides lavapipe"))?;
             let info = setup.adapter.get_info();
+            let limits = setup.device.limits();
             Ok(Adapter {
+                max_binding_bytes: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
                 name: info.name.clone(),
                 driver: info.driver.clone(),
                 driver_info: info.driver_info.clone(),
@@ -217,6 +256,7 @@ fn open_wgpu(model: &Model, cache: CacheConfig) -> Result<Opened, BackendError> 
     use burn::backend::wgpu::WgpuDevice;
     use burn::backend::Wgpu;
 
+    use_kernel_cache();
     let adapter = wgpu_adapter().map_err(|reason| BackendError::NoDevice { device: "wgpu", reason })?;
     // A CPU adapter computes in host RAM; a GPU adapter's free memory is not exposed by
     // wgpu, so it is reported as unknown rather than guessed.
@@ -229,17 +269,57 @@ fn open_wgpu(model: &Model, cache: CacheConfig) -> Result<Opened, BackendError> 
         engine: "burn-wgpu",
         kind: "vulkan",
         name: format!("{} ({} {})", adapter.name, adapter.driver, adapter.driver_info),
-        weights: "f32",
+        weights: cache.dtype.name(),
         memory_total_mb: total,
         memory_free_mb: free,
     };
     let is_cpu = adapter.is_cpu;
     let free: Box<dyn Fn() -> Option<u64> + Send + Sync> =
         Box::new(move || is_cpu.then(crate::host::free_memory_mb));
+    let cache = CacheConfig { max_tensor_bytes: Some(usize::try_from(adapter.max_binding_bytes).unwrap_or(usize::MAX)), ..cache };
     on_device::<Wgpu>(model, WgpuDevice::DefaultDevice, info, free, cache)
 }
 
 #[cfg(not(feature = "wgpu"))]
 fn open_wgpu(_: &Model, _: CacheConfig) -> Result<Opened, BackendError> {
     Err(BackendError::NotBuilt { device: BurnDevice::Wgpu.name() })
+}
+
+/// Where CubeCL keeps autotune results and compiled kernels between runs:
+/// `$GS_KERNEL_CACHE`, else `~/.cache/gpu-streaming/cubecl` (CubeCL's own default is a
+/// `target/` folder above the working directory, or the user cache when there is none).
+pub fn kernel_cache_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("GS_KERNEL_CACHE") {
+        return d.into();
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| std::path::PathBuf::from("."), std::path::PathBuf::from);
+    home.join(".cache").join("gpu-streaming").join("cubecl")
+}
+
+/// Points CubeCL's autotune results and compiled kernels (PTX on CUDA) at
+/// `kernel_cache_dir` before the first kernel runs. Once per process; a configuration
+/// already in place (a `cubecl.toml`, or a kernel that ran before) is kept.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn use_kernel_cache() {
+    use burn::cubecl::config::{cache::CacheConfig as KernelCache, CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dir = kernel_cache_dir();
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), "cannot create the kernel cache folder ({e}); autotune results will not persist");
+            return;
+        }
+        let mut storage = CubeClRuntimeConfig::storage().lock();
+        if storage.is_none() {
+            // What CubeCL would read itself (a `cubecl.toml`, its environment
+            // variables), with our folder where it names none.
+            let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+            if matches!(config.autotune.cache, KernelCache::Target) {
+                config.autotune.cache = KernelCache::File(dir.clone());
+            }
+            config.compilation.cache.get_or_insert(KernelCache::File(dir.clone()));
+            *storage = Some(std::sync::Arc::new(config));
+            tracing::info!(dir = %dir.display(), "autotune results and compiled kernels are cached on disk");
+        }
+    });
 }

@@ -1,10 +1,16 @@
 //! `worker bench`: throughput and latency of the engine in-process (no HTTP), so the
-//! numbers are the engine's own.
+//! numbers are the engine's own; and `worker logits`, every position's logits of a
+//! token sequence, which worker/scripts/gpu-check.sh compares with `transformers`.
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
+
 use crate::engine::{Engine, Event, GenRequest};
+use crate::forward::{BatchItem, Forward, StepError};
+use crate::model::Model;
+use crate::quant::Precision;
 use crate::sampling::SamplingParams;
 
 #[derive(Debug, Clone)]
@@ -20,26 +26,40 @@ impl Default for BenchConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub streams: usize,
     /// Generated tokens per second over all streams, first token to last.
     pub aggregate_tps: f64,
     /// Decode tokens per second of one stream (mean over streams).
     pub per_stream_tps: f64,
+    #[serde(serialize_with = "as_ms")]
     pub ttft_mean: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// Durations in the JSON report are milliseconds.
+fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+/// What `worker bench` prints (`Display`, a Markdown table) or writes (`--json`).
+#[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub prompt_tokens: usize,
     pub prompt_tps: f64,
+    #[serde(serialize_with = "as_ms")]
     pub prompt_ttft: Duration,
+    #[serde(serialize_with = "as_ms")]
     pub short_ttft: Duration,
     pub rows: Vec<Row>,
     pub peak_rss_mb: u64,
     pub threads: usize,
     pub device: String,
+    /// The float type weights are computed in (`quantized` on the native path).
+    pub weights: &'static str,
+    /// GPU memory in use at the end (total − free: the process's weights, cache and
+    /// buffers on a machine that runs nothing else); CUDA only.
+    pub device_memory_used_mb: Option<u64>,
 }
 
 struct StreamResult {
@@ -127,6 +147,7 @@ pub fn run(engine: &Engine, cfg: &BenchConfig) -> BenchReport {
         }
         rows.push(Row { streams: n, aggregate_tps: total as f64 / span, per_stream_tps: per_stream, ttft_mean });
     }
+    let device = engine.forward.device();
     BenchReport {
         prompt_tokens: cfg.prompt_tokens,
         prompt_tps,
@@ -135,11 +156,28 @@ pub fn run(engine: &Engine, cfg: &BenchConfig) -> BenchReport {
         rows,
         peak_rss_mb: crate::host::peak_rss_mb(),
         threads: rayon::current_num_threads(),
-        device: {
-            let d = engine.forward.device();
-            format!("{} on {}", d.engine, d.name)
-        },
+        device: format!("{} on {}", device.engine, device.name),
+        weights: device.weights,
+        device_memory_used_mb: device
+            .memory_total_mb
+            .zip(device.memory_free_mb)
+            .filter(|_| device.kind == "cuda")
+            .map(|(t, f)| t.saturating_sub(f)),
     }
+}
+
+/// The logits of every position of `tokens`, prefilled `chunk` tokens per step in one
+/// sequence: row `i` predicts token `i + 1`.
+pub fn logits(forward: &dyn Forward, model: &Model, tokens: &[u32], chunk: usize) -> Result<Vec<Vec<f32>>, StepError> {
+    let Some(mut cache) = forward.new_cache(model) else {
+        return Err(StepError::Backend { backend: forward.device().engine, detail: "no free cache slot".into() });
+    };
+    let mut rows = Vec::with_capacity(tokens.len());
+    for part in tokens.chunks(chunk.max(1)) {
+        let mut items = [BatchItem { cache: &mut cache, tokens: part, want_logits: true, all_logits: true }];
+        rows.extend(forward.forward(model, &mut items, Precision::Fast)?);
+    }
+    Ok(rows)
 }
 
 impl fmt::Display for BenchReport {
@@ -150,7 +188,11 @@ impl fmt::Display for BenchReport {
         writeln!(f, "|---|---|")?;
         writeln!(f, "| prompt processing ({}-token prompt) | {:.0} tok/s (TTFT {:.0} ms) |", self.prompt_tokens, self.prompt_tps, self.prompt_ttft.as_secs_f64() * 1e3)?;
         writeln!(f, "| TTFT, short prompt, 1 stream | {:.0} ms |", self.short_ttft.as_secs_f64() * 1e3)?;
+        writeln!(f, "| weights | {} |", self.weights)?;
         writeln!(f, "| peak RSS | {} MiB |", self.peak_rss_mb)?;
+        if let Some(mb) = self.device_memory_used_mb {
+            writeln!(f, "| device memory in use | {mb} MiB |")?;
+        }
         writeln!(f)?;
         writeln!(f, "| streams | aggregate decode tok/s | per-stream tok/s | mean TTFT |")?;
         writeln!(f, "|---|---|---|---|")?;

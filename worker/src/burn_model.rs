@@ -2,8 +2,12 @@
 //! `cuda` feature, burn-wgpu with `wgpu` (the check on Mesa's lavapipe), burn-ndarray
 //! on the CPU.
 //!
-//! Weights are dequantized to f32 device tensors at load (exact f32 math, which is
-//! `Precision::Exact`'s contract). One engine step is one batched pass: the rows of
+//! Weights are dequantized on the host and put on the device in the `--dtype` the
+//! worker runs (`Dtype`): f32 (exact f32 math, `Precision::Exact`'s contract), or bf16 /
+//! f16 (half the bytes per weight and per cached key; the default on CUDA). In the
+//! half types activations, the residual stream and the KV cache are in that type
+//! too, as in Hugging Face `transformers`; RMSNorm is computed in f32 and cast back
+//! (as `LlamaRMSNorm` does), and the logits come down as f32. One engine step is one batched pass: the rows of
 //! every sequence in the step (one per decoding sequence, a chunk per prefilling one)
 //! go through each layer together as `[rows, dim]`, so every weight is multiplied
 //! once per step. Token ids, positions and cache indices go up as one integer upload;
@@ -23,28 +27,77 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::forward::{BatchItem, DeviceInfo, Forward, KvCache, KvStore, SlotPool, StepError};
 use crate::model::{Config, Model};
 use crate::quant::{Precision, QMatrix};
 
-/// How much device cache to allocate.
+/// `--dtype`: the float type of weights, activations and the KV cache on burn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// bfloat16: the range of f32 with 8 bits of mantissa; the default on CUDA.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+    /// f32 math (exact on burn-ndarray; autotuned GPU kernels may use TF32).
+    F32,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::F32 => "f32",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+
+    pub fn burn(self) -> DType {
+        match self {
+            Dtype::Bf16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            Dtype::F32 => DType::F32,
+        }
+    }
+}
+
+/// How much device cache to allocate, and in which type.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheConfig {
     /// Sequences that can hold a slot at once (the engine's `max_seqs`).
     pub slots: usize,
-    /// Bytes of keys and values for all slots together (the engine's KV budget).
+    /// Bytes of keys and values for all slots together (the engine's KV budget),
+    /// counted in `dtype`.
     pub kv_budget_bytes: usize,
+    /// The type of weights, activations and cache.
+    pub dtype: Dtype,
+    /// The largest tensor the device computes on correctly (wgpu's storage-binding
+    /// limit; `None`: no limit). The cache's per-layer tensors are shortened to fit.
+    pub max_tensor_bytes: Option<usize>,
 }
 
 /// Why a model cannot be put on a device.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
-        "the model does not fit on {device}: it needs {needed_mb} MiB (f32 weights {weights_mb} MiB + KV cache {kv_mb} MiB) but {free_mb} MiB is free; lower --kv-budget-mb or --max-seqs, or use a smaller model"
+        "the model does not fit on {device}: it needs {needed_mb} MiB ({dtype} weights {weights_mb} MiB + KV cache {kv_mb} MiB) but {free_mb} MiB is free; lower --kv-budget-mb or --max-seqs, use a smaller --dtype, or a smaller model"
     )]
-    DoesNotFit { device: String, needed_mb: u64, weights_mb: u64, kv_mb: u64, free_mb: u64 },
+    DoesNotFit { device: String, dtype: &'static str, needed_mb: u64, weights_mb: u64, kv_mb: u64, free_mb: u64 },
+    #[error(
+        "{name} ({mb} MiB in {dtype}) exceeds the largest buffer {device} can bind ({limit_mb} MiB); use a smaller --dtype or model, or another device"
+    )]
+    TensorTooLarge { name: &'static str, mb: u64, dtype: &'static str, device: String, limit_mb: u64 },
+    #[error("--dtype {dtype} is not supported by {device}; {hint}")]
+    UnsupportedDtype { dtype: &'static str, device: String, hint: &'static str },
     #[error(
         "a KV budget of {budget_mb} MiB over {slots} slots leaves {slot_len} tokens per sequence, fewer than the {min} a request needs; raise --kv-budget-mb or lower --max-seqs"
     )]
@@ -57,8 +110,8 @@ pub enum LoadError {
 /// configuration mistake, not a useful cache.
 pub const MIN_SLOT_LEN: usize = 64;
 
-/// Bytes of f32 weights the burn path puts on the device for `model`.
-pub fn f32_weight_bytes(model: &Model) -> usize {
+/// Bytes of weights the burn path puts on the device for `model` in `dtype`.
+pub fn weight_bytes(model: &Model, dtype: Dtype) -> usize {
     let mats = |l: &crate::model::Layer| {
         [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.rows * m.cols).sum::<usize>()
     };
@@ -66,14 +119,39 @@ pub fn f32_weight_bytes(model: &Model) -> usize {
     let elements = 2 * model.embed.rows * model.embed.cols
         + model.layers.iter().map(mats).sum::<usize>()
         + model.config.dim * (2 * model.config.n_layers + 1);
-    elements * 4
+    elements * dtype.bytes()
 }
 
-/// Tokens per slot for `cache`, and the bytes the whole cache takes.
+/// The largest weight matrix: its name and element count.
+fn largest_weight(model: &Model) -> (&'static str, usize) {
+    let size = |m: &QMatrix| m.rows * m.cols;
+    let mut largest = ("the token embedding", size(&model.embed));
+    if let Some(out) = &model.output {
+        largest = std::cmp::max_by(largest, ("the output head", size(out)), |a, b| a.1.cmp(&b.1));
+    }
+    for l in &model.layers {
+        for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+            largest = std::cmp::max_by(largest, ("a layer's weight matrix", size(m)), |a, b| a.1.cmp(&b.1));
+        }
+    }
+    largest
+}
+
+/// Bytes of keys and values one cached token takes on the device in `dtype`.
+pub fn kv_bytes_per_token(cfg: &Config, dtype: Dtype) -> usize {
+    cfg.n_layers * 2 * cfg.kv_dim() * dtype.bytes()
+}
+
+/// Tokens per slot for `cache`, and the bytes the whole cache takes. Each layer's keys
+/// (and values) are one `[slots × slot_len, kv_dim]` tensor, kept within
+/// `max_tensor_bytes`.
 pub fn cache_layout(cfg: &Config, cache: CacheConfig) -> Result<(usize, usize), LoadError> {
-    let per_token = cfg.kv_bytes_per_token();
+    let per_token = kv_bytes_per_token(cfg, cache.dtype);
     let slots = cache.slots.max(1);
-    let slot_len = (cache.kv_budget_bytes / (slots * per_token).max(1)).min(cfg.context_length);
+    let mut slot_len = (cache.kv_budget_bytes / (slots * per_token).max(1)).min(cfg.context_length);
+    if let Some(max) = cache.max_tensor_bytes {
+        slot_len = slot_len.min(max / (slots * cfg.kv_dim() * cache.dtype.bytes()).max(1));
+    }
     if slot_len < MIN_SLOT_LEN.min(cfg.context_length) {
         return Err(LoadError::CacheTooSmall {
             budget_mb: (cache.kv_budget_bytes >> 20) as u64,
@@ -88,13 +166,21 @@ pub fn cache_layout(cfg: &Config, cache: CacheConfig) -> Result<(usize, usize), 
 /// Refuses a model whose weights and cache would not fit in `free_mb`.
 pub fn check_fits(model: &Model, cache: CacheConfig, device: &str, free_mb: Option<u64>) -> Result<(), LoadError> {
     let (_, kv_bytes) = cache_layout(&model.config, cache)?;
-    let weights = f32_weight_bytes(model);
-    let Some(free_mb) = free_mb else { return Ok(()) };
+    let weights = weight_bytes(model, cache.dtype);
     let mb = |b: usize| (b as u64).div_ceil(1 << 20);
+    if let Some(limit) = cache.max_tensor_bytes {
+        let (name, elements) = largest_weight(model);
+        let bytes = elements * cache.dtype.bytes();
+        if bytes > limit {
+            return Err(LoadError::TensorTooLarge { name, mb: mb(bytes), dtype: cache.dtype.name(), device: device.to_string(), limit_mb: mb(limit) });
+        }
+    }
+    let Some(free_mb) = free_mb else { return Ok(()) };
     let needed_mb = mb(weights) + mb(kv_bytes);
     if needed_mb > free_mb {
         return Err(LoadError::DoesNotFit {
             device: device.to_string(),
+            dtype: cache.dtype.name(),
             needed_mb,
             weights_mb: mb(weights),
             kv_mb: mb(kv_bytes),
@@ -129,6 +215,8 @@ struct DeviceCache<B: Backend> {
 
 pub struct BurnModel<B: Backend> {
     device: B::Device,
+    /// The float type of weights, activations and cache.
+    dtype: Dtype,
     info: DeviceInfo,
     /// Current free memory of the device, for `/health` and heartbeats.
     free_memory_mb: Box<dyn Fn() -> Option<u64> + Send + Sync>,
@@ -148,22 +236,25 @@ pub struct BurnModel<B: Backend> {
     slot_len: usize,
 }
 
-fn vec1<B: Backend>(v: &[f32], device: &B::Device) -> Tensor<B, 1> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
+/// Where a float tensor is created, and in which type.
+type At<'a, B> = (&'a burn::tensor::Device<B>, DType);
+
+fn vec1<B: Backend>(v: &[f32], at: At<'_, B>) -> Tensor<B, 1> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), at)
 }
 
-fn dequantized<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
+fn dequantized<B: Backend>(m: &QMatrix, at: At<'_, B>) -> Tensor<B, 2> {
     let mut data = vec![0f32; m.rows * m.cols];
     for r in 0..m.rows {
         m.dequantize_row(r, &mut data[r * m.cols..(r + 1) * m.cols]);
     }
-    Tensor::from_data(TensorData::new(data, [m.rows, m.cols]), device)
+    Tensor::from_data(TensorData::new(data, [m.rows, m.cols]), at)
 }
 
 /// `[rows, cols]` weights as a contiguous `[cols, rows]` tensor so that `x.matmul(w)`
 /// applies them. Transposed on the host once: a transposed view made burn-ndarray copy
 /// every weight into a contiguous layout at every matmul.
-fn mat<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
+fn mat<B: Backend>(m: &QMatrix, at: At<'_, B>) -> Tensor<B, 2> {
     let mut row = vec![0f32; m.cols];
     let mut data = vec![0f32; m.rows * m.cols];
     for r in 0..m.rows {
@@ -172,7 +263,7 @@ fn mat<B: Backend>(m: &QMatrix, device: &B::Device) -> Tensor<B, 2> {
             data[c * m.rows + r] = *v;
         }
     }
-    Tensor::from_data(TensorData::new(data, [m.cols, m.rows]), device)
+    Tensor::from_data(TensorData::new(data, [m.cols, m.rows]), at)
 }
 
 impl<B: Backend> BurnModel<B> {
@@ -186,7 +277,19 @@ impl<B: Backend> BurnModel<B> {
         cache: CacheConfig,
     ) -> Result<BurnModel<B>, LoadError> {
         let (slot_len, _) = cache_layout(&model.config, cache)?;
-        let d = &device;
+        let dtype = cache.dtype;
+        if !B::supports_dtype(&device, dtype.burn()) {
+            return Err(LoadError::UnsupportedDtype {
+                dtype: dtype.name(),
+                device: format!("{} ({})", info.name, info.engine),
+                hint: match info.kind {
+                    "cuda" => "bf16 needs compute capability 8.0 or newer (A100, RTX 30xx, H100); use --dtype f16 or f32",
+                    "vulkan" => "this adapter has no shader support for it; use --dtype f32",
+                    _ => "this device computes in f32; use --dtype f32",
+                },
+            });
+        }
+        let d: At<'_, B> = (&device, dtype.burn());
         let layers = model
             .layers
             .iter()
@@ -220,6 +323,8 @@ impl<B: Backend> BurnModel<B> {
         }
         let cos = Tensor::from_data(TensorData::new(cos, [slot_len, half]), d);
         let sin = Tensor::from_data(TensorData::new(sin, [slot_len, half]), d);
+        let mut info = info;
+        info.weights = dtype.name();
         let slots = cache.slots.max(1);
         let burn = BurnModel {
             norm: vec1(&model.norm, d),
@@ -236,15 +341,9 @@ impl<B: Backend> BurnModel<B> {
             info,
             free_memory_mb,
             device,
+            dtype,
         };
         burn.allocate_cache(&mut burn.lock_cache());
-        let mut burn = burn;
-        burn.info.weights = match burn.embed.dtype() {
-            burn::tensor::DType::F32 => "f32",
-            burn::tensor::DType::F16 => "f16",
-            burn::tensor::DType::BF16 => "bf16",
-            _ => "other",
-        };
         Ok(burn)
     }
 
@@ -256,7 +355,7 @@ impl<B: Backend> BurnModel<B> {
     fn allocate_cache(&self, cache: &mut DeviceCache<B>) {
         let rows = self.slots * self.slot_len;
         let kvd = self.cfg.kv_dim();
-        let zeros = || Tensor::<B, 2>::zeros([rows, kvd], &self.device);
+        let zeros = || Tensor::<B, 2>::zeros([rows, kvd], (&self.device, self.dtype.burn()));
         cache.layers = Some((0..self.cfg.n_layers).map(|_| (zeros(), zeros())).collect());
         cache.epoch += 1;
     }
@@ -266,10 +365,14 @@ impl<B: Backend> BurnModel<B> {
         (self.slots, self.slot_len)
     }
 
+    /// RMSNorm, computed in f32 whatever the model's type (a mean of squares in bf16
+    /// loses most of its bits), then cast back and scaled, as `LlamaRMSNorm` does.
     fn rms_norm(x: Tensor<B, 2>, w: &Tensor<B, 1>, eps: f32) -> Tensor<B, 2> {
         let [t, d] = x.dims();
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
         let ms = x.clone().powf_scalar(2.0).mean_dim(1).add_scalar(eps).sqrt().expand([t, d]);
-        x.div(ms).mul(w.clone().unsqueeze_dim::<2>(0).expand([t, d]))
+        x.div(ms).cast(dtype).mul(w.clone().unsqueeze_dim::<2>(0).expand([t, d]))
     }
 
     /// Rotary embedding on `[t, heads, hd]` with per-row cos/sin of shape `[t, hd/2]`.
@@ -493,7 +596,7 @@ where
         }
         let logits_at = ints.narrow(0, 3 * n, plan.logits_rows);
         let last = x.select(0, logits_at);
-        let logits = Self::rms_norm(last, &self.norm, c.rms_eps).matmul(self.head.clone());
+        let logits = Self::rms_norm(last, &self.norm, c.rms_eps).matmul(self.head.clone()).cast(DType::F32);
         // The one read of the step.
         let data = logits.try_into_data().map_err(|e| self.failed(format!("{e:?}")))?;
         let flat = data.to_vec::<f32>().map_err(|e| self.failed(format!("{e:?}")))?;
@@ -527,6 +630,10 @@ where
             self.allocate_cache(&mut cache);
         }
         self.step(items, &mut cache)
+    }
+
+    fn kv_bytes_per_token(&self, _model: &Model) -> usize {
+        kv_bytes_per_token(&self.cfg, self.dtype)
     }
 
     fn device(&self) -> DeviceInfo {

@@ -254,7 +254,7 @@ impl Engine {
 
     fn reserve_bytes(&self, req: &GenRequest) -> usize {
         let ctx = self.context_length();
-        (req.prompt.len() + req.params.max_tokens).min(ctx) * self.model.model.config.kv_bytes_per_token()
+        (req.prompt.len() + req.params.max_tokens).min(ctx) * self.forward.kv_bytes_per_token(&self.model.model)
     }
 
     fn run(&self) {

@@ -114,13 +114,34 @@ pub struct DeviceInfo {
     pub kind: &'static str,
     /// The device's name (CPU model, CUDA device, Vulkan adapter with its driver).
     pub name: String,
-    /// What the weights are on the device: `f32` for burn (dequantized at load),
-    /// `quantized` for the native path (the file's blocks, read by the kernels).
+    /// What the weights are on the device: the `--dtype` for burn (`f32`, `bf16`,
+    /// `f16`; dequantized at load), `quantized` for the native path (the file's
+    /// blocks, read by the kernels).
     pub weights: &'static str,
     /// Memory of the device the weights and KV cache live on, MiB (host RAM for the
     /// CPU and for CPU Vulkan drivers); `None` when the device does not say.
     pub memory_total_mb: Option<u64>,
     pub memory_free_mb: Option<u64>,
+}
+
+impl DeviceInfo {
+    /// The precisions this device serves, as registered with the gateway. `full` is
+    /// exact f32 math whose tokens do not depend on the batch: the native path (exact
+    /// steps on request) and burn-ndarray in f32 give that. burn on CUDA or Vulkan runs
+    /// autotuned kernels (which may pick another kernel for another batch size, and
+    /// tensor-core kernels that take f32 inputs as TF32) and, in bf16/f16, half-type
+    /// math: `reduced` only, whatever the `--dtype`.
+    pub fn precisions(&self) -> &'static [&'static str] {
+        match (self.engine, self.weights) {
+            ("native-cpu", _) | ("burn-ndarray", "f32") => &["full", "reduced"],
+            _ => &["reduced"],
+        }
+    }
+
+    /// Whether `full` precision requests can be served.
+    pub fn serves_full(&self) -> bool {
+        self.precisions().contains(&"full")
+    }
 }
 
 /// A forward pass the engine can drive.
@@ -133,12 +154,18 @@ pub trait Forward: Send + Sync {
     /// less when the device cache's slots are shorter.
     fn max_seq_len(&self, model: &Model) -> usize;
 
-    /// Runs one step at `precision` (the burn path always computes exact f32, which is
-    /// `Exact`'s contract). Each item appends its tokens to its cache; the result holds,
+    /// Runs one step at `precision` (the burn path computes the same way whatever is
+    /// asked; `DeviceInfo::precisions` says which precisions that serves). Each item appends its tokens to its cache; the result holds,
     /// in item order, the logits of each item's last token (`want_logits`) or of all its
     /// tokens (`all_logits`).
     fn forward(&self, model: &Model, items: &mut [BatchItem<'_>], precision: Precision) -> Result<Vec<Vec<f32>>, StepError>;
 
     /// The device, with its free memory as of now.
     fn device(&self) -> DeviceInfo;
+
+    /// Bytes of keys and values one cached token takes (what the engine's KV budget
+    /// counts): f32 on the host unless the backend keeps another type.
+    fn kv_bytes_per_token(&self, model: &Model) -> usize {
+        model.config.kv_bytes_per_token()
+    }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use worker::backend::{BackendChoice, BurnDevice};
-use worker::burn_model::CacheConfig;
+use worker::backend::{BackendChoice, BurnDevice, Choice};
+use worker::burn_model::Dtype;
 use worker::chat::{ChatMessage, ChatTemplate};
 use worker::engine::{generate_blocking, Engine, EngineConfig, Event, GenRequest};
 use worker::fetch;
@@ -67,6 +67,31 @@ enum Cmd {
         /// Concurrent stream counts to measure.
         #[arg(long, default_value = "1,4,16,32", value_delimiter = ',')]
         streams: Vec<usize>,
+        /// Also write the report as JSON here (durations in milliseconds).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Write the logits of every position of a token sequence (little-endian f32,
+    /// `[tokens, vocab]`), for comparing with another implementation.
+    Logits {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Token ids, one per line or separated by commas or spaces.
+        #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+        tokens: Option<PathBuf>,
+        /// A text file to tokenize with the model's tokenizer instead.
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Keep the first N tokens.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Write the token ids used here (one line, comma-separated).
+        #[arg(long)]
+        tokens_out: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -152,12 +177,18 @@ struct EngineArgs {
     /// otherwise).
     #[arg(long, value_enum)]
     burn_device: Option<BurnDevice>,
+    /// The float type of weights, activations and KV cache on burn: `bf16` (default on
+    /// CUDA), `f16` or `f32` (default elsewhere). burn on CUDA or Vulkan serves
+    /// `reduced` precision only, whatever the type (autotuned kernels).
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 32)]
     max_seqs: usize,
     /// KV-cache memory budget in MiB (each admitted request reserves
-    /// min(prompt + max_tokens, context) tokens of f32 keys and values). On burn the
-    /// whole budget is allocated on the device at start, one slot per sequence.
+    /// min(prompt + max_tokens, context) tokens of keys and values: f32 on the CPU, the
+    /// `--dtype` on burn). On burn the whole budget is allocated on the device at
+    /// start, one slot per sequence.
     #[arg(long, default_value_t = 8192)]
     kv_budget_mb: usize,
     /// Prompt tokens processed per step (chunked prefill).
@@ -184,9 +215,12 @@ fn precision(exact: bool) -> Precision {
 /// computes and its memory.
 fn start_engine(m: Arc<LoadedModel>, args: &EngineArgs, cfg: EngineConfig) -> anyhow::Result<Engine> {
     let burn_device = args.burn_device.unwrap_or_else(BurnDevice::default_for_build);
-    let cache = CacheConfig { slots: cfg.max_seqs, kv_budget_bytes: cfg.kv_budget_bytes };
-    let opened = worker::backend::open(&m.model, args.backend, burn_device, cache)?;
+    let choice = Choice { backend: args.backend, burn_device, dtype: args.dtype };
+    let opened = worker::backend::open(&m.model, choice, cfg.max_seqs, cfg.kv_budget_bytes)?;
     let d = &opened.device;
+    if args.exact && !d.serves_full() {
+        anyhow::bail!("--exact asks for full precision by default, but {} ({}) serves `reduced` precision only (full is exact, batch-invariant f32: --backend native)", d.engine, d.weights);
+    }
     tracing::info!(
         engine = d.engine,
         kind = d.kind,
@@ -214,7 +248,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Arc<LoadedModel>> {
 #[allow(clippy::print_stdout)]
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,cubecl_runtime::tune=warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -256,13 +290,47 @@ fn main() -> anyhow::Result<()> {
                 _ => {}
             }
         }
-        Cmd::Bench { model, prompt_tokens, decode_tokens, streams, engine } => {
+        Cmd::Bench { model, prompt_tokens, decode_tokens, streams, json, engine } => {
             let m = load(&model_path(model))?;
             let mut cfg = engine.config();
             cfg.max_seqs = cfg.max_seqs.max(streams.iter().copied().max().unwrap_or(1));
             let engine = start_engine(m, &engine, cfg)?;
             let report = worker::bench::run(&engine, &worker::bench::BenchConfig { prompt_tokens, decode_tokens, concurrency: streams });
             println!("{report}");
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        Cmd::Logits { model, tokens, text, max_tokens, tokens_out, out, engine } => {
+            let m = load(&model_path(model))?;
+            let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let mut ids = match (&tokens, &text) {
+                (Some(path), _) => read(path)?
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.parse::<u32>().with_context(|| format!("{}: `{t}` is not a token id", path.display())))
+                    .collect::<anyhow::Result<Vec<u32>>>()?,
+                (None, Some(path)) => m.tokenizer.encode(&read(path)?),
+                (None, None) => anyhow::bail!("--tokens or --text"),
+            };
+            ids.truncate(max_tokens.unwrap_or(usize::MAX));
+            let vocab = m.model.config.vocab_size;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                anyhow::bail!("token id {bad} is outside the vocabulary ({vocab})");
+            }
+            if let Some(path) = tokens_out {
+                let line = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                std::fs::write(&path, line + "\n").with_context(|| format!("writing {}", path.display()))?;
+            }
+            let mut cfg = engine.config();
+            cfg.max_seqs = 1;
+            cfg.kv_budget_bytes = cfg.kv_budget_bytes.max(ids.len() * m.model.config.kv_bytes_per_token());
+            let chunk = cfg.prefill_chunk;
+            let engine = start_engine(m.clone(), &engine, cfg)?;
+            let rows = worker::bench::logits(engine.forward.as_ref(), &m.model, &ids, chunk)?;
+            let bytes: Vec<u8> = rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+            tracing::info!(positions = rows.len(), vocab, out = %out.display(), "logits written");
         }
         Cmd::Serve {
             model,

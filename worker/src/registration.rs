@@ -203,8 +203,9 @@ impl GatewayClient {
                     "maxConcurrentStreams": engine.config.max_seqs,
                     "supportedQualities": cfg.qualities,
                     "features": crate::server::FEATURES,
-                    // Precision is chosen per request (`precision` in the body).
-                    "precisions": ["full", "reduced"],
+                    // Precision is chosen per request (`precision` in the body); a
+                    // burn model in bf16/f16 serves `reduced` only.
+                    "precisions": engine.forward.device().precisions(),
                     // `axum::serve` also speaks h2c on the same port, so the gateway can
                     // multiplex our streams over one connection; hyper's HTTP/2 server
                     // allows 200 concurrent streams on it, so only up to that many.

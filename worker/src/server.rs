@@ -363,11 +363,20 @@ impl AppState {
             }
             Some(_) => return Err(ApiError::bad("stop must be a string or an array of up to 4 strings", "stop")),
         };
+        let device = self.engine.forward.device();
         let precision = match &p.precision {
-            None | Some(Value::Null) => self.engine.config.default_precision,
-            Some(v) => v.as_str().and_then(Precision::from_api_name).ok_or_else(|| {
-                ApiError::bad("precision must be \"full\" or \"reduced\"", "precision")
-            })?,
+            None | Some(Value::Null) if device.serves_full() => self.engine.config.default_precision,
+            None | Some(Value::Null) => Precision::Fast,
+            Some(v) => match v.as_str().and_then(Precision::from_api_name) {
+                None => return Err(ApiError::bad("precision must be \"full\" or \"reduced\"", "precision")),
+                Some(Precision::Exact) if !device.serves_full() => {
+                    return Err(ApiError::bad(
+                        format!("this worker ({}, {}) serves \"reduced\" precision only", device.engine, device.weights),
+                        "precision",
+                    ))
+                }
+                Some(p) => p,
+            },
         };
         Ok(GenRequest {
             prompt,

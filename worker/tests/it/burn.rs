@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use worker::backend::{open_burn, BurnDevice};
-use worker::burn_model::{check_fits, CacheConfig, LoadError};
+use worker::burn_model::{cache_layout, check_fits, kv_bytes_per_token, CacheConfig, Dtype, LoadError};
 use worker::engine::{generate_blocking, Engine, EngineConfig, GenRequest};
 use worker::forward::{BatchItem, Forward, KvCache};
 use worker::model::{LoadedModel, Model};
@@ -155,9 +155,14 @@ pub fn golden_answer_through_the_engine(forward: Arc<dyn Forward>, cfg: EngineCo
     assert_eq!(generate_blocking(&engine, req, |_| {}).0, "The capital of France is Paris.");
 }
 
-/// A small device cache: 16 slots of up to 256 tokens.
+/// A small f32 device cache: 16 slots of up to 256 tokens.
 pub fn small_cache(m: &Model) -> CacheConfig {
-    CacheConfig { slots: 16, kv_budget_bytes: 16 * 256 * m.config.kv_bytes_per_token() }
+    small_cache_in(m, Dtype::F32)
+}
+
+/// 16 slots of up to 256 tokens in `dtype`.
+pub fn small_cache_in(m: &Model, dtype: Dtype) -> CacheConfig {
+    CacheConfig { slots: 16, kv_budget_bytes: 16 * 256 * kv_bytes_per_token(&m.config, dtype), dtype, max_tensor_bytes: None }
 }
 
 #[test]
@@ -220,8 +225,45 @@ fn a_model_that_does_not_fit_is_refused_with_the_sizes() {
     assert_eq!((needed_mb, free_mb), (weights_mb + kv_mb, 100));
     assert!(text.contains(&format!("needs {needed_mb} MiB")) && text.contains("but 100 MiB is free"), "{text}");
     assert!(check_fits(&m.model, cache, "test device", Some(needed_mb)).is_ok());
+    // In bf16 the same weights and cache take half the bytes.
+    let LoadError::DoesNotFit { weights_mb: half_weights, kv_mb: half_kv, dtype, .. } =
+        check_fits(&m.model, small_cache_in(&m.model, Dtype::Bf16), "test device", Some(100)).unwrap_err()
+    else {
+        panic!("bf16 fits in 100 MiB?")
+    };
+    assert_eq!((half_weights, half_kv, dtype), (weights_mb.div_ceil(2), kv_mb / 2, "bf16"));
     // Through the real load: a cache far larger than this machine's memory.
-    let huge = CacheConfig { slots: 100_000, kv_budget_bytes: usize::MAX / 4 };
+    let huge = CacheConfig { slots: 100_000, kv_budget_bytes: usize::MAX / 4, dtype: Dtype::F32, max_tensor_bytes: None };
     let err = open_burn(&m.model, BurnDevice::Ndarray, huge).err().expect("refused");
     assert!(err.to_string().contains("does not fit") && err.to_string().contains("MiB is free"), "{err}");
+}
+
+#[test]
+fn a_device_binding_limit_shortens_the_cache_slots_and_refuses_a_weight_beyond_it() {
+    let m = model();
+    let cfg = &m.model.config;
+    // Unlimited: 16 slots of 256 tokens. Limited to 1 MiB per cache tensor: each layer's
+    // [16 × slot_len, kv_dim] f32 keys fit in it (85 tokens a slot).
+    let cache = small_cache(&m.model);
+    assert_eq!(cache_layout(cfg, cache).unwrap().0, 256);
+    let limited = CacheConfig { max_tensor_bytes: Some(1 << 20), ..cache };
+    let (slot_len, _) = cache_layout(cfg, limited).unwrap();
+    assert_eq!(slot_len, (1 << 20) / (16 * cfg.kv_dim() * 4));
+    assert!(slot_len * 16 * cfg.kv_dim() * 4 <= 1 << 20 && slot_len < 256);
+    // The f32 embedding (49152 × 576) is over 100 MiB: refused by name, with both sizes.
+    let tight = CacheConfig { slots: 1, max_tensor_bytes: Some(64 << 20), ..cache };
+    let err = check_fits(&m.model, tight, "test adapter", None).unwrap_err().to_string();
+    assert!(err.contains("the token embedding (108 MiB in f32) exceeds the largest buffer test adapter can bind (64 MiB)"), "{err}");
+    let half = CacheConfig { dtype: Dtype::F16, ..tight };
+    assert!(check_fits(&m.model, half, "test adapter", None).is_ok());
+}
+
+#[test]
+fn burn_ndarray_refuses_half_types_by_name() {
+    let m = model();
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let err = open_burn(&m.model, BurnDevice::Ndarray, small_cache_in(&m.model, dtype)).err().expect("refused");
+        let text = err.to_string();
+        assert!(text.contains(&format!("--dtype {} is not supported by", dtype.name())) && text.contains("use --dtype f32"), "{text}");
+    }
 }

@@ -9,6 +9,7 @@ mod cuda_binary;
 mod faults;
 mod gateway;
 mod generation;
+mod gpu_check;
 mod hf;
 mod parity;
 mod server;

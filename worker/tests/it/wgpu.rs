@@ -14,8 +14,11 @@ mod on_lavapipe {
     use worker::engine::{Engine, EngineConfig};
     use worker::server::{app, AppState};
 
-    use crate::burn::{check_against_native, small_cache};
-    use crate::model;
+    use worker::burn_model::Dtype;
+    use worker::sampling::argmax;
+
+    use crate::burn::{check_against_native, golden_answer_through_the_engine, golden_prompts, logits_per_position, max_abs_diff, small_cache, small_cache_in};
+    use crate::{call, model};
 
     /// burn-wgpu on lavapipe, asserting that it is lavapipe: a silent fallback to any
     /// other adapter (or to ndarray) fails here.
@@ -35,6 +38,51 @@ mod on_lavapipe {
         let opened = on_lavapipe();
         let (native, batched) = check_against_native(opened.forward.as_ref(), &model());
         eprintln!("burn-wgpu on lavapipe: worst |native - burn| {native}, worst |alone - batched| {batched}");
+    }
+
+    /// f16 on lavapipe (it has shader f16; bf16 it has not): weights, activations and
+    /// cache in half precision against the native exact path. Half-type math moves
+    /// logits by a few hundredths, so the bound is on argmax agreement and on the
+    /// largest difference, and the greedy golden answer must come out unchanged.
+    #[tokio::test]
+    async fn lavapipe_in_f16_agrees_with_native_and_serves_reduced_precision_only() {
+        let m = model();
+        let opened = open_burn(&m.model, BurnDevice::Wgpu, small_cache_in(&m.model, Dtype::F16)).unwrap();
+        assert_eq!((opened.device.engine, opened.device.weights), ("burn-wgpu", "f16"));
+        assert_eq!(opened.device.precisions(), ["reduced"]);
+        let prompts = golden_prompts(&m);
+        let (want, _) = logits_per_position(&worker::native::Native, &m.model, &prompts, false);
+        let (got, _) = logits_per_position(opened.forward.as_ref(), &m.model, &prompts, true);
+        let (mut agree, mut total, mut worst) = (0, 0, 0f32);
+        for (w, g) in want.iter().flatten().zip(got.iter().flatten()) {
+            total += 1;
+            agree += usize::from(argmax(w) == argmax(g));
+            worst = worst.max(max_abs_diff(w, g));
+        }
+        let share = agree as f64 / total as f64;
+        eprintln!("burn-wgpu f16 on lavapipe: argmax agreement {agree}/{total}, worst |native - burn| {worst}");
+        assert!(share >= 0.95, "argmax agreement {agree}/{total}");
+        assert!(worst < 0.5, "worst |native - burn| {worst}");
+        let forward = opened.forward.clone();
+        tokio::task::spawn_blocking(move || golden_answer_through_the_engine(forward, EngineConfig { max_seqs: 16, ..Default::default() }))
+            .await
+            .unwrap();
+        // bf16 is refused by name; `full` precision is refused over HTTP.
+        let err = open_burn(&m.model, BurnDevice::Wgpu, small_cache_in(&m.model, Dtype::Bf16)).err().expect("bf16 refused").to_string();
+        assert!(err.contains("--dtype bf16 is not supported by llvmpipe") && err.contains("use --dtype f32"), "{err}");
+        let engine = Engine::start_with(m.clone(), opened.forward, EngineConfig { max_seqs: 16, ..Default::default() });
+        let st = AppState::new(engine, m.default_model_id());
+        let ask = |precision: &str| {
+            json!({"model": "smollm2-135m-instruct", "max_tokens": 2, "precision": precision,
+                "messages": [{"role": "user", "content": "Hi"}]})
+        };
+        let (status, body) = call(&st, "POST", "/v1/chat/completions", Some(ask("full"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let err: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(err["error"]["param"], "precision");
+        assert!(err["error"]["message"].as_str().unwrap().contains("(burn-wgpu, f16) serves \"reduced\" precision only"), "{body}");
+        let (status, body) = call(&st, "POST", "/v1/chat/completions", Some(ask("reduced"))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
     }
 
     #[tokio::test]

@@ -1,11 +1,13 @@
 """Writes a Hugging Face model directory from a Llama GGUF (tests only).
 
     python gguf_to_hf.py MODEL.gguf OUT_DIR
+    python gguf_to_hf.py --tokenizer-only MODEL.gguf OUT_DIR
 
 config.json, model.safetensors (float32, the dequantized weights with q/k in Hugging
 Face's rotate-half layout, i.e. llama.cpp's conversion permutation undone),
 tokenizer.json (byte-level BPE with the GGUF's vocabulary and merges; SmolLM's
-pre-tokenizer) and tokenizer_config.json (the chat template).
+pre-tokenizer) and tokenizer_config.json (the chat template). With --tokenizer-only,
+just the two tokenizer files (worker/scripts/gpu-check.sh builds its model around them).
 """
 import json
 import os
@@ -24,9 +26,17 @@ def unpermute(w, heads):
 
 
 def main():
-    path, out = sys.argv[1], sys.argv[2]
+    args = sys.argv[1:]
+    tokenizer_only = "--tokenizer-only" in args
+    path, out = [a for a in args if a != "--tokenizer-only"]
     os.makedirs(out, exist_ok=True)
     meta, t = load(path)
+    write_tokenizer(meta, out)
+    if not tokenizer_only:
+        write_model(meta, t, out)
+
+
+def write_model(meta, t, out):
     a = meta["general.architecture"]
     n_layers = meta[f"{a}.block_count"]
     heads, kv = meta[f"{a}.attention.head_count"], meta[f"{a}.attention.head_count_kv"]
@@ -64,6 +74,9 @@ def main():
         "vocab_size": len(meta["tokenizer.ggml.tokens"]), "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
     }
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
+
+
+def write_tokenizer(meta, out):
     toks, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     tokenizer = {
         "added_tokens": [{"id": i, "content": s, "special": True} for i, s in enumerate(toks) if types[i] == 3],
