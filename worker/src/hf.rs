@@ -18,7 +18,7 @@ fn err(msg: impl Into<String>) -> ModelError {
     ModelError::Hf(msg.into())
 }
 
-fn read_json(path: &Path) -> Result<Value, ModelError> {
+pub(crate) fn read_json(path: &Path) -> Result<Value, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
     serde_json::from_str(&text).map_err(|e| err(format!("{}: {e}", path.display())))
 }
@@ -31,13 +31,15 @@ struct Tensor {
     end: usize,
 }
 
-struct SafeTensors {
+/// The tensors of a directory's `*.safetensors` files (float tensors; others, such as
+/// BERT's int64 `position_ids`, are skipped).
+pub(crate) struct SafeTensors {
     files: Vec<Vec<u8>>,
     tensors: HashMap<String, Tensor>,
 }
 
 impl SafeTensors {
-    fn open(dir: &Path) -> Result<SafeTensors, ModelError> {
+    pub(crate) fn open(dir: &Path) -> Result<SafeTensors, ModelError> {
         let mut paths: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| err(format!("cannot list {}: {e}", dir.display())))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -65,6 +67,7 @@ impl SafeTensors {
                     Some("F32") => GgmlType::F32,
                     Some("F16") => GgmlType::F16,
                     Some("BF16") => GgmlType::BF16,
+                    Some("I64" | "I32" | "I16" | "I8" | "U8" | "BOOL") => continue,
                     other => return Err(err(format!("{name}: unsupported dtype {other:?}"))),
                 };
                 let shape: Vec<usize> =
@@ -85,6 +88,10 @@ impl SafeTensors {
         Ok(SafeTensors { files, tensors })
     }
 
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
     fn get(&self, name: &str) -> Result<&Tensor, ModelError> {
         self.tensors.get(name).ok_or_else(|| err(format!("missing tensor {name}")))
     }
@@ -93,7 +100,7 @@ impl SafeTensors {
         &self.files[t.file][t.start..t.end]
     }
 
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, ModelError> {
+    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, ModelError> {
         let t = self.get(name)?;
         if t.shape != [rows, cols] {
             return Err(ModelError::Shape { name: name.into(), expected: vec![rows, cols], found: t.shape.clone() });
@@ -101,7 +108,7 @@ impl SafeTensors {
         Ok(QMatrix::new(t.ty, rows, cols, self.bytes(t).to_vec()))
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let t = self.get(name)?;
         if t.shape.iter().product::<usize>() != len {
             return Err(ModelError::Shape { name: name.into(), expected: vec![len], found: t.shape.clone() });

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bert;
 pub mod burn_model;
 pub mod chat;
 pub mod engine;

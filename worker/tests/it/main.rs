@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod burn;
+mod embeddings;
 mod cuda_binary;
 mod faults;
 mod gateway;
