@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bert;
 pub mod burn_model;
 pub mod chat;
+pub mod embeddings;
 pub mod engine;
 pub mod fetch;
 pub mod forward;

@@ -155,6 +155,13 @@ enum Cmd {
         /// Where the provider credentials are kept.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// A sentence-transformers BERT directory (all-MiniLM-L6-v2:
+        /// `scripts/fetch-embedding-model.sh`) to serve `/v1/embeddings` with.
+        #[arg(long)]
+        embedding_model: Option<PathBuf>,
+        /// Model id of the embedding model (default: its folder's name, lowercased).
+        #[arg(long, requires = "embedding_model")]
+        embedding_model_id: Option<String>,
     },
 }
 
@@ -354,6 +361,8 @@ fn main() -> anyhow::Result<()> {
             minimum_payout,
             qualities,
             key_file,
+            embedding_model,
+            embedding_model_id,
         } => {
             let m = load(&model_path(model))?;
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
@@ -375,9 +384,18 @@ fn main() -> anyhow::Result<()> {
                 qualities,
                 key_file: key_file.unwrap_or_else(worker::registration::default_key_file),
             });
+            let embedder = match embedding_model {
+                Some(dir) => {
+                    let encoder = worker::bert::Encoder::load(&dir).with_context(|| format!("loading the embedding model {}", dir.display()))?;
+                    let id = embedding_model_id.unwrap_or_else(|| worker::model::slug(&dir.file_name().unwrap_or_default().to_string_lossy()));
+                    tracing::info!(model = %id, dim = encoder.config.hidden, "embedding model ready");
+                    Some(worker::embeddings::Embedder::start(encoder, id))
+                }
+                None => None,
+            };
             let rt = tokio::runtime::Runtime::new()?;
             let tls = tls_cert.zip(tls_key);
-            rt.block_on(worker::serve::run(engine, model_id, ServeConfig { host, port, gateway, api_key, open, tls }))?;
+            rt.block_on(worker::serve::run(engine, model_id, ServeConfig { host, port, gateway, api_key, open, tls, embedder }))?;
         }
     }
     Ok(())

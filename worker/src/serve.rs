@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub open: bool,
     /// PEM certificate chain and key: serve HTTPS.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The sentence encoder `/v1/embeddings` runs (`--embedding-model`).
+    pub embedder: Option<Arc<crate::embeddings::Embedder>>,
 }
 
 /// Who may call `/v1/*`: a worker joined to a gateway accepts the gateway's relay
@@ -93,7 +95,10 @@ pub async fn run(engine: Engine, model_id: String, mut cfg: ServeConfig) -> Resu
         None => None,
     };
     let relay_secret = gateway.as_ref().map(|(client, _)| client.creds.relay_secret.as_str());
-    let state = AppState::new(engine.clone(), model_id.clone()).with_access(access(&cfg, relay_secret)?);
+    let mut state = AppState::new(engine.clone(), model_id.clone()).with_access(access(&cfg, relay_secret)?);
+    if let Some(e) = cfg.embedder.clone() {
+        state = state.with_embedder(e);
+    }
     let draining = state.draining.clone();
     let router = app(state);
 

@@ -1,7 +1,8 @@
 //! The worker's OpenAI-compatible HTTP API.
 //!
 //! `/v1/chat/completions` and `/v1/completions` (streaming with SSE, or one JSON
-//! body), `/v1/models`, `/health` (load, for the gateway's routing) and `/metrics`.
+//! body), `/v1/embeddings` when an embedding model is loaded (`embeddings`),
+//! `/v1/models`, `/health` (load, for the gateway's routing) and `/metrics`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -97,6 +98,8 @@ pub struct AppState {
     pub created: u64,
     /// Who may call `/v1/*` (open unless `with_access` says otherwise).
     pub access: Arc<Access>,
+    /// The sentence encoder behind `/v1/embeddings`, when one is loaded.
+    pub embedder: Option<Arc<crate::embeddings::Embedder>>,
 }
 
 impl AppState {
@@ -114,7 +117,20 @@ impl AppState {
                 }
             }
         });
-        AppState { engine, model_id, template, draining: Arc::new(AtomicBool::new(false)), created: now(), access: Access::open() }
+        AppState {
+            engine,
+            model_id,
+            template,
+            draining: Arc::new(AtomicBool::new(false)),
+            created: now(),
+            access: Access::open(),
+            embedder: None,
+        }
+    }
+
+    /// The same state, also serving `/v1/embeddings` with `embedder`.
+    pub fn with_embedder(self, embedder: Arc<crate::embeddings::Embedder>) -> AppState {
+        AppState { embedder: Some(embedder), ..self }
     }
 
     /// The same state, serving `/v1/*` only to callers `access` admits.
@@ -127,6 +143,7 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route_layer(axum::middleware::from_fn_with_state(state.access.clone(), require_token));
@@ -436,6 +453,33 @@ async fn completions(State(st): State<AppState>, body: axum::body::Bytes) -> Res
     respond(&st, req, &body.common, Kind::Text).await
 }
 
+async fn embeddings(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let body: crate::embeddings::EmbeddingsBody = parse(&body)?;
+    let model = body.model.as_deref().unwrap_or_default();
+    let Some(e) = st.embedder.as_ref().filter(|e| model.split(':').next() == Some(e.model_id.as_str())) else {
+        return Err(ApiError::ModelNotFound(model.to_string()));
+    };
+    if st.draining.load(Relaxed) {
+        return Err(ApiError::Draining);
+    }
+    let format = body.encoding_format.as_deref().unwrap_or("float");
+    if !matches!(format, "float" | "base64") {
+        return Err(ApiError::bad("encoding_format must be \"float\" or \"base64\"", "encoding_format"));
+    }
+    let hidden = e.encoder.config.hidden;
+    if body.dimensions.is_some_and(|d| d != hidden as u64) {
+        return Err(ApiError::bad(format!("{} does not support `dimensions`: its vectors have {hidden}", e.model_id), "dimensions"));
+    }
+    let ids = e.inputs(&body).map_err(|r| ApiError::bad(r.message, r.param))?;
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+    let inputs = ids.len();
+    let vectors = e.embed(ids).await.ok_or_else(|| ApiError::Internal("the embeddings thread stopped".into()))?;
+    e.stats.requests.fetch_add(1, Relaxed);
+    e.stats.inputs.fetch_add(inputs as u64, Relaxed);
+    e.stats.tokens.fetch_add(tokens as u64, Relaxed);
+    Ok(Json(crate::embeddings::response(&e.model_id, &vectors, tokens, format)).into_response())
+}
+
 fn logprob_json(lp: &TokenLogprob) -> Value {
     let top: Vec<Value> =
         lp.top.iter().map(|(t, b, p)| json!({"token": t, "logprob": p, "bytes": b})).collect();
@@ -594,7 +638,12 @@ fn model_card(st: &AppState) -> Value {
 }
 
 async fn list_models(State(st): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_card(&st)]}))
+    let mut data = vec![model_card(&st)];
+    if let Some(e) = &st.embedder {
+        data.push(json!({"id": e.model_id, "object": "model", "created": st.created, "owned_by": "gpu-streaming",
+            "context_length": e.encoder.config.max_positions}));
+    }
+    Json(json!({"object": "list", "data": data}))
 }
 
 async fn get_model(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -643,6 +692,13 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     put("worker_prompt_tokens_total", "counter", "Prompt tokens processed.", s.prompt_tokens_total.load(Relaxed));
     put("worker_completion_tokens_total", "counter", "Tokens generated.", s.completion_tokens_total.load(Relaxed));
     put("worker_cancelled_total", "counter", "Requests cancelled by the client.", s.cancelled_total.load(Relaxed));
+    if let Some(e) = &st.embedder {
+        let es = &e.stats;
+        put("worker_embedding_requests_total", "counter", "Embedding requests answered.", es.requests.load(Relaxed));
+        put("worker_embedding_inputs_total", "counter", "Embedding inputs encoded.", es.inputs.load(Relaxed));
+        put("worker_embedding_tokens_total", "counter", "Embedding input tokens ([CLS] and [SEP] included).", es.tokens.load(Relaxed));
+        put("worker_embedding_batches_total", "counter", "Encoder batches (inputs of concurrent requests share one).", es.batches.load(Relaxed));
+    }
     put("worker_engine_steps_total", "counter", "Batched forward passes.", s.steps_total.load(Relaxed));
     put("worker_engine_failed_steps_total", "counter", "Forward passes that failed.", s.failed_steps_total.load(Relaxed));
     put("worker_engine_failed_requests_total", "counter", "Requests failed by a failed forward pass.", s.failed_requests_total.load(Relaxed));

@@ -82,3 +82,112 @@ fn related_sentences_are_closer_than_unrelated_ones() {
     assert!(cosine_distance(&stocks, &shares) < cosine_distance(&stocks, &kitten));
     assert!(cosine_distance(&cat, &kitten) < 0.5 && cosine_distance(&cat, &stocks) > 0.7);
 }
+
+/// A worker serving the default chat model and all-MiniLM-L6-v2 beside it.
+fn serving() -> worker::server::AppState {
+    let m = crate::model();
+    let engine = worker::engine::Engine::start(m.clone(), worker::engine::EngineConfig::default());
+    let encoder = Encoder::load(&minilm_dir()).unwrap();
+    let embedder = worker::embeddings::Embedder::start(encoder, "all-minilm-l6-v2".into());
+    worker::server::AppState::new(engine, m.default_model_id()).with_embedder(embedder)
+}
+
+fn error_param(status: axum::http::StatusCode, body: &str) -> (u16, String) {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+    (status.as_u16(), v["error"]["param"].as_str().unwrap_or("").to_string())
+}
+
+#[tokio::test]
+async fn embeddings_endpoint_answers_every_input_form_and_refuses_bad_ones() {
+    use base64::Engine as _;
+    let st = serving();
+    let enc = minilm();
+    let post = |body: Value| {
+        let st = st.clone();
+        async move { crate::call(&st, "POST", "/v1/embeddings", Some(body)).await }
+    };
+    let text = "The quick brown fox jumps over the lazy dog.";
+    let want = enc.embed(&enc.tokenizer.encode(text));
+    // A string.
+    let (status, body) = post(json!({"model": "all-minilm-l6-v2", "input": text})).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["object"].as_str(), v["model"].as_str()), (Some("list"), Some("all-minilm-l6-v2")));
+    let got: Vec<f32> = serde_json::from_value(v["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(got, want);
+    let n = enc.tokenizer.encode(text).len();
+    assert_eq!(v["usage"], json!({"prompt_tokens": n, "total_tokens": n}));
+    // Strings, token ids, arrays of token ids: the same text gives the same vector.
+    let ids = enc.tokenizer.encode_text(text);
+    for input in [json!([text, "another sentence"]), json!(ids), json!([ids, ids])] {
+        let (status, body) = post(json!({"model": "all-minilm-l6-v2", "input": input})).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let first: Vec<f32> = serde_json::from_value(v["data"][0]["embedding"].clone()).unwrap();
+        assert_eq!(first, want, "{input}");
+        assert_eq!(v["data"][0]["index"], 0);
+    }
+    // base64: little-endian f32 of the same vector; dimensions equal to the model's.
+    let (status, body) = post(json!({"model": "all-minilm-l6-v2", "input": text, "encoding_format": "base64", "dimensions": 384})).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(v["data"][0]["embedding"].as_str().unwrap()).unwrap();
+    let floats: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(floats, want);
+    // Longer than the 512-token context: refused naming `input`, unless `truncate`.
+    let long = "word ".repeat(600);
+    let (status, body) = post(json!({"model": "all-minilm-l6-v2", "input": long})).await;
+    assert_eq!(error_param(status, &body), (400, "input".into()));
+    assert!(body.contains("more than this model's context of 512"), "{body}");
+    let (status, body) = post(json!({"model": "all-minilm-l6-v2", "input": long, "truncate": true})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage"]["prompt_tokens"], 512);
+    // Every refusal is an OpenAI-shaped error naming its parameter.
+    let refusals = [
+        (json!({"model": "all-minilm-l6-v2", "input": [30522]}), 400, "input"),
+        (json!({"model": "all-minilm-l6-v2", "input": []}), 400, "input"),
+        (json!({"model": "all-minilm-l6-v2", "input": ""}), 400, "input"),
+        (json!({"model": "all-minilm-l6-v2", "input": [[]]}), 400, "input"),
+        (json!({"model": "all-minilm-l6-v2", "input": [1, "a"]}), 400, "input"),
+        (json!({"model": "all-minilm-l6-v2", "input": vec!["a"; 2049]}), 400, "input"),
+        (json!({"model": "all-minilm-l6-v2"}), 400, "input"),
+        (json!({"model": "all-minilm-l6-v2", "input": "a", "dimensions": 256}), 400, "dimensions"),
+        (json!({"model": "all-minilm-l6-v2", "input": "a", "encoding_format": "hex"}), 400, "encoding_format"),
+        (json!({"model": "text-embedding-3-small", "input": "a"}), 404, "model"),
+        (json!({"model": "smollm2-135m-instruct", "input": "a"}), 404, "model"),
+    ];
+    for (req, code, param) in refusals {
+        let (status, body) = post(req.clone()).await;
+        assert_eq!(error_param(status, &body), (code, param.to_string()), "{req}: {body}");
+    }
+    // The embedding model is listed beside the chat model.
+    let (_, body) = crate::call(&st, "GET", "/v1/models", None).await;
+    assert!(body.contains("\"all-minilm-l6-v2\""), "{body}");
+}
+
+#[tokio::test]
+async fn concurrent_embedding_requests_share_batches() {
+    let st = serving();
+    let texts: Vec<String> = (0..16).map(|i| format!("Sentence number {i} about a different topic each time, {i}.")).collect();
+    let calls = texts.iter().map(|t| {
+        let st = st.clone();
+        let t = t.clone();
+        async move { crate::call(&st, "POST", "/v1/embeddings", Some(json!({"model": "all-minilm-l6-v2", "input": [t.clone(), t]}))).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let enc = minilm();
+    for (t, (status, body)) in texts.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{body}");
+        let v: Value = serde_json::from_str(body).unwrap();
+        let got: Vec<f32> = serde_json::from_value(v["data"][1]["embedding"].clone()).unwrap();
+        assert_eq!(got, enc.embed(&enc.tokenizer.encode(t)), "a caller got another caller's vector");
+    }
+    let (_, metrics) = crate::call(&st, "GET", "/metrics", None).await;
+    let counter = |name: &str| -> u64 {
+        metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!((counter("worker_embedding_requests_total"), counter("worker_embedding_inputs_total")), (16, 32));
+    let batches = counter("worker_embedding_batches_total");
+    assert!((1..=16).contains(&batches), "{batches} batches");
+    eprintln!("16 concurrent requests were encoded in {batches} batches");
+}

@@ -1,0 +1,215 @@
+//! `/v1/embeddings`: the BERT encoder (`bert`) behind the OpenAI embeddings API, with
+//! requests from all callers batched together.
+//!
+//! One thread owns the encoder. A request's inputs go to it as one job; the thread
+//! takes every job waiting when it wakes (up to `MAX_BATCH_INPUTS` inputs) and encodes
+//! them as one parallel batch, so concurrent callers share the machine's cores
+//! instead of queueing one after another.
+//!
+//! What a request may ask (everything else is a 400 in the OpenAI shape, naming the
+//! parameter): `input` a string, up to `MAX_INPUTS` strings, an array of token ids, or
+//! up to `MAX_INPUTS` arrays of token ids (token ids are the text's WordPiece ids; the
+//! worker adds `[CLS]` and `[SEP]` as for text); `encoding_format` `float` (default)
+//! or `base64` (little-endian f32); `dimensions` only equal to the model's (the
+//! encoder has no shortened vectors); `truncate: true` (extension) keeps each input's
+//! first tokens when it is longer than the model's context, which is otherwise a 400
+//! naming `input`. Usage counts every input's tokens, `[CLS]` and `[SEP]` included.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::bert::Encoder;
+
+/// Inputs one request may carry (OpenAI's limit).
+pub const MAX_INPUTS: usize = 2048;
+/// Tokens one request may carry over all its inputs (OpenAI's limit).
+pub const MAX_REQUEST_TOKENS: usize = 300_000;
+/// Inputs the encoder thread takes into one batch.
+pub const MAX_BATCH_INPUTS: usize = 256;
+
+/// Why an embeddings request is refused: the message and the parameter it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub message: String,
+    pub param: &'static str,
+}
+
+fn refuse(message: impl Into<String>, param: &'static str) -> Refusal {
+    Refusal { message: message.into(), param }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsBody {
+    pub model: Option<String>,
+    pub input: Option<Value>,
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<u64>,
+    /// Extension: shorten inputs longer than the model's context instead of refusing.
+    #[serde(default)]
+    pub truncate: bool,
+    #[allow(dead_code)] // Accepted, as OpenAI's API does; nothing is kept per user.
+    pub user: Option<String>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct EmbedStats {
+    pub requests: AtomicU64,
+    pub inputs: AtomicU64,
+    pub tokens: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+struct Job {
+    ids: Vec<Vec<u32>>,
+    reply: tokio::sync::oneshot::Sender<Vec<Vec<f32>>>,
+}
+
+/// The encoder, the thread that batches for it, and what clients call it.
+pub struct Embedder {
+    pub encoder: Arc<Encoder>,
+    pub model_id: String,
+    pub stats: Arc<EmbedStats>,
+    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+}
+
+impl Embedder {
+    pub fn start(encoder: Encoder, model_id: String) -> Arc<Embedder> {
+        let encoder = Arc::new(encoder);
+        let stats = Arc::new(EmbedStats::default());
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (enc, st) = (encoder.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("embeddings".into())
+            .spawn(move || batch_loop(&enc, &st, &rx))
+            .unwrap_or_else(|e| panic!("cannot start the embeddings thread: {e}"));
+        Arc::new(Embedder { encoder, model_id, stats, jobs: std::sync::Mutex::new(tx) })
+    }
+
+    /// The token ids of each input, `[CLS]` and `[SEP]` included, or why not.
+    pub fn inputs(&self, body: &EmbeddingsBody) -> Result<Vec<Vec<u32>>, Refusal> {
+        let cfg = &self.encoder.config;
+        let tok = &self.encoder.tokenizer;
+        let input = body.input.as_ref().ok_or_else(|| refuse("`input` is required", "input"))?;
+        let texts: Vec<Vec<u32>> = match input {
+            Value::String(s) => vec![text_ids(self, s)?],
+            Value::Array(items) if items.is_empty() => return Err(refuse("`input` must not be an empty array", "input")),
+            Value::Array(items) if items.len() > MAX_INPUTS => {
+                return Err(refuse(format!("`input` may hold at most {MAX_INPUTS} items; it has {}", items.len()), "input"))
+            }
+            Value::Array(items) if items.iter().all(Value::is_string) => {
+                items.iter().map(|s| text_ids(self, s.as_str().unwrap_or_default())).collect::<Result<_, _>>()?
+            }
+            Value::Array(items) if items.iter().all(Value::is_number) => vec![token_ids(items, cfg.vocab)?],
+            Value::Array(items) if items.iter().all(Value::is_array) => items
+                .iter()
+                .map(|a| match a.as_array() {
+                    Some(a) if !a.is_empty() => token_ids(a, cfg.vocab),
+                    _ => Err(refuse("an array of token ids must not be empty", "input")),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(refuse("`input` must be a string, an array of strings, an array of token ids or an array of such arrays", "input")),
+        };
+        let max_text = cfg.max_positions.saturating_sub(2);
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, mut t) in texts.into_iter().enumerate() {
+            if t.len() > max_text {
+                if !body.truncate {
+                    return Err(refuse(
+                        format!(
+                            "input {i} has {} tokens, more than this model's context of {} (with [CLS] and [SEP]); shorten it or send `truncate: true`",
+                            t.len() + 2,
+                            cfg.max_positions
+                        ),
+                        "input",
+                    ));
+                }
+                t.truncate(max_text);
+            }
+            let mut ids = Vec::with_capacity(t.len() + 2);
+            ids.push(tok.cls);
+            ids.extend(t);
+            ids.push(tok.sep);
+            out.push(ids);
+        }
+        let total: usize = out.iter().map(Vec::len).sum();
+        if total > MAX_REQUEST_TOKENS {
+            return Err(refuse(format!("the inputs hold {total} tokens; a request may hold at most {MAX_REQUEST_TOKENS}"), "input"));
+        }
+        Ok(out)
+    }
+
+    /// Encodes `ids` in the next batch.
+    pub async fn embed(&self, ids: Vec<Vec<u32>>) -> Option<Vec<Vec<f32>>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.jobs.lock().ok()?.send(Job { ids, reply }).ok()?;
+        rx.await.ok()
+    }
+}
+
+fn text_ids(e: &Embedder, text: &str) -> Result<Vec<u32>, Refusal> {
+    if text.is_empty() {
+        return Err(refuse("`input` must not contain empty strings", "input"));
+    }
+    Ok(e.encoder.tokenizer.encode_text(text))
+}
+
+fn token_ids(items: &[Value], vocab: usize) -> Result<Vec<u32>, Refusal> {
+    items
+        .iter()
+        .map(|v| match v.as_u64() {
+            Some(id) if (id as usize) < vocab => Ok(id as u32),
+            _ => Err(refuse(format!("token id {v} is outside this model's vocabulary (0 to {})", vocab - 1), "input")),
+        })
+        .collect()
+}
+
+fn batch_loop(encoder: &Encoder, stats: &EmbedStats, rx: &mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut inputs = jobs[0].ids.len();
+        while inputs < MAX_BATCH_INPUTS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    inputs += job.ids.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let counts: Vec<usize> = jobs.iter().map(|j| j.ids.len()).collect();
+        let all: Vec<Vec<u32>> = jobs.iter_mut().flat_map(|j| std::mem::take(&mut j.ids)).collect();
+        let started = Instant::now();
+        let mut vectors = encoder.embed_batch(&all).into_iter();
+        stats.batches.fetch_add(1, Relaxed);
+        tracing::debug!(inputs = all.len(), requests = jobs.len(), ms = started.elapsed().as_millis() as u64, "embedding batch");
+        for (job, n) in jobs.into_iter().zip(counts) {
+            // A caller that went away has dropped its receiver; nothing to do.
+            let _ = job.reply.send(vectors.by_ref().take(n).collect());
+        }
+    }
+}
+
+/// The OpenAI response for `vectors` (one per input, in order).
+pub fn response(model: &str, vectors: &[Vec<f32>], prompt_tokens: usize, format: &str) -> Value {
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if format == "base64" {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    json!({"object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+}
