@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::bert::Encoder;
 use crate::engine::{Engine, Event, GenRequest};
 use crate::forward::{BatchItem, Forward, StepError};
 use crate::model::Model;
@@ -201,4 +202,33 @@ impl fmt::Display for BenchReport {
         }
         Ok(())
     }
+}
+
+/// One row of `worker bench-embeddings`: sentences encoded per second at a batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbedRow {
+    pub batch: usize,
+    pub sentences_per_s: f64,
+    #[serde(serialize_with = "as_ms")]
+    pub batch_latency: Duration,
+}
+
+/// Sentences per second of `encoder` at each batch size (batches of distinct
+/// sentences, repeated for at least `min_time`), after one warm-up batch.
+pub fn embeddings(encoder: &Encoder, batches: &[usize], min_time: Duration) -> Vec<EmbedRow> {
+    let sentence = |i: usize| encoder.tokenizer.encode(&format!("Sentence number {i} is about the weather in a small town by the sea, and it rains."));
+    encoder.embed_batch(&[sentence(0)]);
+    batches
+        .iter()
+        .map(|&b| {
+            let batch: Vec<Vec<u32>> = (0..b.max(1)).map(sentence).collect();
+            let (start, mut rounds) = (Instant::now(), 0u32);
+            while rounds == 0 || start.elapsed() < min_time {
+                encoder.embed_batch(&batch);
+                rounds += 1;
+            }
+            let spent = start.elapsed();
+            EmbedRow { batch: b, sentences_per_s: (rounds as usize * batch.len()) as f64 / spent.as_secs_f64(), batch_latency: spent / rounds }
+        })
+        .collect()
 }

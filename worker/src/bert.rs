@@ -8,8 +8,9 @@
 //! per layer self-attention (bidirectional, one sequence so no padding mask), output
 //! projection, residual and LayerNorm, then the GELU (erf) feed-forward, residual and
 //! LayerNorm. The sentence vector is the pooling the model names (mean over tokens,
-//! `[CLS]`, or max), L2-normalised when `modules.json` lists `Normalize`. Matrix
-//! products use `quant`'s f32 kernels (`Precision::Exact`).
+//! `[CLS]`, or max), L2-normalised when `modules.json` lists `Normalize`. A batch's
+//! rows go through each layer together; matrix products use `quant`'s f32 kernels
+//! (`Precision::Exact`), attention runs per sequence.
 
 use std::path::Path;
 
@@ -207,20 +208,42 @@ impl Encoder {
     /// The sentence vector of one token sequence (`[CLS] … [SEP]`, at most
     /// `max_positions` ids, each below `vocab`; the caller checks both).
     pub fn embed(&self, ids: &[u32]) -> Vec<f32> {
+        self.embed_batch(&[ids.to_vec()]).remove(0)
+    }
+
+    /// Sentence vectors of many sequences in one pass: their rows go through each layer
+    /// together (every weight is read once per batch, not once per sentence);
+    /// attention stays within each sequence.
+    pub fn embed_batch(&self, batch: &[Vec<u32>]) -> Vec<Vec<f32>> {
         let c = &self.config;
-        let (n, h) = (ids.len(), c.hidden);
-        let mut x = vec![0f32; n * h];
-        for (i, &id) in ids.iter().enumerate() {
-            let w = &self.word[id as usize * h..][..h];
-            let p = &self.position[i * h..][..h];
-            for (j, v) in x[i * h..][..h].iter_mut().enumerate() {
-                *v = w[j] + p[j] + self.segment[j];
+        let h = c.hidden;
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut rows = 0;
+        for ids in batch {
+            spans.push((rows, ids.len()));
+            rows += ids.len();
+        }
+        let mut x = vec![0f32; rows * h];
+        for (ids, &(r0, _)) in batch.iter().zip(&spans) {
+            for (i, &id) in ids.iter().enumerate() {
+                let w = &self.word[id as usize * h..][..h];
+                let p = &self.position[i * h..][..h];
+                for (j, v) in x[(r0 + i) * h..][..h].iter_mut().enumerate() {
+                    *v = w[j] + p[j] + self.segment[j];
+                }
             }
         }
         self.embed_norm.apply(&mut x, c.eps);
         for layer in &self.layers {
-            self.layer(layer, &mut x, n);
+            self.layer(layer, &mut x, &spans);
         }
+        spans.iter().map(|&(r0, n)| self.pool(&x[r0 * h..(r0 + n) * h], n)).collect()
+    }
+
+    /// The sentence vector from a sequence's `n` final token vectors.
+    fn pool(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let c = &self.config;
+        let h = c.hidden;
         let mut out = vec![0f32; h];
         match c.pooling {
             Pooling::Cls => out.copy_from_slice(&x[..h]),
@@ -248,42 +271,49 @@ impl Encoder {
         out
     }
 
-    /// Sentence vectors of many sequences, in parallel.
-    pub fn embed_batch(&self, batch: &[Vec<u32>]) -> Vec<Vec<f32>> {
-        batch.par_iter().map(|ids| self.embed(ids)).collect()
-    }
-
-    fn layer(&self, l: &Layer, x: &mut [f32], n: usize) {
+    /// One encoder layer over the rows of every sequence in `spans` (first row, rows).
+    fn layer(&self, l: &Layer, x: &mut [f32], spans: &[(usize, usize)]) {
         let c = &self.config;
         let (h, heads) = (c.hidden, c.heads);
         let hd = h / heads;
+        let n = x.len() / h;
         let mut qkv = linear_group(&[&l.q, &l.k, &l.v], x, n).into_iter();
         let (q, k, v) = (qkv.next().unwrap_or_default(), qkv.next().unwrap_or_default(), qkv.next().unwrap_or_default());
         let scale = 1.0 / (hd as f32).sqrt();
         let mut ctx = vec![0f32; n * h];
-        let mut scores = vec![0f32; n];
-        for head in 0..heads {
-            let at = |m: &[f32], i: usize| -> Vec<f32> { m[i * h + head * hd..][..hd].to_vec() };
-            for i in 0..n {
-                let qi = at(&q, i);
-                for (j, s) in scores.iter_mut().enumerate() {
-                    *s = dot(&qi, &k[j * h + head * hd..][..hd]) * scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let out = &mut ctx[i * h + head * hd..][..hd];
-                for (j, s) in scores.iter().enumerate() {
-                    let p = s / sum;
-                    for (o, vv) in out.iter_mut().zip(&v[j * h + head * hd..][..hd]) {
-                        *o += p * vv;
+        // Attention per sequence, in parallel over sequences.
+        let mut parts: Vec<&mut [f32]> = Vec::with_capacity(spans.len());
+        let mut rest = ctx.as_mut_slice();
+        for &(_, len) in spans {
+            let (part, tail) = rest.split_at_mut(len * h);
+            parts.push(part);
+            rest = tail;
+        }
+        parts.into_par_iter().zip(spans).for_each(|(out, &(r0, len))| {
+            let mut scores = vec![0f32; len];
+            for head in 0..heads {
+                let col = head * hd;
+                for i in 0..len {
+                    let qi = &q[(r0 + i) * h + col..][..hd];
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        *s = dot(qi, &k[(r0 + j) * h + col..][..hd]) * scale;
+                    }
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut out[i * h + col..][..hd];
+                    for (j, s) in scores.iter().enumerate() {
+                        let p = s / sum;
+                        for (o, vv) in o.iter_mut().zip(&v[(r0 + j) * h + col..][..hd]) {
+                            *o += p * vv;
+                        }
                     }
                 }
             }
-        }
+        });
         let attn = linear_group(&[&l.o], &ctx, n).remove(0);
         for (xv, a) in x.iter_mut().zip(&attn) {
             *xv += a;

@@ -73,6 +73,18 @@ enum Cmd {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Sentences per second of a BERT embedding model at each batch size; prints a
+    /// Markdown table.
+    BenchEmbeddings {
+        /// A sentence-transformers directory (scripts/fetch-embedding-model.sh).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "1,32", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Seconds each batch size runs at least.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// Write the logits of every position of a token sequence (little-endian f32,
     /// `[tokens, vocab]`), for comparing with another implementation.
     Logits {
@@ -306,6 +318,15 @@ fn main() -> anyhow::Result<()> {
             println!("{report}");
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        Cmd::BenchEmbeddings { model, batches, seconds } => {
+            let encoder = worker::bert::Encoder::load(&model).with_context(|| format!("loading {}", model.display()))?;
+            let rows = worker::bench::embeddings(&encoder, &batches, std::time::Duration::from_secs_f64(seconds));
+            println!("model: {} · {} compute threads\n", model.display(), rayon::current_num_threads());
+            println!("| batch | sentences/s | batch latency |\n|---|---|---|");
+            for r in rows {
+                println!("| {} | {:.0} | {:.1} ms |", r.batch, r.sentences_per_s, r.batch_latency.as_secs_f64() * 1e3);
             }
         }
         Cmd::Logits { model, tokens, text, max_tokens, tokens_out, out, engine } => {
