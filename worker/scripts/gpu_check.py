@@ -69,7 +69,8 @@ def make_model(args):
         ]
     tensors.append(("model.norm.weight", np.ones(h, np.float32)))
     os.makedirs(args.out, exist_ok=True)
-    header, off = {}, 0
+    # `format: pt` is what transformers' loader looks for in the metadata.
+    header, off = {"__metadata__": {"format": "pt"}}, 0
     for name, a in tensors:
         n = a.size * 2
         header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [off, off + n]}
