@@ -3,15 +3,17 @@
 //! on the CPU.
 //!
 //! Weights are dequantized on the host and put on the device in the `--dtype` the
-//! worker runs (`Dtype`): f32 (exact f32 math, `Precision::Exact`'s contract), or bf16 /
-//! f16 (half the bytes per weight and per cached key; the default on CUDA). In the
-//! half types activations, the residual stream and the KV cache are in that type
-//! too, as in Hugging Face `transformers`; RMSNorm is computed in f32 and cast back
-//! (as `LlamaRMSNorm` does), and the logits come down as f32. One engine step is one batched pass: the rows of
-//! every sequence in the step (one per decoding sequence, a chunk per prefilling one)
-//! go through each layer together as `[rows, dim]`, so every weight is multiplied
-//! once per step. Token ids, positions and cache indices go up as one integer upload;
-//! the logits of the rows that want them come down as one read.
+//! worker runs (`Dtype`): f32 (exact on burn-ndarray; autotuned GPU kernels may take
+//! it as TF32), or bf16 / f16 (half the bytes per weight and per cached key; bf16 is
+//! the default on CUDA). In the half types activations, the residual stream and the KV
+//! cache are in that type too, as in Hugging Face `transformers`; RMSNorm is computed
+//! in f32 and cast back (as `LlamaRMSNorm` does), and the logits come down as f32.
+//!
+//! One engine step is one batched pass: the rows of every sequence in the step (one
+//! per decoding sequence, a chunk per prefilling one) go through each layer together
+//! as `[rows, dim]`, so every weight is multiplied once per step. Token ids, positions
+//! and cache indices go up as one integer upload; the logits of the rows that want
+//! them come down as one read.
 //!
 //! The KV cache is device-resident and allocated once: per layer, keys and values are
 //! `[slots × slot_len, kv_dim]`, one slot per sequence the engine may run at once. A
@@ -112,9 +114,7 @@ pub const MIN_SLOT_LEN: usize = 64;
 
 /// Bytes of weights the burn path puts on the device for `model` in `dtype`.
 pub fn weight_bytes(model: &Model, dtype: Dtype) -> usize {
-    let mats = |l: &crate::model::Layer| {
-        [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.rows * m.cols).sum::<usize>()
-    };
+    let mats = |l: &crate::model::Layer| l.matrices().iter().map(|m| m.rows * m.cols).sum::<usize>();
     // The output head is its own copy even when tied to the embedding.
     let elements = 2 * model.embed.rows * model.embed.cols
         + model.layers.iter().map(mats).sum::<usize>()
@@ -130,7 +130,7 @@ fn largest_weight(model: &Model) -> (&'static str, usize) {
         largest = std::cmp::max_by(largest, ("the output head", size(out)), |a, b| a.1.cmp(&b.1));
     }
     for l in &model.layers {
-        for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+        for m in l.matrices() {
             largest = std::cmp::max_by(largest, ("a layer's weight matrix", size(m)), |a, b| a.1.cmp(&b.1));
         }
     }
@@ -139,7 +139,7 @@ fn largest_weight(model: &Model) -> (&'static str, usize) {
 
 /// Bytes of keys and values one cached token takes on the device in `dtype`.
 pub fn kv_bytes_per_token(cfg: &Config, dtype: Dtype) -> usize {
-    cfg.n_layers * 2 * cfg.kv_dim() * dtype.bytes()
+    cfg.kv_values_per_token() * dtype.bytes()
 }
 
 /// Tokens per slot for `cache`, and the bytes the whole cache takes. Each layer's keys

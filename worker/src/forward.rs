@@ -155,9 +155,9 @@ pub trait Forward: Send + Sync {
     fn max_seq_len(&self, model: &Model) -> usize;
 
     /// Runs one step at `precision` (the burn path computes the same way whatever is
-    /// asked; `DeviceInfo::precisions` says which precisions that serves). Each item appends its tokens to its cache; the result holds,
-    /// in item order, the logits of each item's last token (`want_logits`) or of all its
-    /// tokens (`all_logits`).
+    /// asked; `DeviceInfo::precisions` says which precisions that serves). Each item
+    /// appends its tokens to its cache; the result holds, in item order, the logits of
+    /// each item's last token (`want_logits`) or of all its tokens (`all_logits`).
     fn forward(&self, model: &Model, items: &mut [BatchItem<'_>], precision: Precision) -> Result<Vec<Vec<f32>>, StepError>;
 
     /// The device, with its free memory as of now.

@@ -48,9 +48,13 @@ impl Config {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+    /// Keys and values one token adds to the cache, all layers.
+    pub fn kv_values_per_token(&self) -> usize {
+        self.n_layers * 2 * self.kv_dim()
+    }
     /// KV-cache bytes one token occupies (f32 keys and values, all layers).
     pub fn kv_bytes_per_token(&self) -> usize {
-        self.n_layers * 2 * self.kv_dim() * 4
+        self.kv_values_per_token() * 4
     }
 }
 
@@ -67,6 +71,13 @@ pub struct Layer {
     pub(crate) w_gate: QMatrix,
     pub(crate) w_up: QMatrix,
     pub(crate) w_down: QMatrix,
+}
+
+impl Layer {
+    /// The layer's seven weight matrices.
+    pub(crate) fn matrices(&self) -> [&QMatrix; 7] {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_gate, &self.w_up, &self.w_down]
+    }
 }
 
 pub struct Model {
@@ -138,9 +149,7 @@ impl Model {
             + output.as_ref().map_or(0, |o| o.data.len())
             + layers
                 .iter()
-                .map(|l| {
-                    [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.data.len()).sum::<usize>()
-                })
+                .map(|l| l.matrices().iter().map(|m| m.data.len()).sum::<usize>())
                 .sum::<usize>();
         Model { config, embed, layers, norm, output, inv_freq, weight_bytes }
     }
