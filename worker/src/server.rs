@@ -100,6 +100,9 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// The sentence encoder behind `/v1/embeddings`, when one is loaded.
     pub embedder: Option<Arc<crate::embeddings::Embedder>>,
+    /// `(engine, weights)` when the device serves `reduced` precision only; read once
+    /// (`DeviceInfo::precisions` does not change, and reading the device costs I/O).
+    reduced_only: Option<(&'static str, &'static str)>,
 }
 
 impl AppState {
@@ -117,7 +120,10 @@ impl AppState {
                 }
             }
         });
+        let device = engine.forward.device();
+        let reduced_only = (!device.serves_full()).then_some((device.engine, device.weights));
         AppState {
+            reduced_only,
             engine,
             model_id,
             template,
@@ -380,19 +386,15 @@ impl AppState {
             }
             Some(_) => return Err(ApiError::bad("stop must be a string or an array of up to 4 strings", "stop")),
         };
-        let device = self.engine.forward.device();
-        let precision = match &p.precision {
-            None | Some(Value::Null) if device.serves_full() => self.engine.config.default_precision,
-            None | Some(Value::Null) => Precision::Fast,
-            Some(v) => match v.as_str().and_then(Precision::from_api_name) {
-                None => return Err(ApiError::bad("precision must be \"full\" or \"reduced\"", "precision")),
-                Some(Precision::Exact) if !device.serves_full() => {
-                    return Err(ApiError::bad(
-                        format!("this worker ({}, {}) serves \"reduced\" precision only", device.engine, device.weights),
-                        "precision",
-                    ))
+        let precision = match p.precision.as_ref().filter(|v| !v.is_null()) {
+            None if self.reduced_only.is_some() => Precision::Fast,
+            None => self.engine.config.default_precision,
+            Some(v) => match (v.as_str().and_then(Precision::from_api_name), self.reduced_only) {
+                (None, _) => return Err(ApiError::bad("precision must be \"full\" or \"reduced\"", "precision")),
+                (Some(Precision::Exact), Some((engine, weights))) => {
+                    return Err(ApiError::bad(format!("this worker ({engine}, {weights}) serves \"reduced\" precision only"), "precision"))
                 }
-                Some(p) => p,
+                (Some(p), _) => p,
             },
         };
         Ok(GenRequest {
