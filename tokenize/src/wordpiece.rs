@@ -97,8 +97,14 @@ impl WordPiece {
 
     /// `[CLS]`, the text's tokens, `[SEP]`: what the encoder takes.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        let mut ids = vec![self.cls];
-        ids.extend(self.encode_text(text));
+        self.sequence(self.encode_text(text))
+    }
+
+    /// A text's tokens as the encoder takes them: `[CLS]` before, `[SEP]` after.
+    pub fn sequence(&self, text_ids: Vec<u32>) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(text_ids.len() + 2);
+        ids.push(self.cls);
+        ids.extend(text_ids);
         ids.push(self.sep);
         ids
     }

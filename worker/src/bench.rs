@@ -205,11 +205,10 @@ impl fmt::Display for BenchReport {
 }
 
 /// One row of `worker bench-embeddings`: sentences encoded per second at a batch size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct EmbedRow {
     pub batch: usize,
     pub sentences_per_s: f64,
-    #[serde(serialize_with = "as_ms")]
     pub batch_latency: Duration,
 }
 

@@ -75,7 +75,7 @@ pub struct Embedder {
     pub encoder: Arc<Encoder>,
     pub model_id: String,
     pub stats: Arc<EmbedStats>,
-    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Embedder {
@@ -88,13 +88,12 @@ impl Embedder {
             .name("embeddings".into())
             .spawn(move || batch_loop(&enc, &st, &rx))
             .unwrap_or_else(|e| panic!("cannot start the embeddings thread: {e}"));
-        Arc::new(Embedder { encoder, model_id, stats, jobs: std::sync::Mutex::new(tx) })
+        Arc::new(Embedder { encoder, model_id, stats, jobs: tx })
     }
 
     /// The token ids of each input, `[CLS]` and `[SEP]` included, or why not.
     pub fn inputs(&self, body: &EmbeddingsBody) -> Result<Vec<Vec<u32>>, Refusal> {
         let cfg = &self.encoder.config;
-        let tok = &self.encoder.tokenizer;
         let input = body.input.as_ref().ok_or_else(|| refuse("`input` is required", "input"))?;
         let texts: Vec<Vec<u32>> = match input {
             Value::String(s) => vec![text_ids(self, s)?],
@@ -131,11 +130,7 @@ impl Embedder {
                 }
                 t.truncate(max_text);
             }
-            let mut ids = Vec::with_capacity(t.len() + 2);
-            ids.push(tok.cls);
-            ids.extend(t);
-            ids.push(tok.sep);
-            out.push(ids);
+            out.push(self.encoder.tokenizer.sequence(t));
         }
         let total: usize = out.iter().map(Vec::len).sum();
         if total > MAX_REQUEST_TOKENS {
@@ -147,7 +142,7 @@ impl Embedder {
     /// Encodes `ids` in the next batch.
     pub async fn embed(&self, ids: Vec<Vec<u32>>) -> Option<Vec<Vec<f32>>> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.jobs.lock().ok()?.send(Job { ids, reply }).ok()?;
+        self.jobs.send(Job { ids, reply }).ok()?;
         rx.await.ok()
     }
 }
