@@ -18,13 +18,9 @@ use rayon::prelude::*;
 use serde_json::Value;
 use tokenize::wordpiece::WordPiece;
 
-use crate::hf::{read_json, SafeTensors};
+use crate::hf::{err, read_json, SafeTensors};
 use crate::model::ModelError;
-use crate::quant::{dot, matmul_group, Precision, QMatrix};
-
-fn err(msg: impl Into<String>) -> ModelError {
-    ModelError::Hf(msg.into())
-}
+use crate::quant::{add_bias, dot, matmul_group, Precision, QMatrix};
 
 /// How token vectors become the sentence vector (`1_Pooling/config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +110,7 @@ fn linear_group(ls: &[&Linear], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         matmul_group(&mats, x, n, &mut refs, Precision::Exact);
     }
     for (out, l) in outs.iter_mut().zip(ls) {
-        for row in out.chunks_exact_mut(l.w.rows) {
-            for (v, b) in row.iter_mut().zip(&l.b) {
-                *v += b;
-            }
-        }
+        add_bias(out, Some(&l.b));
     }
     outs
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::model::{slug, Config, Layer, LoadedModel, Model, ModelError};
 use crate::quant::{dequantize, GgmlType, QMatrix};
 
-fn err(msg: impl Into<String>) -> ModelError {
+pub(crate) fn err(msg: impl Into<String>) -> ModelError {
     ModelError::Hf(msg.into())
 }
 

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::forward::{BatchItem, DeviceInfo, Forward, KvCache, KvStore, StepError};
 use crate::model::Model;
-use crate::quant::{dot, matmul_group, Precision};
+use crate::quant::{add_bias, dot, matmul_group, Precision};
 
 /// The native CPU forward pass.
 #[derive(Debug, Clone, Copy, Default)]
@@ -225,16 +225,6 @@ fn forward_native(model: &Model, items: &mut [BatchItem<'_>], precision: Precisi
 /// Elements per parallel SwiGLU task: one task for a single row of a small model,
 /// enough tasks for both cores at batch sizes that matter.
 const SILU_CHUNK: usize = 4096;
-
-fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
-    if let Some(b) = b {
-        for row in x.chunks_exact_mut(b.len()) {
-            for (a, bb) in row.iter_mut().zip(b) {
-                *a += bb;
-            }
-        }
-    }
-}
 
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();

@@ -714,6 +714,17 @@ fn dot_inline<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Adds the bias `b` (when there is one) to each `b.len()`-wide row of `x`.
+pub fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
+    if let Some(b) = b {
+        for row in x.chunks_exact_mut(b.len()) {
+            for (a, bb) in row.iter_mut().zip(b) {
+                *a += bb;
+            }
+        }
+    }
+}
+
 /// f32 dot product (used outside the matrix kernels, e.g. attention).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
