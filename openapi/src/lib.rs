@@ -5,6 +5,7 @@
 //! fields are ignored, as OpenAI does.
 
 pub mod ads;
+pub mod embeddings;
 pub mod error;
 pub mod openai;
 pub mod openai_schema;

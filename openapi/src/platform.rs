@@ -79,6 +79,10 @@ pub struct Capabilities {
     /// by ALPN whatever this says. Absent means `false` (HTTP/1.1).
     #[serde(default)]
     pub http2: bool,
+    /// Embedding models it serves on `/v1/embeddings` (none blank, none also in
+    /// `models`, at most 16). Chat requests never go to them. Absent means none.
+    #[serde(default)]
+    pub embedding_models: Vec<String>,
 }
 
 fn default_qualities() -> Vec<String> {

@@ -4,6 +4,7 @@
 //! it; the gateway counts delivered tokens with it. It depends on no tensor library, so
 //! the gateway stays free of the worker's inference stack.
 
+pub mod embeddings;
 pub mod gguf;
 pub mod hf;
 pub mod tokenizer;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use tokenize::wordpiece::WordPiece;
 
-const FETCH: &str = "scripts/fetch-embedding-model.sh";
+const FETCH: &str = "cargo run -p worker -- fetch-model --embedding";
 
 fn tokenizer_json() -> PathBuf {
     let path = common::models_dir().join("all-MiniLM-L6-v2/tokenizer.json");

@@ -25,23 +25,11 @@ use serde_json::{json, Value};
 
 use crate::bert::Encoder;
 
-/// Inputs one request may carry (OpenAI's limit).
-pub const MAX_INPUTS: usize = 2048;
-/// Tokens one request may carry over all its inputs (OpenAI's limit).
-pub const MAX_REQUEST_TOKENS: usize = 300_000;
+pub use tokenize::embeddings::{Refusal, MAX_INPUTS, MAX_REQUEST_TOKENS};
+use tokenize::embeddings::Inputs;
+
 /// Inputs the encoder thread takes into one batch.
 pub const MAX_BATCH_INPUTS: usize = 256;
-
-/// Why an embeddings request is refused: the message and the parameter it names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub message: String,
-    pub param: &'static str,
-}
-
-fn refuse(message: impl Into<String>, param: &'static str) -> Refusal {
-    Refusal { message: message.into(), param }
-}
 
 #[derive(Debug, Deserialize)]
 pub struct EmbeddingsBody {
@@ -91,52 +79,11 @@ impl Embedder {
         Arc::new(Embedder { encoder, model_id, stats, jobs: tx })
     }
 
-    /// The token ids of each input, `[CLS]` and `[SEP]` included, or why not.
+    /// The token ids of each input, `[CLS]` and `[SEP]` included, or why not
+    /// (`tokenize::embeddings`, which the gateway counts with too).
     pub fn inputs(&self, body: &EmbeddingsBody) -> Result<Vec<Vec<u32>>, Refusal> {
         let cfg = &self.encoder.config;
-        let input = body.input.as_ref().ok_or_else(|| refuse("`input` is required", "input"))?;
-        let texts: Vec<Vec<u32>> = match input {
-            Value::String(s) => vec![text_ids(self, s)?],
-            Value::Array(items) if items.is_empty() => return Err(refuse("`input` must not be an empty array", "input")),
-            Value::Array(items) if items.len() > MAX_INPUTS => {
-                return Err(refuse(format!("`input` may hold at most {MAX_INPUTS} items; it has {}", items.len()), "input"))
-            }
-            Value::Array(items) if items.iter().all(Value::is_string) => {
-                items.iter().map(|s| text_ids(self, s.as_str().unwrap_or_default())).collect::<Result<_, _>>()?
-            }
-            Value::Array(items) if items.iter().all(Value::is_number) => vec![token_ids(items, cfg.vocab)?],
-            Value::Array(items) if items.iter().all(Value::is_array) => items
-                .iter()
-                .map(|a| match a.as_array() {
-                    Some(a) if !a.is_empty() => token_ids(a, cfg.vocab),
-                    _ => Err(refuse("an array of token ids must not be empty", "input")),
-                })
-                .collect::<Result<_, _>>()?,
-            _ => return Err(refuse("`input` must be a string, an array of strings, an array of token ids or an array of such arrays", "input")),
-        };
-        let max_text = cfg.max_positions.saturating_sub(2);
-        let mut out = Vec::with_capacity(texts.len());
-        for (i, mut t) in texts.into_iter().enumerate() {
-            if t.len() > max_text {
-                if !body.truncate {
-                    return Err(refuse(
-                        format!(
-                            "input {i} has {} tokens, more than this model's context of {} (with [CLS] and [SEP]); shorten it or send `truncate: true`",
-                            t.len() + 2,
-                            cfg.max_positions
-                        ),
-                        "input",
-                    ));
-                }
-                t.truncate(max_text);
-            }
-            out.push(self.encoder.tokenizer.sequence(t));
-        }
-        let total: usize = out.iter().map(Vec::len).sum();
-        if total > MAX_REQUEST_TOKENS {
-            return Err(refuse(format!("the inputs hold {total} tokens; a request may hold at most {MAX_REQUEST_TOKENS}"), "input"));
-        }
-        Ok(out)
+        Inputs::parse(body.input.as_ref())?.sequences(&self.encoder.tokenizer, cfg.max_positions, body.truncate)
     }
 
     /// Encodes `ids` in the next batch.
@@ -145,23 +92,6 @@ impl Embedder {
         self.jobs.send(Job { ids, reply }).ok()?;
         rx.await.ok()
     }
-}
-
-fn text_ids(e: &Embedder, text: &str) -> Result<Vec<u32>, Refusal> {
-    if text.is_empty() {
-        return Err(refuse("`input` must not contain empty strings", "input"));
-    }
-    Ok(e.encoder.tokenizer.encode_text(text))
-}
-
-fn token_ids(items: &[Value], vocab: usize) -> Result<Vec<u32>, Refusal> {
-    items
-        .iter()
-        .map(|v| match v.as_u64() {
-            Some(id) if (id as usize) < vocab => Ok(id as u32),
-            _ => Err(refuse(format!("token id {v} is outside this model's vocabulary (0 to {})", vocab - 1), "input")),
-        })
-        .collect()
 }
 
 fn batch_loop(encoder: &Encoder, stats: &EmbedStats, rx: &mpsc::Receiver<Job>) {

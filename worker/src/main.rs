@@ -32,6 +32,9 @@ enum Cmd {
     FetchModel {
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// The default embedding model (all-MiniLM-L6-v2) instead; prints its directory.
+        #[arg(long)]
+        embedding: bool,
     },
     /// Generate a completion for one prompt.
     Generate {
@@ -76,7 +79,7 @@ enum Cmd {
     /// Sentences per second of a BERT embedding model at each batch size; prints a
     /// Markdown table.
     BenchEmbeddings {
-        /// A sentence-transformers directory (scripts/fetch-embedding-model.sh).
+        /// A sentence-transformers directory (`worker fetch-model --embedding`).
         #[arg(long)]
         model: PathBuf,
         #[arg(long, default_value = "1,32", value_delimiter = ',')]
@@ -168,7 +171,7 @@ enum Cmd {
         #[arg(long)]
         key_file: Option<PathBuf>,
         /// A sentence-transformers BERT directory (all-MiniLM-L6-v2:
-        /// `scripts/fetch-embedding-model.sh`) to serve `/v1/embeddings` with.
+        /// `worker fetch-model --embedding`) to serve `/v1/embeddings` with.
         #[arg(long)]
         embedding_model: Option<PathBuf>,
         /// Model id of the embedding model (default: its folder's name, lowercased).
@@ -272,9 +275,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::FetchModel { dir } => {
+        Cmd::FetchModel { dir, embedding } => {
             let dir = dir.unwrap_or_else(fetch::cache_dir);
-            let path = fetch::fetch_default_model(&dir)?;
+            let path = if embedding { fetch::fetch_embedding_model(&dir)? } else { fetch::fetch_default_model(&dir)? };
             println!("{}", path.display());
         }
         Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, top_k, seed, engine } => {
@@ -389,6 +392,15 @@ fn main() -> anyhow::Result<()> {
             let model_id = model_id.unwrap_or_else(|| m.default_model_id());
             let cfg = engine.config();
             let engine = start_engine(m, &engine, cfg)?;
+            let embedder = match embedding_model {
+                Some(dir) => {
+                    let encoder = worker::bert::Encoder::load(&dir).with_context(|| format!("loading the embedding model {}", dir.display()))?;
+                    let id = embedding_model_id.unwrap_or_else(|| worker::model::slug(&dir.file_name().unwrap_or_default().to_string_lossy()));
+                    tracing::info!(model = %id, dim = encoder.config.hidden, "embedding model ready");
+                    Some(worker::embeddings::Embedder::start(encoder, id))
+                }
+                None => None,
+            };
             let gateway = gateway.map(|url| GatewayConfig {
                 url,
                 provider_key,
@@ -404,16 +416,8 @@ fn main() -> anyhow::Result<()> {
                 minimum_payout_usd: minimum_payout,
                 qualities,
                 key_file: key_file.unwrap_or_else(worker::registration::default_key_file),
+                embedding_models: embedder.iter().map(|e| e.model_id.clone()).collect(),
             });
-            let embedder = match embedding_model {
-                Some(dir) => {
-                    let encoder = worker::bert::Encoder::load(&dir).with_context(|| format!("loading the embedding model {}", dir.display()))?;
-                    let id = embedding_model_id.unwrap_or_else(|| worker::model::slug(&dir.file_name().unwrap_or_default().to_string_lossy()));
-                    tracing::info!(model = %id, dim = encoder.config.hidden, "embedding model ready");
-                    Some(worker::embeddings::Embedder::start(encoder, id))
-                }
-                None => None,
-            };
             let rt = tokio::runtime::Runtime::new()?;
             let tls = tls_cert.zip(tls_key);
             rt.block_on(worker::serve::run(engine, model_id, ServeConfig { host, port, gateway, api_key, open, tls, embedder }))?;

@@ -45,6 +45,9 @@ pub struct GatewayConfig {
     pub minimum_payout_usd: f64,
     pub qualities: Vec<String>,
     pub key_file: PathBuf,
+    /// Embedding models served on `/v1/embeddings` (`--embedding-model`), registered
+    /// as `capabilities.embeddingModels`.
+    pub embedding_models: Vec<String>,
 }
 
 /// What the gateway gave us at registration; stored in the key file.
@@ -61,6 +64,10 @@ pub struct Credentials {
     /// how it is reached registers anew.
     #[serde(default = "direct")]
     pub connection: String,
+    /// The `capabilities` registered: a worker that now serves something else (another
+    /// model, an embedding model, other qualities) registers anew.
+    #[serde(default)]
+    pub capabilities: serde_json::Value,
 }
 
 fn direct() -> String {
@@ -80,9 +87,14 @@ pub fn default_key_file() -> PathBuf {
     home.join(".config").join("gpu-streaming").join("worker-provider.json")
 }
 
-fn load_credentials(path: &Path, gateway: &str, connection: &str) -> Option<Credentials> {
+fn load_credentials(path: &Path, gateway: &str, connection: &str, capabilities: &serde_json::Value) -> Option<Credentials> {
     let text = std::fs::read_to_string(path).ok()?;
     let c: Credentials = serde_json::from_str(&text).ok()?;
+    // A key file from before capabilities were kept says nothing about them.
+    if c.gateway == gateway && c.connection == connection && !c.capabilities.is_null() && c.capabilities != *capabilities {
+        tracing::info!("this worker serves other capabilities than the saved provider registered; registering anew");
+        return None;
+    }
     // A key file from before relay secrets cannot admit the gateway: register anew.
     (c.gateway == gateway && !c.relay_secret.is_empty() && c.connection == connection).then_some(c)
 }
@@ -175,7 +187,21 @@ impl GatewayClient {
         let http = gateway_client(cfg.gateway_ca.as_deref())?;
         let base = cfg.url.trim_end_matches('/').to_string();
         let mut from_file = false;
-        let saved = if use_saved { load_credentials(&cfg.key_file, &base, cfg.connection()) } else { None };
+        let capabilities = json!({
+            "models": [model_id],
+            "maxConcurrentStreams": engine.config.max_seqs,
+            "supportedQualities": cfg.qualities,
+            "features": crate::server::FEATURES,
+            // Precision is chosen per request (`precision` in the body); a burn model
+            // in bf16/f16 serves `reduced` only.
+            "precisions": engine.forward.device().precisions(),
+            // `axum::serve` also speaks h2c on the same port, so the gateway can
+            // multiplex our streams over one connection; hyper's HTTP/2 server allows
+            // 200 concurrent streams on it, so only up to that many.
+            "http2": engine.config.max_seqs <= 200,
+            "embeddingModels": cfg.embedding_models,
+        });
+        let saved = if use_saved { load_credentials(&cfg.key_file, &base, cfg.connection(), &capabilities) } else { None };
         let creds = if let (Some(id), Some(key)) = (&cfg.provider_id, &cfg.provider_key) {
             let Some(relay_secret) = cfg.relay_secret.clone() else {
                 return Err(RegistrationError::KeyFile {
@@ -189,6 +215,7 @@ impl GatewayClient {
                 provider_key: key.clone(),
                 relay_secret,
                 connection: cfg.connection().to_owned(),
+                capabilities,
             }
         } else if let Some(c) = saved {
             tracing::info!(provider_id = %c.provider_id, "using saved provider credentials");
@@ -198,19 +225,7 @@ impl GatewayClient {
             let mut body = json!({
                 "name": cfg.name,
                 "gpuInfo": gpu,
-                "capabilities": {
-                    "models": [model_id],
-                    "maxConcurrentStreams": engine.config.max_seqs,
-                    "supportedQualities": cfg.qualities,
-                    "features": crate::server::FEATURES,
-                    // Precision is chosen per request (`precision` in the body); a
-                    // burn model in bf16/f16 serves `reduced` only.
-                    "precisions": engine.forward.device().precisions(),
-                    // `axum::serve` also speaks h2c on the same port, so the gateway can
-                    // multiplex our streams over one connection; hyper's HTTP/2 server
-                    // allows 200 concurrent streams on it, so only up to that many.
-                    "http2": engine.config.max_seqs <= 200,
-                },
+                "capabilities": capabilities.clone(),
                 "pricing": {
                     "perToken": cfg.per_token_usd,
                     "perHour": cfg.per_hour_usd,
@@ -232,7 +247,7 @@ impl GatewayClient {
                     body: "response lacks providerId/providerKey/relaySecret".into(),
                 });
             };
-            let c = Credentials { gateway: base.clone(), provider_id, provider_key, relay_secret, connection: cfg.connection().to_owned() };
+            let c = Credentials { gateway: base.clone(), provider_id, provider_key, relay_secret, connection: cfg.connection().to_owned(), capabilities };
             save_credentials(&cfg.key_file, &c)?;
             tracing::info!(provider_id = %c.provider_id, key_file = %cfg.key_file.display(), "registered with the gateway");
             c

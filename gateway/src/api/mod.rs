@@ -5,6 +5,8 @@
 
 /// Users: the OpenAI surface (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
 pub mod openai;
+/// Users: `/v1/embeddings`.
+pub mod embeddings;
 /// Users: the Responses API (`/v1/responses`).
 pub mod responses;
 /// Users: the seed's simple API (`/api/llm/*`: inference, WebSocket, reservations).

@@ -256,6 +256,7 @@ pub fn prepare_chat(
             level,
             body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
             max_completion_tokens: max_tokens.saturating_mul(choices),
+            prompt_tokens: None,
             reservation,
             rate: None,
             body: Bytes::from(body),
@@ -351,6 +352,7 @@ pub async fn completions(
         level: level.clone(),
         body_bytes: u32::try_from(body.len()).unwrap_or(u32::MAX),
         max_completion_tokens: max_tokens.saturating_mul(u32::from(request.n.unwrap_or(1).max(1))),
+        prompt_tokens: None,
         cost_multiplier_bp: level.cost_multiplier_bp,
         reservation,
         rate: rate.map(|r| r.0),
@@ -480,7 +482,8 @@ fn live_models(state: &AppState) -> Vec<Model> {
         if !p.is_live(now, stale_ms) {
             continue;
         }
-        for (model, _) in &p.streams {
+        let chat = p.streams.iter().map(|(model, _)| model);
+        for model in chat.chain(&p.capabilities.embedding_models) {
             match models.iter_mut().find(|(m, _)| m == model) {
                 Some((_, created)) => *created = (*created).min(p.created_at),
                 None => models.push((model.clone(), p.created_at)),

@@ -38,6 +38,7 @@ pub const SIGNATURE: &str = "signature";
     ),
     paths(
         crate::api::openai::chat_completions,
+        crate::api::embeddings::create_embeddings,
         crate::api::openai::completions,
         crate::api::openai::list_models,
         crate::api::openai::get_model,

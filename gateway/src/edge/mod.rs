@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::ads;
-use crate::api::{ad_choices, admin, console, gpu, openai, operations, responses, simple, spec, wallet};
+use crate::api::{ad_choices, admin, console, embeddings, gpu, openai, operations, responses, simple, spec, wallet};
 use crate::edge::error::ApiError;
 use crate::edge::extract::{presented_key, PresentedKey, RequestId};
 use crate::ops::metrics;
@@ -52,6 +52,7 @@ pub fn app(state: AppState) -> Router {
         .merge(model_routes)
         .route("/api/llm/ad-preferences", axum::routing::put(ad_choices::set_preferences))
         .route("/v1/responses", post(responses::create_response))
+        .route("/v1/embeddings", post(embeddings::create_embeddings))
         .route("/v1/responses/{id}", get(responses::get_response).delete(responses::delete_response))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{*id}", get(openai::get_model))

@@ -96,6 +96,9 @@ pub struct ActiveReservation {
     pub ends_at: i64,
 }
 
+/// Embedding models one provider may register.
+const MAX_EMBEDDING_MODELS: usize = 16;
+
 impl Provider {
     /// Active, with a stream on line and a recent heartbeat; a dial-out provider also
     /// needs its link open to this replica (its link's probes are its heartbeats) or
@@ -110,6 +113,11 @@ impl Provider {
     /// Whether another replica holds its link, seen alive lately.
     pub fn forwardable(&self, now: i64, stale_after_ms: i64) -> bool {
         self.link_elsewhere.as_ref().is_some_and(|(_, seen)| now - seen <= stale_after_ms)
+    }
+
+    /// Whether it serves `model` on `/v1/embeddings`.
+    pub fn embeds(&self, model: &str) -> bool {
+        self.capabilities.embedding_models.iter().any(|m| m == model)
     }
 
     pub fn supports(&self, feature: &str) -> bool {
@@ -399,6 +407,14 @@ impl Registry {
         let caps = &request.capabilities;
         if caps.models.is_empty() || caps.models.iter().any(|m| m.trim().is_empty()) {
             return Err(invalid("capabilities.models must list at least one model id", "capabilities.models"));
+        }
+        if caps.embedding_models.len() > MAX_EMBEDDING_MODELS
+            || caps.embedding_models.iter().any(|m| m.trim().is_empty() || caps.models.contains(m))
+        {
+            return Err(invalid(
+                "capabilities.embeddingModels may list at most 16 model ids, none blank and none also in capabilities.models",
+                "capabilities.embeddingModels",
+            ));
         }
         if caps.max_concurrent_streams == 0 {
             return Err(invalid("capabilities.maxConcurrentStreams must be at least 1", "capabilities.maxConcurrentStreams"));

@@ -33,6 +33,9 @@ pub enum Endpoint {
     Completions,
     /// `/v1/responses`, relayed to the provider as a chat completion.
     Responses,
+    /// `/v1/embeddings`: one JSON answer, not a stream (`embed`), with a vector for
+    /// each of `inputs`, as base64 strings or arrays of numbers.
+    Embeddings { inputs: u32, base64: bool },
 }
 
 impl Endpoint {
@@ -40,6 +43,7 @@ impl Endpoint {
         match self {
             Self::Chat | Self::Responses => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
+            Self::Embeddings { .. } => "/v1/embeddings",
         }
     }
     fn name(self) -> &'static str {
@@ -47,6 +51,7 @@ impl Endpoint {
             Self::Chat => "chat.completions",
             Self::Completions => "completions",
             Self::Responses => "responses",
+            Self::Embeddings { .. } => "embeddings",
         }
     }
 }
@@ -68,6 +73,10 @@ pub struct Dispatch {
     pub body_bytes: u32,
     /// Completion tokens the provider may produce at most (all choices together).
     pub max_completion_tokens: u32,
+    /// The most prompt tokens the request can be, when the gateway can count them
+    /// (embeddings): the rate limiter's estimate, the hold and the most a provider's
+    /// report is believed. Otherwise the body's size bounds them.
+    pub prompt_tokens: Option<u32>,
     /// The tier's price multiplier in basis points.
     pub cost_multiplier_bp: u32,
     /// Run on this reservation's provider, billed by the hour instead of per token.
@@ -200,6 +209,8 @@ struct Tracker {
     /// What the provider delivered, counted by the gateway.
     delivered: Delivered,
     body_bytes: u32,
+    /// The prompt's tokens as the gateway counted them (`Dispatch::prompt_tokens`).
+    prompt_counted: Option<u32>,
     cost_multiplier_bp: u32,
     fee_bp: u32,
     /// The serving provider and its price, once one delivered a token.
@@ -235,16 +246,19 @@ impl Tracker {
     }
 
     fn reported_or_counted(&self) -> (Usage, &'static str) {
-        let estimate = self.body_bytes / 3;
+        // Without the gateway's count, a prompt token is at least one byte of the request.
+        let (bound, estimate) = match self.prompt_counted {
+            Some(n) => (n, n),
+            None => (self.body_bytes, self.body_bytes / 3),
+        };
         let counted = self.delivered.count();
         match self.reported {
-            // A prompt token is at least one byte of the request.
-            Some(u) if u.prompt_tokens <= self.body_bytes && self.delivered.plausible(u.completion_tokens) => {
+            Some(u) if u.prompt_tokens <= bound && self.delivered.plausible(u.completion_tokens) => {
                 (Usage { total_tokens: u.prompt_tokens + u.completion_tokens, cost: None, ..u }, "provider")
             }
             Some(u) => {
                 tracing::debug!(reported = ?u, counted, by_tokenizer = self.delivered.by_tokenizer(), "implausible usage from provider; billing our own count");
-                let prompt = if u.prompt_tokens <= self.body_bytes { u.prompt_tokens } else { estimate };
+                let prompt = if u.prompt_tokens <= bound { u.prompt_tokens } else { estimate };
                 (Usage { prompt_tokens: prompt, completion_tokens: counted, total_tokens: prompt + counted, cost: None }, "gateway_flagged")
             }
             None => (
@@ -571,8 +585,86 @@ enum AttemptError {
     Rejected(ApiError),
 }
 
+/// What a provider attempt got: a stream up to its first token, or (embeddings) the
+/// whole answer.
+enum Opened {
+    Stream(SseReader, VecDeque<Bytes>),
+    /// Checked by `whole_answer`.
+    Whole(serde_json::Value),
+}
+
+/// A provider that answered: the request's accounting, its slot and what it sent.
+struct Connected {
+    tracker: Tracker,
+    slot: Slot,
+    opened: Opened,
+}
+
 /// Picks a provider and opens its stream, failing over until the first token arrives.
 pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiError> {
+    let config = &state.config;
+    let deadline = dispatch.started + Duration::from_secs(config.request_deadline_secs);
+    let chat = dispatch.endpoint != Endpoint::Completions;
+    let Connected { tracker, slot, opened } = connect(state, dispatch).await?;
+    let Opened::Stream(reader, pending) = opened else {
+        return Err(ApiError::Internal("a stream endpoint got a whole answer".into()));
+    };
+    state.active_streams.fetch_add(1, Ordering::Relaxed);
+    Ok(Relay {
+        reader,
+        pending,
+        tracker,
+        slot,
+        idle_timeout: Duration::from_secs(config.idle_chunk_timeout_secs),
+        deadline,
+        chat,
+        cut: None,
+        finished: false,
+        active: state.active_streams.clone(),
+        breaker: (config.breaker_failures, config.breaker_cooldown()),
+    })
+}
+
+/// An embeddings answer: each input's vector in order (a base64 string or an array of
+/// numbers, as asked) and the billed usage (with its cost).
+pub struct Answer {
+    pub embeddings: Vec<serde_json::Value>,
+    pub usage: Usage,
+}
+
+/// Sends a request whose answer is one JSON body (`Endpoint::Embeddings`), failing over
+/// until a provider answers with a well-formed one, and settles it before returning:
+/// the caller answers the client only once the usage row and the charge committed.
+pub async fn embed(state: &AppState, dispatch: Dispatch) -> Result<Answer, ApiError> {
+    let Connected { mut tracker, slot, opened } = connect(state, dispatch).await?;
+    let Opened::Whole(mut answer) = opened else {
+        return Err(ApiError::Internal("a whole-answer endpoint got a stream".into()));
+    };
+    // `whole_answer` checked the vectors and that usage is there; only they are kept.
+    let prompt_tokens = u32::try_from(answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0)).unwrap_or(u32::MAX);
+    let embeddings = match answer["data"].take() {
+        serde_json::Value::Array(items) => items.into_iter().map(|mut item| item["embedding"].take()).collect(),
+        _ => Vec::new(),
+    };
+    tracker.reported = Some(Usage { prompt_tokens, completion_tokens: 0, total_tokens: prompt_tokens, cost: None });
+    tracker.status = UsageStatus::Ok;
+    let (usage, _) = tracker.billed_usage();
+    let usage = Usage { cost: Some(crate::money::units::usd(tracker.charge(&usage))), ..usage };
+    let (ack, committed) = tokio::sync::oneshot::channel();
+    if let Some(completion) = tracker.completion(Some(ack)) {
+        tracker.sink.record(completion);
+        if committed.await != Ok(true) {
+            return Err(ApiError::Internal("the request could not be settled; it was not billed".into()));
+        }
+    }
+    drop(slot);
+    Ok(Answer { embeddings, usage })
+}
+
+/// Picks a provider and sends it the request, failing over (funding each attempt at
+/// its provider's price) until one answers: with its first token for a stream, with
+/// a well-formed body for a whole answer.
+async fn connect(state: &AppState, dispatch: Dispatch) -> Result<Connected, ApiError> {
     let config = &state.config;
     let snapshot = state.registry.snapshot();
     if let Some(id) = &dispatch.reservation {
@@ -593,9 +685,11 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
             feature_param(feature),
         ));
     }
+    // The prompt's tokens as counted, or estimated as the request's bytes / 4.
+    let prompt_estimate = dispatch.prompt_tokens.unwrap_or(dispatch.body_bytes / 4);
     let token_charge = match &dispatch.rate {
-        // Estimated up front (prompt bytes / 4 + every completion token), corrected at the end.
-        Some(rate) => Some(rate.charge_tokens(dispatch.body_bytes / 4 + dispatch.max_completion_tokens).await?),
+        // Charged up front (the prompt + every completion token), corrected at the end.
+        Some(rate) => Some(rate.charge_tokens(prompt_estimate + dispatch.max_completion_tokens).await?),
         None => None,
     };
     let mut tracker = Tracker {
@@ -603,6 +697,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         health: None,
         funding: None,
         body_bytes: dispatch.body_bytes,
+        prompt_counted: dispatch.prompt_tokens,
         cost_multiplier_bp: dispatch.cost_multiplier_bp,
         fee_bp: config.platform_fee_bp,
         provider: None,
@@ -656,7 +751,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         let ask = funding::Ask {
             key: &dispatch.key,
             request_id: &dispatch.request_id,
-            max_tokens: u64::from(dispatch.body_bytes) + u64::from(dispatch.max_completion_tokens),
+            max_tokens: u64::from(dispatch.prompt_tokens.unwrap_or(dispatch.body_bytes)) + u64::from(dispatch.max_completion_tokens),
             multiplier_bp: dispatch.cost_multiplier_bp,
             reserved: dispatch.reservation.is_some(),
         };
@@ -674,41 +769,36 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         let slot = take_slot(provider.clone(), &state.capacity_freed);
         let attempt_started = Instant::now();
         let body = personalise(&dispatch.body, &dispatch.key.user_id, state, &provider);
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(config.first_token_timeout_secs),
-            first_token(state, &provider, dispatch.endpoint, body),
-        )
-        .await
+        let attempt = match dispatch.endpoint {
+            // The whole answer is computed before any byte of it comes: it has until
+            // the request's deadline.
+            Endpoint::Embeddings { inputs, base64 } => {
+                let left = (dispatch.started + Duration::from_secs(config.request_deadline_secs)).saturating_duration_since(Instant::now());
+                tokio::time::timeout(left, whole_answer(state, &provider, dispatch.endpoint, body, inputs, base64)).await.map(|r| r.map(Opened::Whole))
+            }
+            _ => tokio::time::timeout(Duration::from_secs(config.first_token_timeout_secs), first_token(state, &provider, dispatch.endpoint, body))
+                .await
+                .map(|r| r.map(|(reader, pending)| Opened::Stream(reader, pending))),
+        }
         .unwrap_or(Err(AttemptError::Timeout));
         match attempt {
-            Ok((reader, pending)) => {
+            Ok(opened) => {
                 if let Some(r) = &mut tracker.record {
                     r.provider_id = Some(provider.id.clone());
                 }
                 tracker.provider = Some((provider.id.clone(), provider.price_per_mtok));
                 provider.load.health.record_success(attempt_started.elapsed().as_secs_f64() * 1000.0);
                 tracker.health = Some(provider.clone());
-                // Until the relay is consumed to its end, a drop means the client left.
+                // Until the request is settled, a drop means the client left.
                 tracker.status = UsageStatus::ClientDisconnected;
-                state.active_streams.fetch_add(1, Ordering::Relaxed);
-                let mut relay = Relay {
-                    reader,
-                    pending: VecDeque::new(),
-                    tracker,
-                    slot,
-                    idle_timeout: Duration::from_secs(config.idle_chunk_timeout_secs),
-                    deadline: dispatch.started + Duration::from_secs(config.request_deadline_secs),
-                    chat: dispatch.endpoint != Endpoint::Completions,
-                    cut: None,
-                    finished: false,
-                    active: state.active_streams.clone(),
-                    breaker: (config.breaker_failures, config.breaker_cooldown()),
-                };
-                relay.pending = pending;
-                return Ok(relay);
+                return Ok(Connected { tracker, slot, opened });
             }
             Err(AttemptError::Rejected(e)) => {
-                if let Some(r) = &mut tracker.record {
+                if matches!(dispatch.endpoint, Endpoint::Embeddings { .. }) {
+                    // The provider judged the input (the gateway checks what it can
+                    // first): bad input leaves no usage row, as the gateway's own 400s.
+                    tracker.abandon();
+                } else if let Some(r) = &mut tracker.record {
                     r.provider_id = Some(provider.id.clone());
                     r.error_code = Some("provider_rejected".to_owned());
                 }
@@ -759,23 +849,7 @@ async fn first_token(
     endpoint: Endpoint,
     body: Bytes,
 ) -> Result<(SseReader, VecDeque<Bytes>), AttemptError> {
-    let (status, body) = send(state, provider, endpoint, body).await.map_err(AttemptError::Retry)?;
-    if !status.is_success() {
-        let text = read_error_body(body).await;
-        let parsed: Option<openapi::error::ErrorBody> = serde_json::from_str(&text).ok();
-        // 401, 403, 405 and 415 say the provider cannot serve our (well-formed) call, and
-        // a 404 is about the model it registered: the provider's fault, counted against
-        // its breaker and score like a 5xx. Other 4xx judge the request itself.
-        let providers_fault = matches!(status.as_u16(), 401 | 403 | 404 | 405 | 408 | 415 | 429);
-        if status.is_client_error() && !providers_fault {
-            let (message, param, code) = match parsed {
-                Some(b) => (b.error.message, b.error.param, b.error.code),
-                None => (format!("the provider rejected the request ({status})"), None, None),
-            };
-            return Err(AttemptError::Rejected(ApiError::ProviderRejected { status: http::StatusCode::BAD_REQUEST, message, param, code }));
-        }
-        return Err(AttemptError::Retry(format!("provider answered {status}")));
-    }
+    let body = answered(state, provider, endpoint, body).await?;
     let mut reader = SseReader::new(body, StreamBounds::of(&state.config));
     let mut pending = VecDeque::new();
     loop {
@@ -801,6 +875,80 @@ async fn first_token(
     }
 }
 
+/// Sends the request and reads the whole JSON answer (at most
+/// `provider_max_response_bytes`), which must be an embeddings list with a vector for
+/// each input, all of one length (base64 strings or arrays of finite numbers, as
+/// asked), and `usage.prompt_tokens`; anything else is the provider's failure.
+async fn whole_answer(
+    state: &AppState,
+    provider: &Provider,
+    endpoint: Endpoint,
+    body: Bytes,
+    inputs: u32,
+    base64: bool,
+) -> Result<serde_json::Value, AttemptError> {
+    let mut body = answered(state, provider, endpoint, body).await?;
+    let max = state.config.provider_max_response_bytes;
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| AttemptError::Retry(format!("provider's answer broke: {e}")))?;
+        if buf.len() as u64 + chunk.len() as u64 > max {
+            return Err(AttemptError::Retry(format!("provider's answer grew larger than {max} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let bad = |why: &str| AttemptError::Retry(format!("provider sent an invalid embeddings answer: {why}"));
+    let mut answer: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| bad(&e.to_string()))?;
+    if answer["usage"]["prompt_tokens"].as_u64().is_none() {
+        return Err(bad("no usage.prompt_tokens"));
+    }
+    let data = answer["data"].as_array_mut().ok_or_else(|| bad("no data array"))?;
+    if data.len() != inputs as usize {
+        return Err(bad(&format!("{} vectors for {inputs} inputs", data.len())));
+    }
+    let mut seen = vec![false; data.len()];
+    let mut width = None;
+    for item in data.iter() {
+        let index = item["index"].as_u64().and_then(|i| usize::try_from(i).ok()).filter(|&i| i < seen.len());
+        if index.is_none_or(|i| std::mem::replace(&mut seen[i], true)) {
+            return Err(bad("indices are not each input's once"));
+        }
+        let len = match (&item["embedding"], base64) {
+            (serde_json::Value::String(s), true) => s.len(),
+            (serde_json::Value::Array(v), false) if v.iter().all(|x| x.as_f64().is_some_and(f64::is_finite)) => v.len(),
+            _ => return Err(bad("an embedding is not what encoding_format asked for")),
+        };
+        if len == 0 || *width.get_or_insert(len) != len {
+            return Err(bad("embeddings of different lengths"));
+        }
+    }
+    data.sort_by_key(|item| item["index"].as_u64());
+    Ok(answer)
+}
+
+/// Sends the request; a provider's error status becomes the attempt's error: its
+/// fault (try another) or, for a 4xx that judges the request, the client's.
+async fn answered(state: &AppState, provider: &Provider, endpoint: Endpoint, body: Bytes) -> Result<ByteStream, AttemptError> {
+    let (status, body) = send(state, provider, endpoint, body).await.map_err(AttemptError::Retry)?;
+    if !status.is_success() {
+        let text = read_error_body(body).await;
+        let parsed: Option<openapi::error::ErrorBody> = serde_json::from_str(&text).ok();
+        // 401, 403, 405 and 415 say the provider cannot serve our (well-formed) call, and
+        // a 404 is about the model it registered: the provider's fault, counted against
+        // its breaker and score like a 5xx. Other 4xx judge the request itself.
+        let providers_fault = matches!(status.as_u16(), 401 | 403 | 404 | 405 | 408 | 415 | 429);
+        if status.is_client_error() && !providers_fault {
+            let (message, param, code) = match parsed {
+                Some(b) => (b.error.message, b.error.param, b.error.code),
+                None => (format!("the provider rejected the request ({status})"), None, None),
+            };
+            return Err(AttemptError::Rejected(ApiError::ProviderRejected { status: http::StatusCode::BAD_REQUEST, message, param, code }));
+        }
+        return Err(AttemptError::Retry(format!("provider answered {status}")));
+    }
+    Ok(body)
+}
+
 /// Sends the provider request: over the provider's link for a dial-out provider (or to
 /// the replica holding it), else over HTTP to its `baseUrl` (egress rules checked at
 /// every call).
@@ -816,7 +964,7 @@ async fn send(state: &AppState, provider: &Provider, endpoint: Endpoint, body: B
         .post(url)
         .bearer_auth(secret)
         .header("content-type", "application/json")
-        .header("accept", "text/event-stream")
+        .header("accept", if matches!(endpoint, Endpoint::Embeddings { .. }) { "application/json" } else { "text/event-stream" })
         .body(body)
         .send()
         .await

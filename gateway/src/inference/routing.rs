@@ -63,6 +63,15 @@ pub fn candidates(
     Candidates { eligible, model_known, unsupported_feature }
 }
 
+/// Live providers that serve `model` on `/v1/embeddings`. A provider under a
+/// reservation serves only its reservation's chat requests.
+pub fn embedding_candidates(providers: &HashMap<String, Arc<Provider>>, model: &str, now_ms: i64, stale_after_ms: i64) -> Candidates {
+    let serving: Vec<&Arc<Provider>> = providers.values().filter(|p| p.is_live(now_ms, stale_after_ms) && p.embeds(model)).collect();
+    let model_known = !serving.is_empty();
+    let eligible = serving.into_iter().filter(|p| p.reservation.as_ref().is_none_or(|r| r.ends_at <= now_ms)).cloned().collect();
+    Candidates { eligible, model_known, unsupported_feature: None }
+}
+
 fn utilisation(p: &Provider) -> f64 {
     f64::from(p.load.in_flight.load(Ordering::Relaxed)) / f64::from(p.capabilities.max_concurrent_streams.max(1))
 }

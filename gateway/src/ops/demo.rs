@@ -21,6 +21,9 @@ pub struct DemoOptions {
     pub worker_bin: Option<PathBuf>,
     /// A model file for the worker; defaults to the fetched default model.
     pub model: Option<PathBuf>,
+    /// The worker's embedding model (a sentence-transformers directory); defaults to
+    /// the fetched all-MiniLM-L6-v2. A default that cannot be fetched is left out.
+    pub embedding_model: Option<PathBuf>,
     pub worker_port: u16,
 }
 
@@ -73,7 +76,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
         None => {
             let (child, model_id, model_path) = spawn_worker(&state, &options, &base).await?;
             worker_child = Some(child);
-            // Count the worker's tokens with its model's own tokenizer (unless configured).
+            // Count the worker's tokens with its models' own tokenizers (unless configured).
             if !state.tokenizers.contains(&model_id) {
                 state.tokenizers.load_for(&model_id, &model_path)?;
             }
@@ -88,8 +91,13 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let admin = admin_key.as_deref().unwrap_or("(the configured GATEWAY_ADMIN_KEY)");
+    let embedding = state.registry.snapshot().values().find_map(|p| p.capabilities.embedding_models.first().cloned());
+    let embedding_line = match &embedding {
+        Some(m) => format!("\n  embeddings:  {m} (POST {base}/v1/embeddings)"),
+        None => String::new(),
+    };
     let out = format!(
-        "\nGPU Streaming demo is up at {base}\n  model:       {model_id}\n  user key:    {key} (free tier: answers may end with a labelled ad)\n  premium key: {premium} (${credit:.2} of credit, no ads)\n  admin key:   {admin}\n  console:     {base}/admin (sign in with the admin key)\n\nTry it:\n  curl {base}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"stream\":true}}'\n\nOpenAI SDKs: base_url={base}/v1 api_key={key}\nCtrl-C stops it.\n",
+        "\nGPU Streaming demo is up at {base}\n  model:       {model_id}{embedding_line}\n  user key:    {key} (free tier: answers may end with a labelled ad)\n  premium key: {premium} (${credit:.2} of credit, no ads)\n  admin key:   {admin}\n  console:     {base}/admin (sign in with the admin key)\n\nTry it:\n  curl {base}/v1/chat/completions \\\n    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}],\"stream\":true}}'\n\nOpenAI SDKs: base_url={base}/v1 api_key={key}\nCtrl-C stops it.\n",
         key = key.key,
         premium = premium.key,
         credit = PREMIUM_CREDIT_MICROS as f64 / 1e6,
@@ -136,6 +144,8 @@ async fn register_upstream(state: &crate::state::AppState, upstream: &str) -> an
                     precisions: vec![openapi::platform::Precision::Full],
                     // Unknown: an external server gets HTTP/1.1, which every one speaks.
                     http2: false,
+                    // /v1/models does not say which models embed.
+                    embedding_models: Vec::new(),
                 },
                 pricing: Pricing::usd(0.000_002, 0.5, 5.0),
                 base_url: Some(upstream.clone()),
@@ -185,19 +195,38 @@ async fn spawn_worker(state: &crate::state::AppState, options: &DemoOptions, gat
             PathBuf::from(text.lines().last().unwrap_or("").trim())
         }
     };
+    let embedding = match &options.embedding_model {
+        Some(dir) => Some(dir.clone()),
+        None => {
+            let out = tokio::process::Command::new(&worker).args(["fetch-model", "--embedding"]).stderr(Stdio::inherit()).output().await?;
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim());
+            if out.status.success() {
+                Some(dir)
+            } else {
+                tracing::warn!("`worker fetch-model --embedding` failed; the demo serves no embedding model");
+                None
+            }
+        }
+    };
     let public = format!("http://127.0.0.1:{}", options.worker_port);
-    let child = tokio::process::Command::new(&worker)
-        .arg("serve")
-        .arg("--model")
-        .arg(&model)
-        .args(["--port", &options.worker_port.to_string(), "--gateway", gateway, "--public-url", &public])
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the worker")?;
+    let mut command = tokio::process::Command::new(&worker);
+    command.arg("serve").arg("--model").arg(&model);
+    command.args(["--port", &options.worker_port.to_string(), "--gateway", gateway, "--public-url", &public]);
+    if let Some(dir) = &embedding {
+        command.arg("--embedding-model").arg(dir);
+    }
+    let child = command.kill_on_drop(true).spawn().context("cannot start the worker")?;
     // Wait until the worker has registered and put its model on line.
     for _ in 0..600 {
         let snapshot = state.registry.snapshot();
-        if let Some((id, _)) = snapshot.values().filter(|p| p.base_url == public).find_map(|p| p.streams.iter().next().cloned()) {
+        let provider = snapshot.values().find(|p| p.base_url == public && !p.streams.is_empty());
+        if let Some((id, _)) = provider.and_then(|p| p.streams.iter().next().cloned()) {
+            // Bill embeddings by the model's own WordPiece tokenizer.
+            if let (Some(dir), Some(embedding_id)) = (&embedding, provider.and_then(|p| p.capabilities.embedding_models.first())) {
+                if !state.tokenizers.contains(embedding_id) {
+                    state.tokenizers.load_for(embedding_id, dir)?;
+                }
+            }
             return Ok((child, id, model));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -41,6 +41,7 @@ fn provider(i: usize, now: i64) -> Arc<Provider> {
             features: None,
             precisions: vec![Precision::Full, Precision::Reduced],
             http2: false,
+            embedding_models: Vec::new(),
         },
         pricing: Pricing::usd(0.000_002, 0.5, 5.0),
         price_per_mtok: 2_000_000 + i64::try_from(i % 13).unwrap_or(0) * 100_000,

@@ -9,6 +9,7 @@ mod attacks;
 mod billing;
 mod bounds;
 mod cli;
+mod embeddings;
 mod console;
 mod inproc;
 mod layout;

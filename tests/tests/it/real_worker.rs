@@ -30,9 +30,39 @@ pub(crate) async fn default_model_path() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&fetched.stdout).lines().last().unwrap_or_default().trim())
 }
 
+/// Starts `worker serve` with the default model (and `extra` flags), joined to the
+/// gateway at `base` with its key file in `dir`; returns it and its URL.
+fn start_worker(model_path: &std::path::Path, extra: &[&std::ffi::OsStr], base: &str, dir: &std::path::Path) -> (tokio::process::Child, String) {
+    let worker_port = free_port().unwrap();
+    let worker_url = format!("http://127.0.0.1:{worker_port}");
+    let child = Command::new(worker_bin())
+        .args(["serve", "--model"])
+        .arg(model_path)
+        .args(extra)
+        .args(["--port", &worker_port.to_string(), "--host", "127.0.0.1"])
+        .args(["--gateway", base, "--public-url", &worker_url])
+        .arg("--key-file")
+        .arg(dir.join("provider.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, worker_url)
+}
+
+/// A premium key with $10 of credit.
+async fn premium_key(http: &reqwest::Client, base: &str) -> String {
+    let key: Value = http.post(format!("{base}/api/admin/keys")).bearer_auth(ADMIN)
+        .json(&json!({"name": "real-worker", "tier": "premium"})).send().await.unwrap().json().await.unwrap();
+    let r = http.post(format!("{base}/api/admin/users/{}/credit", key["userId"].as_str().unwrap())).bearer_auth(ADMIN)
+        .json(&json!({"amount": 10})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    key["key"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() {
-    let worker = worker_bin();
     let model_path = default_model_path().await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -42,20 +72,7 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
     let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}' }}", model_path.display());
     let _gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
     let base = format!("http://127.0.0.1:{port}");
-    let worker_port = free_port().unwrap();
-    let worker_url = format!("http://127.0.0.1:{worker_port}");
-    let _worker = Command::new(&worker)
-        .args(["serve", "--model"])
-        .arg(&model_path)
-        .args(["--port", &worker_port.to_string(), "--host", "127.0.0.1"])
-        .args(["--gateway", &base, "--public-url", &worker_url])
-        .arg("--key-file")
-        .arg(dir.path().join("provider.json"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_worker, worker_url) = start_worker(&model_path, &[], &base, dir.path());
     let http = reqwest::Client::new();
     let mut model = None;
     for _ in 0..600 {
@@ -71,12 +88,7 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
     }
     let model = model.expect("the worker registered and went on line at all four tiers");
     assert_eq!(model, DEFAULT_MODEL_ID, "the model id the gateway has a tokenizer for");
-    let key: Value = http.post(format!("{base}/api/admin/keys")).bearer_auth(ADMIN)
-        .json(&json!({"name": "tiers", "tier": "premium"})).send().await.unwrap().json().await.unwrap();
-    let r = http.post(format!("{base}/api/admin/users/{}/credit", key["userId"].as_str().unwrap())).bearer_auth(ADMIN)
-        .json(&json!({"amount": 10})).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let key = key["key"].as_str().unwrap().to_owned();
+    let key = premium_key(&http, &base).await;
     let mut usage = Vec::new();
     for quality in ["low", "ultra"] {
         let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
@@ -159,4 +171,60 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
     let endpoints: Vec<String> =
         sqlx::query_scalar("SELECT endpoint FROM usage_records WHERE endpoint = 'responses'").fetch_all(&pool).await.unwrap();
     assert_eq!(endpoints.len(), 4, "two responses per SDK, each with its usage record");
+}
+
+/// The real worker serving all-MiniLM-L6-v2 beside the default chat model, through the
+/// real gateway, called by the OpenAI Python SDK and LangChain's `OpenAIEmbeddings`:
+/// normalised 384-wide vectors, related sentences closer, errors as OpenAI's, and every
+/// request billed on the worker's own count, which agrees with the gateway's WordPiece.
+#[tokio::test]
+async fn real_worker_serves_embeddings_to_the_sdk_and_langchain() {
+    let model_path = default_model_path().await;
+    let embedding_dir = crate::embeddings::minilm_dir();
+    let embedding_model = "all-minilm-l6-v2";
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}', \"{embedding_model}\" = '{}' }}", model_path.display(), embedding_dir.display());
+    let _gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (_worker, _) = start_worker(&model_path, &["--embedding-model".as_ref(), embedding_dir.as_os_str()], &base, dir.path());
+    let http = reqwest::Client::new();
+    let key = premium_key(&http, &base).await;
+    let mut listed = false;
+    for _ in 0..600 {
+        let models: Value = http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap().json().await.unwrap_or_default();
+        if models["data"].as_array().is_some_and(|m| m.iter().any(|m| m["id"] == embedding_model)) {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed, "the worker registered its embedding model");
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
+    let python = root.join(".venv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/test.sh", python.display());
+    let out = Command::new(&python)
+        .arg("tests/sdk/python/embeddings_real_worker.py")
+        .current_dir(&root)
+        .env("GATEWAY_BASE_URL", format!("{base}/v1"))
+        .env("GATEWAY_API_KEY", &key)
+        .env("GATEWAY_EMBEDDING_MODEL", embedding_model)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "embeddings_real_worker.py failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await.unwrap();
+    let rows: Vec<(String, String, i64)> = sqlx::query_as("SELECT status, usage_source, completion_tokens FROM usage_records WHERE endpoint = 'embeddings'")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    // Three SDK calls and two LangChain calls; the two refusals left no row.
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert!(rows.iter().all(|(status, source, completion)| status == "ok" && source == "provider" && *completion == 0), "{rows:?}");
 }

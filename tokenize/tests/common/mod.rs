@@ -1,5 +1,5 @@
 //! What the model tests share: where `worker fetch-model` and
-//! `scripts/fetch-embedding-model.sh` put models.
+//! `worker fetch-model --embedding` put models.
 
 use std::path::PathBuf;
 

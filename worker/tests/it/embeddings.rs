@@ -15,7 +15,7 @@ use crate::parity::python;
 
 pub fn minilm_dir() -> PathBuf {
     let dir = worker::fetch::cache_dir().join("all-MiniLM-L6-v2");
-    assert!(dir.join("model.safetensors").exists(), "the embedding model is missing at {}: run `scripts/fetch-embedding-model.sh` first", dir.display());
+    assert!(dir.join("model.safetensors").exists(), "the embedding model is missing at {}: run `cargo run -p worker -- fetch-model --embedding` first", dir.display());
     dir
 }
 

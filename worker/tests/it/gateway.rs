@@ -88,6 +88,47 @@ async fn stale_saved_key_is_replaced_by_a_new_registration() {
     assert_eq!(saved["relaySecret"], "rs-test");
 }
 
+/// A key file saved for other capabilities (here: before the worker served an embedding
+/// model) is not reused: the worker registers anew and saves what it registered, which
+/// the next start reuses.
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_capabilities_register_anew_and_same_ones_reuse_the_key() {
+    let (gw_url, calls) = mock_gateway().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("provider.json");
+    let old = json!({"gateway": gw_url, "providerId": "prov-0", "providerKey": "pk-old", "relaySecret": "rs-old",
+        "capabilities": {"models": ["smollm2-135m-instruct"], "embeddingModels": []}});
+    std::fs::write(&key_file, old.to_string()).unwrap();
+    let embedding = crate::embeddings::minilm_dir();
+    let run = |calls: Calls| {
+        let port = free_port();
+        let public = format!("http://127.0.0.1:{port}");
+        let embedding = embedding.clone();
+        let (gw_url, key_file) = (gw_url.clone(), key_file.clone());
+        async move {
+            let args = ["--public-url", &public, "--qualities", "standard", "--embedding-model", embedding.to_str().unwrap()];
+            let mut child = spawn_worker(port, &gw_url, &key_file, &args);
+            for _ in 0..300 {
+                if calls.lock().unwrap().iter().any(|c| c.0 == "/api/gpu/stream/start") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+            std::mem::take(&mut *calls.lock().unwrap())
+        }
+    };
+    let first = run(calls.clone()).await;
+    assert_eq!(first[0].0, "/api/gpu/register", "{:?}", first.iter().map(|c| &c.0).collect::<Vec<_>>());
+    assert_eq!(first[0].2["capabilities"]["embeddingModels"], json!(["all-minilm-l6-v2"]));
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    assert_eq!((saved["providerKey"].as_str(), &saved["capabilities"]), (Some("pk-test"), &first[0].2["capabilities"]));
+    let second = run(calls.clone()).await;
+    assert_eq!(second[0].0, "/api/gpu/stream/start", "the same capabilities reuse the saved key");
+    assert_eq!(second[0].1.as_deref(), Some("Bearer pk-test"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn registers_streams_and_drains_on_sigterm() {
     let (gw_url, calls) = mock_gateway().await;
