@@ -16,7 +16,10 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use crate::bert::Encoder;
+use crate::burn_bert::BurnEncoder;
 use crate::burn_model::{check_fits, BurnModel, CacheConfig, Dtype, LoadError};
+use crate::embeddings::Encode;
 use crate::forward::{DeviceInfo, Forward};
 use crate::model::Model;
 use crate::native::Native;
@@ -152,6 +155,37 @@ where
         .map_err(|detail| LoadError::Backend { backend: engine, detail })??;
     let device = loaded.device();
     Ok(Opened { forward: Arc::new(loaded), device })
+}
+
+/// The sentence encoder on the device the chat model computes on (`engine`, as its
+/// `DeviceInfo` names it): burn's `BurnEncoder` on `burn-*` engines, `encoder` itself
+/// on the CPU. Returns what encodes and the engine that runs it. A burn device that
+/// cannot hold or run the encoder is an error; the caller decides whether to fall
+/// back to the CPU.
+pub fn open_encoder(encoder: &Arc<Encoder>, engine: &'static str) -> Result<(Box<dyn Encode>, &'static str), BackendError> {
+    let on = |compute: Result<Box<dyn Encode>, String>| {
+        compute.map(|c| (c, engine)).map_err(|detail| BackendError::Load(LoadError::Backend { backend: engine, detail }))
+    };
+    match engine {
+        "burn-ndarray" => on(quietly(|| Box::new(BurnEncoder::<burn::backend::NdArray>::new(encoder, Default::default())) as Box<dyn Encode>)),
+        #[cfg(feature = "wgpu")]
+        "burn-wgpu" => {
+            let adapter = wgpu_adapter().map_err(|reason| BackendError::NoDevice { device: "wgpu", reason })?;
+            // The word embeddings are the largest tensor; past the binding limit wgpu computes garbage.
+            let largest = 4 * encoder.word.len();
+            if (largest as u64) > adapter.max_binding_bytes {
+                return on(Err(format!("the word embeddings ({largest} bytes) exceed the adapter's {}-byte binding limit", adapter.max_binding_bytes)));
+            }
+            on(quietly(|| {
+                Box::new(BurnEncoder::<burn::backend::Wgpu>::new(encoder, burn::backend::wgpu::WgpuDevice::DefaultDevice)) as Box<dyn Encode>
+            }))
+        }
+        #[cfg(feature = "cuda")]
+        "burn-cuda" => on(quietly(|| {
+            Box::new(BurnEncoder::<burn::backend::Cuda>::new(encoder, burn::backend::cuda::CudaDevice::default())) as Box<dyn Encode>
+        })),
+        _ => Ok((Box::new(encoder.clone()), "native-cpu")),
+    }
 }
 
 /// Runs `f`, turning a panic into its message without printing it: backends report

@@ -45,9 +45,9 @@ pub struct BertConfig {
 }
 
 /// `y = x Wᵀ + b`.
-struct Linear {
-    w: QMatrix,
-    b: Vec<f32>,
+pub(crate) struct Linear {
+    pub(crate) w: QMatrix,
+    pub(crate) b: Vec<f32>,
 }
 
 impl Linear {
@@ -56,9 +56,9 @@ impl Linear {
     }
 }
 
-struct Norm {
-    w: Vec<f32>,
-    b: Vec<f32>,
+pub(crate) struct Norm {
+    pub(crate) w: Vec<f32>,
+    pub(crate) b: Vec<f32>,
 }
 
 impl Norm {
@@ -80,25 +80,25 @@ impl Norm {
     }
 }
 
-struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    attn_norm: Norm,
-    up: Linear,
-    down: Linear,
-    out_norm: Norm,
+pub(crate) struct Layer {
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) attn_norm: Norm,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+    pub(crate) out_norm: Norm,
 }
 
 pub struct Encoder {
     pub config: BertConfig,
     pub tokenizer: WordPiece,
-    word: Vec<f32>,
-    position: Vec<f32>,
-    segment: Vec<f32>,
-    embed_norm: Norm,
-    layers: Vec<Layer>,
+    pub(crate) word: Vec<f32>,
+    pub(crate) position: Vec<f32>,
+    pub(crate) segment: Vec<f32>,
+    pub(crate) embed_norm: Norm,
+    pub(crate) layers: Vec<Layer>,
 }
 
 /// `x Wᵀ + b` for `n` rows, with `quant`'s f32 kernels.

@@ -237,9 +237,9 @@ pub struct BurnModel<B: Backend> {
 }
 
 /// Where a float tensor is created, and in which type.
-type At<'a, B> = (&'a burn::tensor::Device<B>, DType);
+pub(crate) type At<'a, B> = (&'a burn::tensor::Device<B>, DType);
 
-fn vec1<B: Backend>(v: &[f32], at: At<'_, B>) -> Tensor<B, 1> {
+pub(crate) fn vec1<B: Backend>(v: &[f32], at: At<'_, B>) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), at)
 }
 
@@ -254,7 +254,7 @@ fn dequantized<B: Backend>(m: &QMatrix, at: At<'_, B>) -> Tensor<B, 2> {
 /// `[rows, cols]` weights as a contiguous `[cols, rows]` tensor so that `x.matmul(w)`
 /// applies them. Transposed on the host once: a transposed view made burn-ndarray copy
 /// every weight into a contiguous layout at every matmul.
-fn mat<B: Backend>(m: &QMatrix, at: At<'_, B>) -> Tensor<B, 2> {
+pub(crate) fn mat<B: Backend>(m: &QMatrix, at: At<'_, B>) -> Tensor<B, 2> {
     let mut row = vec![0f32; m.cols];
     let mut data = vec![0f32; m.rows * m.cols];
     for r in 0..m.rows {

@@ -53,6 +53,18 @@ pub struct EmbedStats {
     pub batches: AtomicU64,
 }
 
+/// What computes sentence vectors: `bert::Encoder` on the CPU, or
+/// `burn_bert::BurnEncoder` on a burn device. Called on the embeddings thread only.
+pub trait Encode: Send {
+    fn embed_batch(&self, batch: &[Vec<u32>]) -> Vec<Vec<f32>>;
+}
+
+impl Encode for Arc<Encoder> {
+    fn embed_batch(&self, batch: &[Vec<u32>]) -> Vec<Vec<f32>> {
+        Encoder::embed_batch(self, batch)
+    }
+}
+
 struct Job {
     ids: Vec<Vec<u32>>,
     reply: tokio::sync::oneshot::Sender<Vec<Vec<f32>>>,
@@ -60,23 +72,32 @@ struct Job {
 
 /// The encoder, the thread that batches for it, and what clients call it.
 pub struct Embedder {
+    /// The model as loaded (its config and tokenizer; on the CPU, also what encodes).
     pub encoder: Arc<Encoder>,
+    /// What encodes: `native-cpu`, or the burn engine (`burn-cuda`, `burn-wgpu`, …).
+    pub engine: &'static str,
     pub model_id: String,
     pub stats: Arc<EmbedStats>,
     jobs: mpsc::Sender<Job>,
 }
 
 impl Embedder {
+    /// Serves `encoder` on the CPU.
     pub fn start(encoder: Encoder, model_id: String) -> Arc<Embedder> {
         let encoder = Arc::new(encoder);
+        Self::start_on(encoder.clone(), Box::new(encoder), "native-cpu", model_id)
+    }
+
+    /// Serves `encoder`'s model, computed by `compute` on `engine`.
+    pub fn start_on(encoder: Arc<Encoder>, compute: Box<dyn Encode>, engine: &'static str, model_id: String) -> Arc<Embedder> {
         let stats = Arc::new(EmbedStats::default());
         let (tx, rx) = mpsc::channel::<Job>();
-        let (enc, st) = (encoder.clone(), stats.clone());
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("embeddings".into())
-            .spawn(move || batch_loop(&enc, &st, &rx))
+            .spawn(move || batch_loop(compute.as_ref(), &st, &rx))
             .unwrap_or_else(|e| panic!("cannot start the embeddings thread: {e}"));
-        Arc::new(Embedder { encoder, model_id, stats, jobs: tx })
+        Arc::new(Embedder { encoder, engine, model_id, stats, jobs: tx })
     }
 
     /// The token ids of each input, `[CLS]` and `[SEP]` included, or why not
@@ -94,7 +115,7 @@ impl Embedder {
     }
 }
 
-fn batch_loop(encoder: &Encoder, stats: &EmbedStats, rx: &mpsc::Receiver<Job>) {
+fn batch_loop(encoder: &dyn Encode, stats: &EmbedStats, rx: &mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut inputs = jobs[0].ids.len();

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod bert;
+pub mod burn_bert;
 pub mod burn_model;
 pub mod chat;
 pub mod embeddings;

@@ -396,8 +396,17 @@ fn main() -> anyhow::Result<()> {
                 Some(dir) => {
                     let encoder = worker::bert::Encoder::load(&dir).with_context(|| format!("loading the embedding model {}", dir.display()))?;
                     let id = embedding_model_id.unwrap_or_else(|| worker::model::slug(&dir.file_name().unwrap_or_default().to_string_lossy()));
-                    tracing::info!(model = %id, dim = encoder.config.hidden, "embedding model ready");
-                    Some(worker::embeddings::Embedder::start(encoder, id))
+                    let encoder = Arc::new(encoder);
+                    // On the chat model's device; the CPU when that device cannot run it.
+                    let (compute, on) = match worker::backend::open_encoder(&encoder, engine.forward.device().engine) {
+                        Ok(opened) => opened,
+                        Err(e) => {
+                            tracing::warn!("the embedding model cannot run on the chat model's device ({e}); encoding on the CPU");
+                            (Box::new(encoder.clone()) as Box<dyn worker::embeddings::Encode>, "native-cpu")
+                        }
+                    };
+                    tracing::info!(model = %id, dim = encoder.config.hidden, engine = on, "embedding model ready");
+                    Some(worker::embeddings::Embedder::start_on(encoder, compute, on, id))
                 }
                 None => None,
             };

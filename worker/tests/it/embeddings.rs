@@ -24,7 +24,31 @@ pub fn minilm() -> &'static Encoder {
     ENCODER.get_or_init(|| Encoder::load(&minilm_dir()).unwrap_or_else(|e| panic!("cannot load all-MiniLM-L6-v2: {e}")))
 }
 
-fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
+/// The token ids Hugging Face `tokenizers` wrote for the golden sentences.
+pub fn golden_ids() -> Vec<Vec<u32>> {
+    let golden: Value = serde_json::from_str(include_str!("../../../tokenize/tests/data/minilm_wordpiece.json")).unwrap();
+    golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| case["ids"].as_array().unwrap().iter().map(|v| u32::try_from(v.as_u64().unwrap()).unwrap()).collect())
+        .collect()
+}
+
+/// The worst cosine distance between `encode`'s vectors and the native encoder's, over
+/// the golden sentences batched together, and between a sentence encoded alone and in
+/// that batch (padding must not change it).
+pub fn against_native(encode: &dyn worker::embeddings::Encode, ids: &[Vec<u32>]) -> (f64, f64) {
+    let native = minilm().embed_batch(ids);
+    let batched = encode.embed_batch(ids);
+    assert_eq!(batched.len(), ids.len());
+    let worst = native.iter().zip(&batched).map(|(n, b)| cosine_distance(n, b)).fold(0.0, f64::max);
+    let shortest = (0..ids.len()).min_by_key(|&i| ids[i].len()).unwrap();
+    let alone = encode.embed_batch(&ids[shortest..=shortest]).remove(0);
+    (worst, cosine_distance(&alone, &batched[shortest]))
+}
+
+pub fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
@@ -37,13 +61,7 @@ fn minilm_vectors_match_the_numpy_reference() {
     let c = &enc.config;
     assert_eq!((c.hidden, c.layers, c.heads, c.max_positions, c.vocab), (384, 6, 12, 512, 30522));
     assert_eq!((c.pooling, c.normalize), (Pooling::Mean, true));
-    let golden: Value = serde_json::from_str(include_str!("../../../tokenize/tests/data/minilm_wordpiece.json")).unwrap();
-    let ids: Vec<Vec<u32>> = golden["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|case| case["ids"].as_array().unwrap().iter().map(|v| u32::try_from(v.as_u64().unwrap()).unwrap()).collect())
-        .collect();
+    let ids = golden_ids();
     assert!(ids.len() >= 20);
     let mut child = Command::new(python())
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/bert_ref.py"))
@@ -67,6 +85,16 @@ fn minilm_vectors_match_the_numpy_reference() {
         assert!(d < 1e-4, "case {i}: cosine distance {d} from the reference");
     }
     eprintln!("all-MiniLM-L6-v2: worst cosine distance from the numpy reference over {} sentences: {worst:e}", ids.len());
+}
+
+/// The encoder on burn (here burn-ndarray; `wgpu.rs` runs it on lavapipe): the same
+/// vectors as the native encoder, padded batches included.
+#[test]
+fn burn_ndarray_encoder_matches_the_native_one() {
+    let encoder = worker::burn_bert::BurnEncoder::<burn::backend::NdArray>::new(minilm(), Default::default());
+    let (worst, padded) = against_native(&encoder, &golden_ids());
+    eprintln!("burn-ndarray encoder: worst cosine distance from native {worst:e}; alone vs padded in a batch {padded:e}");
+    assert!(worst < 1e-6 && padded < 1e-6, "{worst:e} {padded:e}");
 }
 
 #[test]

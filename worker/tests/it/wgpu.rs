@@ -33,6 +33,19 @@ mod on_lavapipe {
         opened
     }
 
+    /// The sentence encoder on lavapipe, as `serve --embedding-model` puts it beside a
+    /// burn-wgpu chat model: the native encoder's vectors, padded batches included.
+    #[test]
+    fn lavapipe_encodes_sentences_like_the_native_encoder() {
+        let encoder = std::sync::Arc::new(worker::bert::Encoder::load(&crate::embeddings::minilm_dir()).unwrap());
+        let (compute, engine) = worker::backend::open_encoder(&encoder, "burn-wgpu").unwrap();
+        assert_eq!(engine, "burn-wgpu");
+        let ids = crate::embeddings::golden_ids();
+        let (worst, padded) = crate::embeddings::against_native(compute.as_ref(), &ids[..6]);
+        eprintln!("burn-wgpu encoder on lavapipe: worst cosine distance from native {worst:e}; alone vs padded {padded:e}");
+        assert!(worst < 1e-5 && padded < 1e-5, "{worst:e} {padded:e}");
+    }
+
     #[test]
     fn lavapipe_matches_native_exact_on_the_golden_set_alone_and_batched() {
         let opened = on_lavapipe();
