@@ -386,6 +386,11 @@ impl Tokenizer {
     pub fn token_str(&self, t: u32) -> &str {
         self.tokens.get(t as usize).map_or("", |s| s.as_str())
     }
+
+    /// A control token (`<|im_end|>` and the like): no text of the answer.
+    pub fn is_control(&self, t: u32) -> bool {
+        self.is_control.get(t as usize).copied().unwrap_or(false)
+    }
 }
 
 /// Turns a stream of token byte strings into text without ever splitting a UTF-8

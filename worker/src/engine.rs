@@ -29,6 +29,8 @@ use crate::forward::{BatchItem, Forward, KvCache};
 use crate::model::LoadedModel;
 use crate::native::Native;
 use crate::quant::Precision;
+use llguidance::Matcher;
+
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::Utf8Stream;
 
@@ -128,6 +130,7 @@ struct Queued {
     priority: i32,
     id: u64,
     req: GenRequest,
+    constraint: Option<Matcher>,
     events: UnboundedSender<Event>,
 }
 
@@ -180,6 +183,8 @@ struct Seq {
     sampler: Sampler,
     utf8: Utf8Stream,
     stop: StopMatcher,
+    /// The grammar its tokens must follow (`grammar`), when it asked for structure.
+    constraint: Option<Matcher>,
     events: UnboundedSender<Event>,
     reserved: usize,
     finished: bool,
@@ -223,6 +228,12 @@ impl Engine {
     /// Queues a request; events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
     pub fn submit(&self, req: GenRequest) -> UnboundedReceiver<Event> {
+        self.submit_constrained(req, None)
+    }
+
+    /// Queues a request whose tokens must follow `constraint` (structured outputs):
+    /// each step samples only among the tokens it allows.
+    pub fn submit_constrained(&self, req: GenRequest, constraint: Option<Matcher>) -> UnboundedReceiver<Event> {
         let (tx, rx) = unbounded_channel();
         let Ok(mut q) = self.shared.queue.lock() else { return rx };
         let id = q.next_id;
@@ -236,7 +247,7 @@ impl Engine {
             temperature = req.params.temperature,
             "request queued"
         );
-        q.heap.push(Queued { priority: req.priority, id, req, events: tx });
+        q.heap.push(Queued { priority: req.priority, id, req, constraint, events: tx });
         self.shared.stats.queued.store(q.heap.len(), Relaxed);
         self.shared.stats.requests_total.fetch_add(1, Relaxed);
         let slot = usize::try_from(req_priority.clamp(0, 10)).unwrap_or(0);
@@ -303,6 +314,7 @@ impl Engine {
                         reserved: need,
                         finished: false,
                         precision: item.req.precision,
+                        constraint: item.constraint,
                     });
                 }
                 stats.queued.store(q.heap.len(), Relaxed);
@@ -383,12 +395,26 @@ impl Engine {
         let tok = &self.model.tokenizer;
         for (i, mut l) in owners.into_iter().zip(logits) {
             let s = &mut active[i];
+            if let Some(m) = &mut s.constraint {
+                if let Err(e) = crate::grammar::mask(m, &mut l) {
+                    let _ = s.events.send(Event::Error { message: format!("The output grammar failed: {e}") });
+                    s.finished = true;
+                    continue;
+                }
+            }
             let t = s.sampler.sample(&mut l);
             s.generated += 1;
             self.shared.stats.completion_tokens_total.fetch_add(1, Relaxed);
-            if tok.is_eos(t) && !s.sampler.params().ignore_eos {
+            if tok.is_eos(t) && (!s.sampler.params().ignore_eos || s.constraint.is_some()) {
                 self.finish(s, FinishReason::Stop, String::new());
                 continue;
+            }
+            if let Some(m) = &mut s.constraint {
+                if let Err(e) = m.consume_token(t) {
+                    let _ = s.events.send(Event::Error { message: format!("The output grammar failed: {e}") });
+                    s.finished = true;
+                    continue;
+                }
             }
             // The end-of-sequence token is not part of the answer, so it has no logprob entry.
             if let Some(top) = s.sampler.params().logprobs {

@@ -11,6 +11,7 @@ pub mod embeddings;
 pub mod engine;
 pub mod fetch;
 pub mod forward;
+pub mod grammar;
 pub mod gguf;
 pub mod hf;
 pub mod host;

@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
+use llguidance::Matcher;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -27,7 +28,7 @@ use crate::quant::Precision;
 use crate::sampling::SamplingParams;
 
 /// The optional OpenAI request parameters this worker honours (announced to the gateway).
-pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop", "logprobs"];
+pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop", "logprobs", "response_format"];
 
 /// Who may call `/v1/*`: the bearer tokens accepted (the gateway's relay secret, an
 /// `--api-key`), or anyone (`--open`). `/health` and `/metrics` stay open: they show
@@ -100,6 +101,8 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// The sentence encoder behind `/v1/embeddings`, when one is loaded.
     pub embedder: Option<Arc<crate::embeddings::Embedder>>,
+    /// The chat model's grammar builder (`response_format`), made on first use.
+    grammars: Arc<std::sync::OnceLock<Result<crate::grammar::Grammars, String>>>,
     /// `(engine, weights)` when the device serves `reduced` precision only; read once
     /// (`DeviceInfo::precisions` does not change, and reading the device costs I/O).
     reduced_only: Option<(&'static str, &'static str)>,
@@ -131,6 +134,7 @@ impl AppState {
             created: now(),
             access: Access::open(),
             embedder: None,
+            grammars: Arc::default(),
         }
     }
 
@@ -314,7 +318,9 @@ impl AppState {
         }
     }
 
-    fn request(&self, prompt: Vec<u32>, p: &CommonParams, kind: Kind) -> Result<GenRequest, ApiError> {
+    /// The engine request for a validated body, with the grammar its output must follow
+    /// when it asks for structured output.
+    fn request(&self, prompt: Vec<u32>, p: &CommonParams, kind: Kind) -> Result<(GenRequest, Option<Matcher>), ApiError> {
         if self.draining.load(Relaxed) {
             return Err(ApiError::Draining);
         }
@@ -341,11 +347,17 @@ impl AppState {
         if p.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::bad("tools are not supported by this worker", "tools"));
         }
-        if let Some(rf) = &p.response_format {
-            if rf.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
-                return Err(ApiError::bad("response_format is not supported by this worker", "response_format"));
+        let structured = p.response_format.as_ref().and_then(|rf| rf.get("type")).and_then(Value::as_str).is_some_and(|t| t != "text");
+        let constraint = if structured {
+            if kind != Kind::Chat {
+                return Err(ApiError::bad("response_format is supported on chat completions only", "response_format"));
             }
-        }
+            let grammars = self.grammars.get_or_init(|| crate::grammar::Grammars::new(&self.engine.model.tokenizer));
+            let grammars = grammars.as_ref().map_err(|e| ApiError::Internal(format!("cannot build this model's token trie: {e}")))?;
+            grammars.constraint(p.response_format.as_ref()).map_err(|e| ApiError::bad(e, "response_format"))?
+        } else {
+            None
+        };
         let limit = self.engine.context_length();
         if prompt.len() >= limit {
             return Err(ApiError::ContextTooLong { limit, requested: prompt.len() });
@@ -397,7 +409,7 @@ impl AppState {
                 (Some(p), _) => p,
             },
         };
-        Ok(GenRequest {
+        let req = GenRequest {
             prompt,
             params: SamplingParams {
                 temperature,
@@ -414,7 +426,8 @@ impl AppState {
             },
             priority: p.priority.unwrap_or(0),
             precision,
-        })
+        };
+        Ok((req, constraint))
     }
 }
 
@@ -438,8 +451,8 @@ async fn chat_completions(State(st): State<AppState>, body: axum::body::Bytes) -
     }
     let text = template.render(&msgs).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
     let prompt = st.engine.model.tokenizer.encode(&text);
-    let req = st.request(prompt, &body.common, Kind::Chat)?;
-    respond(&st, req, &body.common, Kind::Chat).await
+    let (req, constraint) = st.request(prompt, &body.common, Kind::Chat)?;
+    respond(&st, req, constraint, &body.common, Kind::Chat).await
 }
 
 async fn completions(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
@@ -451,8 +464,8 @@ async fn completions(State(st): State<AppState>, body: axum::body::Bytes) -> Res
         _ => return Err(ApiError::bad("prompt must be a string (batches are not supported)", "prompt")),
     };
     let prompt = st.engine.model.tokenizer.encode(&text);
-    let req = st.request(prompt, &body.common, Kind::Text)?;
-    respond(&st, req, &body.common, Kind::Text).await
+    let (req, constraint) = st.request(prompt, &body.common, Kind::Text)?;
+    respond(&st, req, constraint, &body.common, Kind::Text).await
 }
 
 async fn embeddings(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
@@ -488,9 +501,9 @@ fn logprob_json(lp: &TokenLogprob) -> Value {
     json!({"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes, "top_logprobs": top})
 }
 
-async fn respond(st: &AppState, req: GenRequest, p: &CommonParams, kind: Kind) -> Result<Response, ApiError> {
+async fn respond(st: &AppState, req: GenRequest, constraint: Option<Matcher>, p: &CommonParams, kind: Kind) -> Result<Response, ApiError> {
     let want_logprobs = req.params.logprobs.is_some();
-    let rx = st.engine.submit(req);
+    let rx = st.engine.submit_constrained(req, constraint);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Kind::Text => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),

@@ -228,3 +228,46 @@ async fn real_worker_serves_embeddings_to_the_sdk_and_langchain() {
     assert_eq!(rows.len(), 5, "{rows:?}");
     assert!(rows.iter().all(|(status, source, completion)| status == "ok" && source == "provider" && *completion == 0), "{rows:?}");
 }
+
+/// Structured outputs on the real worker through the real gateway: the OpenAI Python
+/// SDK's `chat.completions.parse` with five pydantic schemas (flat, nested, an enum, an
+/// array of objects, an optional field), `json_object`, a schema keyword refused by
+/// name, and LangChain's `with_structured_output`; every answer not cut by
+/// `max_tokens` parses and validates.
+#[tokio::test]
+async fn real_worker_structured_outputs_parse_with_the_sdk_and_langchain() {
+    let model_path = default_model_path().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}' }}", model_path.display());
+    let _gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (_worker, _) = start_worker(&model_path, &[], &base, dir.path());
+    let http = reqwest::Client::new();
+    let key = premium_key(&http, &base).await;
+    let mut live = false;
+    for _ in 0..600 {
+        let models: Value = http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap().json().await.unwrap_or_default();
+        if models["data"].as_array().is_some_and(|m| m.iter().any(|m| m["id"] == DEFAULT_MODEL_ID)) {
+            live = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(live, "the worker went on line");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg("tests/sdk/python/structured_real_worker.py")
+        .current_dir(&root)
+        .env("GATEWAY_BASE_URL", format!("{base}/v1"))
+        .env("GATEWAY_API_KEY", &key)
+        .env("GATEWAY_MODEL", DEFAULT_MODEL_ID)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "structured_real_worker.py failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -14,6 +14,7 @@ mod gpu_check;
 mod hf;
 mod parity;
 mod server;
+mod structured;
 mod wgpu;
 
 use std::path::PathBuf;
