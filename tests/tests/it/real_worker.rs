@@ -61,6 +61,41 @@ async fn premium_key(http: &reqwest::Client, base: &str) -> String {
     key["key"].as_str().unwrap().to_owned()
 }
 
+/// Waits (up to a minute) until `/v1/models` lists `model`.
+async fn wait_listed(http: &reqwest::Client, base: &str, key: &str, model: &str) {
+    for _ in 0..600 {
+        let models: Value = http.get(format!("{base}/v1/models")).bearer_auth(key).send().await.unwrap().json().await.unwrap_or_default();
+        if models["data"].as_array().is_some_and(|m| m.iter().any(|m| m["id"] == model)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{model} did not come on line");
+}
+
+/// Runs a script of `tests/sdk/python` with the venv's Python against the gateway at
+/// `base` with `key` (and `env`); fails the test with its output when it fails.
+async fn run_python(script: &str, base: &str, key: &str, env: &[(&str, &str)]) -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
+    let python = root.join(".venv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/test.sh", python.display());
+    let out = Command::new(&python)
+        .arg(format!("tests/sdk/python/{script}"))
+        .current_dir(&root)
+        .env("GATEWAY_BASE_URL", format!("{base}/v1"))
+        .env("GATEWAY_API_KEY", key)
+        .envs(env.iter().copied())
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
 #[tokio::test]
 async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() {
     let model_path = default_model_path().await;
@@ -190,33 +225,8 @@ async fn real_worker_serves_embeddings_to_the_sdk_and_langchain() {
     let (_worker, _) = start_worker(&model_path, &["--embedding-model".as_ref(), embedding_dir.as_os_str()], &base, dir.path());
     let http = reqwest::Client::new();
     let key = premium_key(&http, &base).await;
-    let mut listed = false;
-    for _ in 0..600 {
-        let models: Value = http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap().json().await.unwrap_or_default();
-        if models["data"].as_array().is_some_and(|m| m.iter().any(|m| m["id"] == embedding_model)) {
-            listed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(listed, "the worker registered its embedding model");
-
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
-    let python = root.join(".venv/bin/python");
-    assert!(python.is_file(), "{} is missing: run scripts/test.sh", python.display());
-    let out = Command::new(&python)
-        .arg("tests/sdk/python/embeddings_real_worker.py")
-        .current_dir(&root)
-        .env("GATEWAY_BASE_URL", format!("{base}/v1"))
-        .env("GATEWAY_API_KEY", &key)
-        .env("GATEWAY_EMBEDDING_MODEL", embedding_model)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "embeddings_real_worker.py failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    wait_listed(&http, &base, &key, embedding_model).await;
+    run_python("embeddings_real_worker.py", &base, &key, &[("GATEWAY_EMBEDDING_MODEL", embedding_model)]).await;
 
     sqlx::any::install_default_drivers();
     let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await.unwrap();
@@ -245,29 +255,6 @@ async fn real_worker_structured_outputs_parse_with_the_sdk_and_langchain() {
     let (_worker, _) = start_worker(&model_path, &[], &base, dir.path());
     let http = reqwest::Client::new();
     let key = premium_key(&http, &base).await;
-    let mut live = false;
-    for _ in 0..600 {
-        let models: Value = http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap().json().await.unwrap_or_default();
-        if models["data"].as_array().is_some_and(|m| m.iter().any(|m| m["id"] == DEFAULT_MODEL_ID)) {
-            live = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(live, "the worker went on line");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg("tests/sdk/python/structured_real_worker.py")
-        .current_dir(&root)
-        .env("GATEWAY_BASE_URL", format!("{base}/v1"))
-        .env("GATEWAY_API_KEY", &key)
-        .env("GATEWAY_MODEL", DEFAULT_MODEL_ID)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "structured_real_worker.py failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    wait_listed(&http, &base, &key, DEFAULT_MODEL_ID).await;
+    eprintln!("{}", run_python("structured_real_worker.py", &base, &key, &[("GATEWAY_MODEL", DEFAULT_MODEL_ID)]).await);
 }
