@@ -51,6 +51,29 @@ fn start_worker(model_path: &std::path::Path, extra: &[&std::ffi::OsStr], base: 
     (child, worker_url)
 }
 
+/// The real gateway (`gateway serve` on SQLite in `dir`, counting with the default
+/// model's tokenizer and `more_tokenizers`, `"model" = 'path'` TOML pairs) and the real
+/// worker (with `worker_args`) joined to it.
+struct Up {
+    _gateway: tokio::process::Child,
+    _worker: tokio::process::Child,
+    worker_url: String,
+    base: String,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+async fn up(model_path: &std::path::Path, more_tokenizers: &str, worker_args: &[&std::ffi::OsStr]) -> Up {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    // A TOML literal string: the path is taken as it is.
+    let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}'{more_tokenizers} }}", model_path.display());
+    let gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (worker, worker_url) = start_worker(model_path, worker_args, &base, dir.path());
+    Up { _gateway: gateway, _worker: worker, worker_url, base, dir, http: reqwest::Client::new() }
+}
+
 /// A premium key with $10 of credit.
 async fn premium_key(http: &reqwest::Client, base: &str) -> String {
     let key: Value = http.post(format!("{base}/api/admin/keys")).bearer_auth(ADMIN)
@@ -99,16 +122,9 @@ async fn run_python(script: &str, base: &str, key: &str, env: &[(&str, &str)]) -
 #[tokio::test]
 async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() {
     let model_path = default_model_path().await;
-
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    // The gateway counts the worker's tokens with the model's tokenizer (a TOML literal
-    // string: the path is taken as it is).
-    let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}' }}", model_path.display());
-    let _gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
-    let base = format!("http://127.0.0.1:{port}");
-    let (_worker, worker_url) = start_worker(&model_path, &[], &base, dir.path());
-    let http = reqwest::Client::new();
+    // The gateway counts the worker's tokens with the model's tokenizer.
+    let Up { base, worker_url, dir, http, .. } = &up(&model_path, "", &[]).await;
+    let (base, worker_url) = (base.as_str(), worker_url.as_str());
     let mut model = None;
     for _ in 0..600 {
         if let Ok(r) = http.get(format!("{base}/api/admin/providers")).bearer_auth(ADMIN).send().await {
@@ -123,7 +139,7 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
     }
     let model = model.expect("the worker registered and went on line at all four tiers");
     assert_eq!(model, DEFAULT_MODEL_ID, "the model id the gateway has a tokenizer for");
-    let key = premium_key(&http, &base).await;
+    let key = premium_key(http, base).await;
     let mut usage = Vec::new();
     for quality in ["low", "ultra"] {
         let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
@@ -217,16 +233,12 @@ async fn real_worker_serves_embeddings_to_the_sdk_and_langchain() {
     let model_path = default_model_path().await;
     let embedding_dir = crate::embeddings::minilm_dir();
     let embedding_model = "all-minilm-l6-v2";
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}', \"{embedding_model}\" = '{}' }}", model_path.display(), embedding_dir.display());
-    let _gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
-    let base = format!("http://127.0.0.1:{port}");
-    let (_worker, _) = start_worker(&model_path, &["--embedding-model".as_ref(), embedding_dir.as_os_str()], &base, dir.path());
-    let http = reqwest::Client::new();
-    let key = premium_key(&http, &base).await;
-    wait_listed(&http, &base, &key, embedding_model).await;
-    run_python("embeddings_real_worker.py", &base, &key, &[("GATEWAY_EMBEDDING_MODEL", embedding_model)]).await;
+    let more = format!(", \"{embedding_model}\" = '{}'", embedding_dir.display());
+    let Up { base, dir, http, .. } = &up(&model_path, &more, &["--embedding-model".as_ref(), embedding_dir.as_os_str()]).await;
+    let base = base.as_str();
+    let key = premium_key(http, base).await;
+    wait_listed(http, base, &key, embedding_model).await;
+    run_python("embeddings_real_worker.py", base, &key, &[("GATEWAY_EMBEDDING_MODEL", embedding_model)]).await;
 
     sqlx::any::install_default_drivers();
     let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", dir.path().join("gw.db").display())).await.unwrap();
@@ -247,14 +259,9 @@ async fn real_worker_serves_embeddings_to_the_sdk_and_langchain() {
 #[tokio::test]
 async fn real_worker_structured_outputs_parse_with_the_sdk_and_langchain() {
     let model_path = default_model_path().await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let tokenizers = format!("{{ \"{DEFAULT_MODEL_ID}\" = '{}' }}", model_path.display());
-    let _gateway = serve_with(dir.path(), port, &[("GATEWAY_TOKENIZERS", &tokenizers)]).await;
-    let base = format!("http://127.0.0.1:{port}");
-    let (_worker, _) = start_worker(&model_path, &[], &base, dir.path());
-    let http = reqwest::Client::new();
-    let key = premium_key(&http, &base).await;
-    wait_listed(&http, &base, &key, DEFAULT_MODEL_ID).await;
-    eprintln!("{}", run_python("structured_real_worker.py", &base, &key, &[("GATEWAY_MODEL", DEFAULT_MODEL_ID)]).await);
+    let Up { base, http, .. } = &up(&model_path, "", &[]).await;
+    let base = base.as_str();
+    let key = premium_key(http, base).await;
+    wait_listed(http, base, &key, DEFAULT_MODEL_ID).await;
+    eprintln!("{}", run_python("structured_real_worker.py", base, &key, &[("GATEWAY_MODEL", DEFAULT_MODEL_ID)]).await);
 }
