@@ -74,8 +74,6 @@ struct Job {
 pub struct Embedder {
     /// The model as loaded (its config and tokenizer; on the CPU, also what encodes).
     pub encoder: Arc<Encoder>,
-    /// What encodes: `native-cpu`, or the burn engine (`burn-cuda`, `burn-wgpu`, …).
-    pub engine: &'static str,
     pub model_id: String,
     pub stats: Arc<EmbedStats>,
     jobs: mpsc::Sender<Job>,
@@ -85,11 +83,11 @@ impl Embedder {
     /// Serves `encoder` on the CPU.
     pub fn start(encoder: Encoder, model_id: String) -> Arc<Embedder> {
         let encoder = Arc::new(encoder);
-        Self::start_on(encoder.clone(), Box::new(encoder), "native-cpu", model_id)
+        Self::start_on(encoder.clone(), Box::new(encoder), model_id)
     }
 
-    /// Serves `encoder`'s model, computed by `compute` on `engine`.
-    pub fn start_on(encoder: Arc<Encoder>, compute: Box<dyn Encode>, engine: &'static str, model_id: String) -> Arc<Embedder> {
+    /// Serves `encoder`'s model, computed by `compute` (`backend::open_encoder`).
+    pub fn start_on(encoder: Arc<Encoder>, compute: Box<dyn Encode>, model_id: String) -> Arc<Embedder> {
         let stats = Arc::new(EmbedStats::default());
         let (tx, rx) = mpsc::channel::<Job>();
         let st = stats.clone();
@@ -97,7 +95,7 @@ impl Embedder {
             .name("embeddings".into())
             .spawn(move || batch_loop(compute.as_ref(), &st, &rx))
             .unwrap_or_else(|e| panic!("cannot start the embeddings thread: {e}"));
-        Arc::new(Embedder { encoder, engine, model_id, stats, jobs: tx })
+        Arc::new(Embedder { encoder, model_id, stats, jobs: tx })
     }
 
     /// The token ids of each input, `[CLS]` and `[SEP]` included, or why not

@@ -191,6 +191,13 @@ struct Seq {
     precision: Precision,
 }
 
+/// A sequence whose grammar failed (an llguidance error, not a refusal) ends with an
+/// error; the others go on.
+fn grammar_failed(s: &mut Seq, error: &str) {
+    let _ = s.events.send(Event::Error { message: format!("The output grammar failed: {error}") });
+    s.finished = true;
+}
+
 impl Engine {
     /// Starts an engine on the native CPU forward pass.
     pub fn start(model: Arc<LoadedModel>, config: EngineConfig) -> Engine {
@@ -395,12 +402,9 @@ impl Engine {
         let tok = &self.model.tokenizer;
         for (i, mut l) in owners.into_iter().zip(logits) {
             let s = &mut active[i];
-            if let Some(m) = &mut s.constraint {
-                if let Err(e) = crate::grammar::mask(m, &mut l) {
-                    let _ = s.events.send(Event::Error { message: format!("The output grammar failed: {e}") });
-                    s.finished = true;
-                    continue;
-                }
+            if let Some(Err(e)) = s.constraint.as_mut().map(|m| crate::grammar::mask(m, &mut l)) {
+                grammar_failed(s, &e);
+                continue;
             }
             let t = s.sampler.sample(&mut l);
             s.generated += 1;
@@ -409,12 +413,9 @@ impl Engine {
                 self.finish(s, FinishReason::Stop, String::new());
                 continue;
             }
-            if let Some(m) = &mut s.constraint {
-                if let Err(e) = m.consume_token(t) {
-                    let _ = s.events.send(Event::Error { message: format!("The output grammar failed: {e}") });
-                    s.finished = true;
-                    continue;
-                }
+            if let Some(Err(e)) = s.constraint.as_mut().map(|m| m.consume_token(t)) {
+                grammar_failed(s, &e.to_string());
+                continue;
             }
             // The end-of-sequence token is not part of the answer, so it has no logprob entry.
             if let Some(top) = s.sampler.params().logprobs {

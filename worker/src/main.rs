@@ -406,7 +406,7 @@ fn main() -> anyhow::Result<()> {
                         }
                     };
                     tracing::info!(model = %id, dim = encoder.config.hidden, engine = on, "embedding model ready");
-                    Some(worker::embeddings::Embedder::start_on(encoder, compute, on, id))
+                    Some(worker::embeddings::Embedder::start_on(encoder, compute, id))
                 }
                 None => None,
             };

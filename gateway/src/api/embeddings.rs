@@ -65,15 +65,11 @@ pub async fn create_embeddings(
     if request.dimensions == Some(0) {
         return Err(ApiError::param("`dimensions` must be at least 1", "dimensions"));
     }
-    let prompt_tokens = if body.len() <= INLINE_TOKENIZE_BYTES {
+    let (inputs, prompt_tokens) = if body.len() <= INLINE_TOKENIZE_BYTES {
         count(&state, &request)?
     } else {
         let (s, r) = (state.clone(), request.clone());
         tokio::task::spawn_blocking(move || count(&s, &r)).await.map_err(|e| ApiError::Internal(format!("tokenizing: {e}")))??
-    };
-    let inputs = match &request.input {
-        Some(serde_json::Value::Array(items)) if !items.iter().all(serde_json::Value::is_number) => items.len(),
-        _ => 1,
     };
     let base64 = request.encoding_format == Some(EncodingFormat::Base64);
     request.encoding_format = Some(if base64 { EncodingFormat::Base64 } else { EncodingFormat::Float });
@@ -82,7 +78,7 @@ pub async fn create_embeddings(
     let level = quality::builtin("standard").ok_or_else(|| ApiError::Internal("no standard level".into()))?;
     let candidates = routing::embedding_candidates(&state.registry.snapshot(), &request.model, now_ms(), state.config.stale_after_ms());
     let dispatch = Dispatch {
-        endpoint: Endpoint::Embeddings { inputs: u32::try_from(inputs).unwrap_or(u32::MAX), base64 },
+        endpoint: Endpoint::Embeddings { inputs, base64 },
         request_id,
         key,
         model: request.model.clone(),
@@ -115,10 +111,10 @@ pub async fn create_embeddings(
     }))
 }
 
-/// The request's prompt tokens: counted with the model's tokenizer (which also
-/// refuses token ids outside its vocabulary and, when its context is known, inputs
-/// longer than it), else the most they can be.
-fn count(state: &AppState, request: &CreateEmbeddingRequest) -> Result<u32, ApiError> {
+/// The request's inputs and prompt tokens: counted with the model's tokenizer (which
+/// also refuses token ids outside its vocabulary and, when its context is known,
+/// inputs longer than it), else the most they can be.
+fn count(state: &AppState, request: &CreateEmbeddingRequest) -> Result<(u32, u32), ApiError> {
     let inputs = Inputs::parse(request.input.as_ref()).map_err(refused)?;
     let tokens = match state.tokenizers.embedding(&request.model) {
         Some(t) => {
@@ -128,5 +124,6 @@ fn count(state: &AppState, request: &CreateEmbeddingRequest) -> Result<u32, ApiE
         }
         None => inputs.most_tokens(),
     };
-    Ok(u32::try_from(tokens).unwrap_or(u32::MAX))
+    let as_u32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok((as_u32(inputs.len() as u64), as_u32(tokens)))
 }

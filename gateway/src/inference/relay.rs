@@ -271,6 +271,26 @@ impl Tracker {
         }
     }
 
+    /// The billed usage with its cost in USD.
+    fn usage_with_cost(&self) -> Usage {
+        let (mut usage, _) = self.billed_usage();
+        usage.cost = Some(crate::money::units::usd(self.charge(&usage)));
+        usage
+    }
+
+    /// The request ended well: its usage row and settlement go to the writer, and this
+    /// waits until they committed (the caller answers only then).
+    async fn settle_ok(&mut self) -> Result<(), &'static str> {
+        self.status = UsageStatus::Ok;
+        let (ack, committed) = tokio::sync::oneshot::channel();
+        let Some(completion) = self.completion(Some(ack)) else { return Ok(()) };
+        self.sink.record(completion);
+        match committed.await {
+            Ok(true) => Ok(()),
+            _ => Err("the request could not be settled; it was not billed"),
+        }
+    }
+
     /// The charge for what was delivered, capped by the hold.
     fn charge(&self, usage: &Usage) -> Micros {
         if let Some(charge) = self.settled_charge {
@@ -436,9 +456,7 @@ impl Relay {
 
     /// The billed usage with its cost in USD.
     pub fn usage(&self) -> Usage {
-        let (mut usage, _) = self.tracker.billed_usage();
-        usage.cost = Some(crate::money::units::usd(self.tracker.charge(&usage)));
-        usage
+        self.tracker.usage_with_cost()
     }
 
     pub async fn next(&mut self) -> Event {
@@ -549,13 +567,9 @@ impl Relay {
     /// The provider finished: settle, and only then report the end.
     async fn finish(&mut self) -> Event {
         self.finished = true;
-        self.tracker.status = UsageStatus::Ok;
-        let (ack, committed) = tokio::sync::oneshot::channel();
-        let Some(completion) = self.tracker.completion(Some(ack)) else { return Event::Done };
-        self.tracker.sink.record(completion);
-        match committed.await {
-            Ok(true) => Event::Done,
-            _ => Event::Failed("the request could not be settled; it was not billed".to_owned()),
+        match self.tracker.settle_ok().await {
+            Ok(()) => Event::Done,
+            Err(message) => Event::Failed(message.to_owned()),
         }
     }
 
@@ -650,16 +664,8 @@ pub async fn embed(state: &AppState, dispatch: Dispatch) -> Result<Answer, ApiEr
         _ => Vec::new(),
     };
     tracker.reported = Some(Usage { prompt_tokens, completion_tokens: 0, total_tokens: prompt_tokens, cost: None });
-    tracker.status = UsageStatus::Ok;
-    let (usage, _) = tracker.billed_usage();
-    let usage = Usage { cost: Some(crate::money::units::usd(tracker.charge(&usage))), ..usage };
-    let (ack, committed) = tokio::sync::oneshot::channel();
-    if let Some(completion) = tracker.completion(Some(ack)) {
-        tracker.sink.record(completion);
-        if committed.await != Ok(true) {
-            return Err(ApiError::Internal("the request could not be settled; it was not billed".into()));
-        }
-    }
+    let usage = tracker.usage_with_cost();
+    tracker.settle_ok().await.map_err(|message| ApiError::Internal(message.into()))?;
     drop(slot);
     Ok(Answer { embeddings, usage })
 }

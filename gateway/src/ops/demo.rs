@@ -174,6 +174,15 @@ async fn register_upstream(state: &crate::state::AppState, upstream: &str) -> an
     Ok(first)
 }
 
+/// Runs `worker fetch-model ARGS` and returns the path it printed.
+async fn fetch_model(worker: &std::path::Path, args: &[&str]) -> anyhow::Result<PathBuf> {
+    let out = tokio::process::Command::new(worker).arg("fetch-model").args(args).stderr(Stdio::inherit()).output().await?;
+    if !out.status.success() {
+        bail!("`worker fetch-model {}` failed", args.join(" "));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim()))
+}
+
 /// Starts `worker serve` with the default model; the worker registers itself. Returns
 /// the worker, the model id it serves and the model's path.
 async fn spawn_worker(state: &crate::state::AppState, options: &DemoOptions, gateway: &str) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
@@ -186,27 +195,17 @@ async fn spawn_worker(state: &crate::state::AppState, options: &DemoOptions, gat
     }
     let model = match &options.model {
         Some(m) => m.clone(),
-        None => {
-            let out = tokio::process::Command::new(&worker).arg("fetch-model").stderr(Stdio::inherit()).output().await?;
-            if !out.status.success() {
-                bail!("`worker fetch-model` failed");
-            }
-            let text = String::from_utf8_lossy(&out.stdout);
-            PathBuf::from(text.lines().last().unwrap_or("").trim())
-        }
+        None => fetch_model(&worker, &[]).await?,
     };
     let embedding = match &options.embedding_model {
         Some(dir) => Some(dir.clone()),
-        None => {
-            let out = tokio::process::Command::new(&worker).args(["fetch-model", "--embedding"]).stderr(Stdio::inherit()).output().await?;
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim());
-            if out.status.success() {
-                Some(dir)
-            } else {
-                tracing::warn!("`worker fetch-model --embedding` failed; the demo serves no embedding model");
+        None => match fetch_model(&worker, &["--embedding"]).await {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                tracing::warn!("{e}; the demo serves no embedding model");
                 None
             }
-        }
+        },
     };
     let public = format!("http://127.0.0.1:{}", options.worker_port);
     let mut command = tokio::process::Command::new(&worker);

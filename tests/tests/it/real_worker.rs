@@ -99,12 +99,22 @@ async fn wait_listed(http: &reqwest::Client, base: &str, key: &str, model: &str)
 /// Runs a script of `tests/sdk/python` with the venv's Python against the gateway at
 /// `base` with `key` (and `env`); fails the test with its output when it fails.
 async fn run_python(script: &str, base: &str, key: &str, env: &[(&str, &str)]) -> String {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
-    let python = root.join(".venv/bin/python");
+    let python = repo_root().join(".venv/bin/python");
     assert!(python.is_file(), "{} is missing: run scripts/test.sh", python.display());
-    let out = Command::new(&python)
-        .arg(format!("tests/sdk/python/{script}"))
-        .current_dir(&root)
+    run_sdk(&python, &format!("tests/sdk/python/{script}"), base, key, env).await
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap()
+}
+
+/// Runs an SDK test script (`program script`, from the repository's root) against the
+/// gateway at `base` with `key` (and `env`); fails the test with its output when it
+/// fails, else returns what it printed.
+async fn run_sdk(program: &std::path::Path, script: &str, base: &str, key: &str, env: &[(&str, &str)]) -> String {
+    let out = Command::new(program)
+        .arg(script)
+        .current_dir(repo_root())
         .env("GATEWAY_BASE_URL", format!("{base}/v1"))
         .env("GATEWAY_API_KEY", key)
         .envs(env.iter().copied())
@@ -193,32 +203,8 @@ async fn real_worker_low_and_ultra_run_differently_and_bill_their_multipliers() 
 
     // The Responses API with both official SDKs against the real model: a plain answer,
     // then a streamed one continuing it with `previous_response_id`.
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap();
-    let python = root.join(".venv/bin/python");
-    assert!(python.is_file(), "{} is missing: run scripts/test.sh", python.display());
-    for (program, script) in [
-        (python, "tests/sdk/python/responses_real_worker.py"),
-        (PathBuf::from("node"), "tests/sdk/node/responses-real-worker.mjs"),
-    ] {
-        let out = Command::new(&program)
-            .arg(script)
-            .current_dir(&root)
-            .env("GATEWAY_BASE_URL", format!("{base}/v1"))
-            .env("GATEWAY_API_KEY", &key)
-            .env("GATEWAY_MODEL", &model)
-            .env_remove("OPENAI_API_KEY")
-            .env_remove("OPENAI_BASE_URL")
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{script} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    run_python("responses_real_worker.py", base, &key, &[("GATEWAY_MODEL", &model)]).await;
+    run_sdk("node".as_ref(), "tests/sdk/node/responses-real-worker.mjs", base, &key, &[("GATEWAY_MODEL", &model)]).await;
     let endpoints: Vec<String> =
         sqlx::query_scalar("SELECT endpoint FROM usage_records WHERE endpoint = 'responses'").fetch_all(&pool).await.unwrap();
     assert_eq!(endpoints.len(), 4, "two responses per SDK, each with its usage record");
