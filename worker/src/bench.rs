@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use llguidance::Matcher;
+
 use crate::bert::Encoder;
+use crate::grammar::Grammars;
 use crate::engine::{Engine, Event, GenRequest};
 use crate::forward::{BatchItem, Forward, StepError};
 use crate::model::Model;
@@ -25,6 +28,23 @@ impl Default for BenchConfig {
     fn default() -> Self {
         BenchConfig { prompt_tokens: 512, decode_tokens: 128, concurrency: vec![1, 4, 16, 32] }
     }
+}
+
+/// Decode speed with and without a JSON schema (`grammar`), same prompts and length.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConstrainedRow {
+    pub streams: usize,
+    /// Per-stream decode tokens per second, free and under the schema.
+    pub free_tps: f64,
+    pub schema_tps: f64,
+}
+
+/// A schema whose answers are longer than any bench run (forty strings), so a
+/// constrained stream runs its whole `max_tokens` as a free one does.
+fn long_schema() -> serde_json::Value {
+    serde_json::json!({"type": "json_schema", "json_schema": {"name": "notes", "schema": {"type": "object",
+        "properties": {"notes": {"type": "array", "minItems": 40, "maxItems": 40, "items": {"type": "string", "maxLength": 40}}},
+        "required": ["notes"], "additionalProperties": false}}})
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +73,8 @@ pub struct BenchReport {
     #[serde(serialize_with = "as_ms")]
     pub short_ttft: Duration,
     pub rows: Vec<Row>,
+    /// At one stream and at the most streams measured.
+    pub constrained: Vec<ConstrainedRow>,
     pub peak_rss_mb: u64,
     pub threads: usize,
     pub device: String,
@@ -71,16 +93,23 @@ struct StreamResult {
 }
 
 fn run_streams(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Vec<StreamResult> {
+    run_constrained(engine, prompts, max_tokens, None)
+}
+
+/// Runs `prompts` as concurrent streams of `max_tokens` tokens each, every one under
+/// its own copy of `constraint` when there is one.
+fn run_constrained(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize, constraint: Option<&Matcher>) -> Vec<StreamResult> {
     let start = Instant::now();
     let rxs: Vec<_> = prompts
         .into_iter()
         .map(|prompt| {
-            engine.submit(GenRequest {
+            let req = GenRequest {
                 prompt,
                 params: SamplingParams { max_tokens, ignore_eos: true, ..Default::default() },
                 priority: 0,
                 precision: engine.config.default_precision,
-            })
+            };
+            engine.submit_constrained(req, constraint.map(Matcher::deep_clone))
         })
         .collect();
     let handles: Vec<_> = rxs
@@ -115,6 +144,12 @@ fn run_streams(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Ve
     handles.into_iter().filter_map(|h| h.join().ok()).collect()
 }
 
+/// Decode tokens per second of one stream, first token to last (mean over streams).
+fn per_stream_tps(results: &[StreamResult]) -> f64 {
+    results.iter().map(|r| r.tokens.saturating_sub(1) as f64 / (r.last - r.first).as_secs_f64().max(1e-9)).sum::<f64>()
+        / results.len().max(1) as f64
+}
+
 pub fn run(engine: &Engine, cfg: &BenchConfig) -> BenchReport {
     let tok = &engine.model.tokenizer;
     let text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ".repeat(64);
@@ -137,17 +172,30 @@ pub fn run(engine: &Engine, cfg: &BenchConfig) -> BenchReport {
             (Some(f), Some(l)) => (l - f).as_secs_f64().max(1e-9),
             _ => 1.0,
         };
-        let per_stream = results
-            .iter()
-            .map(|r| r.tokens.saturating_sub(1) as f64 / (r.last - r.first).as_secs_f64().max(1e-9))
-            .sum::<f64>()
-            / results.len().max(1) as f64;
+        let per_stream = per_stream_tps(&results);
         let ttft_mean = results.iter().map(|r| r.ttft).sum::<Duration>() / results.len().max(1) as u32;
         if n == 1 {
             short_ttft = ttft_mean;
         }
         rows.push(Row { streams: n, aggregate_tps: total as f64 / span, per_stream_tps: per_stream, ttft_mean });
     }
+    let constrained = match Grammars::new(tok).and_then(|g| g.constraint(Some(&long_schema()))) {
+        Ok(Some(m)) => {
+            let most = cfg.concurrency.iter().copied().max().unwrap_or(1);
+            let mut counts = vec![1, most];
+            counts.dedup();
+            counts
+                .into_iter()
+                .map(|n| {
+                    let prompts = || (0..n).map(|i| tok.encode(&format!("Write notes number {i} about the sea as JSON."))).collect();
+                    let free = per_stream_tps(&run_constrained(engine, prompts(), cfg.decode_tokens, None));
+                    let schema = per_stream_tps(&run_constrained(engine, prompts(), cfg.decode_tokens, Some(&m)));
+                    ConstrainedRow { streams: n, free_tps: free, schema_tps: schema }
+                })
+                .collect()
+        }
+        Ok(None) | Err(_) => Vec::new(),
+    };
     let device = engine.forward.device();
     BenchReport {
         prompt_tokens: cfg.prompt_tokens,
@@ -155,6 +203,7 @@ pub fn run(engine: &Engine, cfg: &BenchConfig) -> BenchReport {
         prompt_ttft,
         short_ttft,
         rows,
+        constrained,
         peak_rss_mb: crate::host::peak_rss_mb(),
         threads: rayon::current_num_threads(),
         device: format!("{} on {}", device.engine, device.name),
@@ -199,6 +248,15 @@ impl fmt::Display for BenchReport {
         writeln!(f, "|---|---|---|---|")?;
         for r in &self.rows {
             writeln!(f, "| {} | {:.0} | {:.1} | {:.0} ms |", r.streams, r.aggregate_tps, r.per_stream_tps, r.ttft_mean.as_secs_f64() * 1e3)?;
+        }
+        if !self.constrained.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "| streams | per-stream tok/s, free | with a JSON schema | schema costs |")?;
+            writeln!(f, "|---|---|---|---|")?;
+            for r in &self.constrained {
+                let cost = (1.0 - r.schema_tps / r.free_tps.max(1e-9)) * 100.0;
+                writeln!(f, "| {} | {:.1} | {:.1} | {cost:.1} % |", r.streams, r.free_tps, r.schema_tps)?;
+            }
         }
         Ok(())
     }

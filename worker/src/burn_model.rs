@@ -636,6 +636,32 @@ where
         kv_bytes_per_token(&self.cfg, self.dtype)
     }
 
+    /// Copies the slot's rows on the device, layer by layer.
+    fn copy_cache(&self, _model: &Model, from: &KvCache, to: &mut KvCache) -> Result<(), StepError> {
+        let mut cache = self.lock_cache();
+        let (KvStore::Slot(src), KvStore::Slot(dst)) = (&from.store, &to.store) else { return Err(StepError::WrongCache) };
+        if from.len == 0 {
+            to.len = 0;
+            return Ok(());
+        }
+        if src.epoch != cache.epoch || dst.epoch != cache.epoch {
+            return Err(StepError::CacheLost);
+        }
+        let Some(layers) = cache.layers.take() else { return Err(StepError::CacheLost) };
+        let (src, dst, len, width) = (src.index * self.slot_len, dst.index * self.slot_len, from.len, self.cfg.kv_dim());
+        let copied = layers
+            .into_iter()
+            .map(|(k, v)| {
+                let rows = |t: &Tensor<B, 2>| t.clone().slice([src..src + len, 0..width]);
+                let (k_rows, v_rows) = (rows(&k), rows(&v));
+                (k.slice_assign([dst..dst + len, 0..width], k_rows), v.slice_assign([dst..dst + len, 0..width], v_rows))
+            })
+            .collect();
+        cache.layers = Some(copied);
+        to.len = len;
+        Ok(())
+    }
+
     fn device(&self) -> DeviceInfo {
         let mut info = self.info.clone();
         info.memory_free_mb = (self.free_memory_mb)();

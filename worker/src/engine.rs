@@ -7,6 +7,11 @@
 //! never stalls the others for more than a chunk. A request whose receiver is gone
 //! (client disconnected) is dropped at the next step.
 //!
+//! A request for `n > 1` choices is prefilled once: when its prompt is in the KV
+//! cache, the cache is copied into each further choice's (`Forward::copy_cache`) and
+//! every choice samples its first token from the same logits, with its own seed (the
+//! request's seed plus the choice's index) and its own grammar and channel.
+//!
 //! Precision is per request: a step runs `Exact` when any sequence in it needs full
 //! precision, else `Fast`. Rows are independent of each other at one precision, so a
 //! full-precision request gets the same results alone or batched with reduced ones
@@ -130,8 +135,21 @@ struct Queued {
     priority: i32,
     id: u64,
     req: GenRequest,
+    /// One per choice (`n`), the first one's prefill shared by all.
+    choices: Vec<Choice>,
+}
+
+/// What one choice of a request has of its own.
+struct Choice {
     constraint: Option<Matcher>,
     events: UnboundedSender<Event>,
+}
+
+/// A further choice of an `n > 1` request, waiting for the first one's prefill.
+struct Fork {
+    cache: KvCache,
+    sampler: Sampler,
+    choice: Choice,
 }
 
 impl PartialEq for Queued {
@@ -186,6 +204,8 @@ struct Seq {
     /// The grammar its tokens must follow (`grammar`), when it asked for structure.
     constraint: Option<Matcher>,
     events: UnboundedSender<Event>,
+    /// The request's other choices, which start when this one's prompt is cached.
+    forks: Vec<Fork>,
     reserved: usize,
     finished: bool,
     precision: Precision,
@@ -241,8 +261,25 @@ impl Engine {
     /// Queues a request whose tokens must follow `constraint` (structured outputs):
     /// each step samples only among the tokens it allows.
     pub fn submit_constrained(&self, req: GenRequest, constraint: Option<Matcher>) -> UnboundedReceiver<Event> {
-        let (tx, rx) = unbounded_channel();
-        let Ok(mut q) = self.shared.queue.lock() else { return rx };
+        let mut rxs = self.submit_choices(req, vec![constraint]);
+        rxs.pop().unwrap_or_else(|| unbounded_channel().1)
+    }
+
+    /// Queues a request for `constraints.len()` choices (`n`), each with its grammar;
+    /// each choice's events arrive on its own receiver. The prompt is computed once.
+    /// Dropping the receivers cancels the request.
+    pub fn submit_choices(&self, req: GenRequest, constraints: Vec<Option<Matcher>>) -> Vec<UnboundedReceiver<Event>> {
+        let (choices, rxs): (Vec<Choice>, Vec<_>) = constraints
+            .into_iter()
+            .map(|constraint| {
+                let (events, rx) = unbounded_channel();
+                (Choice { constraint, events }, rx)
+            })
+            .unzip();
+        if choices.is_empty() {
+            return rxs;
+        }
+        let Ok(mut q) = self.shared.queue.lock() else { return rxs };
         let id = q.next_id;
         q.next_id += 1;
         let (req_priority, req_precision) = (req.priority, req.precision);
@@ -252,9 +289,10 @@ impl Engine {
             precision = req.precision.api_name(),
             max_tokens = req.params.max_tokens,
             temperature = req.params.temperature,
+            n = choices.len(),
             "request queued"
         );
-        q.heap.push(Queued { priority: req.priority, id, req, constraint, events: tx });
+        q.heap.push(Queued { priority: req.priority, id, req, choices });
         self.shared.stats.queued.store(q.heap.len(), Relaxed);
         self.shared.stats.requests_total.fetch_add(1, Relaxed);
         let slot = usize::try_from(req_priority.clamp(0, 10)).unwrap_or(0);
@@ -262,7 +300,7 @@ impl Engine {
         self.shared.stats.requests_at(req_precision).fetch_add(1, Relaxed);
         drop(q);
         self.shared.wake.notify_one();
-        rx
+        rxs
     }
 
     pub fn shutdown(&self) {
@@ -270,9 +308,15 @@ impl Engine {
         self.shared.wake.notify_all();
     }
 
+    /// KV-cache bytes one choice of `req` may take.
     fn reserve_bytes(&self, req: &GenRequest) -> usize {
         let ctx = self.context_length();
         (req.prompt.len() + req.params.max_tokens).min(ctx) * self.forward.kv_bytes_per_token(&self.model.model)
+    }
+
+    /// A cache for each of `n` choices, or `None` when the device has fewer free slots.
+    fn new_caches(&self, n: usize) -> Option<Vec<KvCache>> {
+        (0..n).map(|_| self.forward.new_cache(&self.model.model)).collect()
     }
 
     fn run(&self) {
@@ -291,22 +335,40 @@ impl Engine {
                         Err(_) => return,
                     };
                 }
-                while active.len() < self.config.max_seqs {
+                loop {
                     let Some(top) = q.heap.peek() else { break };
-                    let need = self.reserve_bytes(&top.req);
-                    // An oversized request still runs when nothing else does.
-                    if reserved + need > self.config.kv_budget_bytes && !active.is_empty() {
+                    let n = top.choices.len();
+                    let running: usize = active.iter().map(|s| 1 + s.forks.len()).sum();
+                    // Every choice is a sequence; a request for more than the limit still
+                    // runs when nothing else does.
+                    if running + n > self.config.max_seqs && running > 0 {
                         break;
                     }
-                    // A device cache with no free slot: the request waits.
-                    let Some(cache) = self.forward.new_cache(&self.model.model) else { break };
+                    let need = self.reserve_bytes(&top.req);
+                    // An oversized request still runs when nothing else does.
+                    if reserved + need * n > self.config.kv_budget_bytes && !active.is_empty() {
+                        break;
+                    }
+                    // A device cache with too few free slots: the request waits.
+                    let Some(mut caches) = self.new_caches(n) else { break };
                     let Some(item) = q.heap.pop() else { break };
-                    if item.events.is_closed() {
+                    if item.choices.iter().all(|c| c.events.is_closed()) {
                         stats.cancelled_total.fetch_add(1, Relaxed);
                         continue;
                     }
-                    reserved += need;
+                    reserved += need * n;
                     stats.prompt_tokens_total.fetch_add(item.req.prompt.len() as u64, Relaxed);
+                    let mut choices = item.choices.into_iter();
+                    let (Some(first), Some(cache)) = (choices.next(), caches.pop()) else { continue };
+                    let forks = choices
+                        .zip(caches)
+                        .enumerate()
+                        .map(|(i, (choice, cache))| {
+                            let mut params = item.req.params.clone();
+                            params.seed = params.seed.map(|s| s.wrapping_add(i as u64 + 1));
+                            Fork { cache, sampler: Sampler::new(params), choice }
+                        })
+                        .collect();
                     active.push(Seq {
                         max_tokens: item.req.params.max_tokens,
                         stop: StopMatcher::new(item.req.params.stop.clone()),
@@ -317,20 +379,21 @@ impl Engine {
                         generated: 0,
                         cache,
                         utf8: Utf8Stream::default(),
-                        events: item.events,
+                        events: first.events,
+                        forks,
                         reserved: need,
                         finished: false,
                         precision: item.req.precision,
-                        constraint: item.constraint,
+                        constraint: first.constraint,
                     });
                 }
                 stats.queued.store(q.heap.len(), Relaxed);
             }
             active.retain(|s| {
-                let gone = s.events.is_closed();
+                let gone = s.events.is_closed() && s.forks.iter().all(|f| f.choice.events.is_closed());
                 if gone {
                     stats.cancelled_total.fetch_add(1, Relaxed);
-                    reserved -= s.reserved;
+                    reserved -= s.reserved * (1 + s.forks.len());
                 }
                 !gone
             });
@@ -342,9 +405,10 @@ impl Engine {
             self.step(&mut active);
             stats.steps_total.fetch_add(1, Relaxed);
             active.retain(|s| {
-                let gone = s.finished || s.events.is_closed();
+                let gone = s.finished || (s.events.is_closed() && s.forks.iter().all(|f| f.choice.events.is_closed()));
                 if gone {
-                    reserved -= s.reserved;
+                    // Forks still waiting here failed or were cancelled with their parent.
+                    reserved -= s.reserved * (1 + s.forks.len());
                     if !s.finished {
                         stats.cancelled_total.fetch_add(1, Relaxed);
                     }
@@ -359,7 +423,7 @@ impl Engine {
     /// One forward pass over all running sequences, then sampling. Finished
     /// sequences close their channel (so the caller's `retain` drops them). The pass
     /// is exact when any sequence in it needs full precision.
-    fn step(&self, active: &mut [Seq]) {
+    fn step(&self, active: &mut Vec<Seq>) {
         let decoding = active.iter().filter(|s| s.prefilled >= s.prompt.len()).count();
         let mut budget = self.config.prefill_chunk.saturating_sub(decoding).max(if decoding == 0 { 1 } else { 0 });
         let mut items = Vec::with_capacity(active.len());
@@ -398,58 +462,105 @@ impl Engine {
             Ok(Err(e)) => return self.fail_step(active, &stepped, e.to_string()),
             Err(panic) => return self.fail_step(active, &stepped, crate::backend::panic_message(panic.as_ref())),
         };
+        let mut born = Vec::new();
+        for (i, l) in owners.into_iter().zip(logits) {
+            let s = &mut active[i];
+            for fork in std::mem::take(&mut s.forks) {
+                if let Some(mut f) = self.fork(s, fork) {
+                    self.take_logits(&mut f, l.clone());
+                    born.push(f);
+                }
+            }
+            self.take_logits(s, l);
+        }
+        active.extend(born);
+    }
+
+    /// A further choice of `parent` (whose prompt is cached), as a sequence of its own;
+    /// `None` (and an error to its caller) when its cache could not be copied.
+    fn fork(&self, parent: &Seq, fork: Fork) -> Option<Seq> {
+        let Fork { mut cache, sampler, choice } = fork;
+        let copied = catch_unwind(AssertUnwindSafe(|| self.forward.copy_cache(&self.model.model, &parent.cache, &mut cache)));
+        let error = match copied {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => Some(crate::backend::panic_message(panic.as_ref())),
+        };
+        if let Some(detail) = error {
+            self.shared.stats.failed_requests_total.fetch_add(1, Relaxed);
+            let _ = choice.events.send(Event::Error { message: format!("The engine failed while generating this response: {detail}") });
+            return None;
+        }
+        Some(Seq {
+            prompt: parent.prompt.clone(),
+            prefilled: parent.prompt.len(),
+            next: [0],
+            generated: 0,
+            max_tokens: parent.max_tokens,
+            cache,
+            stop: StopMatcher::new(sampler.params().stop.clone()),
+            sampler,
+            utf8: Utf8Stream::default(),
+            constraint: choice.constraint,
+            events: choice.events,
+            forks: Vec::new(),
+            reserved: parent.reserved,
+            finished: false,
+            precision: parent.precision,
+        })
+    }
+
+    /// Samples `s`'s next token from its logits and sends what it adds to the answer.
+    fn take_logits(&self, s: &mut Seq, mut l: Vec<f32>) {
         let ctx = self.context_length();
         let tok = &self.model.tokenizer;
-        for (i, mut l) in owners.into_iter().zip(logits) {
-            let s = &mut active[i];
-            if let Some(Err(e)) = s.constraint.as_mut().map(|m| crate::grammar::mask(m, &mut l)) {
-                grammar_failed(s, &e);
-                continue;
-            }
-            let t = s.sampler.sample(&mut l);
-            s.generated += 1;
-            self.shared.stats.completion_tokens_total.fetch_add(1, Relaxed);
-            if tok.is_eos(t) && (!s.sampler.params().ignore_eos || s.constraint.is_some()) {
-                self.finish(s, FinishReason::Stop, String::new());
-                continue;
-            }
-            if let Some(Err(e)) = s.constraint.as_mut().map(|m| m.consume_token(t)) {
-                grammar_failed(s, &e.to_string());
-                continue;
-            }
-            // The end-of-sequence token is not part of the answer, so it has no logprob entry.
-            if let Some(top) = s.sampler.params().logprobs {
-                let (lp, alts) = crate::sampling::logprobs(&l, t, top);
-                let info = |id: u32| {
-                    let bytes = tok.token_output_bytes(id).to_vec();
-                    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
-                };
-                let (token, bytes) = info(t);
-                let top = alts.into_iter().map(|(id, p)| { let (s, b) = info(id); (s, b, p) }).collect();
-                let _ = s.events.send(Event::Logprob(TokenLogprob { token, bytes, logprob: lp, top }));
-            }
-            let text = s.utf8.push(tok.token_output_bytes(t));
-            match s.stop.push(&text) {
-                StopOutcome::Stopped(out) => {
-                    if !out.is_empty() {
-                        let _ = s.events.send(Event::Text(out));
-                    }
-                    self.finish(s, FinishReason::Stop, String::new());
-                    continue;
-                }
-                StopOutcome::Continue(out) => {
-                    if !out.is_empty() {
-                        let _ = s.events.send(Event::Text(out));
-                    }
-                }
-            }
-            if s.generated >= s.max_tokens || s.cache.len + 1 >= ctx {
-                let tail = s.utf8.finish();
-                self.finish(s, FinishReason::Length, tail);
-                continue;
-            }
-            s.next = [t];
+        if let Some(Err(e)) = s.constraint.as_mut().map(|m| crate::grammar::mask(m, &mut l)) {
+            grammar_failed(s, &e);
+            return;
         }
+        let t = s.sampler.sample(&mut l);
+        s.generated += 1;
+        self.shared.stats.completion_tokens_total.fetch_add(1, Relaxed);
+        if tok.is_eos(t) && (!s.sampler.params().ignore_eos || s.constraint.is_some()) {
+            self.finish(s, FinishReason::Stop, String::new());
+            return;
+        }
+        if let Some(Err(e)) = s.constraint.as_mut().map(|m| m.consume_token(t)) {
+            grammar_failed(s, &e.to_string());
+            return;
+        }
+        // The end-of-sequence token is not part of the answer, so it has no logprob entry.
+        if let Some(top) = s.sampler.params().logprobs {
+            let (lp, alts) = crate::sampling::logprobs(&l, t, top);
+            let info = |id: u32| {
+                let bytes = tok.token_output_bytes(id).to_vec();
+                (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+            };
+            let (token, bytes) = info(t);
+            let top = alts.into_iter().map(|(id, p)| { let (s, b) = info(id); (s, b, p) }).collect();
+            let _ = s.events.send(Event::Logprob(TokenLogprob { token, bytes, logprob: lp, top }));
+        }
+        let text = s.utf8.push(tok.token_output_bytes(t));
+        match s.stop.push(&text) {
+            StopOutcome::Stopped(out) => {
+                if !out.is_empty() {
+                    let _ = s.events.send(Event::Text(out));
+                }
+                self.finish(s, FinishReason::Stop, String::new());
+                return;
+            }
+            StopOutcome::Continue(out) => {
+                if !out.is_empty() {
+                    let _ = s.events.send(Event::Text(out));
+                }
+            }
+        }
+        if s.generated >= s.max_tokens || s.cache.len + 1 >= ctx {
+            let tail = s.utf8.finish();
+            self.finish(s, FinishReason::Length, tail);
+            return;
+        }
+        s.next = [t];
     }
 
     /// Fails the sequences of a step that did not complete: their KV caches are in an
@@ -460,8 +571,11 @@ impl Engine {
         tracing::error!(requests = stepped.len(), engine = self.forward.device().engine, "engine step failed: {detail}");
         for &i in stepped {
             let s = &mut active[i];
-            stats.failed_requests_total.fetch_add(1, Relaxed);
-            let _ = s.events.send(Event::Error { message: format!("The engine failed while generating this response: {detail}") });
+            let message = format!("The engine failed while generating this response: {detail}");
+            for events in std::iter::once(&s.events).chain(s.forks.iter().map(|f| &f.choice.events)) {
+                stats.failed_requests_total.fetch_add(1, Relaxed);
+                let _ = events.send(Event::Error { message: message.clone() });
+            }
             s.finished = true;
         }
     }

@@ -163,6 +163,20 @@ pub trait Forward: Send + Sync {
     /// The device, with its free memory as of now.
     fn device(&self) -> DeviceInfo;
 
+    /// Makes `to` (empty) hold what `from` holds: the choices of an `n > 1` request
+    /// share their prompt's keys and values this way instead of computing them again.
+    fn copy_cache(&self, _model: &Model, from: &KvCache, to: &mut KvCache) -> Result<(), StepError> {
+        match (&from.store, &mut to.store) {
+            (KvStore::Host { k, v }, KvStore::Host { k: to_k, v: to_v }) => {
+                to_k.clone_from(k);
+                to_v.clone_from(v);
+                to.len = from.len;
+                Ok(())
+            }
+            _ => Err(StepError::WrongCache),
+        }
+    }
+
     /// Bytes of keys and values one cached token takes (what the engine's KV budget
     /// counts): f32 on the host unless the backend keeps another type.
     fn kv_bytes_per_token(&self, model: &Model) -> usize {

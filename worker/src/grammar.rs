@@ -52,8 +52,14 @@ impl Grammars {
     /// The constraint a chat request's `response_format` asks for: `None` for text (or
     /// none), else a fresh matcher, or why the format cannot be served.
     pub fn constraint(&self, response_format: Option<&Value>) -> Result<Option<Matcher>, String> {
+        Grammars::schema(response_format)?.map(|s| self.matcher(s)).transpose()
+    }
+
+    /// The JSON schema `response_format` asks answers to follow, if any (with its
+    /// integers bounded as this module says), or why it cannot be served.
+    pub fn schema(response_format: Option<&Value>) -> Result<Option<Value>, String> {
         let Some(rf) = response_format else { return Ok(None) };
-        let schema = match rf.get("type").and_then(Value::as_str) {
+        let mut schema = match rf.get("type").and_then(Value::as_str) {
             None | Some("text") => return Ok(None),
             Some("json_object") => json!({"type": "object"}),
             Some("json_schema") => match rf.get("json_schema").and_then(|s| s.get("schema")) {
@@ -64,21 +70,39 @@ impl Grammars {
             },
             Some(other) => return Err(format!("response_format type `{other}` is not supported (text, json_object, json_schema)")),
         };
-        self.matcher(schema).map(Some)
+        bound_integers(&mut schema);
+        Ok(Some(schema))
+    }
+
+    /// The constraint of a request with `tools` (`tools::Tools::lark`); `text` is the
+    /// schema of `response_format`, if any. `None` when the output is free.
+    pub fn tool_constraint(&self, tools: &crate::tools::Tools, text: Option<&Value>) -> Result<Option<Matcher>, String> {
+        let mut tools = tools.clone();
+        tools.tools.iter_mut().for_each(|t| bound_integers(&mut t.parameters));
+        let Some(lark) = tools.lark(text, &json_options()) else { return Ok(None) };
+        self.compile(TopLevelGrammar::from_lark(lark)).map(Some)
     }
 
     fn matcher(&self, mut schema: Value) -> Result<Matcher, String> {
-        bound_integers(&mut schema);
         if let Some(o) = schema.as_object_mut() {
-            o.insert("x-guidance".into(), json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+            o.insert("x-guidance".into(), json_options());
         }
-        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(|e| e.to_string())?;
+        self.compile(TopLevelGrammar::from_json_schema(schema))
+    }
+
+    fn compile(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
+        let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         match matcher.get_error() {
             Some(e) => Err(e),
             None => Ok(matcher),
         }
     }
+}
+
+/// How every JSON part is written: compact, one space after `,` and `:`.
+fn json_options() -> Value {
+    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
 }
 
 /// JSON's interoperable integers (RFC 8259 §6): ±(2^53 − 1).

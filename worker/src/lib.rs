@@ -23,6 +23,7 @@ pub mod registration;
 pub mod sampling;
 pub mod serve;
 pub mod server;
+pub mod tools;
 
 /// The tokenizer lives in the `tokenize` crate (shared with the gateway, which counts
 /// delivered tokens with it); the worker's modules name it `crate::tokenizer`.

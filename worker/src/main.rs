@@ -285,7 +285,7 @@ fn main() -> anyhow::Result<()> {
             let text = if chat {
                 let tpl = m.chat_template.as_deref().context("the model has no chat template")?;
                 let tpl = ChatTemplate::new(tpl, "", "")?;
-                tpl.render(&[ChatMessage { role: "user".into(), content: prompt }])?
+                tpl.render(&[ChatMessage::new("user", prompt)])?
             } else {
                 prompt
             };

@@ -23,12 +23,14 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::grammar::Grammars;
+use crate::tools::{Piece, ToolChoice, ToolParser, Tools};
 use crate::engine::{Engine, Event, FinishReason, GenRequest, TokenLogprob};
 use crate::quant::Precision;
 use crate::sampling::SamplingParams;
 
 /// The optional OpenAI request parameters this worker honours (announced to the gateway).
-pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop", "logprobs", "response_format"];
+pub const FEATURES: &[&str] = &["logit_bias", "seed", "penalties", "stop", "logprobs", "response_format", "tools", "n"];
 
 /// Who may call `/v1/*`: the bearer tokens accepted (the gateway's relay secret, an
 /// `--api-key`), or anyone (`--open`). `/health` and `/metrics` stay open: they show
@@ -258,6 +260,10 @@ struct CommonParams {
     logprobs: Option<Value>,
     top_logprobs: Option<Value>,
     tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    /// The deprecated `functions`/`function_call`: refused, naming `tools` instead.
+    functions: Option<Value>,
     response_format: Option<Value>,
     priority: Option<i32>,
     /// `full` or `reduced` (an extension the gateway sends from the quality tier).
@@ -276,6 +282,28 @@ struct MessageIn {
     role: String,
     #[serde(default)]
     content: Value,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+/// An assistant turn's calls as templates read them (`chat::ChatMessage::tool_calls`):
+/// arguments parsed from OpenAI's JSON string.
+fn template_calls(calls: &[Value]) -> Result<Vec<Value>, ApiError> {
+    calls
+        .iter()
+        .map(|c| {
+            let f = c.get("function").ok_or_else(|| ApiError::bad("a tool call is missing `function`", "messages"))?;
+            let arguments = match f.get("arguments") {
+                Some(Value::String(a)) => serde_json::from_str(a).unwrap_or_else(|_| Value::String(a.clone())),
+                Some(v) => v.clone(),
+                None => json!({}),
+            };
+            Ok(json!({"id": c.get("id"), "type": "function",
+                "function": {"name": f.get("name").cloned().unwrap_or(Value::Null), "arguments": arguments}}))
+        })
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -320,12 +348,13 @@ impl AppState {
 
     /// The engine request for a validated body, with the grammar its output must follow
     /// when it asks for structured output.
-    fn request(&self, prompt: Vec<u32>, p: &CommonParams, kind: Kind) -> Result<(GenRequest, Option<Matcher>), ApiError> {
+    fn request(&self, prompt: Vec<u32>, p: &CommonParams, kind: Kind, tools: Option<&Tools>) -> Result<(GenRequest, Option<Matcher>), ApiError> {
         if self.draining.load(Relaxed) {
             return Err(ApiError::Draining);
         }
-        if p.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad("Only n=1 is supported by this worker", "n"));
+        let most = MAX_CHOICES.min(self.engine.config.max_seqs);
+        if p.n.is_some_and(|n| n == 0 || n > most as u64) {
+            return Err(ApiError::bad(format!("n must be between 1 and {most} on this worker"), "n"));
         }
         let logprobs = match (kind, &p.logprobs, &p.top_logprobs) {
             (Kind::Chat, Some(Value::Bool(true)), top) => {
@@ -344,19 +373,29 @@ impl AppState {
             (Kind::Text, None, _) => None,
             _ => return Err(ApiError::bad("logprobs are supported on chat completions only (true/false)", "logprobs")),
         };
-        if p.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::bad("tools are not supported by this worker", "tools"));
+        if p.functions.is_some() {
+            return Err(ApiError::bad("functions is deprecated and not served here: send tools", "functions"));
         }
-        let structured = p.response_format.as_ref().and_then(|rf| rf.get("type")).and_then(Value::as_str).is_some_and(|t| t != "text");
-        let constraint = if structured {
-            if kind != Kind::Chat {
-                return Err(ApiError::bad("response_format is supported on chat completions only", "response_format"));
+        if kind != Kind::Chat && p.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::bad("tools are supported on chat completions only", "tools"));
+        }
+        let schema = Grammars::schema(p.response_format.as_ref()).map_err(|e| ApiError::bad(e, "response_format"))?;
+        if schema.is_some() && kind != Kind::Chat {
+            return Err(ApiError::bad("response_format is supported on chat completions only", "response_format"));
+        }
+        let constraint = match (tools, &schema) {
+            (None, None) => None,
+            (tools, schema) => {
+                let grammars = self.grammars.get_or_init(|| Grammars::new(&self.engine.model.tokenizer));
+                let grammars = grammars.as_ref().map_err(|e| ApiError::Internal(format!("cannot build this model's token trie: {e}")))?;
+                match tools {
+                    // Under `tool_choice: none` the answer is text, as `response_format` says.
+                    Some(t) if t.choice != ToolChoice::None => {
+                        grammars.tool_constraint(t, schema.as_ref()).map_err(|e| ApiError::bad(e, "tools"))?
+                    }
+                    _ => grammars.constraint(p.response_format.as_ref()).map_err(|e| ApiError::bad(e, "response_format"))?,
+                }
             }
-            let grammars = self.grammars.get_or_init(|| crate::grammar::Grammars::new(&self.engine.model.tokenizer));
-            let grammars = grammars.as_ref().map_err(|e| ApiError::Internal(format!("cannot build this model's token trie: {e}")))?;
-            grammars.constraint(p.response_format.as_ref()).map_err(|e| ApiError::bad(e, "response_format"))?
-        } else {
-            None
         };
         let limit = self.engine.context_length();
         if prompt.len() >= limit {
@@ -444,15 +483,19 @@ async fn chat_completions(State(st): State<AppState>, body: axum::body::Bytes) -
     if body.messages.is_empty() {
         return Err(ApiError::bad("messages must not be empty", "messages"));
     }
+    let c = &body.common;
+    let tools = Tools::parse(c.tools.as_deref(), c.tool_choice.as_ref(), c.parallel_tool_calls)
+        .map_err(|r| ApiError::bad(r.message, r.param))?;
     let mut msgs = Vec::with_capacity(body.messages.len());
     for m in &body.messages {
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
-        msgs.push(ChatMessage { role, content: content_text(&m.content)? });
+        let tool_calls = m.tool_calls.as_deref().map(template_calls).transpose()?;
+        msgs.push(ChatMessage { role, content: content_text(&m.content)?, tool_calls, tool_call_id: m.tool_call_id.clone() });
     }
-    let text = template.render(&msgs).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+    let text = template.render_with(&msgs, tools.as_ref()).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
     let prompt = st.engine.model.tokenizer.encode(&text);
-    let (req, constraint) = st.request(prompt, &body.common, Kind::Chat)?;
-    respond(&st, req, constraint, &body.common, Kind::Chat).await
+    let (req, constraint) = st.request(prompt, c, Kind::Chat, tools.as_ref())?;
+    respond(&st, req, constraint, c, Kind::Chat, tools.as_ref()).await
 }
 
 async fn completions(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
@@ -464,8 +507,8 @@ async fn completions(State(st): State<AppState>, body: axum::body::Bytes) -> Res
         _ => return Err(ApiError::bad("prompt must be a string (batches are not supported)", "prompt")),
     };
     let prompt = st.engine.model.tokenizer.encode(&text);
-    let (req, constraint) = st.request(prompt, &body.common, Kind::Text)?;
-    respond(&st, req, constraint, &body.common, Kind::Text).await
+    let (req, constraint) = st.request(prompt, &body.common, Kind::Text, None)?;
+    respond(&st, req, constraint, &body.common, Kind::Text, None).await
 }
 
 async fn embeddings(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
@@ -501,42 +544,164 @@ fn logprob_json(lp: &TokenLogprob) -> Value {
     json!({"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes, "top_logprobs": top})
 }
 
-async fn respond(st: &AppState, req: GenRequest, constraint: Option<Matcher>, p: &CommonParams, kind: Kind) -> Result<Response, ApiError> {
+/// Choices one request may ask for (`n`), at most; fewer when the engine runs fewer
+/// sequences at once.
+pub const MAX_CHOICES: usize = 16;
+
+async fn respond(
+    st: &AppState,
+    req: GenRequest,
+    constraint: Option<Matcher>,
+    p: &CommonParams,
+    kind: Kind,
+    tools: Option<&Tools>,
+) -> Result<Response, ApiError> {
     let want_logprobs = req.params.logprobs.is_some();
-    let rx = st.engine.submit_constrained(req, constraint);
+    let n = p.n.unwrap_or(1) as usize;
+    let constraints = (0..n).map(|_| constraint.as_ref().map(Matcher::deep_clone)).collect();
+    let rxs = st.engine.submit_choices(req, constraints);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Kind::Text => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
     };
     let meta = Meta { id, created: now(), model: st.model_id.clone(), kind };
+    let choices: Vec<ChoiceState> = (0..n).map(|_| ChoiceState::new(tools)).collect();
+    let events = merged(rxs);
     if p.stream {
         let include_usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(Sse::new(sse_stream(rx, meta, include_usage)).into_response());
+        return Ok(Sse::new(sse_stream(events, choices, meta, include_usage)).into_response());
     }
-    let mut rx = rx;
-    let mut text = String::new();
-    let mut lps = Vec::new();
-    while let Some(ev) = rx.recv().await {
+    whole_answer(events, choices, meta, want_logprobs).await
+}
+
+/// Every choice's events on one stream, tagged with the choice's index; a choice
+/// whose channel closes without `Done` or `Error` says so with an error.
+fn merged(rxs: Vec<UnboundedReceiver<Event>>) -> impl Stream<Item = (usize, Event)> + Send + Unpin {
+    let streams = rxs.into_iter().enumerate().map(|(i, rx)| {
+        Box::pin(futures::stream::unfold(Some(rx), move |rx| async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(ev @ (Event::Done { .. } | Event::Error { .. })) => Some(((i, ev), None)),
+                Some(ev) => Some(((i, ev), Some(rx))),
+                None => Some(((i, Event::Error { message: "the engine stopped before finishing the request".into() }), None)),
+            }
+        }))
+    });
+    futures::stream::select_all(streams)
+}
+
+/// The answer of a request that did not ask for a stream.
+async fn whole_answer(
+    mut events: impl Stream<Item = (usize, Event)> + Unpin,
+    mut choices: Vec<ChoiceState>,
+    meta: Meta,
+    want_logprobs: bool,
+) -> Result<Response, ApiError> {
+    use futures::StreamExt;
+    let mut answers: Vec<Answer> = choices.iter().map(|_| Answer::default()).collect();
+    let (mut prompt, mut completion, mut open) = (0, 0, choices.len());
+    while let Some((i, ev)) = events.next().await {
+        let (c, a) = (&mut choices[i], &mut answers[i]);
         match ev {
-            Event::Text(t) => text.push_str(&t),
-            Event::Logprob(lp) => lps.push(logprob_json(&lp)),
+            Event::Text(t) => c.pieces(&t).into_iter().for_each(|p| a.take(p)),
+            Event::Logprob(lp) => a.logprobs.push(logprob_json(&lp)),
             Event::Done { reason, prompt_tokens, completion_tokens } => {
-                let usage = usage(prompt_tokens, completion_tokens);
-                let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": if want_logprobs { json!({"content": lps}) } else { Value::Null },
-                        "finish_reason": reason.as_str()}),
-                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()}),
-                };
-                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-                return Ok(Json(json!({"id": meta.id, "object": object, "created": meta.created,
-                    "model": meta.model, "choices": [choice], "usage": usage}))
-                .into_response());
+                c.finish().into_iter().for_each(|p| a.take(p));
+                a.finish = Some(c.finish_reason(reason));
+                prompt = prompt_tokens;
+                completion += completion_tokens;
+                open -= 1;
+                if open == 0 {
+                    break;
+                }
             }
             Event::Error { message } => return Err(ApiError::Engine(message)),
         }
     }
-    Err(ApiError::Internal("the engine stopped before finishing the request".into()))
+    let choices: Vec<Value> = answers.into_iter().enumerate().map(|(i, a)| a.json(i, meta.kind, want_logprobs)).collect();
+    let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    Ok(Json(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+        "choices": choices, "usage": usage(prompt, completion)}))
+    .into_response())
+}
+
+/// One choice's whole answer, put together from its pieces.
+#[derive(Default)]
+struct Answer {
+    content: String,
+    /// `(id, name, arguments)` of each call.
+    calls: Vec<(String, String, String)>,
+    logprobs: Vec<Value>,
+    finish: Option<&'static str>,
+}
+
+impl Answer {
+    fn take(&mut self, piece: Piece) {
+        match piece {
+            Piece::Content(t) => self.content.push_str(&t),
+            Piece::CallStart { id, name, .. } => self.calls.push((id, name, String::new())),
+            Piece::Arguments { index, text } => {
+                if let Some(call) = self.calls.get_mut(index) {
+                    call.2.push_str(&text);
+                }
+            }
+        }
+    }
+
+    fn json(self, index: usize, kind: Kind, want_logprobs: bool) -> Value {
+        let finish = self.finish.unwrap_or("stop");
+        if kind == Kind::Text {
+            return json!({"index": index, "text": self.content, "logprobs": null, "finish_reason": finish});
+        }
+        let mut message = json!({"role": "assistant", "content": self.content});
+        if !self.calls.is_empty() {
+            if self.content.is_empty() {
+                message["content"] = Value::Null;
+            }
+            let calls: Vec<Value> = self
+                .calls
+                .into_iter()
+                .map(|(id, name, arguments)| json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}))
+                .collect();
+            message["tool_calls"] = json!(calls);
+        }
+        json!({"index": index, "message": message,
+            "logprobs": if want_logprobs { json!({"content": self.logprobs}) } else { Value::Null },
+            "finish_reason": finish})
+    }
+}
+
+/// What one choice's text becomes on its way to the client: content, or tool calls
+/// when the request has tools (`tools::ToolParser`).
+struct ChoiceState {
+    tools: Option<ToolParser>,
+    /// Logprobs of tokens whose text has not been sent yet (streams).
+    logprobs: Vec<Value>,
+}
+
+impl ChoiceState {
+    fn new(tools: Option<&Tools>) -> ChoiceState {
+        ChoiceState { tools: tools.map(ToolParser::new), logprobs: Vec::new() }
+    }
+
+    fn pieces(&mut self, text: &str) -> Vec<Piece> {
+        match &mut self.tools {
+            Some(parser) => parser.push(text),
+            None => vec![Piece::Content(text.to_string())],
+        }
+    }
+
+    fn finish(&mut self) -> Vec<Piece> {
+        self.tools.as_mut().map(ToolParser::finish).unwrap_or_default()
+    }
+
+    /// `tool_calls` when the answer ended after calling tools.
+    fn finish_reason(&self, reason: FinishReason) -> &'static str {
+        match reason {
+            FinishReason::Stop if self.tools.as_ref().is_some_and(|t| t.calls() > 0) => "tool_calls",
+            r => r.as_str(),
+        }
+    }
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -559,47 +724,61 @@ impl Meta {
         }
         SseEvent::default().data(v.to_string())
     }
-    fn delta(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>, lps: Vec<Value>) -> Value {
+
+    /// Choice `index`'s chunk entry: a delta (chat) or text (completions).
+    fn choice(&self, index: usize, delta: Value, finish: Option<&str>, lps: Vec<Value>) -> Value {
         let logprobs = if lps.is_empty() { Value::Null } else { json!({"content": lps}) };
-        let finish = finish.map(FinishReason::as_str);
         match self.kind {
-            Kind::Chat => {
-                let mut delta = json!({});
-                if role {
-                    delta["role"] = json!("assistant");
-                }
-                if let Some(t) = text {
-                    delta["content"] = json!(t);
-                }
-                json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+            Kind::Chat => json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]),
+            Kind::Text => {
+                let text = delta.get("content").and_then(Value::as_str).unwrap_or_default();
+                json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish}])
             }
-            Kind::Text => json!([{"index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish}]),
         }
     }
 }
 
-struct StreamState {
-    rx: UnboundedReceiver<Event>,
+/// A piece as a chat delta.
+fn delta(piece: Piece) -> Value {
+    match piece {
+        Piece::Content(t) => json!({"content": t}),
+        Piece::CallStart { index, id, name } => json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+            "function": {"name": name, "arguments": ""}}]}),
+        Piece::Arguments { index, text } => json!({"tool_calls": [{"index": index, "function": {"arguments": text}}]}),
+    }
+}
+
+struct StreamState<E> {
+    events: E,
+    choices: Vec<ChoiceState>,
     meta: Meta,
     include_usage: bool,
     pending: VecDeque<SseEvent>,
-    /// Logprobs of tokens whose text has not been sent yet.
-    logprobs: Vec<Value>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    open: usize,
     done: bool,
 }
 
-/// SSE events for one request. Dropping the stream (client gone) drops the receiver,
+/// SSE events for one request. Dropping the stream (client gone) drops the receivers,
 /// which cancels the request in the engine at its next step.
 fn sse_stream(
-    rx: UnboundedReceiver<Event>,
+    events: impl Stream<Item = (usize, Event)> + Send + Unpin,
+    choices: Vec<ChoiceState>,
     meta: Meta,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+    use futures::StreamExt;
     let mut pending = VecDeque::new();
-    if meta.kind == Kind::Chat {
-        pending.push_back(meta.chunk(meta.delta(Some(""), true, None, Vec::new()), None, include_usage));
+    for index in 0..choices.len() {
+        let first = match meta.kind {
+            Kind::Chat => json!({"role": "assistant", "content": ""}),
+            Kind::Text => continue,
+        };
+        pending.push_back(meta.chunk(meta.choice(index, first, None, Vec::new()), None, include_usage));
     }
-    let st = StreamState { rx, meta, include_usage, pending, logprobs: Vec::new(), done: false };
+    let open = choices.len();
+    let st = StreamState { events, choices, meta, include_usage, pending, prompt_tokens: 0, completion_tokens: 0, open, done: false };
     futures::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(e) = st.pending.pop_front() {
@@ -609,27 +788,38 @@ fn sse_stream(
                 return None;
             }
             let (m, iu) = (&st.meta, st.include_usage);
-            match st.rx.recv().await {
-                Some(Event::Logprob(lp)) => st.logprobs.push(logprob_json(&lp)),
-                Some(Event::Text(t)) => {
-                    let lps = std::mem::take(&mut st.logprobs);
-                    st.pending.push_back(m.chunk(m.delta(Some(&t), false, None, lps), None, iu));
-                }
-                Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
-                    let lps = std::mem::take(&mut st.logprobs);
-                    let last = match m.kind {
-                        Kind::Chat => m.delta(None, false, Some(reason), lps),
-                        Kind::Text => m.delta(Some(""), false, Some(reason), lps),
-                    };
-                    st.pending.push_back(m.chunk(last, None, iu));
-                    if iu {
-                        st.pending.push_back(m.chunk(json!([]), Some(usage(prompt_tokens, completion_tokens)), true));
+            match st.events.next().await {
+                Some((i, Event::Logprob(lp))) => st.choices[i].logprobs.push(logprob_json(&lp)),
+                Some((i, Event::Text(t))) => {
+                    let c = &mut st.choices[i];
+                    let pieces = c.pieces(&t);
+                    // Logprobs wait for the first piece their text shows in.
+                    let mut lps = if pieces.is_empty() { Vec::new() } else { std::mem::take(&mut c.logprobs) };
+                    for piece in pieces {
+                        st.pending.push_back(m.chunk(m.choice(i, delta(piece), None, std::mem::take(&mut lps)), None, iu));
                     }
-                    st.pending.push_back(SseEvent::default().data("[DONE]"));
-                    st.done = true;
+                }
+                Some((i, Event::Done { reason, prompt_tokens, completion_tokens })) => {
+                    let c = &mut st.choices[i];
+                    for piece in c.finish() {
+                        st.pending.push_back(m.chunk(m.choice(i, delta(piece), None, Vec::new()), None, iu));
+                    }
+                    let lps = std::mem::take(&mut c.logprobs);
+                    st.pending.push_back(m.chunk(m.choice(i, json!({}), Some(c.finish_reason(reason)), lps), None, iu));
+                    st.prompt_tokens = prompt_tokens;
+                    st.completion_tokens += completion_tokens;
+                    st.open -= 1;
+                    if st.open == 0 {
+                        if iu {
+                            let u = usage(st.prompt_tokens, st.completion_tokens);
+                            st.pending.push_back(m.chunk(json!([]), Some(u), true));
+                        }
+                        st.pending.push_back(SseEvent::default().data("[DONE]"));
+                        st.done = true;
+                    }
                 }
                 // A failed stream ends with an error event and no `[DONE]`.
-                Some(Event::Error { message }) => {
+                Some((_, Event::Error { message })) => {
                     let err = json!({"error": {"message": message, "type": "server_error", "param": null,
                         "code": ENGINE_ERROR_CODE}});
                     st.pending.push_back(SseEvent::default().data(err.to_string()));

@@ -241,13 +241,16 @@ async fn real_worker_serves_embeddings_to_the_sdk_and_langchain() {
 /// SDK's `chat.completions.parse` with five pydantic schemas (flat, nested, an enum, an
 /// array of objects, an optional field), `json_object`, a schema keyword refused by
 /// name, and LangChain's `with_structured_output`; every answer not cut by
-/// `max_tokens` parses and validates.
+/// `max_tokens` parses and validates. Then tool calls (`tool_choice: required`
+/// streamed and not, a named function through `parse`, LangChain's `bind_tools`) whose
+/// arguments validate against their tool, and `n = 3` (one gateway and worker for both).
 #[tokio::test]
-async fn real_worker_structured_outputs_parse_with_the_sdk_and_langchain() {
+async fn real_worker_structured_outputs_tools_and_n_work_with_the_sdk_and_langchain() {
     let model_path = default_model_path().await;
     let Up { base, http, .. } = &up(&model_path, "", &[]).await;
     let base = base.as_str();
     let key = premium_key(http, base).await;
     wait_listed(http, base, &key, DEFAULT_MODEL_ID).await;
     eprintln!("{}", run_python("structured_real_worker.py", base, &key, &[("GATEWAY_MODEL", DEFAULT_MODEL_ID)]).await);
+    eprintln!("{}", run_python("tools_real_worker.py", base, &key, &[("GATEWAY_MODEL", DEFAULT_MODEL_ID)]).await);
 }

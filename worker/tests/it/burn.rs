@@ -267,3 +267,43 @@ fn burn_ndarray_refuses_half_types_by_name() {
         assert!(text.contains(&format!("--dtype {} is not supported by", dtype.name())) && text.contains("use --dtype f32"), "{text}");
     }
 }
+
+/// Three choices of one greedy request (`n = 3`): the further choices start from a
+/// copy of the first one's prompt cache, so all three are the request's answer alone.
+pub fn choices_start_from_the_copied_prompt_cache(forward: Arc<dyn Forward>, cfg: EngineConfig) {
+    let m = model();
+    let prompt = golden_prompts(&m).pop().unwrap();
+    let engine = Engine::start_with(m, forward, cfg);
+    let req = || GenRequest {
+        prompt: prompt.clone(),
+        params: SamplingParams { max_tokens: 10, ignore_eos: true, ..Default::default() },
+        priority: 0,
+        precision: Precision::Exact,
+    };
+    let alone = generate_blocking(&engine, req(), |_| {}).0;
+    for mut rx in engine.submit_choices(req(), vec![None, None, None]) {
+        let mut text = String::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                worker::engine::Event::Text(t) => text.push_str(&t),
+                worker::engine::Event::Done { completion_tokens, .. } => {
+                    assert_eq!(completion_tokens, 10);
+                    break;
+                }
+                worker::engine::Event::Error { message } => panic!("{message}"),
+                worker::engine::Event::Logprob(_) => {}
+            }
+        }
+        assert_eq!(text, alone);
+    }
+}
+
+#[test]
+fn burn_on_ndarray_n_choices_share_the_prompt_cache() {
+    let m = model();
+    let cache = small_cache(&m.model);
+    let opened = open_burn(&m.model, BurnDevice::Ndarray, cache).unwrap();
+    // A prompt longer than a prefill chunk: the copy happens after the last chunk.
+    choices_start_from_the_copied_prompt_cache(opened.forward, EngineConfig { max_seqs: cache.slots, prefill_chunk: 16, ..Default::default() });
+    choices_start_from_the_copied_prompt_cache(Arc::new(native::Native), EngineConfig { prefill_chunk: 16, ..Default::default() });
+}

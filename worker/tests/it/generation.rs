@@ -8,7 +8,7 @@ use crate::model;
 fn chat_prompt(user: &str) -> Vec<u32> {
     let m = model();
     let tpl = ChatTemplate::new(m.chat_template.as_deref().unwrap_or_default(), "", "");
-    let text = match tpl.and_then(|t| t.render(&[ChatMessage { role: "user".into(), content: user.into() }])) {
+    let text = match tpl.and_then(|t| t.render(&[ChatMessage::new("user", user)])) {
         Ok(t) => t,
         Err(e) => panic!("chat template: {e}"),
     };
@@ -19,7 +19,7 @@ fn chat_prompt(user: &str) -> Vec<u32> {
 fn chat_template_inserts_the_default_system_prompt() {
     let m = model();
     let tpl = ChatTemplate::new(m.chat_template.as_deref().unwrap_or_default(), "", "").unwrap();
-    let text = tpl.render(&[ChatMessage { role: "user".into(), content: "Hi".into() }]).unwrap();
+    let text = tpl.render(&[ChatMessage::new("user", "Hi")]).unwrap();
     assert_eq!(
         text,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\

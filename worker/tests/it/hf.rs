@@ -42,7 +42,7 @@ fn safetensors_directory_matches_the_gguf() {
 
     let template = worker::chat::ChatTemplate::new(hf.chat_template.as_deref().unwrap(), "", "").unwrap();
     let rendered = template
-        .render(&[worker::chat::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }])
+        .render(&[worker::chat::ChatMessage::new("user", "What is the capital of France?")])
         .unwrap();
     let prompt = hf.tokenizer.encode(&rendered);
     let engine = Engine::start(std::sync::Arc::new(hf), EngineConfig::default());

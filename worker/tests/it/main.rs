@@ -15,6 +15,7 @@ mod hf;
 mod parity;
 mod server;
 mod structured;
+mod tools;
 mod wgpu;
 
 use std::path::PathBuf;

@@ -82,7 +82,7 @@ async fn errors_are_openai_shaped() {
     let long = "hello ".repeat(9000);
     let cases = [
         (json!({"messages": [{"role": "user", "content": long}]}), StatusCode::BAD_REQUEST, "context_length_exceeded", "8192"),
-        (capital_question(json!({"n": 2})), StatusCode::BAD_REQUEST, "", "n=1"),
+        (capital_question(json!({"n": 99})), StatusCode::BAD_REQUEST, "", "n must be between 1 and 16"),
         (capital_question(json!({"model": "gpt-4"})), StatusCode::NOT_FOUND, "model_not_found", "gpt-4"),
         (capital_question(json!({"temperature": 3})), StatusCode::BAD_REQUEST, "", "temperature"),
         (json!({"messages": "nope"}), StatusCode::BAD_REQUEST, "", "Invalid request body"),
