@@ -46,8 +46,11 @@ pub struct Inner {
     pub limiter: Arc<ratelimit::Limiter>,
     pub metrics: Arc<metrics::Metrics>,
     pub qualities: Arc<quality::Qualities>,
-    /// Woken whenever a provider slot frees up (requests queued for capacity wait on it).
-    pub capacity_freed: Arc<tokio::sync::Notify>,
+    /// Provider slots, fleet-wide with Redis (requests queued for capacity wait on
+    /// `capacity.freed`).
+    pub capacity: Arc<crate::inference::capacity::Capacity>,
+    /// This replica's id (`replica_id`).
+    pub replica: String,
     /// Requests waiting for a provider slot right now.
     pub queued: Arc<AtomicU64>,
     /// Per-key locks that serialize spending-limit checks with their holds.

@@ -48,8 +48,9 @@ pub struct MockProvider {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
     pub bodies: Arc<Mutex<Vec<Value>>>,
-    /// Streams that are open right now.
+    /// Streams that are open right now, and the most that ever were at once.
     pub open_streams: Arc<AtomicUsize>,
+    pub peak_streams: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
     /// Requests that arrived over HTTP/2 (h2c), so a test can tell how the gateway called.
     pub http2_requests: Arc<AtomicUsize>,
@@ -95,6 +96,7 @@ pub fn mock_app(addr: SocketAddr, mut config: MockConfig) -> (MockProvider, Rout
         requests: Arc::default(),
         bodies: Arc::default(),
         open_streams: Arc::default(),
+        peak_streams: Arc::default(),
         cancelled: Arc::default(),
         http2_requests: Arc::default(),
     };
@@ -248,7 +250,8 @@ async fn respond(s: Shared, body: Value, chat: bool) -> Response {
     let overreport = s.config.overreport.unwrap_or(1);
     let exact_report = s.config.completion_tokens;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    s.provider.open_streams.fetch_add(1, Ordering::SeqCst);
+    let open = s.provider.open_streams.fetch_add(1, Ordering::SeqCst) + 1;
+    s.provider.peak_streams.fetch_max(open, Ordering::SeqCst);
     let provider = s.provider.clone();
     tokio::spawn(async move {
         let mut guard = StreamGuard { provider, finished: false };

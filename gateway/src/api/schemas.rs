@@ -25,6 +25,21 @@ pub struct Health {
     pub active_streams: u64,
     /// Providers registered (any status).
     pub providers: u64,
+    pub replica: ReplicaView,
+}
+
+/// This replica and its view of what the replicas share.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    /// `replica_id` (the host name and port when not configured).
+    pub id: String,
+    /// Replicas heard from on this database in the last 15 s, this one included.
+    pub live_replicas: u32,
+    /// How provider slots are counted: `shared` (Redis leases, fleet-wide), `fallback`
+    /// (Redis unreachable: each replica uses cap ÷ live replicas) or `local` (one
+    /// replica, no Redis).
+    pub capacity: String,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -90,29 +90,31 @@ pub struct Keys {
     cache: Cache<String, Arc<AuthedKey>>,
     /// With Redis: where a change to a key is announced, so every replica's cache
     /// forgets it at once (`listen_for_changes`).
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<(redis::aio::ConnectionManager, String)>,
 }
 
-/// The Redis channel on which replicas announce changed keys (by hash).
-pub const CHANGED_CHANNEL: &str = "gs:keys:changed";
+/// The Redis channel (after the `redis_prefix`) on which replicas announce changed
+/// keys (by hash).
+pub const CHANGED_CHANNEL: &str = "keys:changed";
 
 impl Keys {
     pub fn new(store: Store, ttl: Duration) -> Self {
         Self { store, cache: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(), redis: None }
     }
 
-    /// Announces key changes on Redis (see `listen_for_changes`).
-    pub fn with_redis(mut self, redis: redis::aio::ConnectionManager) -> Self {
-        self.redis = Some(redis);
+    /// Announces key changes on Redis, on `{prefix}keys:changed` (see
+    /// `listen_for_changes`).
+    pub fn with_redis(mut self, redis: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        self.redis = Some((redis, format!("{prefix}{CHANGED_CHANNEL}")));
         self
     }
 
     /// This replica forgets `hash` at once; with Redis, so does every other replica.
     async fn forget_everywhere(&self, hash: &str) {
         self.cache.invalidate(hash);
-        if let Some(redis) = &self.redis {
+        if let Some((redis, channel)) = &self.redis {
             let mut conn = redis.clone();
-            let sent: Result<i64, redis::RedisError> = redis::cmd("PUBLISH").arg(CHANGED_CHANNEL).arg(hash).query_async(&mut conn).await;
+            let sent: Result<i64, redis::RedisError> = redis::cmd("PUBLISH").arg(channel).arg(hash).query_async(&mut conn).await;
             if let Err(e) = sent {
                 tracing::warn!(error = %e, "cannot announce a key change on Redis; other replicas keep it up to key_cache_ttl_secs");
             }
@@ -124,12 +126,13 @@ impl Keys {
     /// have been missed meanwhile).
     pub async fn listen_for_changes(self, url: String, stop: tokio_util::sync::CancellationToken) {
         use futures::StreamExt;
+        let Some(channel) = self.redis.as_ref().map(|(_, c)| c.clone()) else { return };
         let mut first = true;
         loop {
             let subscribed = async {
                 let client = redis::Client::open(url.as_str())?;
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(CHANGED_CHANNEL).await?;
+                pubsub.subscribe(&channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             match subscribed.await {

@@ -5,7 +5,9 @@
 //! endpoints (`limit_by_ip`).
 //! State lives in this process, or in Redis (`redis_url`) so several replicas enforce
 //! one limit; the Redis variant runs the same algorithm atomically in a Lua script on
-//! Redis's clock.
+//! Redis's clock. While Redis cannot be reached (an error, or no answer within 500 ms)
+//! each replica enforces `limit ÷ live replicas` in process, logs it once, and goes
+//! back to Redis on its next answer.
 //!
 //! We implement GCRA here rather than use `governor` because token limits must be
 //! corrected after the fact (estimated up front from the prompt size and `max_tokens`,
@@ -46,14 +48,22 @@ pub enum LimitError {
 }
 
 enum Backend {
-    Memory(Mutex<HashMap<String, i64>>),
+    Memory,
     Redis(redis::aio::ConnectionManager, redis::Script),
 }
 
 pub struct Limiter {
     backend: Backend,
     prefix: String,
+    /// The in-process state (the Redis variant's fallback).
+    memory: Mutex<HashMap<String, i64>>,
+    /// Live replicas (`ops::replicas`): while Redis is away each enforces its share.
+    replicas: std::sync::atomic::AtomicU32,
+    redis_down: std::sync::atomic::AtomicBool,
 }
+
+/// A Redis answer slower than this counts as Redis being away.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The GCRA step on a theoretical arrival time `tat` (µs): consume `n` of `limit` per
 /// minute at `now`. Returns the decision and the new TAT when allowed. `n` may be
@@ -99,13 +109,38 @@ return {1, new - now, 0}
 
 impl Limiter {
     pub fn memory() -> Self {
-        Self { backend: Backend::Memory(Mutex::new(HashMap::new())), prefix: String::new() }
+        Self {
+            backend: Backend::Memory,
+            prefix: String::new(),
+            memory: Mutex::new(HashMap::new()),
+            replicas: std::sync::atomic::AtomicU32::new(1),
+            redis_down: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
-    pub async fn redis(url: &str) -> Result<Self, LimitError> {
-        let client = redis::Client::open(url)?;
-        let manager = redis::aio::ConnectionManager::new(client).await?;
-        Ok(Self { backend: Backend::Redis(manager, redis::Script::new(SCRIPT)), prefix: "gs:rl:".to_owned() })
+    /// Limits shared through Redis, under `{prefix}rl:`.
+    pub fn redis(manager: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        Self { backend: Backend::Redis(manager, redis::Script::new(SCRIPT)), prefix: format!("{prefix}rl:"), ..Self::memory() }
+    }
+
+    /// The live replicas, whose share of a limit each enforces while Redis is away.
+    pub fn set_replicas(&self, n: u32) {
+        self.replicas.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// GCRA on this process's state.
+    fn in_memory(&self, key: &str, n: i64, limit: u64) -> Decision {
+        let now = now_us();
+        let mut map = self.memory.lock();
+        let tat = map.get(key).copied().unwrap_or(0);
+        let (decision, new_tat) = gcra(tat, now, n, limit);
+        if let Some(t) = new_tat.filter(|_| n != 0) {
+            map.insert(key.to_owned(), t);
+        }
+        if map.len() > 200_000 {
+            map.retain(|_, tat| *tat > now);
+        }
+        decision
     }
 
     /// Consumes `n` units of `limit`/min for `key` (or refunds with a negative `n`;
@@ -113,23 +148,32 @@ impl Limiter {
     pub async fn apply(&self, key: &str, n: i64, limit: u64) -> Result<Decision, LimitError> {
         let limit = limit.max(1);
         match &self.backend {
-            Backend::Memory(state) => {
-                let now = now_us();
-                let mut map = state.lock();
-                let tat = map.get(key).copied().unwrap_or(0);
-                let (decision, new_tat) = gcra(tat, now, n, limit);
-                if let Some(t) = new_tat.filter(|_| n != 0) {
-                    map.insert(key.to_owned(), t);
-                }
-                if map.len() > 200_000 {
-                    map.retain(|_, tat| *tat > now);
-                }
-                Ok(decision)
-            }
+            Backend::Memory => Ok(self.in_memory(key, n, limit)),
             Backend::Redis(manager, script) => {
+                use std::sync::atomic::Ordering::Relaxed;
                 let mut conn = manager.clone();
-                let (allowed, used, retry): (i64, i64, i64) =
-                    script.key(format!("{}{key}", self.prefix)).arg(n).arg(limit).invoke_async(&mut conn).await?;
+                let mut call = script.key(format!("{}{key}", self.prefix));
+                call.arg(n).arg(limit);
+                let answer = match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<(i64, i64, i64)>(&mut conn)).await {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                };
+                let (allowed, used, retry) = match answer {
+                    Ok(answer) => {
+                        if self.redis_down.swap(false, Relaxed) {
+                            tracing::warn!("Redis answers again: rate limits are shared again");
+                        }
+                        answer
+                    }
+                    Err(error) => {
+                        if !self.redis_down.swap(true, Relaxed) {
+                            tracing::error!(%error, "Redis unreachable: each replica enforces limit ÷ replicas in process");
+                        }
+                        let share = (limit / u64::from(self.replicas.load(Relaxed).max(1))).max(1);
+                        return Ok(self.in_memory(key, n, share));
+                    }
+                };
                 let t = PERIOD_US / i64::try_from(limit).unwrap_or(i64::MAX).max(1);
                 Ok(Decision {
                     allowed: allowed == 1,

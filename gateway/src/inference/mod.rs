@@ -1,11 +1,13 @@
 //! Inference: which provider serves a request and how its bytes get there and back.
 //! `providers` is the registry of who is on line, `routing` scores and picks, `relay`
 //! sends and fails over, `links` carries requests to workers that dialled in,
-//! `health` keeps breakers and samples, `quality` the precision tiers, `delivered` and
+//! `health` keeps breakers and samples, `capacity` counts provider slots (fleet-wide
+//! with Redis), `quality` the precision tiers, `delivered` and
 //! `tokenizers` count what was delivered, `aggregate` turns a stream into one answer,
 //! `egress` keeps provider calls off private networks.
 
 pub mod aggregate;
+pub mod capacity;
 pub mod delivered;
 pub mod egress;
 pub mod health;

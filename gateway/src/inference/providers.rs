@@ -43,7 +43,14 @@ impl ProviderStatus {
 /// Counters that belong to this replica and outlive registry reloads.
 #[derive(Debug, Default)]
 pub struct Load {
+    /// Streams this replica has open to the provider.
     pub in_flight: AtomicU32,
+    /// Streams the whole fleet has open to it, as last read from Redis (`capacity`);
+    /// 0 without shared capacity.
+    pub fleet_in_flight: AtomicU32,
+    /// The share of the cap this replica may use is `1 / divisor` (0 or 1: all of it;
+    /// the live replicas while Redis is unreachable).
+    pub divisor: AtomicU32,
     pub last_heartbeat_ms: AtomicI64,
     pub health: crate::inference::health::Health,
     /// A dial-out provider's link to this replica, while it is open.
@@ -51,6 +58,16 @@ pub struct Load {
 }
 
 impl Load {
+    /// Slots in use as routing sees them: the fleet's, or this replica's own.
+    pub fn used(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed).max(self.fleet_in_flight.load(Ordering::Relaxed))
+    }
+
+    /// The slots routing may fill of a provider with `cap` streams.
+    pub fn limit(&self, cap: u32) -> u32 {
+        (cap / self.divisor.load(Ordering::Relaxed).max(1)).max(1)
+    }
+
     pub fn link(&self) -> Option<Arc<crate::inference::open_links::Link>> {
         self.link.lock().clone()
     }

@@ -19,6 +19,7 @@ use crate::inference::delivered::{carries_token, Delivered};
 use crate::edge::error::ApiError;
 use crate::money::funding::{self, Funding};
 use crate::edge::keys::AuthedKey;
+use crate::inference::capacity::Slot;
 use crate::inference::providers::Provider;
 use crate::inference::routing;
 use crate::store::now_ms;
@@ -356,29 +357,39 @@ impl Drop for Tracker {
     }
 }
 
-/// Holds a provider's in-flight slot for the life of the relay; freeing it wakes
-/// requests queued for capacity.
-struct Slot(Arc<Provider>, Arc<tokio::sync::Notify>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.load.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.1.notify_waiters();
-    }
-}
-
-fn take_slot(provider: Arc<Provider>, freed: &Arc<tokio::sync::Notify>) -> Slot {
-    provider.load.in_flight.fetch_add(1, Ordering::Relaxed);
-    Slot(provider, freed.clone())
-}
-
-/// Picks a provider; when every eligible one is busy, waits (bounded in time and in
-/// the number of waiters) for a slot to free up.
+/// Picks a provider and takes one of its slots (`capacity`: fleet-wide with Redis);
+/// when every eligible one is busy, waits (bounded in time and in the number of
+/// waiters) for a slot to free up, here or on another replica.
 async fn pick_or_wait(
     state: &AppState,
     level: &crate::inference::quality::QualityLevel,
     eligible: &[Arc<Provider>],
     tried: &[String],
+) -> Option<(Arc<Provider>, Slot)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.queue_timeout_ms);
+    // A provider routing saw room at may turn out full fleet-wide: its count is then
+    // corrected and another pick follows (bounded, in case counts keep moving).
+    for _ in 0..64 {
+        let provider = pick_waiting(state, level, eligible, tried, deadline).await?;
+        if let Some(slot) = state.capacity.take(&provider).await {
+            return Some((provider, slot));
+        }
+        provider.load.health.cancel_probe();
+        if tokio::time::Instant::now() >= deadline && !routing::all_busy(eligible, tried) {
+            return None;
+        }
+    }
+    None
+}
+
+/// Picks a provider with room as routing sees it, waiting until `deadline` while every
+/// eligible one is busy.
+async fn pick_waiting(
+    state: &AppState,
+    level: &crate::inference::quality::QualityLevel,
+    eligible: &[Arc<Provider>],
+    tried: &[String],
+    deadline: tokio::time::Instant,
 ) -> Option<Arc<Provider>> {
     let weights = state.config.weights();
     let min_score = level.min_score;
@@ -389,17 +400,16 @@ async fn pick_or_wait(
     if let Some(p) = pick() {
         return Some(p);
     }
-    let timeout = Duration::from_millis(state.config.queue_timeout_ms);
-    if timeout.is_zero() || !routing::all_busy(eligible, tried) {
+    if tokio::time::Instant::now() >= deadline || !routing::all_busy(eligible, tried) {
         return None;
     }
     if state.queued.fetch_add(1, Ordering::Relaxed) >= u64::from(state.config.queue_max) {
         state.queued.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    let deadline = tokio::time::Instant::now() + timeout;
     let picked = loop {
-        let freed = state.capacity_freed.notified();
+        // Woken by a slot freed here, or by the fleet counts' refresh (`capacity::REFRESH`).
+        let freed = state.capacity.freed.notified();
         if let Some(p) = pick() {
             break Some(p);
         }
@@ -451,7 +461,7 @@ impl Drop for Relay {
 
 impl Relay {
     pub fn provider(&self) -> &Arc<Provider> {
-        &self.slot.0
+        self.slot.provider()
     }
 
     /// The billed usage with its cost in USD.
@@ -532,7 +542,7 @@ impl Relay {
     /// flagged), and the provider's connection is dropped with the relay.
     fn overrun(&mut self, chunk: &StreamChunk) {
         self.tracker.overran = true;
-        tracing::warn!(provider = %self.slot.0.id, limit = self.tracker.max_completion, "provider went past max_tokens; stream cut");
+        tracing::warn!(provider = %self.slot.provider().id, limit = self.tracker.max_completion, "provider went past max_tokens; stream cut");
         let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
         let head = serde_json::json!({ "id": chunk.id, "object": object, "created": chunk.created, "model": chunk.model });
         let mut indices: Vec<u32> = chunk.choices.iter().map(|c| c.index).collect();
@@ -584,8 +594,8 @@ impl Relay {
             self.tracker.sink.record(c);
         }
         let config = &self.breaker;
-        self.slot.0.load.health.record_failure(now_ms(), config.0, config.1);
-        tracing::warn!(provider = %self.slot.0.id, %message, "provider failed mid-stream");
+        self.slot.provider().load.health.record_failure(now_ms(), config.0, config.1);
+        tracing::warn!(provider = %self.slot.provider().id, %message, "provider failed mid-stream");
         Event::Failed(message)
     }
 }
@@ -753,7 +763,7 @@ async fn connect(state: &AppState, dispatch: Dispatch) -> Result<Connected, ApiE
         if picked.is_none() && attempt == 0 && first_pool.is_some() {
             picked = pick_or_wait(state, &dispatch.level, &found.eligible, &tried).await;
         }
-        let Some(provider) = picked else { break };
+        let Some((provider, slot)) = picked else { break };
         tried.push(provider.id.clone());
         // Route first, then hold: the request is funded at the chosen provider's price
         // (and funded again when a failover moves to a dearer one).
@@ -775,7 +785,6 @@ async fn connect(state: &AppState, dispatch: Dispatch) -> Result<Connected, ApiE
         if first_pool.is_some() && provider.probation_left > 0 {
             state.probation.served(&dispatch.model);
         }
-        let slot = take_slot(provider.clone(), &state.capacity_freed);
         let attempt_started = Instant::now();
         let body = personalise(&dispatch.body, &dispatch.key.user_id, state, &provider);
         let attempt = match dispatch.endpoint {

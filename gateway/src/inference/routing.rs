@@ -3,7 +3,6 @@
 //! Scoring (success rate, latency, uptime, price) comes with the routing issue.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rand::seq::SliceRandom;
@@ -73,11 +72,11 @@ pub fn embedding_candidates(providers: &HashMap<String, Arc<Provider>>, model: &
 }
 
 fn utilisation(p: &Provider) -> f64 {
-    f64::from(p.load.in_flight.load(Ordering::Relaxed)) / f64::from(p.capabilities.max_concurrent_streams.max(1))
+    f64::from(p.load.used()) / f64::from(p.load.limit(p.capabilities.max_concurrent_streams))
 }
 
 fn has_capacity(p: &Provider) -> bool {
-    p.load.in_flight.load(Ordering::Relaxed) < p.capabilities.max_concurrent_streams
+    p.load.used() < p.load.limit(p.capabilities.max_concurrent_streams)
 }
 
 /// What a provider is compared against: the cheapest price and the best TTFT among

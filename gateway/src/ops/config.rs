@@ -120,8 +120,16 @@ pub struct Config {
     /// The payout service that receives new withdrawals (signed webhook); manual without it.
     pub payout_webhook_url: Option<String>,
     pub payout_webhook_secret: Option<Secret>,
-    /// Redis for rate limits shared by several replicas (`redis://…`); in-process without.
+    /// Redis for what several replicas share (`redis://…`): rate limits, key changes,
+    /// provider slots (`inference::capacity`). Required when more than one replica runs
+    /// on one PostgreSQL database; a single replica keeps all of it in process without.
     pub redis_url: Option<String>,
+    /// What every Redis key and channel of this gateway starts with (`gs:`), so several
+    /// gateways (or parallel tests) can share one Redis.
+    pub redis_prefix: String,
+    /// This replica's name in `/health`, `/metrics`, the `replicas` table and its Redis
+    /// leases: the host name and `port` when not set (stable across restarts).
+    pub replica_id: Option<String>,
     /// Default per-key limits by tier (a key's own limits win).
     pub free_requests_per_minute: u32,
     pub free_tokens_per_minute: u32,
@@ -269,6 +277,8 @@ impl Default for Config {
             payout_webhook_secret: None,
             volume_discounts: Vec::new(),
             redis_url: None,
+            redis_prefix: "gs:".to_owned(),
+            replica_id: None,
             score_weight_success: 0.4,
             score_weight_latency: 0.3,
             score_weight_uptime: 0.2,
@@ -394,7 +404,7 @@ impl Config {
             "max_body_bytes", "shutdown_grace_secs", "provider_connect_timeout_ms",
             "first_token_timeout_secs", "idle_chunk_timeout_secs", "max_attempts",
             "provider_stale_after_secs", "provider_refresh_secs", "key_cache_ttl_secs",
-            "usage_batch_max", "usage_flush_ms", "sqlite_checkpoint_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "redis_url", "score_weight_success", "score_weight_latency", "score_weight_uptime",
+            "usage_batch_max", "usage_flush_ms", "sqlite_checkpoint_ms", "platform_fee_bp", "hold_ttl_secs", "topup_webhook_secret", "payout_webhook_url", "payout_webhook_secret", "volume_discounts", "redis_url", "redis_prefix", "replica_id", "score_weight_success", "score_weight_latency", "score_weight_uptime",
             "score_weight_price", "breaker_failures", "breaker_cooldown_ms", "health_check_secs", "queue_timeout_ms", "queue_max",
             "free_requests_per_minute", "free_tokens_per_minute", "premium_requests_per_minute",
             "premium_tokens_per_minute", "ip_requests_per_minute", "tls_cert", "tls_key", "log_format",
@@ -407,6 +417,14 @@ impl Config {
             "max_connections_per_ip", "max_links_per_ip", "replica_url", "replica_peers", "body_read_timeout_secs", "relay_secret_key", "routing_seed",
         ];
         KEYS.contains(&key)
+    }
+
+    /// This replica's id: `replica_id`, or the host name and `port`.
+    pub fn replica(&self) -> String {
+        self.replica_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+            format!("{}:{}", if host.is_empty() { "gateway" } else { host.as_str() }, self.port)
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -433,6 +451,12 @@ impl Config {
         }
         if self.breaker_failures == 0 {
             return invalid("breaker_failures", "must be at least 1");
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.len() > 64 || self.redis_prefix.chars().any(char::is_whitespace) {
+            return invalid("redis_prefix", "must be 1 to 64 characters without spaces");
+        }
+        if self.replica_id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 128 || id.chars().any(char::is_whitespace)) {
+            return invalid("replica_id", "must be 1 to 128 characters without spaces");
         }
         if self.max_attempts == 0 {
             return invalid("max_attempts", "must be at least 1");

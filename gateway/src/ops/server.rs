@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ops::config::{Config, Secret};
 use crate::edge::keys::Keys;
+use crate::inference::capacity::Capacity;
 use crate::inference::providers::Registry;
 use crate::edge::listener::{PerIp, PerIpAcceptor, HEAD_READ_TIMEOUT, MAX_HEAD_BYTES};
 use crate::store::Store;
@@ -145,25 +146,46 @@ impl Running {
                 }
             }
         });
-        let limiter = match &config.redis_url {
-            Some(url) => Arc::new(crate::edge::ratelimit::Limiter::redis(url).await.context("cannot connect to Redis for rate limits")?),
+        let replica = config.replica();
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str()).context("bad redis_url")?;
+                // Reconnects quickly after an outage (the default backoff can wait
+                // seconds per try): the replica is back on shared state soon after Redis.
+                let retry = redis::aio::ConnectionManagerConfig::new()
+                    .set_number_of_retries(2)
+                    .set_factor(100)
+                    .set_exponent_base(2)
+                    .set_max_delay(1_000)
+                    .set_connection_timeout(Duration::from_millis(500))
+                    .set_response_timeout(Duration::from_secs(2));
+                Some(redis::aio::ConnectionManager::new_with_config(client, retry).await.context("cannot connect to Redis (redis_url)")?)
+            }
+            None => None,
+        };
+        crate::ops::replicas::join(&store, &replica, redis.is_some()).await?;
+        let limiter = match &redis {
+            Some(manager) => Arc::new(crate::edge::ratelimit::Limiter::redis(manager.clone(), &config.redis_prefix)),
             None => Arc::new(crate::edge::ratelimit::Limiter::memory()),
         };
+        let capacity = Arc::new(match &redis {
+            Some(manager) => Capacity::shared(replica.clone(), manager.clone(), &config.redis_prefix),
+            None => Capacity::local(replica.clone()),
+        });
         let config_seed = config.routing_seed;
         let links = Arc::new(crate::inference::open_links::Links::new(config.max_links_per_ip));
         let mut keys = Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs));
-        if let Some(url) = &config.redis_url {
+        if let (Some(url), Some(manager)) = (&config.redis_url, &redis) {
             // A revoked key stops working on every replica at once, not after the cache TTL.
-            let client = redis::Client::open(url.as_str()).context("bad redis_url")?;
-            let manager = redis::aio::ConnectionManager::new(client).await.context("cannot connect to Redis for key changes")?;
-            keys = keys.with_redis(manager);
+            keys = keys.with_redis(manager.clone(), &config.redis_prefix);
             tokio::spawn(keys.clone().listen_for_changes(url.clone(), stop.clone()));
         }
         let state = AppState::new(Inner {
             metrics: metrics.clone(),
             limiter,
             qualities,
-            capacity_freed: Arc::new(tokio::sync::Notify::new()),
+            capacity: capacity.clone(),
+            replica: replica.clone(),
             queued: Arc::new(AtomicU64::new(0)),
             keys,
             http,
@@ -217,6 +239,28 @@ impl Running {
                 }
             }
         });
+        // Provider slots: leases renewed, fleet counts refreshed, live replicas counted.
+        let (counting, mut ticks) = (state.clone(), 0u64);
+        every(crate::inference::capacity::REFRESH, stop.clone(), move || {
+            ticks += 1;
+            let counting = counting.clone();
+            let renew = ticks % (crate::inference::capacity::RENEW.as_secs() / crate::inference::capacity::REFRESH.as_secs()).max(1) == 0;
+            let beat = ticks % crate::ops::replicas::BEAT.as_secs().max(1) == 1;
+            async move {
+                let providers: Vec<_> = counting.registry.snapshot().values().cloned().collect();
+                counting.capacity.track(&providers);
+                if beat {
+                    match crate::ops::replicas::beat(&counting.store, &counting.replica, counting.config.redis_url.is_some()).await {
+                        Ok(live) => {
+                            counting.capacity.set_replicas(live);
+                            counting.limiter.set_replicas(live);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
+                    }
+                }
+                counting.capacity.tick(&providers, renew).await;
+            }
+        });
         let expiring = state.clone();
         every(Duration::from_secs(5), stop.clone(), move || {
             let expiring = expiring.clone();
@@ -232,6 +276,7 @@ impl Running {
     /// Stops background work and writes every pending usage record.
     pub async fn finish(self) {
         self.stop.cancel();
+        crate::ops::replicas::leave(&self.state.store, &self.state.replica).await;
         drop(self.state);
         if let Err(e) = self.writer.handle.await {
             tracing::error!(error = %e, "usage writer ended badly");

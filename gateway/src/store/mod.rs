@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("../../migrations/0007_responses.sql")),
     (8, include_str!("../../migrations/0008_provider_trust.sql")),
     (9, include_str!("../../migrations/0009_provider_links.sql")),
+    (10, include_str!("../../migrations/0010_replicas.sql")),
 ];
 
 /// Every SQLite connection's set-up, sqlx's and `Direct`'s. WAL lets readers run

@@ -21,6 +21,7 @@ mod observability;
 mod openai_surface;
 mod openapi_doc;
 mod real_worker;
+mod replicas;
 mod responses;
 mod routing;
 mod sdk;
