@@ -335,8 +335,7 @@ impl Engine {
                         Err(_) => return,
                     };
                 }
-                loop {
-                    let Some(top) = q.heap.peek() else { break };
+                while let Some(top) = q.heap.peek() {
                     let n = top.choices.len();
                     let running: usize = active.iter().map(|s| 1 + s.forks.len()).sum();
                     // Every choice is a sequence; a request for more than the limit still

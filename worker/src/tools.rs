@@ -221,7 +221,7 @@ pub fn fallback_prompt(tools: &Tools) -> String {
 
 /// A call written the way the model writes it (earlier calls in the fallback prompt).
 pub fn write_call(name: &str, arguments: &str) -> String {
-    let arguments = serde_json::from_str::<Value>(arguments).map_or_else(|_| json!(arguments), |v| v);
+    let arguments = serde_json::from_str::<Value>(arguments).unwrap_or_else(|_| json!(arguments));
     format!("{CALL_OPEN}{}{CALL_CLOSE}", json!({"name": name, "arguments": arguments}))
 }
 
