@@ -68,20 +68,36 @@ pub async fn reserve(state: &AppState, ask: &Ask<'_>, per_mtok: i64, current: Op
         });
     }
     let account = ledger::user_account(&key.user_id);
-    // Limits are checked and the hold taken under a per-key lock, so concurrent
-    // requests of one key cannot both squeeze under the limit (on this replica).
+    let (day_start, month_start) = crate::money::analytics::day_and_month_start(now_ms());
+    let limits: Vec<(Micros, i64, &'static str)> = [(key.daily_limit_micros, day_start, "daily"), (key.monthly_limit_micros, month_start, "monthly")]
+        .into_iter()
+        .filter_map(|(limit, since, period)| limit.map(|l| (l, since, period)))
+        .collect();
+    if state.store.book.is_none() && !limits.is_empty() {
+        // PostgreSQL: the check and the hold are one transaction under the key's lock,
+        // so no replica's request squeezes in between (`Ledger::hold_within_limits`).
+        let discount = volume_discount(state, &key.user_id, month_start).await?;
+        let bounds: Vec<(Micros, i64)> = limits.iter().map(|&(l, since, _)| (l, since)).collect();
+        return match state.ledger.hold_within_limits(&account, amount, ask.request_id, &key.key_id, &bounds).await? {
+            ledger::Limited::Held(hold) => Ok(Funding::User(hold, discount)),
+            ledger::Limited::Over(i) => Err(ApiError::SpendingLimit { period: limits[i].2, limit: limits[i].0 }),
+            ledger::Limited::Unfunded => {
+                let available = state.ledger.balance(&account).await?.available;
+                Err(ApiError::InsufficientQuota { needed: amount, available })
+            }
+        };
+    }
+    // SQLite (one process): limits are checked and the hold taken under a per-key lock,
+    // so concurrent requests of one key cannot both squeeze under the limit.
     let lock = (key.daily_limit_micros.is_some() || key.monthly_limit_micros.is_some())
         .then(|| state.key_locks.get_with(key.key_id.clone(), || Arc::new(tokio::sync::Mutex::new(()))));
     let _serial = match &lock {
         Some(l) => Some(l.lock().await),
         None => None,
     };
-    let (day_start, month_start) = crate::money::analytics::day_and_month_start(now_ms());
-    for (limit, since, period) in [(key.daily_limit_micros, day_start, "daily"), (key.monthly_limit_micros, month_start, "monthly")] {
-        if let Some(limit) = limit {
-            if state.ledger.key_commitments(&key.key_id, since).await? + amount > limit {
-                return Err(ApiError::SpendingLimit { period, limit });
-            }
+    for &(limit, since, period) in &limits {
+        if state.ledger.key_commitments(&key.key_id, since).await? + amount > limit {
+            return Err(ApiError::SpendingLimit { period, limit });
         }
     }
     let discount = volume_discount(state, &key.user_id, month_start).await?;

@@ -110,6 +110,16 @@ pub struct Balance {
     pub available: Micros,
 }
 
+/// What `Ledger::hold_within_limits` did.
+#[derive(Debug)]
+pub enum Limited {
+    Held(Hold),
+    /// The account's available balance does not cover the amount.
+    Unfunded,
+    /// The amount would take the key past the limit at this index.
+    Over(usize),
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     store: Store,
@@ -431,18 +441,58 @@ impl Ledger {
     }
 
     async fn insert_hold(&self, account: &str, amount: Micros, request_id: &str, key_id: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
+        match self.insert_hold_within(account, amount, request_id, key_id, &[]).await? {
+            Limited::Held(hold) => Ok(Some(hold)),
+            Limited::Unfunded | Limited::Over(_) => Ok(None),
+        }
+    }
+
+    /// PostgreSQL: a key's hold within its spending limits, across replicas. One
+    /// transaction takes the key's advisory lock (every replica's holds for the key
+    /// queue on it), reads what the key spent and holds in one statement (one snapshot:
+    /// a settlement moving a hold into `usage_records` is seen on one side or the other,
+    /// never neither), and writes the hold only when `amount` fits every `(limit,
+    /// since)`.
+    pub async fn hold_within_limits(&self, account: &str, amount: Micros, request_id: &str, key_id: &str, limits: &[(Micros, i64)]) -> Result<Limited, sqlx::Error> {
+        self.insert_hold_within(account, amount, request_id, Some(key_id), limits).await
+    }
+
+    async fn insert_hold_within(
+        &self,
+        account: &str,
+        amount: Micros,
+        request_id: &str,
+        key_id: Option<&str>,
+        limits: &[(Micros, i64)],
+    ) -> Result<Limited, sqlx::Error> {
         if amount <= 0 {
             // A hold reserves funds; a negative one would create them.
             return Err(sqlx::Error::Protocol(format!("hold amount must be positive, got {amount}")));
         }
         let mut tx = self.store.pool.begin().await?;
+        if let (Some(key_id), false) = (key_id, limits.is_empty()) {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))::text").bind(key_id).execute(&mut *tx).await?;
+            for (i, &(limit, since)) in limits.iter().enumerate() {
+                let committed: i64 = sqlx::query_scalar(
+                    "SELECT CAST((SELECT COALESCE(SUM(cost_micros), 0) FROM usage_records WHERE key_id = $1 AND created_at >= $2 AND payer = 'user') \
+                     + (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE key_id = $1 AND status = 'held') AS BIGINT)",
+                )
+                .bind(key_id)
+                .bind(since)
+                .fetch_one(&mut *tx)
+                .await?;
+                if committed + amount > limit {
+                    return Ok(Limited::Over(i));
+                }
+            }
+        }
         let reserved = sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND posted - held >= $1")
             .bind(amount)
             .bind(account)
             .execute(&mut *tx)
             .await?;
         if reserved.rows_affected() == 0 {
-            return Ok(None);
+            return Ok(Limited::Unfunded);
         }
         let hold = Hold { id: new_id("hold"), account_id: account.to_owned(), amount, in_memory: false };
         sqlx::query("INSERT INTO holds (id, account_id, amount, status, request_id, created_at, key_id) VALUES ($1, $2, $3, 'held', $4, $5, $6)")
@@ -455,7 +505,7 @@ impl Ledger {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Some(hold))
+        Ok(Limited::Held(hold))
     }
 
     /// Releases a hold that will not be charged (a request moved to a dearer provider
@@ -497,7 +547,8 @@ impl Ledger {
         Ok(Balance { posted, held, available: posted - held })
     }
 
-    /// What a key has spent since `since_ms` plus what it holds right now.
+    /// What a key has spent since `since_ms` plus what it holds right now (SQLite, whose
+    /// process is the only one holding; PostgreSQL checks in `hold_within_limits`).
     pub async fn key_commitments(&self, key_id: &str, since_ms: i64) -> Result<Micros, sqlx::Error> {
         let spent: i64 = self
             .store

@@ -33,16 +33,23 @@ pub(crate) struct Gateway {
 pub(crate) async fn fresh_database(dir: &tempfile::TempDir) -> (String, Option<String>) {
     match std::env::var("GS_TEST_DB").as_deref() {
         Ok("postgres") => {
-            let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-            sqlx::any::install_default_drivers();
-            let pool = sqlx::AnyPool::connect(PG_URL).await.expect("PostgreSQL at 127.0.0.1:5432 (scripts/test.sh starts it)");
-            sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
-            pool.close().await;
-            (format!("{PG_URL}?options=-c%20search_path%3D{schema}"), Some(schema))
+            let (url, schema) = fresh_postgres().await;
+            (url, Some(schema))
         }
         Ok("sqlite") | Err(_) => (format!("sqlite://{}", dir.path().join("gw.db").display()), None),
         Ok(other) => panic!("GS_TEST_DB must be sqlite or postgres, not {other}"),
     }
+}
+
+/// A new schema in the PostgreSQL test database (whatever `GS_TEST_DB` says): its URL
+/// and name.
+pub(crate) async fn fresh_postgres() -> (String, String) {
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(PG_URL).await.expect("PostgreSQL at 127.0.0.1:5432 (scripts/test.sh starts it)");
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await.expect("create schema");
+    pool.close().await;
+    (format!("{PG_URL}?options=-c%20search_path%3D{schema}"), schema)
 }
 
 pub(crate) fn test_config(url: String) -> Config {

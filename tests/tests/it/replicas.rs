@@ -30,9 +30,13 @@ fn replica(prefix: &str, redis: &str, i: usize) -> impl FnOnce(&mut gateway::ops
 }
 
 async fn fleet(n: usize, redis: &str) -> Vec<Gateway> {
-    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_database(&dir).await.0;
+    fleet_on(url, dir, n, redis).await
+}
+
+async fn fleet_on(url: String, dir: tempfile::TempDir, n: usize, redis: &str) -> Vec<Gateway> {
+    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
     let mut out = vec![Gateway::start_on(url.clone(), dir, replica(&prefix, redis, 0)).await];
     for i in 1..n {
         out.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), replica(&prefix, redis, i)).await);
@@ -196,4 +200,35 @@ async fn inproc_a_second_replica_without_redis_is_refused_on_postgres() {
     let store = gateway::store::Store::connect(&config.database_url).await.unwrap();
     let refused = gateway::ops::server::Running::start_with_store(config, store).await.err().expect("refused");
     assert!(refused.to_string().contains("needs Redis"), "{refused}");
+}
+
+/// A key with a daily limit, 30 concurrent requests spread over three replicas on
+/// PostgreSQL (the database replicas share; SQLite's holds belong to one process): the
+/// key's holds and spending never pass the limit between them (the check and the hold
+/// are one transaction under the key's lock), and the ledger balances.
+#[tokio::test]
+async fn replicas_on_postgres_keep_a_spending_limit_under_concurrency() {
+    let fleet = fleet_on(crate::inproc::fresh_postgres().await.0, tempfile::tempdir().unwrap(), 3, REDIS).await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let v: Value = fleet[0].admin_post("/api/admin/keys", json!({"name": "capped", "tier": "premium", "dailyLimit": 0.003})).await.json().await.unwrap();
+    let (key, uid) = (v["key"].as_str().unwrap().to_owned(), v["userId"].as_str().unwrap().to_owned());
+    fleet[0].credit(&uid, 1_000_000).await;
+    wait_routable(&fleet, &key).await;
+    // Each request holds about (body + 100 tokens) × 2 µUSD ≈ 0.0007 USD: four fit.
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "[slow] hi"}], "max_tokens": 100});
+    let requests = (0..30).map(|i| {
+        let (gw, key, body) = (&fleet[i % 3], key.clone(), body.clone());
+        async move { gw.chat(&key, body).await.status().as_u16() }
+    });
+    let statuses = join_all(requests).await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(served > 0 && statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    let spent: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM usage_records")
+        .fetch_one(&fleet[0].state.store.pool)
+        .await
+        .unwrap();
+    eprintln!("served {served} of 30, spent {spent} µUSD of a 3000 µUSD limit");
+    assert!(spent <= 3_000, "the fleet let the key spend {spent} µUSD past its 3000 µUSD limit");
+    fleet[0].ledger_is_clean().await;
 }
