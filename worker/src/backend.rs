@@ -62,7 +62,7 @@ impl BurnDevice {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             BurnDevice::Cuda => "cuda",
             BurnDevice::Wgpu => "wgpu",

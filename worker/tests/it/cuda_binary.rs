@@ -1,8 +1,8 @@
 //! A worker built with `--features cuda` on a machine without a CUDA driver (CI, this
 //! machine): `--backend auto` starts on the native CPU path and says so once;
 //! `--backend burn` refuses, naming what is missing. The binary is the one
-//! scripts/test.sh builds (`cargo build -p worker --features cuda`, copied to
-//! `worker-cuda` next to the test build's `worker`), or `$WORKER_CUDA_BIN`.
+//! scripts/test.sh builds (the workspace with `--features worker/wgpu,worker/cuda`,
+//! its `worker` copied to `worker-cuda`), or `$WORKER_CUDA_BIN`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +14,7 @@ fn cuda_worker() -> PathBuf {
         .map_or_else(|| Path::new(env!("CARGO_BIN_EXE_worker")).with_file_name("worker-cuda"), PathBuf::from);
     assert!(
         path.exists(),
-        "the cuda build of the worker is missing at {}: run `cargo build -p worker --features cuda && cp \"$CARGO_TARGET_DIR/debug/worker\" \"$CARGO_TARGET_DIR/debug/worker-cuda\"` (scripts/test.sh does)",
+        "the cuda build of the worker is missing at {}: run `cargo build --workspace --bins --features worker/wgpu,worker/cuda && cp \"$CARGO_TARGET_DIR/debug/worker\" \"$CARGO_TARGET_DIR/debug/worker-cuda\"` (scripts/test.sh does)",
         path.display()
     );
     path
