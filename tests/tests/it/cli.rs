@@ -278,3 +278,67 @@ async fn demo_prints_keys_for_both_tiers_an_admin_key_and_the_console() {
     assert!(left > 9.9 && left < 10.0, "{balance}");
     let _ = child.start_kill();
 }
+
+/// Two `gateway serve` replicas on one database and Redis, a provider with
+/// `maxConcurrentStreams: 2`: replica one holds both slots with long streams and is
+/// killed with SIGKILL; replica two finds the provider full while the dead replica's
+/// leases live, and is served once they expire (30 s after their last renewal, at
+/// most `capacity::LEASE`).
+#[tokio::test]
+async fn cli_a_killed_replicas_provider_slots_come_back_within_30_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379"),
+        ("GATEWAY_REDIS_PREFIX", prefix.as_str()),
+        ("GATEWAY_PROVIDER_REFRESH_SECS", "1"),
+        ("GATEWAY_QUEUE_TIMEOUT_MS", "0"),
+    ];
+    let (p1, p2) = (free_port().unwrap(), free_port().unwrap());
+    let mut one = serve_with(dir.path(), p1, &env).await;
+    let _two = serve_with(dir.path(), p2, &env).await;
+    let (b1, b2) = (format!("http://127.0.0.1:{p1}"), format!("http://127.0.0.1:{p2}"));
+    let http = reqwest::Client::new();
+    let reg: Value = http
+        .post(format!("{b1}/api/gpu/register"))
+        .json(&json!({"capabilities": {"models": ["mock-model"], "maxConcurrentStreams": 2}, "pricing": {"perToken": 0.000002}, "baseUrl": mock.url()}))
+        .send().await.unwrap().json().await.unwrap();
+    let r = http.post(format!("{b1}/api/gpu/stream/start")).bearer_auth(reg["providerKey"].as_str().unwrap())
+        .json(&json!({"providerId": reg["providerId"], "model": "mock-model", "quality": "standard"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let key: Value = http.post(format!("{b1}/api/admin/keys")).bearer_auth(ADMIN)
+        .json(&json!({"name": "k", "tier": "premium"})).send().await.unwrap().json().await.unwrap();
+    http.post(format!("{b1}/api/admin/users/{}/credit", key["userId"].as_str().unwrap())).bearer_auth(ADMIN)
+        .json(&json!({"amount": 100})).send().await.unwrap();
+    let key = key["key"].as_str().unwrap().to_owned();
+    let chat = |base: &str, content: &str| {
+        http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
+            .json(&json!({"model": "mock-model", "stream": true, "max_tokens": 4, "messages": [{"role": "user", "content": content}]}))
+            .send()
+    };
+    // Two streams through replica one that stay open (`[idle]`): both slots, fleet-wide.
+    let held = [chat(&b1, "[idle] hi").await.unwrap(), chat(&b1, "[idle] hi").await.unwrap()];
+    assert!(held.iter().all(|r| r.status() == 200));
+    // Replica two knows the provider (reload every second) and finds it full.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_ne!(chat(&b2, "hi").await.unwrap().status(), 200, "the provider is full fleet-wide");
+    one.kill().await.unwrap();
+    let killed = std::time::Instant::now();
+    drop(held);
+    let mut refused_after_kill = 0;
+    let served_after = loop {
+        let r = chat(&b2, "hi").await.unwrap();
+        if r.status() == 200 {
+            let body = r.text().await.unwrap();
+            assert!(body.contains("[DONE]"), "{body}");
+            break killed.elapsed();
+        }
+        refused_after_kill += 1;
+        assert!(killed.elapsed() < Duration::from_secs(40), "the dead replica's slots never came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("served {:.1} s after the kill ({refused_after_kill} refused before)", served_after.as_secs_f64());
+    assert!(refused_after_kill > 0, "the dead replica's leases held its slots for a while");
+    assert!(served_after <= Duration::from_secs(32), "slots came back within the 30 s lease (+ a refresh): {served_after:?}");
+}
