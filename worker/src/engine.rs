@@ -211,6 +211,53 @@ struct Seq {
     precision: Precision,
 }
 
+impl Seq {
+    /// A sequence for `choice` of a request, its prompt not yet computed.
+    fn new(prompt: Vec<u32>, cache: KvCache, sampler: Sampler, choice: Choice, reserved: usize, precision: Precision) -> Seq {
+        Seq {
+            max_tokens: sampler.params().max_tokens,
+            stop: StopMatcher::new(sampler.params().stop.clone()),
+            sampler,
+            prompt,
+            prefilled: 0,
+            next: [0],
+            generated: 0,
+            cache,
+            utf8: Utf8Stream::default(),
+            constraint: choice.constraint,
+            events: choice.events,
+            forks: Vec::new(),
+            reserved,
+            finished: false,
+            precision,
+        }
+    }
+
+    /// Every caller of the request (its choices waiting here included) is gone.
+    fn abandoned(&self) -> bool {
+        self.events.is_closed() && self.forks.iter().all(|f| f.choice.events.is_closed())
+    }
+
+    /// KV bytes reserved for it and the forks it still carries.
+    fn reserved_with_forks(&self) -> usize {
+        self.reserved * (1 + self.forks.len())
+    }
+}
+
+/// What a caller hears when the engine failed its request.
+fn engine_failed(detail: &str) -> Event {
+    Event::Error { message: format!("The engine failed while generating this response: {detail}") }
+}
+
+/// Runs `f`, turning its error or panic (a device out of memory, say) into a message.
+fn guarded<T>(f: impl FnOnce() -> Result<T, crate::forward::StepError>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(crate::backend::panic_message(panic.as_ref())),
+    }
+}
+
 /// A sequence whose grammar failed (an llguidance error, not a refusal) ends with an
 /// error; the others go on.
 fn grammar_failed(s: &mut Seq, error: &str) {
@@ -368,31 +415,17 @@ impl Engine {
                             Fork { cache, sampler: Sampler::new(params), choice }
                         })
                         .collect();
-                    active.push(Seq {
-                        max_tokens: item.req.params.max_tokens,
-                        stop: StopMatcher::new(item.req.params.stop.clone()),
-                        sampler: Sampler::new(item.req.params),
-                        prompt: item.req.prompt,
-                        prefilled: 0,
-                        next: [0],
-                        generated: 0,
-                        cache,
-                        utf8: Utf8Stream::default(),
-                        events: first.events,
-                        forks,
-                        reserved: need,
-                        finished: false,
-                        precision: item.req.precision,
-                        constraint: first.constraint,
-                    });
+                    let mut seq = Seq::new(item.req.prompt, cache, Sampler::new(item.req.params), first, need, item.req.precision);
+                    seq.forks = forks;
+                    active.push(seq);
                 }
                 stats.queued.store(q.heap.len(), Relaxed);
             }
             active.retain(|s| {
-                let gone = s.events.is_closed() && s.forks.iter().all(|f| f.choice.events.is_closed());
+                let gone = s.abandoned();
                 if gone {
                     stats.cancelled_total.fetch_add(1, Relaxed);
-                    reserved -= s.reserved * (1 + s.forks.len());
+                    reserved -= s.reserved_with_forks();
                 }
                 !gone
             });
@@ -404,10 +437,10 @@ impl Engine {
             self.step(&mut active);
             stats.steps_total.fetch_add(1, Relaxed);
             active.retain(|s| {
-                let gone = s.finished || (s.events.is_closed() && s.forks.iter().all(|f| f.choice.events.is_closed()));
+                let gone = s.finished || s.abandoned();
                 if gone {
                     // Forks still waiting here failed or were cancelled with their parent.
-                    reserved -= s.reserved * (1 + s.forks.len());
+                    reserved -= s.reserved_with_forks();
                     if !s.finished {
                         stats.cancelled_total.fetch_add(1, Relaxed);
                     }
@@ -454,12 +487,11 @@ impl Engine {
             }
         }
         let model = &self.model.model;
-        let result = catch_unwind(AssertUnwindSafe(|| self.forward.forward(model, &mut items, precision)));
+        let result = guarded(|| self.forward.forward(model, &mut items, precision));
         drop(items);
         let logits = match result {
-            Ok(Ok(logits)) => logits,
-            Ok(Err(e)) => return self.fail_step(active, &stepped, e.to_string()),
-            Err(panic) => return self.fail_step(active, &stepped, crate::backend::panic_message(panic.as_ref())),
+            Ok(logits) => logits,
+            Err(detail) => return self.fail_step(active, &stepped, detail),
         };
         let mut born = Vec::new();
         for (i, l) in owners.into_iter().zip(logits) {
@@ -479,34 +511,14 @@ impl Engine {
     /// `None` (and an error to its caller) when its cache could not be copied.
     fn fork(&self, parent: &Seq, fork: Fork) -> Option<Seq> {
         let Fork { mut cache, sampler, choice } = fork;
-        let copied = catch_unwind(AssertUnwindSafe(|| self.forward.copy_cache(&self.model.model, &parent.cache, &mut cache)));
-        let error = match copied {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(panic) => Some(crate::backend::panic_message(panic.as_ref())),
-        };
-        if let Some(detail) = error {
+        if let Err(detail) = guarded(|| self.forward.copy_cache(&self.model.model, &parent.cache, &mut cache)) {
             self.shared.stats.failed_requests_total.fetch_add(1, Relaxed);
-            let _ = choice.events.send(Event::Error { message: format!("The engine failed while generating this response: {detail}") });
+            let _ = choice.events.send(engine_failed(&detail));
             return None;
         }
-        Some(Seq {
-            prompt: parent.prompt.clone(),
-            prefilled: parent.prompt.len(),
-            next: [0],
-            generated: 0,
-            max_tokens: parent.max_tokens,
-            cache,
-            stop: StopMatcher::new(sampler.params().stop.clone()),
-            sampler,
-            utf8: Utf8Stream::default(),
-            constraint: choice.constraint,
-            events: choice.events,
-            forks: Vec::new(),
-            reserved: parent.reserved,
-            finished: false,
-            precision: parent.precision,
-        })
+        let mut seq = Seq::new(parent.prompt.clone(), cache, sampler, choice, parent.reserved, parent.precision);
+        seq.prefilled = seq.prompt.len();
+        Some(seq)
     }
 
     /// Samples `s`'s next token from its logits and sends what it adds to the answer.
@@ -570,10 +582,9 @@ impl Engine {
         tracing::error!(requests = stepped.len(), engine = self.forward.device().engine, "engine step failed: {detail}");
         for &i in stepped {
             let s = &mut active[i];
-            let message = format!("The engine failed while generating this response: {detail}");
             for events in std::iter::once(&s.events).chain(s.forks.iter().map(|f| &f.choice.events)) {
                 stats.failed_requests_total.fetch_add(1, Relaxed);
-                let _ = events.send(Event::Error { message: message.clone() });
+                let _ = events.send(engine_failed(&detail));
             }
             s.finished = true;
         }

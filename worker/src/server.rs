@@ -599,7 +599,7 @@ async fn whole_answer(
 ) -> Result<Response, ApiError> {
     use futures::StreamExt;
     let mut answers: Vec<Answer> = choices.iter().map(|_| Answer::default()).collect();
-    let (mut prompt, mut completion, mut open) = (0, 0, choices.len());
+    let mut tally = Tally::new(choices.len());
     while let Some((i, ev)) = events.next().await {
         let (c, a) = (&mut choices[i], &mut answers[i]);
         match ev {
@@ -608,10 +608,7 @@ async fn whole_answer(
             Event::Done { reason, prompt_tokens, completion_tokens } => {
                 c.finish().into_iter().for_each(|p| a.take(p));
                 a.finish = Some(c.finish_reason(reason));
-                prompt = prompt_tokens;
-                completion += completion_tokens;
-                open -= 1;
-                if open == 0 {
+                if tally.done(prompt_tokens, completion_tokens) {
                     break;
                 }
             }
@@ -621,7 +618,7 @@ async fn whole_answer(
     let choices: Vec<Value> = answers.into_iter().enumerate().map(|(i, a)| a.json(i, meta.kind, want_logprobs)).collect();
     let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
     Ok(Json(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-        "choices": choices, "usage": usage(prompt, completion)}))
+        "choices": choices, "usage": tally.usage()}))
     .into_response())
 }
 
@@ -704,8 +701,29 @@ impl ChoiceState {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// A request's usage as its choices end: the prompt once, every choice's tokens.
+struct Tally {
+    prompt: usize,
+    completion: usize,
+    open: usize,
+}
+
+impl Tally {
+    fn new(choices: usize) -> Tally {
+        Tally { prompt: 0, completion: 0, open: choices }
+    }
+
+    /// Counts one choice's end; true when it was the last.
+    fn done(&mut self, prompt: usize, completion: usize) -> bool {
+        self.prompt = prompt;
+        self.completion += completion;
+        self.open = self.open.saturating_sub(1);
+        self.open == 0
+    }
+
+    fn usage(&self) -> Value {
+        json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.prompt + self.completion})
+    }
 }
 
 struct Meta {
@@ -754,9 +772,7 @@ struct StreamState<E> {
     meta: Meta,
     include_usage: bool,
     pending: VecDeque<SseEvent>,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    open: usize,
+    tally: Tally,
     done: bool,
 }
 
@@ -777,8 +793,8 @@ fn sse_stream(
         };
         pending.push_back(meta.chunk(meta.choice(index, first, None, Vec::new()), None, include_usage));
     }
-    let open = choices.len();
-    let st = StreamState { events, choices, meta, include_usage, pending, prompt_tokens: 0, completion_tokens: 0, open, done: false };
+    let tally = Tally::new(choices.len());
+    let st = StreamState { events, choices, meta, include_usage, pending, tally, done: false };
     futures::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(e) = st.pending.pop_front() {
@@ -806,13 +822,9 @@ fn sse_stream(
                     }
                     let lps = std::mem::take(&mut c.logprobs);
                     st.pending.push_back(m.chunk(m.choice(i, json!({}), Some(c.finish_reason(reason)), lps), None, iu));
-                    st.prompt_tokens = prompt_tokens;
-                    st.completion_tokens += completion_tokens;
-                    st.open -= 1;
-                    if st.open == 0 {
+                    if st.tally.done(prompt_tokens, completion_tokens) {
                         if iu {
-                            let u = usage(st.prompt_tokens, st.completion_tokens);
-                            st.pending.push_back(m.chunk(json!([]), Some(u), true));
+                            st.pending.push_back(m.chunk(json!([]), Some(st.tally.usage()), true));
                         }
                         st.pending.push_back(SseEvent::default().data("[DONE]"));
                         st.done = true;

@@ -62,8 +62,6 @@ pub struct Limiter {
     redis_down: std::sync::atomic::AtomicBool,
 }
 
-/// A Redis answer slower than this counts as Redis being away.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The GCRA step on a theoretical arrival time `tat` (µs): consume `n` of `limit` per
 /// minute at `now`. Returns the decision and the new TAT when allowed. `n` may be
@@ -154,12 +152,7 @@ impl Limiter {
                 let mut conn = manager.clone();
                 let mut call = script.key(format!("{}{key}", self.prefix));
                 call.arg(n).arg(limit);
-                let answer = match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<(i64, i64, i64)>(&mut conn)).await {
-                    Ok(Ok(answer)) => Ok(answer),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".to_owned()),
-                };
-                let (allowed, used, retry) = match answer {
+                let (allowed, used, retry) = match crate::store::redis_answer(call.invoke_async::<(i64, i64, i64)>(&mut conn)).await {
                     Ok(answer) => {
                         if self.redis_down.swap(false, Relaxed) {
                             tracing::warn!("Redis answers again: rate limits are shared again");

@@ -24,6 +24,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::inference::providers::{Load, Provider};
+use crate::store::redis_answer;
 
 /// How long a lease lives without renewal (a dead replica's slots return after this).
 pub const LEASE: Duration = Duration::from_secs(30);
@@ -31,8 +32,6 @@ pub const LEASE: Duration = Duration::from_secs(30);
 pub const RENEW: Duration = Duration::from_secs(10);
 /// How often routing's view of the fleet's counts is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(1);
-/// A Redis call that takes longer counts as Redis being unreachable.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Drops expired leases, then adds `ARGV[2]` if fewer than `ARGV[1]` remain. Returns
 /// the count after (taken), or `-1 - count` (full).
@@ -87,9 +86,7 @@ pub struct Capacity {
     next: AtomicU64,
     /// This replica's leases per provider, for renewal.
     leases: Mutex<HashMap<String, HashSet<String>>>,
-    /// The divisor routing applies to caps now (1, or the replicas while in fallback),
-    /// and the loads it is applied to.
-    divisor: AtomicU32,
+    /// The providers' loads, which `spread` gives the current divisor.
     loads: Mutex<Vec<Arc<Load>>>,
     /// Woken when a slot frees up here (requests queued for capacity wait on it).
     pub freed: Arc<tokio::sync::Notify>,
@@ -104,7 +101,6 @@ impl Capacity {
             replicas: AtomicU32::new(1),
             next: AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
-            divisor: AtomicU32::new(1),
             loads: Mutex::new(Vec::new()),
             freed: Arc::new(tokio::sync::Notify::new()),
         }
@@ -140,24 +136,19 @@ impl Capacity {
 
     pub fn set_replicas(&self, n: u32) {
         self.replicas.store(n.max(1), Ordering::Relaxed);
-        if self.in_fallback() {
-            self.divide(n);
-        }
+        self.spread();
     }
 
-    /// The slots this replica may use of a provider when it counts alone: the cap, or
-    /// its share of it while Redis is unreachable.
-    fn local_limit(&self, cap: u32) -> u32 {
-        if self.in_fallback() {
-            (cap / self.replicas().max(1)).max(1)
-        } else {
-            cap
-        }
+    /// What a provider's cap is divided by here: 1, or the live replicas while Redis is
+    /// unreachable (`Load::limit` divides).
+    fn divisor(&self) -> u32 {
+        if self.in_fallback() { self.replicas().max(1) } else { 1 }
     }
 
     fn enter_fallback(&self, error: &str) {
-        self.divide(self.replicas());
-        if !self.fallback.swap(true, Ordering::Relaxed) {
+        let entered = !self.fallback.swap(true, Ordering::Relaxed);
+        self.spread();
+        if entered {
             tracing::error!(error, replicas = self.replicas(), "Redis unreachable: each replica now uses cap ÷ replicas of every provider");
         }
     }
@@ -167,7 +158,8 @@ impl Capacity {
         let cap = provider.capabilities.max_concurrent_streams.max(1);
         let load = &provider.load;
         // This replica's own count first: never more than the cap (or its share).
-        let limit = self.local_limit(cap);
+        load.divisor.store(self.divisor(), Ordering::Relaxed);
+        let limit = load.limit(cap);
         load.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok()?;
         let mut slot = Slot { capacity: self.clone(), provider: provider.clone(), lease: None };
         let Some(shared) = self.shared.as_ref().filter(|_| !self.in_fallback()) else { return Some(slot) };
@@ -176,33 +168,23 @@ impl Capacity {
         let mut conn = shared.conn.clone();
         let mut call = shared.take.key(&key);
         call.arg(cap).arg(&member).arg(LEASE.as_millis() as u64);
-        match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(n)) if n >= 0 => {
+        match redis_answer(call.invoke_async::<i64>(&mut conn)).await {
+            Ok(n) if n >= 0 => {
                 load.fleet_in_flight.store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Relaxed);
                 self.leases.lock().entry(provider.id.clone()).or_default().insert(member.clone());
                 slot.lease = Some(member);
                 Some(slot)
             }
-            Ok(Ok(full)) => {
+            Ok(full) => {
                 load.fleet_in_flight.store(u32::try_from(-1 - full).unwrap_or(cap), Ordering::Relaxed);
                 None // the slot's drop gives the local count back
             }
-            Ok(Err(e)) => {
-                self.enter_fallback(&e.to_string());
-                self.within_share(slot)
-            }
-            Err(_) => {
-                self.enter_fallback("timed out");
-                self.within_share(slot)
+            // Redis went away meanwhile: the slot is kept if within this replica's share.
+            Err(error) => {
+                self.enter_fallback(&error);
+                (load.in_flight.load(Ordering::Relaxed) <= load.limit(cap)).then_some(slot)
             }
         }
-    }
-
-    /// A slot taken while Redis answered and found unreachable: kept if within this
-    /// replica's share.
-    fn within_share(&self, slot: Slot) -> Option<Slot> {
-        let cap = slot.provider.capabilities.max_concurrent_streams.max(1);
-        (slot.provider.load.in_flight.load(Ordering::Relaxed) <= self.local_limit(cap)).then_some(slot)
     }
 
     /// Renews this replica's leases (re-adding any Redis lost) and refreshes the fleet
@@ -220,10 +202,8 @@ impl Capacity {
                 for m in &members {
                     call.arg(m);
                 }
-                match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return self.enter_fallback(&e.to_string()),
-                    Err(_) => return self.enter_fallback("timed out"),
+                if let Err(error) = redis_answer(call.invoke_async::<i64>(&mut conn)).await {
+                    return self.enter_fallback(&error);
                 }
             }
         }
@@ -234,8 +214,8 @@ impl Capacity {
         for p in providers {
             call.key(format!("{}{}", shared.prefix, p.id));
         }
-        match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<Vec<i64>>(&mut conn)).await {
-            Ok(Ok(counts)) => {
+        match redis_answer(call.invoke_async::<Vec<i64>>(&mut conn)).await {
+            Ok(counts) => {
                 for (p, n) in providers.iter().zip(counts) {
                     p.load.fleet_in_flight.store(u32::try_from(n).unwrap_or(0), Ordering::Relaxed);
                 }
@@ -243,39 +223,34 @@ impl Capacity {
                 // Slots other replicas freed: requests queued here may take them.
                 self.freed.notify_waiters();
             }
-            Ok(Err(e)) => self.enter_fallback(&e.to_string()),
-            Err(_) => self.enter_fallback("timed out"),
+            Err(error) => self.enter_fallback(&error),
         }
     }
 
     fn leave_fallback(&self) {
-        self.divide(1);
-        if self.fallback.swap(false, Ordering::Relaxed) {
+        let left = self.fallback.swap(false, Ordering::Relaxed);
+        self.spread();
+        if left {
             tracing::warn!("Redis answers again: provider slots are shared leases again");
         }
     }
 
-    /// Makes routing see `1 / divisor` of every known provider's cap (the fleet count,
-    /// stale while Redis is away, is dropped when dividing).
-    fn divide(&self, divisor: u32) {
-        self.divisor.store(divisor.max(1), Ordering::Relaxed);
+    /// Makes routing see the current share of every known provider's cap (the fleet
+    /// count, stale while Redis is away, is dropped then).
+    fn spread(&self) {
+        let divisor = self.divisor();
         for load in self.loads.lock().iter() {
-            load.divisor.store(divisor.max(1), Ordering::Relaxed);
+            load.divisor.store(divisor, Ordering::Relaxed);
             if divisor > 1 {
                 load.fleet_in_flight.store(0, Ordering::Relaxed);
             }
         }
     }
 
-    /// Remembers the providers' loads so that `divide` reaches them all.
+    /// Remembers the providers' loads so that `spread` reaches them all.
     pub fn track(&self, providers: &[Arc<Provider>]) {
-        let divisor = self.divisor.load(Ordering::Relaxed).max(1);
-        let mut loads = self.loads.lock();
-        loads.clear();
-        for p in providers {
-            p.load.divisor.store(divisor, Ordering::Relaxed);
-            loads.push(p.load.clone());
-        }
+        *self.loads.lock() = providers.iter().map(|p| p.load.clone()).collect();
+        self.spread();
     }
 }
 

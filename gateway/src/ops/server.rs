@@ -244,8 +244,10 @@ impl Running {
         every(crate::inference::capacity::REFRESH, stop.clone(), move || {
             ticks += 1;
             let counting = counting.clone();
-            let renew = ticks % (crate::inference::capacity::RENEW.as_secs() / crate::inference::capacity::REFRESH.as_secs()).max(1) == 0;
-            let beat = ticks % crate::ops::replicas::BEAT.as_secs().max(1) == 1;
+            let nth = |period: Duration| (period.as_millis() / crate::inference::capacity::REFRESH.as_millis()).max(1) as u64;
+            let renew = ticks % nth(crate::inference::capacity::RENEW) == 0;
+            // The first tick beats (the replica counts itself at once).
+            let beat = (ticks - 1) % nth(crate::ops::replicas::BEAT) == 0;
             async move {
                 let providers: Vec<_> = counting.registry.snapshot().values().cloned().collect();
                 counting.capacity.track(&providers);

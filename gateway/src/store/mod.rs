@@ -598,6 +598,20 @@ fn strip_comments(statement: &str) -> String {
     statement.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n").trim().to_owned()
 }
 
+/// A Redis answer slower than this counts as Redis being away.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A Redis call given `REDIS_TIMEOUT`: its answer, or why there is none (an error, or
+/// no answer in time). What replicas share through Redis (rate limits, provider slots)
+/// falls back to each replica's own share when Redis is away.
+pub async fn redis_answer<T>(call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
 pub fn now_ms() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
