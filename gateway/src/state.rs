@@ -49,6 +49,8 @@ pub struct Inner {
     /// Provider slots, fleet-wide with Redis (requests queued for capacity wait on
     /// `capacity.freed`).
     pub capacity: Arc<crate::inference::capacity::Capacity>,
+    /// Provider health shared with the other replicas and kept in the database.
+    pub fleet_health: Arc<crate::inference::health::Fleet>,
     /// This replica's id (`replica_id`).
     pub replica: String,
     /// Requests waiting for a provider slot right now.

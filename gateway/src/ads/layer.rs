@@ -147,7 +147,7 @@ where
     let targeting = plan.as_ref().map(|p| p.targeting(&key.user_id, &request_id, &base_url));
     let mut chosen = None;
     if let Some(t) = targeting.as_ref().filter(|t| t.placement == Placement::Prompt) {
-        chosen = state.ads.select(t);
+        chosen = state.ads.choose(t).await;
         if let (Some(s), Some(chat)) = (&chosen, parts.extensions.get_mut::<ChatBody>()) {
             add_sponsor_note(&mut chat.request, s);
         }
@@ -156,7 +156,7 @@ where
     let (response, selected) = match targeting.as_ref().filter(|t| t.placement != Placement::Prompt) {
         // `join` polls the handler first: its call to the provider is on its way
         // before the auction runs.
-        Some(t) => futures::join!(call, async { state.ads.select(t) }),
+        Some(t) => futures::join!(call, state.ads.choose(t)),
         None => (call.await, chosen),
     };
     let response = response?;

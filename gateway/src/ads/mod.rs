@@ -8,10 +8,15 @@
 //! moves the money in the ledger, spawned off the response path. The layer that puts
 //! ads into responses is `layer`.
 //!
-//! Several replicas each add their own charges to the shared snapshot, so between two
-//! reloads a campaign can overshoot its budget by what the other replicas spent in
-//! that window; frequency caps are counted per replica. Both are bounded by the reload
-//! interval and documented in ARCHITECTURE.md.
+//! Budgets hold across replicas at the charge: a charge is taken only when the
+//! campaign's shared counters (`campaigns.spent_total`, `spent_day`), updated by one
+//! conditional statement in the charge's transaction, leave room for it, so the fleet
+//! never spends more than a campaign's daily or total budget (an impression whose
+//! charge does not fit is delivered free). The auction's view of spending (for
+//! eligibility and pacing) is the counters at the last reload plus this replica's
+//! charges since. Frequency caps are counted when an ad is chosen: with Redis in one
+//! counter per (user, campaign, UTC day) shared by the replicas (`Views`), else in
+//! this process.
 
 pub mod auction;
 pub mod classify;
@@ -121,6 +126,68 @@ struct Local {
     clicks: u64,
 }
 
+/// Takes one view of a capped campaign for a user today: 1 when under the cap
+/// (`ARGV[1]`) and counted, 0 when the cap is reached.
+const TAKE_VIEW: &str = r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], 172800000)
+return 1
+";
+
+/// How many times `choose` runs the auction again when winners are capped out.
+const CHOOSE_ROUNDS: usize = 4;
+
+/// Impressions per (user, campaign, UTC day), counted against frequency caps: in
+/// this process, and in Redis (`{redis_prefix}views:…`) when the replicas share one.
+struct Views {
+    local: moka::sync::Cache<u64, u32>,
+    hasher: std::collections::hash_map::RandomState,
+    shared: Option<(redis::aio::ConnectionManager, String, redis::Script)>,
+}
+
+impl Views {
+    fn key(&self, user_id: &str, campaign_id: &str, day: i64) -> u64 {
+        self.hasher.hash_one((user_id, campaign_id, day))
+    }
+
+    fn seen(&self, user_id: &str, campaign_id: &str, day: i64) -> u32 {
+        self.local.get(&self.key(user_id, campaign_id, day)).unwrap_or(0)
+    }
+
+    /// Counts one view if the cap allows it. The fleet's counter decides when Redis
+    /// answers; else this replica's count (already checked by the auction).
+    async fn take(&self, user_id: &str, campaign_id: &str, day: i64, cap: u32) -> bool {
+        let key = self.key(user_id, campaign_id, day);
+        let seen = self.local.get(&key).unwrap_or(0);
+        if let Some((conn, prefix, script)) = &self.shared {
+            let mut conn = conn.clone();
+            let mut call = script.key(format!("{prefix}views:{day}:{campaign_id}:{user_id}"));
+            call.arg(cap);
+            match crate::store::redis_answer(call.invoke_async::<i64>(&mut conn)).await {
+                Ok(1) => {}
+                Ok(_) => {
+                    // Capped out on another replica: remember it here too.
+                    self.local.insert(key, cap);
+                    return false;
+                }
+                Err(error) => tracing::warn!(error, "frequency cap counter unreachable: counting on this replica"),
+            }
+        }
+        self.local.insert(key, seen + 1);
+        true
+    }
+}
+
+/// Who a charge is for.
+struct Charge<'a> {
+    campaign_id: &'a str,
+    advertiser_id: &'a str,
+    provider_id: Option<&'a str>,
+    impression_id: &'a str,
+}
+
 /// The ad chosen for one response, not yet delivered.
 #[derive(Debug, Clone)]
 pub struct Selected {
@@ -134,6 +201,8 @@ pub struct Selected {
     pub request_id: String,
     pub user_id: String,
     pub ad: Ad,
+    /// The campaign's impressions per user per day (0: no cap).
+    pub frequency_cap: u32,
 }
 
 /// Counters for `/metrics`.
@@ -181,9 +250,7 @@ pub struct Ads {
     reserve_cpm: Micros,
     inventory: RwLock<Arc<Inventory>>,
     local: Mutex<Vec<Local>>,
-    /// Hash of (user, campaign, UTC day) → impressions delivered (this replica).
-    views: moka::sync::Cache<u64, u32>,
-    hasher: std::collections::hash_map::RandomState,
+    views: Views,
     pub counters: Counters,
 }
 
@@ -192,15 +259,20 @@ fn day_start(ms: i64) -> i64 {
 }
 
 impl Ads {
-    pub async fn load(store: Store, config: &Config) -> Result<Arc<Self>, sqlx::Error> {
+    /// The inventory; with `redis` (a connection and the key prefix) frequency caps
+    /// are counted fleet-wide.
+    pub async fn load(store: Store, config: &Config, redis: Option<redis::aio::ConnectionManager>) -> Result<Arc<Self>, sqlx::Error> {
         let ads = Arc::new(Self {
             store,
             provider_share_bp: config.ads_provider_share_bp,
             reserve_cpm: config.ads_reserve_cpm_micros,
             inventory: RwLock::new(Arc::new(Inventory::default())),
             local: Mutex::new(Vec::new()),
-            views: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(std::time::Duration::from_secs(2 * 86_400)).build(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            views: Views {
+                local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(std::time::Duration::from_secs(2 * 86_400)).build(),
+                hasher: std::collections::hash_map::RandomState::new(),
+                shared: redis.map(|conn| (conn, config.redis_prefix.clone(), redis::Script::new(TAKE_VIEW))),
+            },
             counters: Counters::default(),
         });
         ads.reload().await?;
@@ -213,9 +285,8 @@ impl Ads {
         let today = day_start(taken_at);
         let rows = sqlx::query(
             "SELECT c.id, c.advertiser_id, c.categories, c.title, c.body, c.cpm_bid, c.cpc_bid, c.daily_budget, c.total_budget, \
-             c.starts_at, c.ends_at, c.frequency_cap, \
-             CAST(COALESCE((SELECT SUM(i.charged) FROM ad_impressions i WHERE i.campaign_id = c.id), 0) AS BIGINT) AS spent_total, \
-             CAST(COALESCE((SELECT SUM(i.charged) FROM ad_impressions i WHERE i.campaign_id = c.id AND i.created_at >= $1), 0) AS BIGINT) AS spent_today, \
+             c.starts_at, c.ends_at, c.frequency_cap, c.spent_total, \
+             CASE WHEN c.spent_day_start = $1 THEN c.spent_day ELSE 0 END AS spent_today, \
              (SELECT COUNT(*) FROM ad_impressions i WHERE i.campaign_id = c.id) AS impressions, \
              (SELECT COUNT(*) FROM ad_impressions i WHERE i.campaign_id = c.id AND i.clicked_at IS NOT NULL) AS clicks \
              FROM campaigns c WHERE c.status = 'active' ORDER BY c.id",
@@ -275,9 +346,37 @@ impl Ads {
         Ok(())
     }
 
-    /// Runs the auction for one request; `None` when no campaign is eligible.
+    /// Chooses the ad for one request: the auction's winner, once its frequency cap
+    /// (the fleet's, with Redis) lets this user see it once more; a capped-out winner
+    /// is left out and the auction runs again. `None` when no campaign is eligible.
+    pub async fn choose(&self, t: &Targeting<'_>) -> Option<Selected> {
+        self.counters.auctions.fetch_add(1, Relaxed);
+        let day = now_ms().div_euclid(DAY_MS);
+        let mut capped: Vec<String> = Vec::new();
+        for _ in 0..CHOOSE_ROUNDS {
+            let Some(selected) = self.auction(t, &capped) else { break };
+            if selected.frequency_cap == 0 || self.views.take(t.user_id, &selected.campaign_id, day, selected.frequency_cap).await {
+                return Some(selected);
+            }
+            capped.push(selected.campaign_id);
+        }
+        self.counters.no_fill.fetch_add(1, Relaxed);
+        None
+    }
+
+    /// Runs the auction for one request without counting a view (the cost of the
+    /// auction alone, for `bench-ads`); `None` when no campaign is eligible.
     pub fn select(&self, t: &Targeting<'_>) -> Option<Selected> {
         self.counters.auctions.fetch_add(1, Relaxed);
+        let selected = self.auction(t, &[]);
+        if selected.is_none() {
+            self.counters.no_fill.fetch_add(1, Relaxed);
+        }
+        selected
+    }
+
+    /// The auction over the inventory, leaving out the campaigns in `capped`.
+    fn auction(&self, t: &Targeting<'_>, capped: &[String]) -> Option<Selected> {
         let inv = self.inventory.read().clone();
         let now = now_ms();
         let today = day_start(now);
@@ -308,13 +407,9 @@ impl Ads {
         let outcome = auction::run(
             &candidates,
             &request,
-            |campaign| self.views.get(&self.view_key(t.user_id, campaign, day)).unwrap_or(0),
+            |campaign| if capped.iter().any(|c| c == campaign) { u32::MAX } else { self.views.seen(t.user_id, campaign, day) },
             |advertiser| inv.available.get(advertiser).map_or(0, |(a, spent)| a - spent.load(Relaxed)),
-        );
-        let Some(outcome) = outcome else {
-            self.counters.no_fill.fetch_add(1, Relaxed);
-            return None;
-        };
+        )?;
         let position = *inv.index.get(outcome.campaign_id.as_str())?;
         let (winner, creative) = (&inv.bidders[position], inv.creatives.get(position)?);
         let impression_id = new_id("imp");
@@ -327,6 +422,7 @@ impl Ads {
             placement: t.placement,
             request_id: t.request_id.to_owned(),
             user_id: t.user_id.to_owned(),
+            frequency_cap: winner.frequency_cap,
             ad: Ad {
                 click_url: format!("{}/r/{impression_id}", t.base_url.trim_end_matches('/')),
                 id: impression_id.clone(),
@@ -369,22 +465,19 @@ impl Ads {
         .execute(&mut *tx)
         .await?;
         let charged = match s.pricing {
-            Pricing::Cpm => self.charge(&mut tx, &s.advertiser_id, provider_id, s.price, "ad_impression", &s.impression_id).await?,
+            Pricing::Cpm => {
+                let to = Charge { campaign_id: &s.campaign_id, advertiser_id: &s.advertiser_id, provider_id, impression_id: &s.impression_id };
+                self.charge(&mut tx, &to, s.price, "ad_impression", now).await?
+            }
             Pricing::Cpc => 0,
         };
         if charged > 0 {
             sqlx::query("UPDATE ad_impressions SET charged = $1 WHERE id = $2").bind(charged).bind(&s.impression_id).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        let key = self.view_key(&s.user_id, &s.campaign_id, now.div_euclid(DAY_MS));
-        self.views.insert(key, self.views.get(&key).unwrap_or(0) + 1);
         self.note(Local { at: now, campaign_id: s.campaign_id.clone(), advertiser_id: s.advertiser_id.clone(), amount: charged, impressions: 1, clicks: 0 });
         self.counters.impressions.fetch_add(1, Relaxed);
         Ok(charged)
-    }
-
-    fn view_key(&self, user_id: &str, campaign_id: &str, day: i64) -> u64 {
-        self.hasher.hash_one((user_id, campaign_id, day))
     }
 
     /// A charge, impression or click this replica just committed: counted at once in
@@ -397,26 +490,55 @@ impl Ads {
     }
 
     /// Debits the advertiser, credits the platform's ad revenue and the provider's
-    /// share. Charges nothing when the advertiser cannot pay (its campaigns drop out
-    /// of the next auctions).
+    /// share, and adds the charge to the campaign's spending. Charges nothing when the
+    /// campaign's daily or total budget has no room left for it (whatever replica spent
+    /// it: the check and the addition are one conditional statement, which on
+    /// PostgreSQL holds the campaign's row until the transaction ends) or when the
+    /// advertiser cannot pay (its campaigns drop out of the next auctions).
     async fn charge(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        advertiser_id: &str,
-        provider_id: Option<&str>,
+        c: &Charge<'_>,
         amount: Micros,
         kind: &str,
-        impression_id: &str,
+        now: i64,
     ) -> Result<Micros, sqlx::Error> {
-        let share = if provider_id.is_some() { ledger::fee(amount, self.provider_share_bp) } else { 0 };
-        let provider = provider_id.map(ledger::provider_account);
+        let today = day_start(now);
+        let within_budget = sqlx::query(
+            "UPDATE campaigns SET spent_total = spent_total + $1, \
+             spent_day = CASE WHEN spent_day_start = $2 THEN spent_day + $1 ELSE $1 END, spent_day_start = $2 \
+             WHERE id = $3 AND spent_total + $1 <= total_budget \
+             AND CASE WHEN spent_day_start = $2 THEN spent_day ELSE 0 END + $1 <= daily_budget",
+        )
+        .bind(amount)
+        .bind(today)
+        .bind(c.campaign_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !within_budget {
+            tracing::debug!(campaign = c.campaign_id, amount, "the campaign's budget has no room for this charge: delivered free");
+            return Ok(0);
+        }
+        let share = if c.provider_id.is_some() { ledger::fee(amount, self.provider_share_bp) } else { 0 };
+        let provider = c.provider_id.map(ledger::provider_account);
         let mut to: Vec<(&str, Micros)> = vec![(ledger::AD_REVENUE, amount - share)];
         if let Some(p) = &provider {
             to.push((p.as_str(), share));
         }
-        let from = ledger::advertiser_account(advertiser_id);
-        let paid = ledger::pay_out_of(tx, &from, &to, kind, Some(impression_id), &format!("{kind} {impression_id}")).await?;
-        Ok(if paid { amount } else { 0 })
+        let from = ledger::advertiser_account(c.advertiser_id);
+        let memo = format!("{kind} {}", c.impression_id);
+        if ledger::pay_out_of(tx, &from, &to, kind, Some(c.impression_id), &memo).await? {
+            return Ok(amount);
+        }
+        // Not paid: the campaign did not spend it either.
+        sqlx::query("UPDATE campaigns SET spent_total = spent_total - $1, spent_day = spent_day - $1 WHERE id = $2")
+            .bind(amount)
+            .bind(c.campaign_id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(0)
     }
 
     /// Records a click on an impression once (charging a CPC one) and returns where
@@ -450,7 +572,8 @@ impl Ads {
         let provider_id: Option<String> = row.try_get("provider_id")?;
         let charged = if pricing == "cpc" {
             let price: i64 = row.try_get("price")?;
-            self.charge(&mut tx, &advertiser_id, provider_id.as_deref(), price, "ad_click", impression_id).await?
+            let to = Charge { campaign_id: &campaign_id, advertiser_id: &advertiser_id, provider_id: provider_id.as_deref(), impression_id };
+            self.charge(&mut tx, &to, price, "ad_click", now).await?
         } else {
             0
         };

@@ -79,6 +79,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "id": state.replica,
             "liveReplicas": state.capacity.replicas(),
             "capacity": state.capacity.mode(),
+            "health": state.fleet_health.mode(),
         },
     });
     let status = if db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -115,7 +115,7 @@ pub async fn create_response(
     let targeting = plan.as_ref().map(|p| p.targeting(&key.user_id, &request_id, &base_url));
     let mut selected = None;
     if let Some(t) = targeting.as_ref().filter(|t| t.placement == Placement::Prompt) {
-        selected = state.ads.select(t);
+        selected = state.ads.choose(t).await;
         if let Some(s) = &selected {
             ad_layer::add_sponsor_note(&mut chat, s);
         }
@@ -140,8 +140,8 @@ pub async fn create_response(
     let model = dispatch.model.clone();
     let quality = dispatch.quality.clone();
     let relay = relay::open(&state, dispatch).await.map_err(responses_param)?;
-    if selected.is_none() {
-        selected = targeting.as_ref().and_then(|t| state.ads.select(t));
+    if let (None, Some(t)) = (&selected, &targeting) {
+        selected = state.ads.choose(t).await;
     }
 
     let store = request.store.unwrap_or(true);

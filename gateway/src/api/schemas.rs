@@ -40,6 +40,9 @@ pub struct ReplicaView {
     /// (Redis unreachable: each replica uses cap ÷ live replicas) or `local` (one
     /// replica, no Redis).
     pub capacity: String,
+    /// How provider health (breakers, scores) is judged: `shared` (the fleet's, through
+    /// Redis), `alone` (Redis unreachable: this replica's own) or `local` (no Redis).
+    pub health: String,
 }
 
 #[derive(Serialize, ToSchema)]

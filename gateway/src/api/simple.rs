@@ -34,7 +34,7 @@ use crate::{edge::extract, state::AppState, edge::extract::RequestId};
 /// Free tier: the ad an answer through this API may carry, chosen by the same plan
 /// and auction as `/v1/*` (`ads::layer`); the `prompt` placement's sponsor note is
 /// added to `chat` here, before the request is sent.
-fn choose_ad(
+async fn choose_ad(
     state: &AppState,
     key: &AuthedKey,
     headers: &HeaderMap,
@@ -47,7 +47,7 @@ fn choose_ad(
     }
     let Some(plan) = ad_layer::plan(state, key, ad_layer::Asked::Chat(chat), ext.ad_preferences.as_ref())? else { return Ok(None) };
     let base_url = ad_layer::base_url(state, headers);
-    let selected = state.ads.select(&plan.targeting(&key.user_id, request_id, &base_url));
+    let selected = state.ads.choose(&plan.targeting(&key.user_id, request_id, &base_url)).await;
     if let Some(s) = selected.as_ref().filter(|s| s.placement == Placement::Prompt) {
         ad_layer::add_sponsor_note(chat, s);
     }
@@ -106,7 +106,7 @@ pub async fn inference(
     let started = Instant::now();
     let request: InferenceRequest = extract::parse(&headers, &body)?;
     let (mut chat, ext) = to_chat(&request)?;
-    let ad = choose_ad(&state, &key, &headers, &request_id, &mut chat, &ext)?;
+    let ad = choose_ad(&state, &key, &headers, &request_id, &mut chat, &ext).await?;
     let (mut dispatch, _, _) = prepare_chat(&state, &key, &request_id, &headers, &mut chat, ext, started)?;
     dispatch.rate = rate.map(|r| r.0);
     let (model, quality) = (dispatch.model.clone(), dispatch.quality.clone());
@@ -287,7 +287,7 @@ async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>,
         // Accept either the request itself or `{"event": "inference", "data": {...}}`.
         let payload = value.get("data").cloned().unwrap_or(value);
         let result = match serde_json::from_value::<InferenceRequest>(payload) {
-            Ok(request) => match socket_dispatch(&state, &key, &headers, &request_id, &request, rate) {
+            Ok(request) => match socket_dispatch(&state, &key, &headers, &request_id, &request, rate).await {
                 Ok((dispatch, ad)) => stream_one(&mut socket, &state, &request_id, &id, dispatch, ad).await,
                 Err(e) => Err(e),
             },
@@ -302,7 +302,7 @@ async fn run_socket(mut socket: WebSocket, state: AppState, key: Arc<AuthedKey>,
 }
 
 /// One socket message's request, ready for the relay, counted against `rate`.
-fn socket_dispatch(
+async fn socket_dispatch(
     state: &AppState,
     key: &Arc<AuthedKey>,
     headers: &HeaderMap,
@@ -311,7 +311,7 @@ fn socket_dispatch(
     rate: Arc<RateCtx>,
 ) -> Result<(relay::Dispatch, Option<Selected>), ApiError> {
     let (mut chat, ext) = to_chat(request)?;
-    let ad = choose_ad(state, key, headers, request_id, &mut chat, &ext)?;
+    let ad = choose_ad(state, key, headers, request_id, &mut chat, &ext).await?;
     let (mut dispatch, _, _) = prepare_chat(state, key, request_id, headers, &mut chat, ext, Instant::now())?;
     dispatch.rate = Some(rate);
     Ok((dispatch, ad))

@@ -181,7 +181,7 @@ async fn probe_while_open(state: AppState, provider_id: String, link: std::sync:
             provider.load.last_heartbeat_ms.fetch_max(now_ms(), Ordering::Relaxed);
             announce(&state, &provider_id, true);
         } else {
-            provider.load.health.record_failure(now_ms(), state.config.breaker_failures, state.config.breaker_cooldown());
+            provider.load.health.record_failure(now_ms(), state.config.breaking());
         }
     }
 }

@@ -450,7 +450,7 @@ pub struct Relay {
     finished: bool,
     active: Arc<std::sync::atomic::AtomicU64>,
     /// Breaker threshold and cool-down, for a failure mid-stream.
-    breaker: (u32, i64),
+    breaker: crate::inference::health::Breaking,
 }
 
 impl Drop for Relay {
@@ -593,8 +593,7 @@ impl Relay {
         if let Some(c) = self.tracker.completion(None) {
             self.tracker.sink.record(c);
         }
-        let config = &self.breaker;
-        self.slot.provider().load.health.record_failure(now_ms(), config.0, config.1);
+        self.slot.provider().load.health.record_failure(now_ms(), self.breaker);
         tracing::warn!(provider = %self.slot.provider().id, %message, "provider failed mid-stream");
         Event::Failed(message)
     }
@@ -648,7 +647,7 @@ pub async fn open(state: &AppState, dispatch: Dispatch) -> Result<Relay, ApiErro
         cut: None,
         finished: false,
         active: state.active_streams.clone(),
-        breaker: (config.breaker_failures, config.breaker_cooldown()),
+        breaker: config.breaking(),
     })
 }
 
@@ -823,7 +822,7 @@ async fn connect(state: &AppState, dispatch: Dispatch) -> Result<Connected, ApiE
                 return Err(e);
             }
             Err(e) => {
-                provider.load.health.record_failure(now_ms(), config.breaker_failures, config.breaker_cooldown());
+                provider.load.health.record_failure(now_ms(), config.breaking());
                 if provider.probation_left > 0 {
                     crate::inference::providers::restart_probation(state.store.clone(), provider.id.clone(), config.probation_requests);
                 }

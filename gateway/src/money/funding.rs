@@ -59,7 +59,7 @@ pub async fn reserve(state: &AppState, ask: &Ask<'_>, per_mtok: i64, current: Op
         return Ok(Funding::Nothing);
     }
     if key.tier == Tier::Free {
-        return state.free_budget.claim(amount).map(Funding::AdRevenue).map_err(|refusal| match refusal {
+        return state.free_budget.claim(amount).await.map(Funding::AdRevenue).map_err(|refusal| match refusal {
             free_budget::Refusal::Off => free_tier_off(),
             free_budget::Refusal::Spent { limit } => ApiError::FreeTierClosed(format!(
                 "Today's free-tier budget of ${:.2} is spent; free requests resume at 00:00 UTC, or use a paid key.",

@@ -343,9 +343,12 @@ impl Config {
         i64::try_from(self.provider_stale_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
     }
 
-    /// `breaker_cooldown_ms` as the signed milliseconds the breaker adds to a timestamp.
-    pub fn breaker_cooldown(&self) -> i64 {
-        i64::try_from(self.breaker_cooldown_ms).unwrap_or(i64::MAX)
+    /// The circuit breaker's settings (`breaker_failures`, `breaker_cooldown_ms`).
+    pub fn breaking(&self) -> crate::inference::health::Breaking {
+        crate::inference::health::Breaking {
+            threshold: self.breaker_failures,
+            cooldown_ms: i64::try_from(self.breaker_cooldown_ms).unwrap_or(i64::MAX),
+        }
     }
 
     pub fn weights(&self) -> crate::inference::health::Weights {

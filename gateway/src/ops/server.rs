@@ -72,11 +72,6 @@ impl Running {
         let relay_key = configured_or_stored(&store, config.relay_secret_key.as_ref(), "relay_secret_key").await?;
         let registry = Arc::new(Registry::load(store.clone(), config.replica_url.clone(), config.replica_peers.clone()).await?);
         revalidate_providers(&registry, config.allow_private_providers).await?;
-        let free_budget = crate::money::free_budget::FreeBudget::new(usd_micros(config.free_tier_daily_budget));
-        free_budget.refresh(&store).await?;
-        // Only a shared (PostgreSQL) database has other replicas' free spending to learn;
-        // an embedded one is this process's alone, whose counter is read at start-up.
-        let refresh_budget = (store.backend == crate::store::Backend::Postgres).then(|| (free_budget.clone(), store.clone()));
         let stop = CancellationToken::new();
         let metrics = Arc::new(crate::ops::metrics::Metrics::default());
         let (sink, writer) = usage::spawn(
@@ -90,7 +85,35 @@ impl Running {
         let reg = registry.clone();
         let qualities = Arc::new(crate::inference::quality::Qualities::load(store.clone()).await?);
         let reload_qualities = qualities.clone();
-        let ads = crate::ads::Ads::load(store.clone(), &config).await?;
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str()).context("bad redis_url")?;
+                // Reconnects quickly after an outage (the default backoff can wait
+                // seconds per try): the replica is back on shared state soon after Redis.
+                let retry = redis::aio::ConnectionManagerConfig::new()
+                    .set_number_of_retries(2)
+                    .set_factor(100)
+                    .set_exponent_base(2)
+                    .set_max_delay(1_000)
+                    .set_connection_timeout(Duration::from_millis(500))
+                    .set_response_timeout(Duration::from_secs(2));
+                Some(redis::aio::ConnectionManager::new_with_config(client, retry).await.context("cannot connect to Redis (redis_url)")?)
+            }
+            None => None,
+        };
+        let replica = config.replica();
+        let daily = usd_micros(config.free_tier_daily_budget);
+        let free_budget = match &redis {
+            // A claim lives as long as a request can, and a minute.
+            Some(manager) => crate::money::free_budget::FreeBudget::shared(daily, manager.clone(), &config.redis_prefix, &replica,
+                Duration::from_secs(config.request_deadline_secs.saturating_add(60))),
+            None => crate::money::free_budget::FreeBudget::new(daily),
+        };
+        free_budget.refresh(&store).await?;
+        // Only a shared (PostgreSQL) database has other replicas' free spending to learn;
+        // an embedded one is this process's alone, whose counter is read at start-up.
+        let refresh_budget = (store.backend == crate::store::Backend::Postgres).then(|| (free_budget.clone(), store.clone()));
+        let ads = crate::ads::Ads::load(store.clone(), &config, redis.clone()).await?;
         let reload_ads = ads.clone();
         let sweeper = crate::money::ledger::Ledger::new(store.clone());
         let payouts = crate::money::payments::Payments::new(store.clone());
@@ -146,23 +169,6 @@ impl Running {
                 }
             }
         });
-        let replica = config.replica();
-        let redis = match &config.redis_url {
-            Some(url) => {
-                let client = redis::Client::open(url.as_str()).context("bad redis_url")?;
-                // Reconnects quickly after an outage (the default backoff can wait
-                // seconds per try): the replica is back on shared state soon after Redis.
-                let retry = redis::aio::ConnectionManagerConfig::new()
-                    .set_number_of_retries(2)
-                    .set_factor(100)
-                    .set_exponent_base(2)
-                    .set_max_delay(1_000)
-                    .set_connection_timeout(Duration::from_millis(500))
-                    .set_response_timeout(Duration::from_secs(2));
-                Some(redis::aio::ConnectionManager::new_with_config(client, retry).await.context("cannot connect to Redis (redis_url)")?)
-            }
-            None => None,
-        };
         crate::ops::replicas::join(&store, &replica, redis.is_some()).await?;
         let limiter = match &redis {
             Some(manager) => Arc::new(crate::edge::ratelimit::Limiter::redis(manager.clone(), &config.redis_prefix)),
@@ -172,6 +178,14 @@ impl Running {
             Some(manager) => Capacity::shared(replica.clone(), manager.clone(), &config.redis_prefix),
             None => Capacity::local(replica.clone()),
         });
+        let fleet_health = Arc::new(crate::inference::health::Fleet::new(
+            replica.clone(),
+            redis.clone().map(|manager| (manager, config.redis_prefix.as_str())),
+            config.breaking(),
+        ));
+        // What the fleet learnt of each provider before this start.
+        let restored = crate::inference::health::restore(&store, &registry.snapshot()).await?;
+        tracing::debug!(restored, "provider health restored");
         let config_seed = config.routing_seed;
         let links = Arc::new(crate::inference::open_links::Links::new(config.max_links_per_ip));
         let mut keys = Keys::new(store.clone(), Duration::from_secs(config.key_cache_ttl_secs));
@@ -185,6 +199,7 @@ impl Running {
             limiter,
             qualities,
             capacity: capacity.clone(),
+            fleet_health,
             replica: replica.clone(),
             queued: Arc::new(AtomicU64::new(0)),
             keys,
@@ -239,7 +254,8 @@ impl Running {
                 }
             }
         });
-        // Provider slots: leases renewed, fleet counts refreshed, live replicas counted.
+        // Provider slots: leases renewed, fleet counts refreshed, live replicas counted;
+        // provider health shared, and written to the database every `PERSIST`.
         let (counting, mut ticks) = (state.clone(), 0u64);
         every(crate::inference::capacity::REFRESH, stop.clone(), move || {
             ticks += 1;
@@ -248,6 +264,7 @@ impl Running {
             let renew = ticks % nth(crate::inference::capacity::RENEW) == 0;
             // The first tick beats (the replica counts itself at once).
             let beat = (ticks - 1) % nth(crate::ops::replicas::BEAT) == 0;
+            let persist = ticks % nth(crate::inference::health::PERSIST) == 0;
             async move {
                 let providers: Vec<_> = counting.registry.snapshot().values().cloned().collect();
                 counting.capacity.track(&providers);
@@ -256,11 +273,18 @@ impl Running {
                         Ok(live) => {
                             counting.capacity.set_replicas(live);
                             counting.limiter.set_replicas(live);
+                            counting.free_budget.set_replicas(live);
                         }
                         Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
                     }
                 }
                 counting.capacity.tick(&providers, renew).await;
+                counting.fleet_health.sync(&providers).await;
+                if persist && counting.fleet_health.writes().await {
+                    if let Err(e) = crate::inference::health::persist(&counting.store, &providers).await {
+                        tracing::warn!(error = %e, "writing provider health failed");
+                    }
+                }
             }
         });
         let expiring = state.clone();
@@ -278,6 +302,13 @@ impl Running {
     /// Stops background work and writes every pending usage record.
     pub async fn finish(self) {
         self.stop.cancel();
+        // What this replica knows of provider health outlives it.
+        if self.state.fleet_health.writes().await {
+            let providers: Vec<_> = self.state.registry.snapshot().values().cloned().collect();
+            if let Err(e) = crate::inference::health::persist(&self.state.store, &providers).await {
+                tracing::warn!(error = %e, "writing provider health failed");
+            }
+        }
         crate::ops::replicas::leave(&self.state.store, &self.state.replica).await;
         drop(self.state);
         if let Err(e) = self.writer.handle.await {
@@ -309,6 +340,8 @@ where
 /// Active health checks: `GET {baseUrl}/health` of every provider with a stream on line,
 /// concurrently, 2 s each. The result feeds uptime; a failure also counts toward the
 /// circuit breaker. Dial-out providers are probed over their links instead (`links`).
+/// With Redis each provider is checked by one replica per period (`Fleet::to_check`),
+/// and the result reaches the others with the next health sync.
 ///
 /// Only active providers are checked, at most `HEALTH_CHECKS_AT_ONCE` at a time, so
 /// registrations cannot make the gateway send requests to many addresses at once.
@@ -322,11 +355,12 @@ async fn check_providers(state: &AppState) {
         .filter(|p| p.connection == openapi::platform::Connection::Direct)
         .cloned()
         .collect::<Vec<_>>();
+    let active = state.fleet_health.to_check(active, Duration::from_secs(state.config.health_check_secs)).await;
     let allow_private = state.config.allow_private_providers;
     futures::stream::iter(active)
         .for_each_concurrent(HEALTH_CHECKS_AT_ONCE, |p| {
             let http = state.http.clone();
-            let (threshold, cooldown) = (state.config.breaker_failures, state.config.breaker_cooldown());
+            let breaking = state.config.breaking();
             let secret = state.relay_secret(&p);
             async move {
                 let url = format!("{}/health", p.base_url);
@@ -340,7 +374,7 @@ async fn check_providers(state: &AppState) {
                         .is_ok_and(|r| r.status().is_success());
                 p.load.health.record_check(ok);
                 if !ok {
-                    p.load.health.record_failure(crate::store::now_ms(), threshold, cooldown);
+                    p.load.health.record_failure(crate::store::now_ms(), breaking);
                 }
             }
         })

@@ -20,6 +20,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../../migrations/0008_provider_trust.sql")),
     (9, include_str!("../../migrations/0009_provider_links.sql")),
     (10, include_str!("../../migrations/0010_replicas.sql")),
+    (11, include_str!("../../migrations/0011_provider_health.sql")),
+    (12, include_str!("../../migrations/0012_campaign_spending.sql")),
 ];
 
 /// Every SQLite connection's set-up, sqlx's and `Direct`'s. WAL lets readers run

@@ -214,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
         let url = format!("sqlite://{}", dir.path().join(format!("sel-{n}.db")).display());
         let store = Store::connect(&url).await?;
         seed_campaigns(&store, n).await?;
-        let ads = Ads::load(store, &Config::default()).await?;
+        let ads = Ads::load(store, &Config::default(), None).await?;
         let (us, fill) = time_selection(&ads, 20_000);
         table.push_str(&format!("| {n} | {us:.1} | {:.0}% |\n", fill * 100.0));
     }

@@ -21,7 +21,7 @@ fn provider(i: usize, now: i64) -> Arc<Provider> {
     load.in_flight.store(u32::try_from(i % 5).unwrap_or(0), Ordering::Relaxed);
     load.health.record_success(20.0 + (i % 7) as f64 * 15.0);
     if i % 11 == 0 {
-        load.health.record_failure(now, 3, 10_000);
+        load.health.record_failure(now, gateway::inference::health::Breaking { threshold: 3, cooldown_ms: 10_000 });
     }
     let mut streams = HashSet::new();
     for q in ["low", "standard", "high", "ultra"] {

@@ -236,3 +236,177 @@ async fn replicas_on_postgres_keep_a_spending_limit_under_concurrency() {
     assert!(served <= 4, "{served} requests were held at once against a limit that fits four");
     fleet[0].ledger_is_clean().await;
 }
+
+/// The value of `gs_provider_breaker_open` for `provider` in a replica's metrics.
+async fn breaker_open(gw: &Gateway, provider: &str) -> bool {
+    let text = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().any(|l| l == format!("gs_provider_breaker_open{{provider=\"{provider}\"}} 1"))
+}
+
+/// A provider that fails every request opens its breaker on the replica that met the
+/// failures, and every other replica avoids it within 5 s without sending it anything
+/// (each judging alone, the other two would each have sent it requests until their own
+/// breakers opened).
+#[tokio::test]
+async fn inproc_replicas_avoid_a_failing_provider_within_5_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await.0;
+    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let base = replica(&prefix, REDIS, i);
+        // The first failure opens the breaker (the score alone would also steer
+        // traffic away, more slowly).
+        fleet.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), move |c| {
+            base(c);
+            c.breaker_failures = 1;
+        }).await);
+    }
+    let failing = spawn_mock(MockConfig { fail_status: Some(500), ..MockConfig::default() }).await.unwrap();
+    let good = spawn_mock(MockConfig::default()).await.unwrap();
+    let (bad_id, _) = fleet[0].add_provider(&failing, "mock-model", None, &["standard"]).await;
+    fleet[0].add_provider(&good, "mock-model", None, &["standard"]).await;
+    let key = fleet[0].create_key("premium").await;
+    wait_routable(&fleet, &key).await;
+    for gw in &fleet {
+        assert_eq!(health(gw).await["replica"]["health"], "shared");
+    }
+    let ask = json!({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    // Replica 0 alone meets the failures (each fails over to the good provider).
+    for _ in 0..200 {
+        if breaker_open(&fleet[0], &bad_id).await {
+            break;
+        }
+        assert_eq!(fleet[0].chat(&key, ask.clone()).await.status(), 200);
+    }
+    let opened = std::time::Instant::now();
+    assert!(breaker_open(&fleet[0], &bad_id).await, "replica 0 never opened the failing provider's breaker");
+    let sent_before = failing.request_count();
+    for gw in &fleet[1..] {
+        while !breaker_open(gw, &bad_id).await {
+            assert!(opened.elapsed() < Duration::from_secs(5), "another replica still routes to the failing provider after 5 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let shared_after = opened.elapsed();
+    for i in 0..20 {
+        assert_eq!(fleet[1 + i % 2].chat(&key, ask.clone()).await.status(), 200);
+    }
+    eprintln!("failing provider: {sent_before} requests, all from replica 0; breaker open on every replica {:.2} s after replica 0's", shared_after.as_secs_f64());
+    assert_eq!(failing.request_count(), sent_before, "the other replicas sent the failing provider requests");
+}
+
+/// A provider's score inputs survive a restart: they are written to the database
+/// while the gateway runs (and when it stops) and read back when it starts.
+#[tokio::test]
+async fn inproc_provider_health_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await.0;
+    let gw = Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), |c| c.provider_refresh_secs = 1).await;
+    let flaky = spawn_mock(MockConfig { fail_every: Some(2), ..MockConfig::default() }).await.unwrap();
+    let (id, _) = gw.add_provider(&flaky, "mock-model", None, &["standard"]).await;
+    let key = gw.create_key("premium").await;
+    for _ in 0..6 {
+        gw.chat(&key, json!({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})).await;
+    }
+    let before = gw.state.registry.snapshot()[&id].load.health.inputs();
+    assert!(before.failures > 0 && before.success < 1.0, "{before:?}");
+    gw.shutdown().await;
+    let again = Gateway::start_on(url, tempfile::tempdir().unwrap(), |c| c.provider_refresh_secs = 1).await;
+    let after = again.state.registry.snapshot()[&id].load.health.inputs();
+    eprintln!("before the restart {before:?}, after {after:?}");
+    assert_eq!(after, before, "the restarted gateway forgot the provider's record");
+}
+
+/// Three replicas, a campaign whose total budget pays for ten impressions, 60
+/// concurrent free requests that each may carry its ad: the fleet charges the
+/// campaign at most its budget (each replica's snapshot says nothing was spent, so
+/// without the shared counters every impression would be charged).
+/// (On PostgreSQL: replicas share one; an embedded SQLite file belongs to one process.)
+#[tokio::test]
+async fn replicas_on_postgres_never_overspend_a_campaign_and_share_frequency_caps() {
+    let fleet = fleet_on(crate::inproc::fresh_postgres().await.0, tempfile::tempdir().unwrap(), 3, REDIS).await;
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
+    // A bid at the reserve (0.1 USD CPM) pays 100 µUSD an impression: ten fit.
+    let budget = 1_000;
+    let campaign_body = json!({"cpmBidMicros": 100_000, "totalBudgetMicros": budget, "dailyBudgetMicros": 100_000});
+    let (_, campaign) = crate::ads::ad_campaign(&fleet[0], 1_000_000, campaign_body).await;
+    let keys: Vec<String> = join_all((0..20).map(|_| fleet[0].create_key("free"))).await;
+    wait_routable(&fleet, &keys[0]).await;
+    // Every replica's inventory has the campaign.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let ask = json!({"model": "mock-model", "messages": crate::inproc::user(crate::ads::TECH_QUESTION)});
+    let answers = join_all((0..60).map(|i| {
+        let (gw, key, ask) = (&fleet[i % 3], keys[i % 20].clone(), ask.clone());
+        async move { gw.chat(&key, ask).await.text().await.unwrap() }
+    }))
+    .await;
+    let with_ad = answers.iter().filter(|a| a.contains("[Sponsored]")).count();
+    let rows = crate::ads::wait_impressions(&fleet[0], with_ad).await;
+    let charged: i64 = rows.iter().map(|r| r.1).sum();
+    let paid = rows.iter().filter(|r| r.1 > 0).count();
+    let spent: i64 = sqlx::query_scalar("SELECT spent_total FROM campaigns WHERE id = $1")
+        .bind(&campaign)
+        .fetch_one(&fleet[0].state.store.pool)
+        .await
+        .unwrap();
+    eprintln!("{with_ad} ads delivered, {paid} charged: {charged} µUSD of a {budget} µUSD budget (counter {spent})");
+    assert!(with_ad > 10, "the auction offered the campaign more often than its budget pays for: {with_ad}");
+    assert!(charged <= budget, "the fleet charged {charged} µUSD against a {budget} µUSD budget");
+    assert_eq!(charged, spent);
+    assert_eq!(paid, 10, "the budget was spent to the last impression");
+    fleet[0].ledger_is_clean().await;
+
+    // A frequency cap of 2 a day: one user asking every replica three times sees the ad twice.
+    let (_, capped) = crate::ads::ad_campaign(&fleet[0], 1_000_000, json!({"frequencyCap": 2, "cpmBidMicros": 9_000_000})).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let user = fleet[0].create_key("free").await;
+    wait_routable(&fleet, &user).await;
+    let mut seen = 0;
+    for i in 0..9 {
+        let text = fleet[i % 3].chat(&user, ask.clone()).await.text().await.unwrap();
+        seen += usize::from(text.contains("[Sponsored]"));
+    }
+    eprintln!("capped campaign {capped}: {seen} ads of 9 answers");
+    assert_eq!(seen, 2, "a frequency cap of 2 across three replicas");
+}
+
+/// The free tier's daily budget holds across replicas: 30 concurrent free requests
+/// over three replicas against a budget that fits about four claims.
+#[tokio::test]
+async fn inproc_replicas_share_the_free_tier_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await.0;
+    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let base = replica(&prefix, REDIS, i);
+        fleet.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), move |c| {
+            base(c);
+            c.free_tier_daily_budget = 0.003;
+            c.ads_enabled = false;
+        }).await);
+    }
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let key = fleet[0].create_key("free").await;
+    wait_routable(&fleet, &key).await;
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "[slow] hi"}], "max_tokens": 100});
+    let statuses = join_all((0..30).map(|i| {
+        let (gw, key, body) = (&fleet[i % 3], key.clone(), body.clone());
+        async move { gw.chat(&key, body).await.status().as_u16() }
+    }))
+    .await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(served > 0 && statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    let spent: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM usage_records WHERE payer = 'ad_revenue'")
+        .fetch_one(&fleet[0].state.store.pool)
+        .await
+        .unwrap();
+    eprintln!("free tier: served {served} of 30, spent {spent} µUSD of a 3000 µUSD day");
+    assert!(spent <= 3_000);
+    // Claims of about 700 µUSD overlap: four fit fleet-wide (about four per replica
+    // when each counted alone).
+    assert!(served <= 4, "{served} free requests ran at once against a budget that fits four");
+}
