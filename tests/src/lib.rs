@@ -54,6 +54,8 @@ pub struct MockProvider {
     pub cancelled: Arc<AtomicUsize>,
     /// Requests that arrived over HTTP/2 (h2c), so a test can tell how the gateway called.
     pub http2_requests: Arc<AtomicUsize>,
+    /// `GET /health` calls (the gateways' active checks).
+    pub health_checks: Arc<AtomicUsize>,
 }
 
 impl MockProvider {
@@ -99,13 +101,17 @@ pub fn mock_app(addr: SocketAddr, mut config: MockConfig) -> (MockProvider, Rout
         peak_streams: Arc::default(),
         cancelled: Arc::default(),
         http2_requests: Arc::default(),
+        health_checks: Arc::default(),
     };
     let shared = Shared { config, provider: provider.clone() };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(|State(s): State<Shared>| async move {
+            s.provider.health_checks.fetch_add(1, Ordering::Relaxed);
+            Json(json!({"status": "ok"}))
+        }))
         .with_state(shared);
     (provider, app)
 }

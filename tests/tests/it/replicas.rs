@@ -410,3 +410,31 @@ async fn inproc_replicas_share_the_free_tier_budget() {
     // when each counted alone).
     assert!(served <= 4, "{served} free requests ran at once against a budget that fits four");
 }
+
+/// Active health checks go out once per provider per period across the fleet: three
+/// replicas checking every second send a provider about one check a second, not three.
+#[tokio::test]
+async fn inproc_replicas_check_a_provider_once_per_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await.0;
+    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let base = replica(&prefix, REDIS, i);
+        fleet.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), move |c| {
+            base(c);
+            c.health_check_secs = 1;
+        }).await);
+    }
+    let mock = spawn_mock(MockConfig::default()).await.unwrap();
+    fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
+    let key = fleet[0].create_key("premium").await;
+    wait_routable(&fleet, &key).await;
+    let from = mock.health_checks.load(std::sync::atomic::Ordering::Relaxed);
+    let window = Duration::from_secs(6);
+    tokio::time::sleep(window).await;
+    let checks = mock.health_checks.load(std::sync::atomic::Ordering::Relaxed) - from;
+    eprintln!("{checks} health checks in {} s from 3 replicas checking every second", window.as_secs());
+    // One a second (+1 for a period boundary); alone, each replica would send six.
+    assert!((5..=8).contains(&checks), "{checks} checks in 6 s");
+}
