@@ -38,7 +38,10 @@ pub async fn metrics_text(State(state): State<AppState>) -> Response {
         in_flight.push((label.clone(), f64::from(p.load.in_flight.load(std::sync::atomic::Ordering::Relaxed))));
         fleet.push((label, f64::from(p.load.used())));
     }
-    let replica = vec![(format!("replica=\"{}\",capacity=\"{}\"", state.replica, state.capacity.mode()), 1.0)];
+    let replica = vec![(
+        format!("replica=\"{}\",capacity=\"{}\",health=\"{}\"", state.replica, state.capacity.mode(), state.fleet_health.mode()),
+        1.0,
+    )];
     let gauges = [
         ("gs_active_streams", "Streams being relayed now.", vec![(String::new(), state.active_streams.load(std::sync::atomic::Ordering::Relaxed) as f64)]),
         ("gs_queued_requests", "Requests waiting for a provider slot.", vec![(String::new(), state.queued.load(std::sync::atomic::Ordering::Relaxed) as f64)]),
@@ -47,7 +50,7 @@ pub async fn metrics_text(State(state): State<AppState>) -> Response {
         ("gs_provider_breaker_open", "1 while the provider's circuit breaker is open or half-open.", breakers),
         ("gs_provider_in_flight", "Requests in flight per provider (this replica).", in_flight),
         ("gs_provider_fleet_in_flight", "Streams open to each provider as this replica sees the fleet (its own without Redis).", fleet),
-        ("gs_replica_info", "This replica's id and how it counts provider slots (shared, fallback or local).", replica),
+        ("gs_replica_info", "This replica's id, how it counts provider slots (shared, fallback or local) and judges provider health (shared, alone or local).", replica),
         ("gs_live_replicas", "Replicas heard from on this database in the last 15 s.", vec![(String::new(), f64::from(state.capacity.replicas()))]),
         ("gs_capacity_fallback", "1 while Redis is unreachable and provider caps are divided among the replicas.",
             vec![(String::new(), if state.capacity.in_fallback() { 1.0 } else { 0.0 })]),

@@ -102,7 +102,7 @@ async fn inproc_replicas_never_give_a_provider_more_than_its_cap() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let metrics = fleet[1].http.get(fleet[1].url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("gs_replica_info{replica=\"replica-1\",capacity=\"shared\"} 1"), "{metrics}");
+    assert!(metrics.contains("gs_replica_info{replica=\"replica-1\",capacity=\"shared\",health=\"shared\"} 1"), "{metrics}");
     assert!(metrics.contains("gs_live_replicas 3"), "{metrics}");
 }
 
@@ -150,6 +150,11 @@ async fn inproc_replicas_fall_back_to_a_share_of_the_cap_while_redis_is_away() {
     }
     let metrics = fleet[0].http.get(fleet[0].url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("gs_capacity_fallback 1"), "{metrics}");
+    // Provider health: each replica judges alone meanwhile.
+    while health(&fleet[0]).await["replica"]["health"] != "alone" {
+        assert!(waited.elapsed() < Duration::from_secs(10), "replica 0 judges provider health alone without Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Twelve streams to one replica: it uses at most its share (8 ÷ 2), never unlimited.
     let streams = (0..12).map(|_| async {
         let r = fleet[0].chat(&key, slow_chat(4)).await;
@@ -163,7 +168,7 @@ async fn inproc_replicas_fall_back_to_a_share_of_the_cap_while_redis_is_away() {
     // Redis back: shared again.
     let _redis = KillOnDrop(start_redis());
     let waited = std::time::Instant::now();
-    while health(&fleet[0]).await["replica"]["capacity"] != "shared" {
+    while health(&fleet[0]).await["replica"]["capacity"] != "shared" || health(&fleet[0]).await["replica"]["health"] != "shared" {
         assert!(waited.elapsed() < Duration::from_secs(15), "replica 0 noticed Redis is back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
