@@ -85,6 +85,9 @@ struct Live {
     spent: AtomicI64,
     impressions: AtomicU64,
     clicks: AtomicU64,
+    /// A charge found no room (budget spent fleet-wide, or the advertiser cannot pay):
+    /// out of the auction until the next reload says otherwise.
+    exhausted: std::sync::atomic::AtomicBool,
 }
 
 /// The inventory as of one reload, plus this replica's charges since (atomics, so
@@ -393,6 +396,7 @@ impl Ads {
                 b.spent_today += spent;
                 b.impressions += live.impressions.load(Relaxed);
                 b.clicks += live.clicks.load(Relaxed);
+                b.active &= !live.exhausted.load(Relaxed);
                 b
             })
             .collect();
@@ -475,9 +479,21 @@ impl Ads {
             sqlx::query("UPDATE ad_impressions SET charged = $1 WHERE id = $2").bind(charged).bind(&s.impression_id).execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        if s.pricing == Pricing::Cpm && charged == 0 {
+            self.exhausted(&s.campaign_id);
+        }
         self.note(Local { at: now, campaign_id: s.campaign_id.clone(), advertiser_id: s.advertiser_id.clone(), amount: charged, impressions: 1, clicks: 0 });
         self.counters.impressions.fetch_add(1, Relaxed);
         Ok(charged)
+    }
+
+    /// Takes a campaign whose charge found no room out of this replica's auctions
+    /// until the next reload (other replicas learn it from the counters then).
+    fn exhausted(&self, campaign_id: &str) {
+        let inv = self.inventory.read().clone();
+        if let Some(live) = inv.index.get(campaign_id).and_then(|i| inv.live.get(*i)) {
+            live.exhausted.store(true, Relaxed);
+        }
     }
 
     /// A charge, impression or click this replica just committed: counted at once in
@@ -585,6 +601,9 @@ impl Ads {
                 .await?;
         }
         tx.commit().await?;
+        if pricing == "cpc" && charged == 0 {
+            self.exhausted(&campaign_id);
+        }
         self.note(Local { at: now, campaign_id, advertiser_id, amount: charged, impressions: 0, clicks: 1 });
         self.counters.clicks.fetch_add(1, Relaxed);
         Ok(Some(url))
