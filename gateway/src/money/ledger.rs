@@ -648,6 +648,22 @@ impl Ledger {
                 "usage records cost {usage_total} µUSD in total but usage entries pay out {ledger_usage} µUSD"
             ));
         }
+        // Campaigns: the spending counters the replicas share (which the charges' budget
+        // check reads) match what their impressions were charged. (A budget an admin
+        // lowered later may be below them.)
+        let campaigns = sqlx::query(
+            "SELECT c.id, c.spent_total, \
+             CAST(COALESCE((SELECT SUM(i.charged) FROM ad_impressions i WHERE i.campaign_id = c.id), 0) AS BIGINT) AS charged \
+             FROM campaigns c",
+        )
+        .fetch_all(&mut *pool)
+        .await?;
+        for r in &campaigns {
+            let (id, spent, charged): (String, i64, i64) = (r.try_get("id")?, r.try_get("spent_total")?, r.try_get("charged")?);
+            if spent != charged {
+                violations.push(format!("campaign {id}: spending counter {spent} but its impressions were charged {charged}"));
+            }
+        }
         let entries: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_entries").fetch_one(&mut *pool).await?;
         tx.commit().await?;
         Ok(CheckReport { entries: u64::try_from(entries).unwrap_or(0), accounts: accounts as u64, usage_total, violations })
