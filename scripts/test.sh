@@ -82,6 +82,12 @@ if ! command -v ip >/dev/null || ! command -v ss >/dev/null; then
   apt-get install -y iproute2 || { apt-get update && apt-get install -y iproute2; }
 fi
 
+step "haproxy for the three-replica fleet tests"
+# tests/it/fleet.rs drives three gateway replicas through haproxy; it fails without it.
+if [ ! -x /usr/sbin/haproxy ]; then
+  apt-get install -y haproxy || { apt-get update && apt-get install -y haproxy; }
+fi
+
 step "cargo-nextest"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked

@@ -443,7 +443,8 @@ impl Ads {
     pub fn delivered(self: &Arc<Self>, selected: Selected, provider_id: Option<String>) {
         let ads = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = ads.record_impression(&selected, provider_id.as_deref()).await {
+            let recorded = crate::store::retrying_conflicts(|| ads.record_impression(&selected, provider_id.as_deref())).await;
+            if let Err(e) = recorded {
                 tracing::error!(error = %e, impression = %selected.impression_id, "recording an ad impression failed");
             }
         });
@@ -560,6 +561,10 @@ impl Ads {
     /// Records a click on an impression once (charging a CPC one) and returns where
     /// it goes; `None` for an unknown impression.
     pub async fn click(&self, impression_id: &str) -> Result<Option<String>, sqlx::Error> {
+        crate::store::retrying_conflicts(|| self.click_once(impression_id)).await
+    }
+
+    async fn click_once(&self, impression_id: &str) -> Result<Option<String>, sqlx::Error> {
         let mut tx = self.store.pool.begin().await?;
         let row = sqlx::query(
             "SELECT i.campaign_id, i.pricing, i.price, i.provider_id, c.url, c.advertiser_id FROM ad_impressions i \

@@ -26,10 +26,12 @@ use parking_lot::Mutex;
 use crate::inference::providers::{Load, Provider};
 use crate::store::redis_answer;
 
-/// How long a lease lives without renewal (a dead replica's slots return after this).
-pub const LEASE: Duration = Duration::from_secs(30);
-/// How often a replica renews its leases.
-pub const RENEW: Duration = Duration::from_secs(10);
+/// How long a lease lives without renewal: a dead replica's slots return at most this
+/// long after it died (the bound is 30 s; 5 s are left for the replicas' view,
+/// refreshed every `REFRESH`, and a loaded machine).
+pub const LEASE: Duration = Duration::from_secs(25);
+/// How often a replica renews its leases (a third of `LEASE`: two renewals may fail).
+pub const RENEW: Duration = Duration::from_secs(8);
 /// How often routing's view of the fleet's counts is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(1);
 

@@ -614,6 +614,28 @@ pub async fn redis_answer<T>(call: impl std::future::Future<Output = redis::Redi
     }
 }
 
+/// Runs a transaction (`attempt`) again, up to five times, when PostgreSQL aborted it
+/// as a deadlock's victim or a serialization failure: replicas settling usage and
+/// charging ads at once lock accounts in different orders, and a lost charge would be a
+/// lost record. Each attempt must be a whole transaction (rolled back on error).
+pub async fn retrying_conflicts<T, F, Fut>(mut attempt: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = 0u32;
+    loop {
+        match attempt().await {
+            Err(sqlx::Error::Database(e)) if tries < 4 && matches!(e.code().as_deref(), Some("40P01" | "40001")) => {
+                tries += 1;
+                tracing::debug!(error = %e, tries, "transaction conflict; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(5 << tries)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub fn now_ms() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)

@@ -11,6 +11,7 @@ mod bounds;
 mod cli;
 mod embeddings;
 mod console;
+mod fleet;
 mod inproc;
 mod layout;
 mod ledger_props;
