@@ -30,16 +30,28 @@ fn replica(prefix: &str, redis: &str, i: usize) -> impl FnOnce(&mut gateway::ops
 }
 
 async fn fleet(n: usize, redis: &str) -> Vec<Gateway> {
-    let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await.0;
-    fleet_on(url, dir, n, redis).await
+    fleet_with(n, redis, |_| {}).await
 }
 
-async fn fleet_on(url: String, dir: tempfile::TempDir, n: usize, redis: &str) -> Vec<Gateway> {
+/// `n` replicas on a fresh database, each with `tweak` applied to its config too.
+async fn fleet_with(n: usize, redis: &str, tweak: fn(&mut gateway::ops::config::Config)) -> Vec<Gateway> {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await.0;
+    fleet_on(url, dir, n, redis, tweak).await
+}
+
+async fn fleet_on(url: String, dir: tempfile::TempDir, n: usize, redis: &str, tweak: fn(&mut gateway::ops::config::Config)) -> Vec<Gateway> {
     let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
-    let mut out = vec![Gateway::start_on(url.clone(), dir, replica(&prefix, redis, 0)).await];
+    let start = |i: usize, dir: tempfile::TempDir| {
+        let base = replica(&prefix, redis, i);
+        Gateway::start_on(url.clone(), dir, move |c| {
+            base(c);
+            tweak(c);
+        })
+    };
+    let mut out = vec![start(0, dir).await];
     for i in 1..n {
-        out.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), replica(&prefix, redis, i)).await);
+        out.push(start(i, tempfile::tempdir().unwrap()).await);
     }
     out
 }
@@ -213,7 +225,7 @@ async fn inproc_a_second_replica_without_redis_is_refused_on_postgres() {
 /// are one transaction under the key's lock), and the ledger balances.
 #[tokio::test]
 async fn replicas_on_postgres_keep_a_spending_limit_under_concurrency() {
-    let fleet = fleet_on(crate::inproc::fresh_postgres().await.0, tempfile::tempdir().unwrap(), 3, REDIS).await;
+    let fleet = fleet_on(crate::inproc::fresh_postgres().await.0, tempfile::tempdir().unwrap(), 3, REDIS, |_| {}).await;
     let mock = spawn_mock(MockConfig::default()).await.unwrap();
     fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
     let v: Value = fleet[0].admin_post("/api/admin/keys", json!({"name": "capped", "tier": "premium", "dailyLimit": 0.003})).await.json().await.unwrap();
@@ -254,19 +266,12 @@ async fn breaker_open(gw: &Gateway, provider: &str) -> bool {
 /// breakers opened).
 #[tokio::test]
 async fn inproc_replicas_avoid_a_failing_provider_within_5_s() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await.0;
-    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
-    let mut fleet = Vec::new();
-    for i in 0..3 {
-        let base = replica(&prefix, REDIS, i);
-        // The first failure opens the breaker (the score alone would also steer
-        // traffic away, more slowly).
-        fleet.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), move |c| {
-            base(c);
-            c.breaker_failures = 1;
-        }).await);
-    }
+    // The first failure opens the breaker (the score alone would also steer
+    // traffic away, more slowly).
+    let fleet = fleet_with(3, REDIS, |c| {
+        c.breaker_failures = 1;
+    })
+    .await;
     let failing = spawn_mock(MockConfig { fail_status: Some(500), ..MockConfig::default() }).await.unwrap();
     let good = spawn_mock(MockConfig::default()).await.unwrap();
     let (bad_id, _) = fleet[0].add_provider(&failing, "mock-model", None, &["standard"]).await;
@@ -330,7 +335,7 @@ async fn inproc_provider_health_survives_a_restart() {
 /// (On PostgreSQL: replicas share one; an embedded SQLite file belongs to one process.)
 #[tokio::test]
 async fn replicas_on_postgres_never_overspend_a_campaign_and_share_frequency_caps() {
-    let fleet = fleet_on(crate::inproc::fresh_postgres().await.0, tempfile::tempdir().unwrap(), 3, REDIS).await;
+    let fleet = fleet_on(crate::inproc::fresh_postgres().await.0, tempfile::tempdir().unwrap(), 3, REDIS, |_| {}).await;
     let mock = spawn_mock(MockConfig::default()).await.unwrap();
     fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
     // A bid at the reserve (0.1 USD CPM) pays 100 µUSD an impression: ten fit.
@@ -381,18 +386,11 @@ async fn replicas_on_postgres_never_overspend_a_campaign_and_share_frequency_cap
 /// over three replicas against a budget that fits about four claims.
 #[tokio::test]
 async fn inproc_replicas_share_the_free_tier_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await.0;
-    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
-    let mut fleet = Vec::new();
-    for i in 0..3 {
-        let base = replica(&prefix, REDIS, i);
-        fleet.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), move |c| {
-            base(c);
-            c.free_tier_daily_budget = 0.003;
-            c.ads_enabled = false;
-        }).await);
-    }
+    let fleet = fleet_with(3, REDIS, |c| {
+        c.free_tier_daily_budget = 0.003;
+        c.ads_enabled = false;
+    })
+    .await;
     let mock = spawn_mock(MockConfig::default()).await.unwrap();
     fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
     let key = fleet[0].create_key("free").await;
@@ -420,17 +418,10 @@ async fn inproc_replicas_share_the_free_tier_budget() {
 /// replicas checking every second send a provider about one check a second, not three.
 #[tokio::test]
 async fn inproc_replicas_check_a_provider_once_per_period() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await.0;
-    let prefix = format!("gs-test-{}:", uuid::Uuid::new_v4().simple());
-    let mut fleet = Vec::new();
-    for i in 0..3 {
-        let base = replica(&prefix, REDIS, i);
-        fleet.push(Gateway::start_on(url.clone(), tempfile::tempdir().unwrap(), move |c| {
-            base(c);
-            c.health_check_secs = 1;
-        }).await);
-    }
+    let fleet = fleet_with(3, REDIS, |c| {
+        c.health_check_secs = 1;
+    })
+    .await;
     let mock = spawn_mock(MockConfig::default()).await.unwrap();
     fleet[0].add_provider(&mock, "mock-model", None, &["standard"]).await;
     let key = fleet[0].create_key("premium").await;
