@@ -141,7 +141,27 @@ impl Store {
         Ok(Some(WriterLease { direct: std::sync::Arc::clone(direct), _writer: writer }))
     }
 
+    /// Applies the migrations not applied yet. On PostgreSQL, replicas starting at once
+    /// take turns (a session advisory lock held on one connection meanwhile), so a
+    /// migration never runs twice.
     async fn migrate(&self) -> Result<(), sqlx::Error> {
+        const MIGRATION_LOCK: i64 = 0x6773_6d69_6772; // "gsmigr"
+        let mut lock = match self.backend {
+            Backend::Postgres => {
+                let mut conn = self.pool.acquire().await?;
+                sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATION_LOCK).execute(&mut *conn).await?;
+                Some(conn)
+            }
+            Backend::Sqlite => None,
+        };
+        let applied = self.apply_migrations().await;
+        if let Some(conn) = &mut lock {
+            sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATION_LOCK).execute(&mut **conn).await?;
+        }
+        applied
+    }
+
+    async fn apply_migrations(&self) -> Result<(), sqlx::Error> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )
