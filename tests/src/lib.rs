@@ -6,6 +6,8 @@
 //! `[fail-mid]` message dies after two tokens, `[idle]` sends one token and then holds
 //! the stream open, `[slow]` waits 50 ms between tokens.
 
+pub mod bench;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -38,11 +38,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use gateway::store::new_id;
 use serde_json::{json, Value};
+use tests::bench::{clock_ticks, cores, cpu_model, cpu_ticks, free_port, ms, release_bin, start_mock, wait_healthy, Percentiles, ADMIN_KEY, MODEL, PG_URL};
 use tokio::process::{Child, Command};
 
-const MODEL: &str = "mock-model";
-const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
 const WARM_UP: Duration = Duration::from_secs(2);
 /// A request without its whole answer after this long counts as an error.
@@ -98,59 +96,11 @@ const SHAPES: [Shape; 3] =
 
 // --- processes ------------------------------------------------------------------------
 
-/// `target/release`, where this binary and the ones it starts live.
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent().map(Path::to_path_buf).context("no directory for the bench binary")
-}
-
-fn release_bin(name: &str) -> anyhow::Result<PathBuf> {
-    let bin = bin_dir()?.join(name);
-    ensure!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --release -p gateway -p tests` first",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// The last lines of a replica's log, for an error message.
 fn log_tail(path: &Path) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-async fn wait_healthy(http: &reqwest::Client, url: &str, child: &mut Child, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited with {status} before it was healthy");
-        }
-        if http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{what} was not healthy within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn start_mock(http: &reqwest::Client) -> anyhow::Result<(Child, String)> {
-    let port = free_port()?;
-    let mut mock = Command::new(release_bin("mock-provider")?)
-        .args(["--port", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_healthy(http, &format!("{url}/health"), &mut mock, "the mock provider").await?;
-    Ok((mock, url))
 }
 
 /// A fresh PostgreSQL schema (and Redis key prefix) for one row; `dispose` drops it.
@@ -375,22 +325,6 @@ async fn provision(http: &reqwest::Client, gateway_url: &str, mock_url: &str, ke
 
 // --- /proc ----------------------------------------------------------------------------
 
-fn clock_ticks() -> f64 {
-    command_output("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold spaces; the fields after it are fixed.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("odd /proc/pid/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the name.
-    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
-}
-
 /// The whole machine's (busy, all) clock ticks from `/proc/stat`, over every core.
 fn machine_ticks() -> anyhow::Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
@@ -496,24 +430,6 @@ impl Load {
             Ok(Err(e)) => Err(e),
             Ok(Ok(())) => Ok(start.elapsed().as_micros() as u64),
         }
-    }
-}
-
-/// Microsecond percentiles of a sample.
-struct Percentiles(Vec<u64>);
-
-impl Percentiles {
-    fn new(mut v: Vec<u64>) -> Self {
-        v.sort_unstable();
-        Self(v)
-    }
-    fn p(&self, q: f64) -> f64 {
-        if self.0.is_empty() {
-            return f64::NAN;
-        }
-        // Nearest rank.
-        let rank = ((q * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
-        self.0[rank - 1] as f64
     }
 }
 
@@ -689,20 +605,9 @@ async fn measure_on(http: &reqwest::Client, common: &Common<'_>, db: &Database, 
 
 // --- report ---------------------------------------------------------------------------
 
-fn ms(us: f64) -> String {
-    format!("{:.2}", us / 1000.0)
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map(usize::from).unwrap_or(0)
-}
-
+/// As `tests::bench::machine`, with the `(nproc)` this table has always said.
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    format!("{} cores (nproc), {cpu}", cores())
+    format!("{} cores (nproc), {}", cores(), cpu_model())
 }
 
 /// The output of a command, trimmed; empty if it failed.

@@ -27,9 +27,9 @@ use gateway::money::units::Micros;
 use gateway::money::holds::Hold;
 use gateway::store::{new_id, now_ms, Store};
 use gateway::money::usage::{self, Completion, UsageRecord, UsageSink, UsageStatus};
+use tests::bench::PG_URL;
 use tokio_util::sync::CancellationToken;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const HOLD: Micros = 1_000;
 /// Bounds memory and the settle phase's length whatever the hold rate.
 const MAX_HOLDS: usize = 200_000;

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use tests::bench::{clock_ticks, cpu_ticks, free_port, machine, ms, release_bin, start_mock, wait_healthy, Percentiles, ADMIN_KEY, MODEL};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
-const MODEL: &str = "mock-model";
-const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
 const QUESTION: &str = "What is the capital of France?";
 
 struct Options {
@@ -86,40 +85,6 @@ impl Options {
 
 // --- processes ------------------------------------------------------------------------
 
-/// `target/release`, where this binary and the ones it starts live.
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent().map(Path::to_path_buf).context("no directory for the bench binary")
-}
-
-fn release_bin(name: &str) -> anyhow::Result<PathBuf> {
-    let bin = bin_dir()?.join(name);
-    ensure!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --release -p gateway -p tests` first",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn wait_healthy(http: &reqwest::Client, url: &str, child: &mut Child, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited with {status} before it was healthy");
-        }
-        if http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{what} was not healthy within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 struct Setup {
     // Held so that the mock is killed when the bench ends.
     mock: Child,
@@ -134,16 +99,7 @@ struct Setup {
 
 async fn start(http: &reqwest::Client, max_streams: usize, gateway_bin: Option<&Path>, h2c: bool, link: bool) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
-    let mock_port = free_port()?;
-    let mut mock = Command::new(release_bin("mock-provider")?)
-        .args(["--port", &mock_port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mock_url = format!("http://127.0.0.1:{mock_port}");
-    wait_healthy(http, &format!("{mock_url}/health"), &mut mock, "the mock provider").await?;
+    let (mock, mock_url) = start_mock(http).await?;
 
     let port = free_port()?;
     let log = std::fs::File::create(dir.path().join("gateway.log"))?;
@@ -246,27 +202,6 @@ async fn start_linked_mock(http: &reqwest::Client, gateway_url: &str, id: &str, 
 
 // --- /proc ----------------------------------------------------------------------------
 
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold spaces; the fields after it are fixed.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("odd /proc/pid/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the name.
-    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
-}
-
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
@@ -306,24 +241,6 @@ impl Client {
                 self.http.post(format!("{}{path}", self.gateway_url)).bearer_auth(&self.user_key).json(body)
             }
         }
-    }
-}
-
-/// Microsecond percentiles of a sample.
-struct Percentiles(Vec<u64>);
-
-impl Percentiles {
-    fn new(mut v: Vec<u64>) -> Self {
-        v.sort_unstable();
-        Self(v)
-    }
-    fn p(&self, q: f64) -> f64 {
-        if self.0.is_empty() {
-            return f64::NAN;
-        }
-        // Nearest rank.
-        let rank = ((q * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
-        self.0[rank - 1] as f64
     }
 }
 
@@ -600,19 +517,6 @@ async fn idle_streams(client: &Client, n: usize, gateway_pid: u32, mock_pid: u32
 }
 
 // --- report ---------------------------------------------------------------------------
-
-fn ms(us: f64) -> String {
-    format!("{:.2}", us / 1000.0)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(0);
-    format!("{cores} cores, {cpu}")
-}
 
 async fn bench(options: Options) -> anyhow::Result<String> {
     // A relayed stream holds the client's socket in the gateway and, over HTTP/1.1, one
