@@ -50,7 +50,7 @@ pub struct Inner {
     /// `capacity.freed`).
     pub capacity: Arc<crate::inference::capacity::Capacity>,
     /// Provider health shared with the other replicas and kept in the database.
-    pub fleet_health: Arc<crate::inference::health::Fleet>,
+    pub fleet_health: Arc<crate::inference::fleet_health::Fleet>,
     /// This replica's id (`replica_id`).
     pub replica: String,
     /// Requests waiting for a provider slot right now.

@@ -178,13 +178,13 @@ impl Running {
             Some(manager) => Capacity::shared(replica.clone(), manager.clone(), &config.redis_prefix),
             None => Capacity::local(replica.clone()),
         });
-        let fleet_health = Arc::new(crate::inference::health::Fleet::new(
+        let fleet_health = Arc::new(crate::inference::fleet_health::Fleet::new(
             replica.clone(),
             redis.clone().map(|manager| (manager, config.redis_prefix.as_str())),
             config.breaking(),
         ));
         // What the fleet learnt of each provider before this start.
-        let restored = crate::inference::health::restore(&store, &registry.snapshot()).await?;
+        let restored = crate::inference::fleet_health::restore(&store, &registry.snapshot()).await?;
         tracing::debug!(restored, "provider health restored");
         let config_seed = config.routing_seed;
         let links = Arc::new(crate::inference::open_links::Links::new(config.max_links_per_ip));
@@ -264,7 +264,7 @@ impl Running {
             let renew = ticks % nth(crate::inference::capacity::RENEW) == 0;
             // The first tick beats (the replica counts itself at once).
             let beat = (ticks - 1) % nth(crate::ops::replicas::BEAT) == 0;
-            let persist = ticks % nth(crate::inference::health::PERSIST) == 0;
+            let persist = ticks % nth(crate::inference::fleet_health::PERSIST) == 0;
             async move {
                 let providers: Vec<_> = counting.registry.snapshot().values().cloned().collect();
                 counting.capacity.track(&providers);
@@ -281,7 +281,7 @@ impl Running {
                 counting.capacity.tick(&providers, renew).await;
                 counting.fleet_health.sync(&providers).await;
                 if persist && counting.fleet_health.writes().await {
-                    if let Err(e) = crate::inference::health::persist(&counting.store, &providers).await {
+                    if let Err(e) = crate::inference::fleet_health::persist(&counting.store, &providers).await {
                         tracing::warn!(error = %e, "writing provider health failed");
                     }
                 }
@@ -305,7 +305,7 @@ impl Running {
         // What this replica knows of provider health outlives it.
         if self.state.fleet_health.writes().await {
             let providers: Vec<_> = self.state.registry.snapshot().values().cloned().collect();
-            if let Err(e) = crate::inference::health::persist(&self.state.store, &providers).await {
+            if let Err(e) = crate::inference::fleet_health::persist(&self.state.store, &providers).await {
                 tracing::warn!(error = %e, "writing provider health failed");
             }
         }
