@@ -368,18 +368,20 @@ async fn pick_or_wait(
 ) -> Option<(Arc<Provider>, Slot)> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.queue_timeout_ms);
     // A provider routing saw room at may turn out full fleet-wide: its count is then
-    // corrected and another pick follows (bounded, in case counts keep moving).
-    for _ in 0..64 {
+    // corrected (routing sees it busy and the next pick waits for a slot) and another
+    // pick follows, until the queue's deadline. (A fixed number of tries ran out while
+    // slots freed on this replica kept waking queued requests for slots other replicas
+    // held: a 503 with the queue's time left.)
+    loop {
         let provider = pick_waiting(state, level, eligible, tried, deadline).await?;
         if let Some(slot) = state.capacity.take(&provider).await {
             return Some((provider, slot));
         }
         provider.load.health.cancel_probe();
-        if tokio::time::Instant::now() >= deadline && !routing::all_busy(eligible, tried) {
+        if tokio::time::Instant::now() >= deadline {
             return None;
         }
     }
-    None
 }
 
 /// Picks a provider with room as routing sees it, waiting until `deadline` while every
