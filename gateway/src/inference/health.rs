@@ -82,6 +82,12 @@ pub struct Breaking {
 }
 
 impl State {
+    /// Takes the score's inputs from the database or the fleet.
+    fn set_inputs(&mut self, i: Inputs) {
+        (self.success, self.ttft_ms, self.uptime, self.honesty, self.requests, self.failures) =
+            (i.success, i.ttft_ms, i.uptime, i.honesty, i.requests, i.failures);
+    }
+
     /// The one place a sample changes the state (the fleet's script does the same).
     fn apply(&mut self, sample: Sample, now_ms: i64) {
         match sample {
@@ -247,7 +253,7 @@ impl Health {
     /// Starts from persisted inputs (at start-up, before any traffic).
     pub(crate) fn restore(&self, i: Inputs) {
         let mut s = self.state.lock();
-        (s.success, s.ttft_ms, s.uptime, s.honesty, s.requests, s.failures) = (i.success, i.ttft_ms, i.uptime, i.honesty, i.requests, i.failures);
+        s.set_inputs(i);
     }
 
     /// Keeps samples for the fleet from now on; returns those kept since the last call.
@@ -271,8 +277,7 @@ impl Health {
     pub(crate) fn adopt(&self, fleet: &Shared) {
         let now = now_ms();
         let mut s = self.state.lock();
-        let i = fleet.inputs;
-        (s.success, s.ttft_ms, s.uptime, s.honesty, s.requests, s.failures) = (i.success, i.ttft_ms, i.uptime, i.honesty, i.requests, i.failures);
+        s.set_inputs(fleet.inputs);
         s.consecutive_failures = fleet.consecutive_failures;
         match (fleet.open_for_ms, s.breaker) {
             // A probe of this replica is out: its answer decides here.

@@ -125,9 +125,21 @@ fn day_start(now: i64) -> i64 {
     now - now.rem_euclid(DAY_MS)
 }
 
+/// The `KEYS` of `CLAIM` and `SETTLE` for the day starting at `start`: its spending,
+/// its claims' expiries and their amounts.
+fn day_keys(call: &mut redis::ScriptInvocation<'_>, prefix: &str, start: i64) {
+    for k in ["spent", "claims", "amounts"] {
+        call.key(format!("{prefix}{start}:{k}"));
+    }
+}
+
 impl FreeBudget {
     pub fn new(limit: Micros) -> Arc<Self> {
-        Arc::new(Self { limit, day: Mutex::new(Day { start: day_start(now_ms()), ..Day::default() }), shared: None })
+        Self::counted(limit, None)
+    }
+
+    fn counted(limit: Micros, shared: Option<Shared>) -> Arc<Self> {
+        Arc::new(Self { limit, day: Mutex::new(Day { start: day_start(now_ms()), ..Day::default() }), shared })
     }
 
     /// A budget the replicas sharing `conn` count together; a claim lives at most
@@ -144,7 +156,7 @@ impl FreeBudget {
             away: AtomicBool::new(false),
             replicas: AtomicU32::new(1),
         };
-        Arc::new(Self { limit, day: Mutex::new(Day { start: day_start(now_ms()), ..Day::default() }), shared: Some(shared) })
+        Self::counted(limit, Some(shared))
     }
 
     /// Live replicas, which divide what is left of the day while Redis is away.
@@ -181,9 +193,7 @@ impl FreeBudget {
         if let Some(shared) = &self.shared {
             let m = format!("{}:{}", shared.replica, shared.next.fetch_add(1, Ordering::Relaxed));
             let mut call = shared.claim.prepare_invoke();
-            for k in ["spent", "claims", "amounts"] {
-                call.key(format!("{}{start}:{k}", shared.prefix));
-            }
+            day_keys(&mut call, &shared.prefix, start);
             call.arg(self.limit).arg(amount).arg(&m).arg(shared.lease_ms).arg(seed);
             let mut conn = shared.conn.clone();
             match redis_answer(call.invoke_async::<i64>(&mut conn)).await {
@@ -239,9 +249,7 @@ impl FreeBudget {
         let (script, prefix, seed, mut conn) = (shared.settle.clone(), shared.prefix.clone(), self.spent_today(), shared.conn.clone());
         rt.spawn(async move {
             let mut call = script.prepare_invoke();
-            for k in ["spent", "claims", "amounts"] {
-                call.key(format!("{prefix}{day_start}:{k}"));
-            }
+            day_keys(&mut call, &prefix, day_start);
             call.arg(member).arg(charge).arg(seed);
             if let Err(e) = redis_answer(call.invoke_async::<i64>(&mut conn)).await {
                 tracing::warn!(error = %e, "a free-tier claim's end did not reach Redis; it expires on its own");
